@@ -1,0 +1,3 @@
+"""stagewise: staged transfer learning on small clinical imaging cohorts."""
+
+__version__ = "0.1.0"

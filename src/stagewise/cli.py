@@ -1,0 +1,143 @@
+"""The command line: `stagewise run RECIPE`, `stagewise demo`, `stagewise validate`, ..."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Staged transfer learning on small clinical imaging cohorts.")
+console = Console(stderr=True)
+out = Console()
+
+
+class RichReporter:
+    """Progress over folds (all arms) and over the epochs of the current fold."""
+
+    def __init__(self, progress: Progress):
+        self.progress = progress
+        self.folds = None
+        self.epochs = None
+
+    def start(self, total_folds: int) -> None:
+        self.folds = self.progress.add_task("folds", total=total_folds)
+        self.epochs = self.progress.add_task("epochs", total=1, visible=False)
+
+    def fold_started(self, arm, split, n_epochs) -> None:
+        self.progress.update(self.folds, description=f"{arm} {split.name}")
+        self.progress.reset(self.epochs, total=n_epochs, visible=True, description="  epoch")
+
+    def epoch_done(self, stage, epoch, entry) -> None:
+        self.progress.update(self.epochs, advance=1, description=f"  {stage} loss {entry['loss']:.3f}")
+
+    def fold_done(self, arm, split, metrics, resumed) -> None:
+        self.progress.advance(self.folds)
+        if resumed:
+            self.progress.console.print(f"[dim]{arm} {split.name}: finished earlier, read back[/dim]")
+
+
+def _known_errors() -> tuple[type[BaseException], ...]:
+    from stagewise.data import CohortError, ImageReadError
+    from stagewise.evaluation.splits import SplitError
+    from stagewise.models import BackboneError, WeightsUnavailable
+    from stagewise.recipe import RecipeError
+    from stagewise.runs import RunError
+    from stagewise.training.engine import StageError
+
+    return (RecipeError, CohortError, ImageReadError, BackboneError, WeightsUnavailable, StageError, SplitError, RunError, FloatingPointError)
+
+
+def metrics_table(metrics: dict) -> Table:
+    table = Table(title=f"{metrics['recipe']}: {metrics['n_splits']} folds per arm, mean ± sd")
+    table.add_column("arm")
+    table.add_column("backbone")
+    table.add_column("stages")
+    for m in ("AUROC", "balanced acc.", "F1"):
+        table.add_column(m, justify="right")
+    for name, arm in metrics["arms"].items():
+        s = arm["summary"]
+        cells = [f"{s[k]['mean']:.3f} ± {s[k]['sd']:.3f}" for k in ("auroc", "balanced_accuracy", "f1")]
+        table.add_row(name, arm["backbone"], " -> ".join(arm["stages"]), *cells)
+    return table
+
+
+def _run_recipe(recipe, out_dir: Path) -> None:
+    from stagewise.study import run_study
+
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+    try:
+        with Progress(*columns, console=console, transient=False, disable=not console.is_terminal) as progress:
+            result = run_study(recipe, out_dir, RichReporter(progress))
+    except KeyboardInterrupt:
+        console.print(f"[yellow]interrupted.[/yellow] Finished folds are saved in {out_dir}; run the same command to resume.")
+        raise typer.Exit(130)
+    out.print(metrics_table(result.metrics))
+    out.print(f"run directory: {result.run_dir}")
+
+
+def _guard(fn, *args):
+    try:
+        return fn(*args)
+    except _known_errors() as err:
+        console.print(f"[bold red]error:[/bold red] {escape(str(err))}")
+        raise typer.Exit(2)
+
+
+@app.command()
+def run(
+    recipe: Path = typer.Argument(..., help="the study's YAML recipe"),
+    out_dir: Path = typer.Option(None, "--out", "-o", help="run directory (default: runs/<recipe name>)"),
+) -> None:
+    """Run a study; running it again resumes and skips finished folds."""
+    from stagewise.recipe import load_recipe
+
+    def go():
+        r = load_recipe(recipe)
+        _run_recipe(r, out_dir or Path("runs") / r.name)
+
+    _guard(go)
+
+
+@app.command()
+def validate(recipe: Path = typer.Argument(..., help="the study's YAML recipe")) -> None:
+    """Check a recipe and its cohort (every row, every file) without training."""
+    from stagewise.data import load_cohort
+    from stagewise.recipe import load_recipe
+
+    def go():
+        r = load_recipe(recipe)
+        cohort = load_cohort(r.cohort)
+        out.print(f"{recipe}: valid. Cohort: {cohort.summary()}")
+
+    _guard(go)
+
+
+@app.command()
+def demo(out_dir: Path = typer.Option(Path("runs/demo"), "--out", "-o", help="run directory")) -> None:
+    """An offline two-arm study on scikit-learn's digits (real scans), in about a minute or two."""
+    from stagewise.demo import demo_recipe, make_demo_cohort
+
+    def go():
+        manifest = make_demo_cohort(out_dir / "cohort")
+        _run_recipe(demo_recipe(manifest), out_dir)
+
+    _guard(go)
+
+
+@app.command()
+def backbones() -> None:
+    """List the backbone sources a recipe can name."""
+    from stagewise.models.backbones import describe_sources
+
+    table = Table("spec", "what it is")
+    for spec, what in describe_sources():
+        table.add_row(spec, what)
+    out.print(table)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,135 @@
+"""Read one image file of any common format as a grayscale float array in [0, 1].
+
+Clinical cohorts mix 8-bit PNG exports, 16-bit PNGs, JPEGs and raw DICOM; every reader
+must agree on what "brighter" and "[0, 1]" mean, or one site's images would differ from
+another's for reasons that have nothing to do with the patient.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+_DICOM_SUFFIXES = {".dcm", ".dicom"}
+# ITU-R BT.601 luma, the weights PIL's convert("L") uses, so RGB PNG and RGB DICOM agree.
+_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float64)
+
+
+class ImageReadError(Exception):
+    """An image file that cannot be read; `reason` says what is wrong and what to do."""
+
+    def __init__(self, path: str | Path, reason: str):
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"cannot read image {self.path}: {reason}")
+
+    def __reduce__(self):
+        # Default pickling would call ImageReadError(message): keep both fields.
+        return (type(self), (self.path, self.reason))
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """Return the image as float32 (H, W) in [0, 1], higher = brighter, whatever the format."""
+    path = Path(path)
+    if not path.is_file():
+        what = "is a folder, not a file" if path.is_dir() else "no such file"
+        raise ImageReadError(path, f"{what}; check the image path in the manifest")
+    try:
+        with path.open("rb") as f:
+            head = f.read(132)
+    except OSError as err:
+        reason = f"the file cannot be opened ({err.strerror}); check its permissions"
+        raise ImageReadError(path, reason) from None
+    if path.suffix.lower() in _DICOM_SUFFIXES or head[128:132] == b"DICM":
+        return _read_dicom(path)
+    return _read_pil(path)
+
+
+def _minmax(arr: np.ndarray) -> np.ndarray:
+    arr = arr.astype(np.float64, copy=False)
+    lo, hi = float(arr.min()), float(arr.max())
+    if hi <= lo:  # a constant image carries no contrast; zeros rather than 0/0 = NaN
+        return np.zeros(arr.shape, dtype=np.float32)
+    return ((arr - lo) / (hi - lo)).astype(np.float32)
+
+
+def _read_pil(path: Path) -> np.ndarray:
+    from PIL import Image, ImageOps
+
+    try:
+        with Image.open(path) as im:
+            im.load()  # decoding is lazy: truncation only shows here
+            im = ImageOps.exif_transpose(im)
+    except Exception as err:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
+        raise ImageReadError(
+            path,
+            f"not a readable image ({type(err).__name__}: {err}); the file may be truncated or "
+            "in an unsupported format: re-export it as PNG or DICOM, or remove its row",
+        ) from None
+    if im.mode.startswith("I;16"):
+        return np.asarray(im).astype(np.float32) / np.float32(65535.0)
+    if im.mode == "I":
+        # 32-bit integer mode: PIL's container for 16-bit data in some formats; only data
+        # beyond the 16-bit range has no known bit depth and falls back to min-max.
+        arr = np.asarray(im)
+        if arr.min() >= 0 and arr.max() <= 65535:
+            return (arr / 65535.0).astype(np.float32)
+        return _minmax(arr)
+    if im.mode == "F":
+        arr = np.asarray(im, dtype=np.float32)
+        return arr.copy() if arr.min() >= 0 and arr.max() <= 1 else _minmax(arr)
+    # Every other mode (1, L, LA, P, RGB, RGBA, CMYK, YCbCr, ...) is 8 bits per channel.
+    return np.asarray(im.convert("L"), dtype=np.float32) / np.float32(255.0)
+
+
+def _read_dicom(path: Path) -> np.ndarray:
+    import pydicom
+    from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
+
+    try:
+        # force: DICOM files written without the 128-byte preamble are still common.
+        ds = pydicom.dcmread(path, force=True)
+    except Exception as err:
+        raise ImageReadError(
+            path, f"not a readable DICOM file ({type(err).__name__}: {err}); it may be truncated"
+        ) from None
+    if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+        raise ImageReadError(
+            path,
+            "the DICOM file holds no pixel data (a report or other non-image object, or not "
+            "DICOM at all); point the manifest at the image file or remove its row",
+        )
+    try:
+        arr = ds.pixel_array
+    except Exception as err:
+        raise ImageReadError(
+            path,
+            f"the DICOM pixel data cannot be decoded ({type(err).__name__}: {err}); a compressed "
+            "transfer syntax may need a decoder plugin, or the file may be truncated",
+        ) from None
+
+    if int(ds.get("NumberOfFrames", 1) or 1) > 1:
+        arr = arr[0]
+    photometric = str(ds.get("PhotometricInterpretation", "")).strip()
+    try:
+        if photometric == "PALETTE COLOR":
+            arr = apply_color_lut(arr, ds)
+        if arr.ndim == 3:
+            # pixel_array already converts YBR to RGB; modality/VOI LUTs are grayscale only.
+            return _minmax(arr[..., :3] @ _LUMA)
+        with warnings.catch_warnings():
+            # pydicom warns whenever a VOI LUT is indexed by rescaled floats; with the usual
+            # integer slope and intercept that is exact, and one warning per image floods logs.
+            warnings.simplefilter("ignore")
+            arr = apply_voi_lut(apply_modality_lut(arr, ds), ds)
+    except Exception as err:
+        raise ImageReadError(
+            path,
+            f"the DICOM lookup tables or window settings cannot be applied ({type(err).__name__}: "
+            f"{err}); fix or remove the file's LUT/WindowCenter/WindowWidth elements",
+        ) from None
+    if photometric == "MONOCHROME1":
+        arr = -np.asarray(arr, dtype=np.float64)  # MONOCHROME1 stores low = bright
+    return _minmax(arr)

@@ -1,0 +1,60 @@
+"""Cross-validation splits that never put one patient on both sides."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from sklearn.model_selection import LeaveOneGroupOut, StratifiedGroupKFold
+
+from stagewise.recipe import ProtocolConfig
+
+
+class SplitError(ValueError):
+    """A protocol the cohort cannot support (too few patients of a class for the folds)."""
+
+
+@dataclass(frozen=True)
+class Split:
+    repeat: int
+    fold: int
+    train: np.ndarray
+    """Row positions (into the cohort table) used for training: every image of a training patient."""
+    test: np.ndarray
+    """Row positions scored: every image, or the first image, of each test patient."""
+
+    @property
+    def name(self) -> str:
+        return f"r{self.repeat}-f{self.fold}"
+
+
+def make_splits(
+    y: np.ndarray, patients: np.ndarray, protocol: ProtocolConfig, seed: int, sites: np.ndarray | None = None
+) -> list[Split]:
+    """Repeated stratified group k-fold (one StratifiedGroupKFold per repeat, seeded) or
+    leave-one-site-out; stratified on the outcome, grouped by patient."""
+    y, patients = np.asarray(y), np.asarray(patients)
+    if protocol.kind == "leave_one_site_out":
+        if sites is None:
+            raise SplitError("leave_one_site_out needs a site column")
+        iterators = [(0, LeaveOneGroupOut().split(y, y, groups=sites))]
+    else:
+        per_class = {c: len(np.unique(patients[y == c])) for c in np.unique(y)}
+        short = {int(c): n for c, n in per_class.items() if n < protocol.folds}
+        if short:
+            raise SplitError(
+                f"{protocol.folds} folds need at least {protocol.folds} patients of each outcome; "
+                f"patients per outcome: {({int(c): n for c, n in per_class.items()})}. Lower protocol.folds."
+            )
+        iterators = [
+            (r, StratifiedGroupKFold(protocol.folds, shuffle=True, random_state=seed + r).split(y, y, groups=patients))
+            for r in range(protocol.repeats)
+        ]
+    splits = []
+    for repeat, it in iterators:
+        for fold, (train, test) in enumerate(it):
+            if protocol.test_images == "first":
+                _, first = np.unique(patients[test], return_index=True)
+                test = test[np.sort(first)]
+            splits.append(Split(repeat, fold, np.sort(train), np.sort(test)))
+    return splits

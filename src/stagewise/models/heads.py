@@ -1,0 +1,66 @@
+"""Heads on top of backbone features, and the backbone + head network."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+from torch import nn
+
+from stagewise.models.backbones import Backbone
+from stagewise.recipe import HeadConfig
+
+
+class Head(nn.Module):
+    """Dropout -> Linear (or a one-hidden-layer MLP), Xavier-initialised.
+
+    `n_outputs` is one logit per binary outcome, so several outcomes share one head.
+    """
+
+    def __init__(self, in_features: int, n_outputs: int = 1, dropout: float = 0.1, hidden: int | None = None):
+        super().__init__()
+        layers: list[nn.Module] = [nn.Dropout(dropout)]
+        if hidden:
+            layers += [nn.Linear(in_features, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout)]
+            in_features = hidden
+        layers.append(nn.Linear(in_features, n_outputs))
+        self.layers = nn.Sequential(*layers)
+        for m in self.layers:
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+class Network(nn.Module):
+    """Backbone + head.
+
+    `forward(x, start=k)` resumes after k backbone groups from a cached prefix output;
+    k equal to the number of groups means `x` already holds pooled features.
+    """
+
+    def __init__(self, backbone: Backbone, head: Head):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    @classmethod
+    def build(cls, backbone: Backbone, cfg: HeadConfig, n_outputs: int = 1) -> "Network":
+        return cls(backbone, Head(backbone.feature_dim, n_outputs, cfg.dropout, cfg.hidden))
+
+    @property
+    def group_names(self) -> list[str]:
+        """Trainable groups from the input upwards, the head last."""
+        return self.backbone.group_names + ["head"]
+
+    def group_parameters(self) -> "OrderedDict[str, list[nn.Parameter]]":
+        out = OrderedDict((g, self.backbone.group_parameters(g)) for g in self.backbone.group_names)
+        out["head"] = list(self.head.parameters())
+        return out
+
+    def forward(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
+        if start < len(self.backbone.group_names):
+            x = self.backbone(x, start=start)
+        return self.head(x)

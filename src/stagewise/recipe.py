@@ -1,0 +1,242 @@
+"""The typed recipe: one YAML file describes one study.
+
+Every field is validated up front so that a typo in a recipe fails in a second with a
+message naming the field, instead of an hour into a cross-validation run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be run; the message names the file and the field."""
+
+
+class _Strict(BaseModel):
+    # extra="forbid": a misspelled key is an error, not a silently ignored setting.
+    model_config = ConfigDict(extra="forbid")
+
+
+class CohortConfig(_Strict):
+    """Where the images and labels are: a CSV manifest, one row per image."""
+
+    manifest: Path
+    image: str = "path"
+    """Column holding image paths, relative to `root` (default: the manifest's folder)."""
+    outcome: str = "outcome"
+    patient: str = "patient"
+    site: str | None = None
+    clinical: list[str] = []
+    baselines: list[str] = []
+    """Columns holding routine clinical scores (e.g. an IRDS grade), carried for baselines."""
+    root: Path | None = None
+    positive: list[str] = ["1", "1.0", "true", "yes", "y", "positive"]
+    """Outcome values read as the positive class (compared case-insensitively)."""
+    negative: list[str] = ["0", "0.0", "false", "no", "n", "negative"]
+    drop_missing_outcome: bool = False
+    """Drop rows whose outcome is empty instead of reporting them as errors."""
+
+
+class DataConfig(_Strict):
+    image_size: int = Field(224, ge=8, le=2048)
+    resize: Literal["pad", "crop", "stretch"] = "pad"
+    """pad: keep aspect ratio, pad to a square; crop: centre-crop to a square; stretch."""
+
+
+class BackboneConfig(_Strict):
+    """A backbone spec such as `xrv:resnet50-res512-all`, `torchvision:resnet50`,
+    `timm:resnet18`, `scratch:resnet18` or `file:weights.safetensors`."""
+
+    name: str
+    weights: Path | None = None
+    """A local weights file that replaces the library download (same format as the library's)."""
+    cache_dir: Path | None = None
+    """Where the library's own weight cache lives, if not its default."""
+    arch: str | None = None
+    """For `file:` weights saved as a plain state dict: the architecture, e.g. `torchvision:resnet50`."""
+
+    @field_validator("name")
+    @classmethod
+    def _has_source(cls, v: str) -> str:
+        if ":" not in v:
+            raise ValueError(
+                f"backbone {v!r} has no source prefix; write e.g. 'torchvision:{v}' "
+                "(sources: xrv, torchvision, timm, scratch, file)"
+            )
+        return v
+
+
+class HeadConfig(_Strict):
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    hidden: int | None = None
+    """Width of a hidden layer (small MLP head); None gives a linear head."""
+
+
+class MixConfig(_Strict):
+    alpha: float = Field(1.0, gt=0)
+    p: float = Field(0.5, ge=0, le=1)
+    """Fraction of batches that are mixed."""
+
+
+class AugmentConfig(_Strict):
+    flip: bool = False
+    rotate: float = Field(0.0, ge=0, le=180)
+    """Maximum rotation in degrees."""
+    translate: float = Field(0.0, ge=0, le=0.5)
+    """Maximum shift as a fraction of the image side."""
+    scale: float = Field(0.0, ge=0, le=0.5)
+    """Maximum zoom in or out, as a fraction."""
+    intensity: float = Field(0.0, ge=0, le=1)
+    """Maximum brightness and contrast change, as a fraction."""
+
+    @property
+    def active(self) -> bool:
+        return bool(self.flip or self.rotate or self.translate or self.scale or self.intensity)
+
+
+class StageConfig(_Strict):
+    """One phase of training with its own trainable groups, learning rates and epochs."""
+
+    kind: Literal["probe", "thaw", "finetune"]
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(16, ge=1)
+    lr: float | dict[str, float] = 1e-3
+    """One LR for the head (and all trainable groups), or one per group name (`head`, `layer4`, ...)."""
+    lr_decay: float | None = Field(None, gt=0, le=1)
+    """Discriminative LRs as a factor per group, counted down from the head."""
+    weight_decay: float = Field(1e-4, ge=0)
+    schedule: Literal["onecycle", "cosine", "constant"] = "constant"
+    pct_start: float = Field(0.3, gt=0, lt=1)
+    unfreeze: dict[str, float] = {}
+    """thaw only: group name -> fraction of the stage's epochs after which it unfreezes."""
+    bn: Literal["adapt", "freeze"] = "freeze"
+    """adapt: running statistics of frozen blocks still update (train mode); freeze: eval mode."""
+    augment: AugmentConfig = AugmentConfig()
+    cutmix: MixConfig | None = None
+    mixup: MixConfig | None = None
+    balanced_sampling: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> "StageConfig":
+        if self.kind == "thaw" and not self.unfreeze:
+            raise ValueError("a thaw stage needs `unfreeze: {group: epoch_fraction, ...}`")
+        if self.kind != "thaw" and self.unfreeze:
+            raise ValueError(f"`unfreeze` is only for thaw stages, not {self.kind}")
+        for g, f in self.unfreeze.items():
+            if not 0.0 <= f < 1.0:
+                raise ValueError(f"unfreeze.{g} = {f}: give a fraction of the epochs in [0, 1)")
+        if isinstance(self.lr, dict) and "head" not in self.lr:
+            raise ValueError("a per-group `lr` needs a `head` entry")
+        if isinstance(self.lr, dict) and self.lr_decay is not None:
+            raise ValueError("give either per-group `lr` or `lr_decay`, not both")
+        return self
+
+    @property
+    def random_input(self) -> bool:
+        """True when the stage changes its input images at random (no frozen-prefix reuse)."""
+        return self.augment.active or self.cutmix is not None or self.mixup is not None
+
+
+class ArmConfig(_Strict):
+    name: str
+    backbone: BackboneConfig
+    head: HeadConfig = HeadConfig()
+    stages: list[StageConfig] = Field(min_length=1)
+
+    @field_validator("backbone", mode="before")
+    @classmethod
+    def _backbone_from_str(cls, v):
+        return {"name": v} if isinstance(v, str) else v
+
+
+class ProtocolConfig(_Strict):
+    kind: Literal["group_kfold", "leave_one_site_out"] = "group_kfold"
+    folds: int = Field(5, ge=2)
+    repeats: int = Field(1, ge=1)
+    test_images: Literal["all", "first"] = "all"
+    """first: each test patient is scored on its first image only (the BPD paper)."""
+    patient_aggregate: Literal["mean", "max", "first"] = "mean"
+    """How image scores become a patient score for patient-level metrics."""
+    threshold: Literal["youden", "prevalence"] | float = "youden"
+    """Decision threshold for balanced accuracy and F1, chosen on the training part of each fold."""
+
+
+class ComputeConfig(_Strict):
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    channels_last: bool = True
+    reuse_frozen: bool = True
+    """Compute a frozen, un-augmented network prefix once per image and reuse it."""
+    eval_batch_size: int = Field(64, ge=1)
+    threads: int | None = None
+    save_models: bool = False
+    """Save each fold's trained model (safetensors) in the run directory."""
+
+
+class Recipe(_Strict):
+    name: str
+    seed: int = 0
+    cohort: CohortConfig
+    data: DataConfig = DataConfig()
+    protocol: ProtocolConfig = ProtocolConfig()
+    compute: ComputeConfig = ComputeConfig()
+    arms: list[ArmConfig] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique_arms(self) -> "Recipe":
+        names = [a.name for a in self.arms]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"arm names must be unique; repeated: {sorted(dup)}")
+        if self.protocol.kind == "leave_one_site_out" and not self.cohort.site:
+            raise ValueError("protocol.kind leave_one_site_out needs cohort.site")
+        return self
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"{source}: the recipe is not valid:"]
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field (misspelled?)"
+        lines.append(f"  - {where}: {msg}")
+    return "\n".join(lines)
+
+
+def recipe_from_dict(data: dict, source: str = "recipe", base_dir: Path | None = None) -> Recipe:
+    """Validate a recipe given as a dict; relative cohort paths resolve against `base_dir`."""
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as err:
+        raise RecipeError(_format_errors(err, source)) from None
+    if base_dir is not None:
+        c = recipe.cohort
+        if not c.manifest.is_absolute():
+            c.manifest = (base_dir / c.manifest).resolve()
+        if c.root is not None and not c.root.is_absolute():
+            c.root = (base_dir / c.root).resolve()
+    return recipe
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and validate a YAML recipe; paths inside it are relative to the recipe file."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"{path}: no such recipe file")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise RecipeError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe is a YAML mapping with name, cohort and arms")
+    return recipe_from_dict(data, source=str(path), base_dir=path.parent.resolve())
+
+
+def recipe_to_dict(recipe: Recipe) -> dict:
+    return recipe.model_dump(mode="json")

@@ -1,0 +1,112 @@
+"""Reuse of frozen computation: a frozen, un-augmented backbone prefix is computed once.
+
+When the first k layer groups are frozen, in eval mode (BatchNorm statistics fixed) and
+see no random augmentation, their output is a fixed function of the image. It is computed
+once for every image of the cohort and reused across epochs, folds and arms. The key is a
+hash of the prefix's exact weights and buffers, so an entry can never be served for
+weights that have changed (after a thaw or a BatchNorm `adapt` stage), and arms that start
+from the same pretrained weights share entries without being told to.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+from stagewise.models.heads import Network
+from stagewise.training.compute import Compute
+
+
+@dataclass(frozen=True)
+class ImageSet:
+    """All images of a cohort, preprocessed: (N, 1, S, S) in [0, 1], with an identity key."""
+
+    x: torch.Tensor
+    key: str
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+
+def _hash_modules(modules) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for m in modules:
+        for name, t in m.state_dict().items():
+            h.update(name.encode())
+            h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def prefix_fingerprints(net: Network) -> list[str]:
+    """fp[k-1] identifies the weights of backbone groups 0..k-1 (cumulative)."""
+    out, acc = [], hashlib.blake2b(digest_size=16)
+    for g in net.backbone.group_names:
+        acc.update(_hash_modules(net.backbone.group_modules(g)).encode())
+        out.append(acc.copy().hexdigest())
+    if not net.backbone.sequential:
+        # Parameters outside the listed modules (a ViT's pos_embed) count for the whole trunk.
+        acc.update(_hash_modules([net.backbone.net]).encode())
+        out[-1] = acc.hexdigest()
+    return out
+
+
+class PrefixCache:
+    """Prefix outputs for every image, least recently used first out beyond `max_bytes`."""
+
+    def __init__(self, max_bytes: int = 4 << 30):
+        self.max_bytes = max_bytes
+        self._store: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def _key(self, images: ImageSet, k: int, fingerprint: str, compute: Compute) -> tuple:
+        return (images.key, k, fingerprint, compute.label)
+
+    def valid_depths(self, net: Network) -> list[int]:
+        """Prefix depths this backbone can resume from: any for sequential ones, else whole."""
+        n = len(net.backbone.group_names)
+        return list(range(1, n + 1)) if net.backbone.sequential else [n]
+
+    def get(self, net: Network, k: int, images: ImageSet, compute: Compute) -> torch.Tensor:
+        """Outputs of the first k groups (eval mode) for all images, computed at most once."""
+        if k not in self.valid_depths(net):
+            raise ValueError(f"cannot resume {net.backbone.arch} after {k} groups")
+        key = self._key(images, k, prefix_fingerprints(net)[k - 1], compute)
+        if key in self._store:
+            self.hits += 1
+            self._store.move_to_end(key)
+            return self._store[key]
+        self.misses += 1
+        out = self._compute(net, k, images, compute)
+        self._store[key] = out
+        while sum(t.numel() * t.element_size() for t in self._store.values()) > self.max_bytes and len(self._store) > 1:
+            self._store.popitem(last=False)
+        return out
+
+    def deepest_cached(self, net: Network, images: ImageSet, compute: Compute) -> int:
+        """The largest k with a stored entry for the current weights, 0 if none."""
+        fps = prefix_fingerprints(net)
+        for k in sorted(self.valid_depths(net), reverse=True):
+            if self._key(images, k, fps[k - 1], compute) in self._store:
+                return k
+        return 0
+
+    @torch.no_grad()
+    def _compute(self, net: Network, k: int, images: ImageSet, compute: Compute) -> torch.Tensor:
+        backbone = net.backbone
+        was_training = [m.training for m in backbone.modules()]
+        backbone.eval()
+        stop = None if k == len(backbone.group_names) else k
+        chunks = []
+        try:
+            for i in range(0, len(images), compute.eval_batch_size):
+                xb = compute.to_input(images.x[i : i + compute.eval_batch_size])
+                with compute.autocast():
+                    chunks.append(backbone(xb, start=0, stop=stop))
+        finally:
+            for m, t in zip(backbone.modules(), was_training):
+                m.training = t
+        return torch.cat(chunks)

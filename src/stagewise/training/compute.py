@@ -1,0 +1,68 @@
+"""Device, precision and memory layout, resolved once from the recipe."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from stagewise.recipe import ComputeConfig
+
+
+@dataclass(frozen=True)
+class Compute:
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    """Autocast dtype; None runs in float32."""
+    channels_last: bool
+    reuse_frozen: bool
+    eval_batch_size: int
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def grad_scaler(self) -> "torch.amp.GradScaler | None":
+        """float16 gradients underflow without loss scaling; bfloat16 needs none."""
+        if self.amp_dtype == torch.float16 and self.device.type == "cuda":
+            return torch.amp.GradScaler("cuda")
+        return None
+
+    def to_input(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.device, non_blocking=True)
+        if self.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    @property
+    def label(self) -> str:
+        dtype = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.amp_dtype]
+        return f"{self.device.type} {dtype}{' channels_last' if self.channels_last else ''}"
+
+
+def _cpu_has_fast_bf16() -> bool:
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except AttributeError:  # private helpers moved: stay in float32
+        return False
+
+
+def resolve_compute(cfg: ComputeConfig) -> Compute:
+    """`auto` picks CUDA when present, bfloat16 where the hardware runs it fast, else fp16/fp32."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("compute.device is cuda but no CUDA GPU is visible; use device: auto or cpu")
+    device = torch.device("cuda" if cfg.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+    precision = cfg.precision
+    if precision == "auto":
+        if device.type == "cuda":
+            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        else:
+            precision = "bf16" if _cpu_has_fast_bf16() else "fp32"
+    if precision == "fp16" and device.type == "cpu":
+        raise RuntimeError("compute.precision fp16 is for CUDA; on a CPU use bf16 or fp32")
+    amp = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    return Compute(device, amp, cfg.channels_last, cfg.reuse_frozen, cfg.eval_batch_size)

@@ -1,0 +1,249 @@
+"""The training engine: one stage (probe, thaw, finetune) on one fold's training images.
+
+Kept as a plain loop rather than a Lightning Trainer on purpose: a stage resumes the
+network from a cached frozen prefix (`forward(x, start=k)`), registers every group that
+will ever train in the optimizer from the first step (the BPD paper's progressive
+unfreezing, no parameter-group surgery), and must leave frozen weights bit-identical.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from stagewise.models.heads import Network
+from stagewise.recipe import StageConfig
+from stagewise.training.augment import augment_batch, mix_batch
+from stagewise.training.cache import ImageSet, PrefixCache
+from stagewise.training.compute import Compute
+
+
+class StageError(ValueError):
+    """A stage that does not fit its backbone (unknown group name, ...)."""
+
+
+@dataclass
+class StagePlan:
+    """Which groups train at which epoch and with which peak learning rate."""
+
+    lrs: "OrderedDict[str, float]"
+    """Groups in the optimizer (from the first step) -> peak LR."""
+    start_epoch: dict[str, int]
+    """Group -> first epoch (0-based) in which it trains."""
+
+    def trainable(self, epoch: int) -> list[str]:
+        return [g for g in self.lrs if self.start_epoch[g] <= epoch]
+
+
+def plan_stage(stage: StageConfig, group_names: list[str]) -> StagePlan:
+    """Resolve a stage's groups and discriminative LRs against a network's groups.
+
+    `group_names` runs from the input to the head (stem ... head). Explicit per-group LRs
+    win; otherwise `lr_decay` multiplies the LR once per group going down from the head.
+    """
+    backbone = group_names[:-1]
+    named = set(stage.unfreeze) | (set(stage.lr) if isinstance(stage.lr, dict) else set())
+    unknown = sorted(named - set(group_names))
+    if unknown:
+        raise StageError(f"{stage.kind} stage names unknown group(s) {unknown}; this backbone's groups are {group_names}")
+    if stage.kind == "probe":
+        members = ["head"]
+    elif stage.kind == "finetune":
+        members = list(group_names)
+    else:
+        members = [g for g in group_names if g in stage.unfreeze] + ["head"]
+    head_lr = stage.lr["head"] if isinstance(stage.lr, dict) else stage.lr
+    lrs: "OrderedDict[str, float]" = OrderedDict()
+    for g in reversed(members):  # head first, then down the network
+        if isinstance(stage.lr, dict) and g in stage.lr:
+            lrs[g] = float(stage.lr[g])
+        elif stage.lr_decay is not None:
+            depth = len(group_names) - 1 - group_names.index(g)
+            lrs[g] = head_lr * stage.lr_decay**depth
+        else:
+            lrs[g] = float(head_lr)
+    start = {g: 0 for g in lrs}
+    for g, frac in stage.unfreeze.items():
+        start[g] = int(round(frac * stage.epochs))
+    return StagePlan(lrs, start)
+
+
+def masked_bce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """BCE over the labels that are present (NaN marks a missing label of one task)."""
+    mask = ~torch.isnan(target)
+    if not mask.any():
+        return logits.sum() * 0.0
+    return F.binary_cross_entropy_with_logits(logits.float()[mask], target[mask])
+
+
+def _batches(order: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    """Consecutive batches; a last batch of one image joins the previous (BatchNorm needs two)."""
+    chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    if len(chunks) > 1 and len(chunks[-1]) < 2:
+        chunks[-2] = np.concatenate([chunks[-2], chunks.pop()])
+    return chunks
+
+
+def _epoch_order(idx: np.ndarray, y: np.ndarray, balanced: bool, g: torch.Generator) -> np.ndarray:
+    if not balanced:
+        return idx[torch.randperm(len(idx), generator=g).numpy()]
+    classes, counts = np.unique(y, return_counts=True)
+    weight = 1.0 / counts[np.searchsorted(classes, y)]
+    pick = torch.multinomial(torch.as_tensor(weight, dtype=torch.float64), len(idx), replacement=True, generator=g)
+    return idx[pick.numpy()]
+
+
+def _set_bn_policy(net: Network, frozen_groups: list[str], bn: str) -> None:
+    """`freeze`: frozen groups run in eval mode, so their BatchNorm statistics stay fixed."""
+    net.train()
+    if bn == "freeze":
+        for g in frozen_groups:
+            for m in net.backbone.group_modules(g):
+                m.eval()
+
+
+def _frozen_prefix(net: Network, trainable: list[str]) -> int:
+    k = 0
+    for g in net.backbone.group_names:
+        if g in trainable:
+            break
+        k += 1
+    return k
+
+
+@dataclass
+class StageLog:
+    kind: str
+    epochs: list[dict] = field(default_factory=list)
+
+    @property
+    def seconds(self) -> float:
+        return sum(e["seconds"] for e in self.epochs)
+
+
+def fit_stage(
+    net: Network,
+    stage: StageConfig,
+    images: ImageSet,
+    train_idx: np.ndarray,
+    targets: torch.Tensor,
+    compute: Compute,
+    cache: PrefixCache | None,
+    seed: int,
+    on_epoch: Callable[[int, dict], None] | None = None,
+) -> StageLog:
+    """Train `net` in place for one stage on images[train_idx]; return a per-epoch log.
+
+    `targets` holds one row per cohort image (NaN = missing label). The same seed gives
+    the same batches, augmentations and dropout masks.
+    """
+    plan = plan_stage(stage, net.group_names)
+    groups = net.group_parameters()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    optimizer = torch.optim.AdamW(
+        [{"params": groups[g], "lr": lr, "name": g} for g, lr in plan.lrs.items()],
+        weight_decay=stage.weight_decay,
+    )
+    steps_per_epoch = len(_batches(np.arange(len(train_idx)), stage.batch_size))
+    total = steps_per_epoch * stage.epochs
+    scheduler = None
+    if stage.schedule == "onecycle":
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=list(plan.lrs.values()), total_steps=total, pct_start=stage.pct_start, anneal_strategy="cos"
+        )
+    elif stage.schedule == "cosine":
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
+    scaler = compute.grad_scaler()
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    y_train = targets[train_idx, 0].nan_to_num(-1).numpy()
+    log = StageLog(stage.kind)
+
+    for epoch in range(stage.epochs):
+        t0 = time.perf_counter()
+        trainable = plan.trainable(epoch)
+        for name in plan.lrs:
+            for p in groups[name]:
+                p.requires_grad_(name in trainable)
+        frozen = [n for n in net.backbone.group_names if n not in trainable]
+        _set_bn_policy(net, frozen, stage.bn)
+        k = _frozen_prefix(net, trainable)
+        reuse = (
+            cache is not None
+            and compute.reuse_frozen
+            and not stage.random_input
+            and stage.bn == "freeze"
+            and k in cache.valid_depths(net)
+        )
+        source = cache.get(net, k, images, compute) if reuse else images.x
+        start = k if reuse else 0
+        lrs_at_start = {pg["name"]: pg["lr"] for pg in optimizer.param_groups}
+        losses = []
+        for batch in _batches(_epoch_order(train_idx, y_train, stage.balanced_sampling, g), stage.batch_size):
+            xb = compute.to_input(source[torch.as_tensor(batch)])
+            yb = targets[batch].to(compute.device)
+            if start == 0:
+                xb = augment_batch(xb, stage.augment, g)
+                xb, yb = mix_batch(xb, yb, stage.cutmix, stage.mixup, g)
+            with compute.autocast():
+                logits = net(xb, start=start)
+            loss = masked_bce(logits, yb)
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+            losses.append(float(loss.detach()))
+        entry = {
+            "epoch": epoch,
+            "loss": float(np.mean(losses)),
+            "trainable": trainable,
+            "lr": lrs_at_start,
+            "resumed_after_groups": start,
+            "seconds": time.perf_counter() - t0,
+        }
+        log.epochs.append(entry)
+        if not math.isfinite(entry["loss"]):
+            raise FloatingPointError(f"{stage.kind} stage: the loss became {entry['loss']} in epoch {epoch + 1}; lower the learning rate")
+        if on_epoch is not None:
+            on_epoch(epoch, entry)
+    for p in net.parameters():
+        p.requires_grad_(False)
+    return log
+
+
+@torch.no_grad()
+def predict(
+    net: Network, images: ImageSet, idx: np.ndarray, compute: Compute, cache: PrefixCache | None
+) -> np.ndarray:
+    """Probabilities (len(idx), n_outputs) in eval mode, resumed from a cached prefix if any."""
+    net.eval()
+    k = cache.deepest_cached(net, images, compute) if cache is not None and compute.reuse_frozen else 0
+    source = cache.get(net, k, images, compute) if k else images.x
+    out = []
+    for i in range(0, len(idx), compute.eval_batch_size):
+        batch = torch.as_tensor(idx[i : i + compute.eval_batch_size])
+        with compute.autocast():
+            logits = net(compute.to_input(source[batch]), start=k)
+        out.append(torch.sigmoid(logits.float()).cpu())
+    return torch.cat(out).numpy() if out else np.zeros((0, net.head.layers[-1].out_features))
+
+
+def prepare_network(net: Network, compute: Compute) -> Network:
+    net = net.to(compute.device)
+    if compute.channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    return net
