@@ -143,7 +143,8 @@ class StageConfig(_Strict):
 
 
 class ArmConfig(_Strict):
-    name: str
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+    """Used as a folder name in the run directory: letters, digits, `_ . + -`."""
     backbone: BackboneConfig
     head: HeadConfig = HeadConfig()
     stages: list[StageConfig] = Field(min_length=1)

@@ -80,6 +80,14 @@ def load_image_set(recipe: Recipe, cohort: Cohort) -> ImageSet:
     return ImageSet(x, _image_key(cohort, recipe.data.image_size, recipe.data.resize))
 
 
+def _seeded_backbone(arm: ArmConfig, seed: int) -> torch.nn.Module:
+    """The arm's starting backbone; random (scratch) weights depend on the recipe seed only,
+    not on how much training ran before in this process, so a resumed run matches."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return create_backbone(arm.backbone)
+
+
 def train_fold(
     arm: ArmConfig,
     pristine: torch.nn.Module,
@@ -125,7 +133,7 @@ def evaluate_fold(recipe: Recipe, cohort: Cohort, net: Network, images: ImageSet
         "image": t["path"].to_numpy()[split.test],
         "patient": patients[split.test],
         "y": y[split.test],
-        "prob": p_test,
+        "prob": p_test.astype(np.float64),
         "pred": (p_test >= threshold).astype(int),
     })
     return metrics, preds
@@ -175,7 +183,7 @@ def _run(recipe: Recipe, run: RunDir, reporter: Reporter) -> StudyResult:
                 if images is None:
                     images = load_image_set(recipe, cohort)
                 if pristine is None:
-                    pristine = create_backbone(arm.backbone)
+                    pristine = _seeded_backbone(arm, recipe.seed)
                 reporter.fold_started(arm.name, split, sum(s.epochs for s in arm.stages))
                 seed = fold_seed(recipe.seed, split)
                 t0 = time.perf_counter()

@@ -1,0 +1,119 @@
+"""Build a stagewise manifest for the ieee8023 part of ../shared/data/covid-cxr-outcome.
+
+    python examples/prepare_covid_outcome.py [--data DIR] [--out CSV]
+
+One row per frontal chest X-ray (views PA, AP, AP Supine) that has a staged PNG and a
+known ICU outcome (`went_icu` Y or N; blank and free text such as "Would have been
+stated" are unknown and dropped). Image paths are written ABSOLUTE, so the manifest can
+live anywhere; images are never copied.
+
+Upstream lists five files twice under two patient ids (285/339 and 287/340, see
+`duplicate_of_metadata_row` in metadata_staged.csv). Each pair is one patient: the second
+id is mapped to the first and the repeated image rows are dropped, so the same file is
+never on both sides of a cross-validation split.
+
+Rows are ordered by patient, then by `offset` (days since symptom onset or admission;
+unknown last), so "the first image of a patient" (protocol.test_images: first) is the
+earliest one.
+
+Data: `--data`, else $STAGEWISE_DATA, else <repo root>/../shared/data. Output: `--out`,
+default <repo root>/runs/cohorts/covid-outcome.csv (runs/ is git-ignored).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+REPO = Path(__file__).resolve().parents[1]
+FRONTAL = ("PA", "AP", "AP Supine")
+CARRY = ("survival", "age", "sex", "offset")
+"""Columns carried along unchanged (for clinical fusion, baselines, picking the admission image)."""
+
+
+def default_data() -> Path:
+    return Path(os.environ.get("STAGEWISE_DATA") or REPO.parent / "shared" / "data")
+
+
+def build_manifest(data: Path) -> tuple[pd.DataFrame, dict]:
+    folder = Path(data) / "covid-cxr-outcome" / "ieee8023"
+    meta_path = folder / "metadata_staged.csv"
+    if not meta_path.is_file():
+        raise SystemExit(f"error: {meta_path} not found; pass --data or set STAGEWISE_DATA to the folder holding covid-cxr-outcome/")
+    meta = pd.read_csv(meta_path, dtype=str, keep_default_na=False)
+    stats = {"staged rows": len(meta)}
+
+    # The duplicate pairs: a row naming another metadata row is the same file under another id.
+    by_meta_row = meta.set_index("metadata_row")
+    dup = meta[meta["duplicate_of_metadata_row"].str.strip() != ""]
+    alias: dict[str, str] = {}
+    for _, r in dup.iterrows():
+        original = by_meta_row.loc[r["duplicate_of_metadata_row"].strip(), "patientid"]
+        if r["png_file"] != by_meta_row.loc[r["duplicate_of_metadata_row"].strip(), "png_file"]:
+            raise SystemExit(f"error: metadata row {r['metadata_row']} is marked as a duplicate but its file differs")
+        alias[r["patientid"]] = original
+    meta = meta.drop(index=dup.index)
+    stats["duplicate image rows dropped"] = len(dup)
+    meta["patient"] = meta["patientid"].map(lambda p: alias.get(p, p))
+    stats["patient ids merged"] = ", ".join(f"{a}->{b}" for a, b in sorted(alias.items())) or "none"
+
+    frontal = meta[meta["view"].str.strip().isin(FRONTAL)]
+    stats["frontal rows"] = len(frontal)
+    paths = frontal["png_file"].str.strip().map(lambda p: str((folder / p).resolve()) if p else "")
+    has_png = paths.map(lambda p: bool(p) and os.path.isfile(p))
+    stats["frontal rows without a staged png"] = int((~has_png).sum())
+    frontal = frontal[has_png].assign(path=paths[has_png])
+
+    outcome = frontal["went_icu"].str.strip().str.upper()
+    known = outcome.isin(["Y", "N"])
+    stats["frontal rows with unknown went_icu (dropped)"] = int((~known).sum())
+    table = frontal[known].assign(went_icu=outcome[known])
+
+    # One patient, one outcome: stagewise rejects conflicts, so catch them here with a clear message.
+    conflicts = table.groupby("patient")["went_icu"].nunique()
+    conflicts = conflicts[conflicts > 1]
+    if len(conflicts):
+        raise SystemExit(f"error: patients with conflicting went_icu labels: {list(conflicts.index)}")
+    if table["path"].duplicated().any():
+        raise SystemExit(f"error: files listed twice: {sorted(table.loc[table['path'].duplicated(), 'path'])}")
+
+    offset = pd.to_numeric(table["offset"], errors="coerce")
+    table = (
+        table.assign(_offset=offset, _order=range(len(table)))
+        .sort_values(["patient", "_offset", "_order"], na_position="last", kind="stable")
+    )
+    columns = ["path", "patient", "went_icu", *CARRY, "view", "finding", "metadata_row", "also_in_hannover_repo"]
+    return table[columns].reset_index(drop=True), stats
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", type=Path, default=None, help="folder holding covid-cxr-outcome/ (default: $STAGEWISE_DATA or <repo>/../shared/data)")
+    ap.add_argument("--out", type=Path, default=REPO / "runs" / "cohorts" / "covid-outcome.csv", help="manifest to write")
+    args = ap.parse_args(argv)
+
+    data = (args.data or default_data()).expanduser().resolve()
+    table, stats = build_manifest(data)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    table.to_csv(args.out, index=False)
+
+    for k, v in stats.items():
+        print(f"{k}: {v}")
+    patients = table.groupby("patient", sort=False)["went_icu"].first()
+    pos_img = int((table["went_icu"] == "Y").sum())
+    pos_pat = int((patients == "Y").sum())
+    per = table.groupby("patient").size()
+    print(f"manifest: {len(table)} images, {len(patients)} patients "
+          f"(1-{per.max()} images each, median {per.median():g})")
+    print(f"went_icu=Y: {pos_img} images / {len(table) - pos_img} N; "
+          f"patients {pos_pat} Y / {len(patients) - pos_pat} N (positives per patient: {pos_pat / len(patients):.3f})")
+    print(f"wrote {args.out.resolve()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
