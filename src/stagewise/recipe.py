@@ -142,12 +142,52 @@ class StageConfig(_Strict):
         return self.augment.active or self.cutmix is not None or self.mixup is not None
 
 
+class TuneConfig(_Strict):
+    """Nested CV: an inner grouped CV inside each outer training fold picks one grid point."""
+
+    grid: dict[str, list] = Field(min_length=1)
+    """Dotted paths into the arm -> candidate values, e.g. `stages.0.lr: [1.0e-3, 3.0e-3]`."""
+    inner_folds: int = Field(3, ge=2)
+
+    @field_validator("grid")
+    @classmethod
+    def _non_empty(cls, v: dict[str, list]) -> dict[str, list]:
+        for path, values in v.items():
+            if not values:
+                raise ValueError(f"grid.{path} has no candidate values")
+        return v
+
+
 class ArmConfig(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
     """Used as a folder name in the run directory: letters, digits, `_ . + -`."""
     backbone: BackboneConfig
     head: HeadConfig = HeadConfig()
     stages: list[StageConfig] = Field(min_length=1)
+    tune: TuneConfig | None = None
+
+    def with_values(self, point: dict) -> "ArmConfig":
+        """A copy with dotted paths (`stages.1.epochs`) set, validated; no `tune` of its own."""
+        data = self.model_dump(mode="json")
+        data["tune"] = None
+        for path, value in point.items():
+            node, parts = data, path.split(".")
+            try:
+                for part in parts[:-1]:
+                    node = node[int(part)] if isinstance(node, list) else node[part]
+                last = int(parts[-1]) if isinstance(node, list) else parts[-1]
+                node[last]  # noqa: B018 - the field must exist before it is set
+            except (KeyError, IndexError, TypeError, ValueError):
+                raise ValueError(f"tune.grid path {path!r} does not name a field of arm {self.name!r}") from None
+            node[last] = value
+        return ArmConfig.model_validate(data)
+
+    @model_validator(mode="after")
+    def _grid_paths_exist(self) -> "ArmConfig":
+        if self.tune is not None:
+            for path, values in self.tune.grid.items():
+                self.with_values({path: values[0]})
+        return self
 
     @field_validator("backbone", mode="before")
     @classmethod
@@ -165,6 +205,8 @@ class ProtocolConfig(_Strict):
     """How image scores become a patient score for patient-level metrics."""
     threshold: Literal["youden", "prevalence"] | float = "youden"
     """Decision threshold for balanced accuracy and F1, chosen on the training part of each fold."""
+    label_fractions: list[Annotated[float, Field(gt=0, le=1)]] = []
+    """Also train each arm on these fractions of each training fold (whole patients, stratified)."""
 
 
 class ComputeConfig(_Strict):
@@ -179,6 +221,21 @@ class ComputeConfig(_Strict):
     """Save each fold's trained model (safetensors) in the run directory."""
 
 
+class EvaluationConfig(_Strict):
+    """What turns fold results into evidence: comparisons, intervals, baselines, saliency."""
+
+    compare: list[tuple[str, str]] | None = None
+    """Pairs of arm names (`baseline:<column>` and `clinical` included); default: every arm
+    against the first arm, and every model arm against every baseline."""
+    bootstrap: int = Field(2000, ge=0)
+    """Bootstrap resamples of patients for 95 % CIs; 0 turns them off."""
+    clinical_model: bool = True
+    """Fit a clinical-only logistic regression on `cohort.clinical` as an arm of its own."""
+    saliency: int = Field(4, ge=0)
+    """Grad-CAM maps for this many correct and this many wrong test images per arm."""
+    report: bool = True
+
+
 class Recipe(_Strict):
     name: str
     seed: int = 0
@@ -186,6 +243,7 @@ class Recipe(_Strict):
     data: DataConfig = DataConfig()
     protocol: ProtocolConfig = ProtocolConfig()
     compute: ComputeConfig = ComputeConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
     arms: list[ArmConfig] = Field(min_length=1)
 
     @model_validator(mode="after")

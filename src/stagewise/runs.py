@@ -32,16 +32,26 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def arm_fingerprint(recipe: Recipe, arm: ArmConfig) -> str:
-    """Hash of what decides an arm's fold results: cohort, data, protocol, seed, precision, arm."""
+def unit_fingerprint(recipe: Recipe, kind: str, arm: ArmConfig | None, fraction: float, column: str | None) -> str:
+    """Hash of what decides a unit's fold results: cohort, data, protocol, seed, precision and
+    the unit itself (arm and label fraction, baseline column, or clinical columns)."""
+    protocol = recipe.protocol.model_dump(mode="json")
+    protocol.pop("label_fractions")  # adding a fraction must not invalidate finished arms
     relevant = {
         "seed": recipe.seed,
         "cohort": recipe.cohort.model_dump(mode="json"),
-        "data": recipe.data.model_dump(mode="json"),
-        "protocol": recipe.protocol.model_dump(mode="json"),
-        "precision": [recipe.compute.device, recipe.compute.precision, recipe.compute.channels_last],
-        "arm": arm.model_dump(mode="json"),
+        "protocol": protocol,
+        "kind": kind,
     }
+    if kind == "model":
+        relevant |= {
+            "data": recipe.data.model_dump(mode="json"),
+            "precision": [recipe.compute.device, recipe.compute.precision, recipe.compute.channels_last],
+            "arm": arm.model_dump(mode="json"),
+            "fraction": fraction,
+        }
+    else:
+        relevant["column"] = column
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -1,11 +1,16 @@
-"""Run a study: recipe -> cohort -> splits -> (per arm and fold: backbone -> stages ->
-predictions) -> metrics. Every arm runs on exactly the same folds."""
+"""Run a study: recipe -> cohort -> splits -> (per unit and fold: fit -> predictions) ->
+metrics -> evidence -> report. Every unit runs on exactly the same folds.
+
+A *unit* is one column of results: a model arm (possibly at a fraction of the training
+labels), a baseline score column, or the clinical-only model.
+"""
 
 from __future__ import annotations
 
 import copy
 import hashlib
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -17,14 +22,16 @@ import pandas as pd
 import torch
 
 from stagewise.data import Cohort, load_cohort, load_images
+from stagewise.evaluation.baselines import baseline_scores, clinical_model_scores
 from stagewise.evaluation.metrics import binary_metrics, choose_threshold, patient_scores, summarize
-from stagewise.evaluation.splits import Split, make_splits
+from stagewise.evaluation.splits import Split, make_splits, subsample_patients
 from stagewise.models import Network, create_backbone, save_backbone
-from stagewise.recipe import ArmConfig, Recipe
-from stagewise.runs import RunDir, arm_fingerprint
+from stagewise.recipe import ArmConfig, ProtocolConfig, Recipe
+from stagewise.runs import RunDir, unit_fingerprint
 from stagewise.training.cache import ImageSet, PrefixCache
 from stagewise.training.compute import Compute, resolve_compute
 from stagewise.training.engine import fit_stage, predict, prepare_network
+from stagewise.training.tuning import choose_by_inner_cv
 
 log = logging.getLogger("stagewise")
 
@@ -52,11 +59,36 @@ class _Silent:
         pass
 
 
+@dataclass(frozen=True)
+class Unit:
+    name: str
+    kind: str
+    """model | baseline | clinical"""
+    arm: ArmConfig | None = None
+    fraction: float = 1.0
+    column: str | None = None
+
+    @property
+    def folder(self) -> str:
+        return self.name.replace(":", "-")
+
+
 @dataclass
 class StudyResult:
     run_dir: Path
     metrics: dict
     predictions: pd.DataFrame
+
+
+def study_units(recipe: Recipe) -> list[Unit]:
+    units = [Unit(a.name, "model", a) for a in recipe.arms]
+    for f in sorted(set(recipe.protocol.label_fractions)):
+        if f < 1.0:
+            units += [Unit(f"{a.name}@{f:g}", "model", a, fraction=f) for a in recipe.arms]
+    units += [Unit(f"baseline:{c}", "baseline", column=c) for c in recipe.cohort.baselines]
+    if recipe.cohort.clinical and recipe.evaluation.clinical_model:
+        units.append(Unit("clinical", "clinical"))
+    return units
 
 
 def fold_seed(seed: int, split: Split) -> int:
@@ -80,7 +112,7 @@ def load_image_set(recipe: Recipe, cohort: Cohort) -> ImageSet:
     return ImageSet(x, _image_key(cohort, recipe.data.image_size, recipe.data.resize))
 
 
-def _seeded_backbone(arm: ArmConfig, seed: int) -> torch.nn.Module:
+def seeded_backbone(arm: ArmConfig, seed: int) -> torch.nn.Module:
     """The arm's starting backbone; random (scratch) weights depend on the recipe seed only,
     not on how much training ran before in this process, so a resumed run matches."""
     with torch.random.fork_rng():
@@ -93,7 +125,7 @@ def train_fold(
     pristine: torch.nn.Module,
     images: ImageSet,
     targets: torch.Tensor,
-    split: Split,
+    train: np.ndarray,
     seed: int,
     compute: Compute,
     cache: PrefixCache | None,
@@ -105,42 +137,147 @@ def train_fold(
     logs = []
     for i, stage in enumerate(arm.stages):
         stage_log = fit_stage(
-            net, stage, images, split.train, targets, compute, cache, seed + 1000 * (i + 1),
+            net, stage, images, train, targets, compute, cache, seed + 1000 * (i + 1),
             on_epoch=lambda e, entry, kind=stage.kind: reporter.epoch_done(kind, e, entry),
         )
         logs.append({"kind": stage.kind, "seconds": stage_log.seconds, "epochs": stage_log.epochs})
     return net, logs
 
 
-def evaluate_fold(recipe: Recipe, cohort: Cohort, net: Network, images: ImageSet, split: Split,
-                  compute: Compute, cache: PrefixCache | None) -> tuple[dict, pd.DataFrame]:
-    """Threshold from training-part predictions; metrics on the test part at patient level."""
+def score_fold(recipe: Recipe, cohort: Cohort, split: Split, train: np.ndarray,
+               p_train: np.ndarray, p_test: np.ndarray) -> tuple[dict, pd.DataFrame]:
+    """Threshold from training-part scores; metrics on the test part at patient level.
+
+    Rows whose score is missing (a baseline value not recorded) are left out of the metrics.
+    """
     t = cohort.table
     how = recipe.protocol.patient_aggregate
     y, patients = t["y"].to_numpy(), t["patient"].to_numpy()
-    p_train = predict(net, images, split.train, compute, cache)[:, 0]
-    s_train, y_train = patient_scores(p_train, y[split.train], patients[split.train], how)
+    ok_train, ok_test = ~np.isnan(p_train), ~np.isnan(p_test)
+    s_train, y_train = patient_scores(p_train[ok_train], y[train][ok_train], patients[train][ok_train], how)
     threshold = choose_threshold(y_train, s_train, recipe.protocol.threshold)
-    p_test = predict(net, images, split.test, compute, cache)[:, 0]
-    s_test, y_test = patient_scores(p_test, y[split.test], patients[split.test], how)
+    test = split.test
+    s_test, y_test = patient_scores(p_test[ok_test], y[test][ok_test], patients[test][ok_test], how)
     metrics = binary_metrics(y_test, s_test, threshold)
     metrics["threshold"] = threshold
     metrics["train_auroc"] = binary_metrics(y_train, s_train, threshold)["auroc"]
+    metrics["n_test_patients"] = int(len(s_test))
+    metrics["n_train_patients"] = int(len(s_train))
     preds = pd.DataFrame({
         "repeat": split.repeat,
         "fold": split.fold,
-        "row": t["row"].to_numpy()[split.test],
-        "image": t["path"].to_numpy()[split.test],
-        "patient": patients[split.test],
-        "y": y[split.test],
+        "row": t["row"].to_numpy()[test],
+        "image": t["path"].to_numpy()[test],
+        "patient": patients[test],
+        "y": y[test],
         "prob": p_test.astype(np.float64),
-        "pred": (p_test >= threshold).astype(int),
+        "pred": np.where(ok_test, (p_test >= threshold).astype(float), np.nan),
     })
     return metrics, preds
 
 
+class _Study:
+    """State shared by the folds of one run: cohort, images (loaded on first need), cache."""
+
+    def __init__(self, recipe: Recipe, run: RunDir, reporter: Reporter):
+        self.recipe, self.run, self.reporter = recipe, run, reporter
+        self.compute = resolve_compute(recipe.compute)
+        self.cohort = load_cohort(recipe.cohort)
+        t = self.cohort.table
+        self.y, self.patients = t["y"].to_numpy(), t["patient"].to_numpy()
+        sites = t["site"].to_numpy() if "site" in t else None
+        self.splits = make_splits(self.y, self.patients, recipe.protocol, recipe.seed, sites)
+        self.targets = torch.tensor(self.y, dtype=torch.float32).unsqueeze(1)
+        self.cache = PrefixCache() if self.compute.reuse_frozen else None
+        self._images: ImageSet | None = None
+        self._pristine: dict[str, torch.nn.Module] = {}
+
+    @property
+    def images(self) -> ImageSet:
+        if self._images is None:
+            self._images = load_image_set(self.recipe, self.cohort)
+        return self._images
+
+    def pristine(self, arm: ArmConfig) -> torch.nn.Module:
+        if arm.name not in self._pristine:
+            self._pristine[arm.name] = seeded_backbone(arm, self.recipe.seed)
+        return self._pristine[arm.name]
+
+    def fit_model(self, unit: Unit, split: Split) -> tuple[dict, pd.DataFrame, dict]:
+        seed = fold_seed(self.recipe.seed, split)
+        train = subsample_patients(split.train, self.y, self.patients, unit.fraction, seed)
+        arm, extra = unit.arm, {}
+        if arm.tune is not None:
+            point, table = self._tune(arm, train, seed)
+            arm = arm.with_values(point)
+            extra["tuning"] = {"chosen": point, "grid": table}
+        self.reporter.fold_started(unit.name, split, sum(s.epochs for s in arm.stages))
+        net, stage_logs = train_fold(arm, self.pristine(unit.arm), self.images, self.targets, train, seed,
+                                     self.compute, self.cache, self.reporter)
+        p_train = predict(net, self.images, train, self.compute, self.cache)[:, 0]
+        p_test = predict(net, self.images, split.test, self.compute, self.cache)[:, 0]
+        metrics, preds = score_fold(self.recipe, self.cohort, split, train, p_train, p_test)
+        extra["stages"] = stage_logs
+        extra["n_train_images"] = int(len(train))
+        folder = self.run.folds_dir / unit.folder
+        if self.recipe.compute.save_models:
+            save_backbone(net.backbone, folder / f"{split.name}.safetensors")
+            torch.save(net.head.state_dict(), folder / f"{split.name}.head.pt")
+        if self.recipe.evaluation.saliency and split.repeat == 0 and unit.fraction == 1.0:
+            extra["saliency"] = self._saliency(net, split, preds, folder / "saliency")
+        return metrics, preds, extra
+
+    def _tune(self, arm: ArmConfig, train: np.ndarray, seed: int):
+        inner_protocol = ProtocolConfig(folds=arm.tune.inner_folds, repeats=1)
+        inner = make_splits(self.y[train], self.patients[train], inner_protocol, seed)
+
+        def score(candidate: ArmConfig, inner_train: np.ndarray, inner_test: np.ndarray) -> float:
+            rows_train, rows_test = train[inner_train], train[inner_test]
+            net, _ = train_fold(candidate, self.pristine(arm), self.images, self.targets, rows_train, seed,
+                                self.compute, self.cache, _Silent())
+            p = predict(net, self.images, rows_test, self.compute, self.cache)[:, 0]
+            s, y = patient_scores(p, self.y[rows_test], self.patients[rows_test], self.recipe.protocol.patient_aggregate)
+            return binary_metrics(y, s, 0.5)["auroc"]
+
+        return choose_by_inner_cv(arm, inner, score)
+
+    def _saliency(self, net: Network, split: Split, preds: pd.DataFrame, folder: Path) -> list[dict]:
+        from stagewise.report.saliency import gradcam, pick_examples, save_overlay
+
+        per_fold = math.ceil(self.recipe.evaluation.saliency / self.recipe.protocol.folds)
+        pos = pick_examples(preds["y"].to_numpy(), preds["prob"].to_numpy(), preds["pred"].to_numpy(), per_fold)
+        if not pos:
+            return []
+        rows = split.test[pos]
+        x = self.images.x[torch.as_tensor(rows)]
+        maps = gradcam(copy.deepcopy(net).cpu(), x)
+        if maps is None:
+            return []
+        out = []
+        for i, (p, r) in enumerate(zip(pos, rows)):
+            rec = preds.iloc[p]
+            correct = bool(rec["pred"] == rec["y"])
+            title = f"{'correct' if correct else 'WRONG'}: y={int(rec['y'])} p={rec['prob']:.2f}\n{Path(rec['image']).name}"
+            path = save_overlay(x[i, 0].float().numpy(), maps[i], folder / f"{split.name}-row{int(rec['row'])}.png", title)
+            out.append({"file": str(path.relative_to(self.run.path)), "row": int(rec["row"]), "y": int(rec["y"]),
+                        "prob": float(rec["prob"]), "correct": correct})
+        return out
+
+    def fit_nonimage(self, unit: Unit, split: Split) -> tuple[dict, pd.DataFrame, dict]:
+        t = self.cohort.table
+        if unit.kind == "baseline":
+            scores, direction = baseline_scores(t[unit.column].to_numpy(dtype=float), self.y, split.train)
+            extra = {"direction": direction}
+        else:
+            x = t[self.recipe.cohort.clinical].to_numpy(dtype=float)
+            scores = clinical_model_scores(x, self.y, self.patients, split.train, fold_seed(self.recipe.seed, split))
+            extra = {"columns": list(self.recipe.cohort.clinical)}
+        metrics, preds = score_fold(self.recipe, self.cohort, split, split.train, scores[split.train], scores[split.test])
+        return metrics, preds, extra
+
+
 def run_study(recipe: Recipe, out_dir: str | Path, reporter: Reporter | None = None) -> StudyResult:
-    """Run every arm on the same folds; resume from finished folds in `out_dir`."""
+    """Run every unit on the same folds; resume from finished folds in `out_dir`."""
     reporter = reporter or _Silent()
     run = RunDir(Path(out_dir))
     run.start(recipe)
@@ -157,73 +294,64 @@ def run_study(recipe: Recipe, out_dir: str | Path, reporter: Reporter | None = N
 
 def _run(recipe: Recipe, run: RunDir, reporter: Reporter) -> StudyResult:
     t_start = time.perf_counter()
-    compute = resolve_compute(recipe.compute)
-    cohort = load_cohort(recipe.cohort)
-    t = cohort.table
-    sites = t["site"].to_numpy() if "site" in t else None
-    splits = make_splits(t["y"].to_numpy(), t["patient"].to_numpy(), recipe.protocol, recipe.seed, sites)
-    log.info("cohort %s: %d images, %d patients; %d splits; compute %s",
-             recipe.cohort.manifest, cohort.n_images, cohort.n_patients, len(splits), compute.label)
-    targets = torch.tensor(t["y"].to_numpy(), dtype=torch.float32).unsqueeze(1)
-    images: ImageSet | None = None
-    cache = PrefixCache() if compute.reuse_frozen else None
-    reporter.start(len(recipe.arms) * len(splits))
-
-    all_preds, arms_out = [], {}
-    for arm in recipe.arms:
-        fingerprint = arm_fingerprint(recipe, arm)
-        pristine = None
-        fold_results, arm_seconds = [], 0.0
-        for split in splits:
-            done = run.read_fold(arm.name, split.name, fingerprint)
+    study = _Study(recipe, run, reporter)
+    units = study_units(recipe)
+    log.info("cohort %s: %d images, %d patients; %d splits; compute %s", recipe.cohort.manifest,
+             study.cohort.n_images, study.cohort.n_patients, len(study.splits), study.compute.label)
+    reporter.start(len(units) * len(study.splits))
+    all_preds, units_out = [], {}
+    for unit in units:
+        fingerprint = unit_fingerprint(recipe, unit.kind, unit.arm, unit.fraction, unit.column)
+        fold_results = []
+        for split in study.splits:
+            done = run.read_fold(unit.folder, split.name, fingerprint)
             if done is not None:
                 meta, preds = done
-                reporter.fold_done(arm.name, split, meta["metrics"], resumed=True)
+                reporter.fold_done(unit.name, split, meta["metrics"], resumed=True)
             else:
-                if images is None:
-                    images = load_image_set(recipe, cohort)
-                if pristine is None:
-                    pristine = _seeded_backbone(arm, recipe.seed)
-                reporter.fold_started(arm.name, split, sum(s.epochs for s in arm.stages))
-                seed = fold_seed(recipe.seed, split)
                 t0 = time.perf_counter()
-                net, stage_logs = train_fold(arm, pristine, images, targets, split, seed, compute, cache, reporter)
-                metrics, preds = evaluate_fold(recipe, cohort, net, images, split, compute, cache)
-                meta = {
-                    "arm": arm.name, "repeat": split.repeat, "fold": split.fold, "seed": seed,
-                    "fingerprint": fingerprint, "metrics": metrics, "seconds": time.perf_counter() - t0,
-                    "n_train_images": int(len(split.train)), "n_test_images": int(len(split.test)),
-                    "stages": stage_logs,
-                }
-                if recipe.compute.save_models:
-                    model_path = run.folds_dir / arm.name / f"{split.name}.safetensors"
-                    save_backbone(net.backbone, model_path)
-                    torch.save(net.head.state_dict(), model_path.with_suffix(".head.pt"))
-                preds.insert(0, "arm", arm.name)
-                run.write_fold(arm.name, split.name, meta, preds)
-                log.info("arm %s %s: %s", arm.name, split.name, {k: round(v, 4) for k, v in metrics.items()})
-                reporter.fold_done(arm.name, split, metrics, resumed=False)
+                fit = study.fit_model if unit.kind == "model" else study.fit_nonimage
+                metrics, preds, extra = fit(unit, split)
+                meta = {"unit": unit.name, "kind": unit.kind, "repeat": split.repeat, "fold": split.fold,
+                        "seed": fold_seed(recipe.seed, split), "fingerprint": fingerprint, "metrics": metrics,
+                        "seconds": time.perf_counter() - t0, "n_test_images": int(len(split.test)), **extra}
+                preds.insert(0, "arm", unit.name)
+                run.write_fold(unit.folder, split.name, meta, preds)
+                log.info("%s %s: %s", unit.name, split.name, {k: round(v, 4) for k, v in metrics.items()})
+                reporter.fold_done(unit.name, split, metrics, resumed=False)
             fold_results.append(meta)
-            arm_seconds += meta["seconds"]
             all_preds.append(preds)
-        fold_metrics = [m["metrics"] for m in fold_results]
-        arms_out[arm.name] = {
-            "backbone": arm.backbone.name,
-            "stages": [s.kind for s in arm.stages],
-            "summary": summarize(fold_metrics),
-            "folds": [{"repeat": m["repeat"], "fold": m["fold"], **m["metrics"]} for m in fold_results],
-            "train_seconds": arm_seconds,
-        }
+        units_out[unit.name] = _unit_summary(unit, fold_results)
     metrics = {
         "recipe": recipe.name,
         "seed": recipe.seed,
-        "cohort": cohort.summary(),
+        "cohort": study.cohort.summary(),
         "protocol": recipe.protocol.model_dump(mode="json"),
-        "n_splits": len(splits),
-        "compute": compute.label,
-        "arms": arms_out,
+        "n_splits": len(study.splits),
+        "compute": study.compute.label,
+        "arms": units_out,
         "wall_seconds_this_session": time.perf_counter() - t_start,
     }
     predictions = pd.concat(all_preds, ignore_index=True)
     run.write_results(predictions, metrics)
     return StudyResult(run.path, metrics, predictions)
+
+
+def _unit_summary(unit: Unit, fold_results: list[dict]) -> dict:
+    out = {
+        "kind": unit.kind,
+        "summary": summarize([m["metrics"] for m in fold_results]),
+        "folds": [{"repeat": m["repeat"], "fold": m["fold"], **m["metrics"]} for m in fold_results],
+        "train_seconds": sum(m["seconds"] for m in fold_results),
+    }
+    if unit.kind == "model":
+        out |= {"backbone": unit.arm.backbone.name, "stages": [s.kind for s in unit.arm.stages],
+                "label_fraction": unit.fraction, "base_arm": unit.arm.name}
+        if unit.arm.tune is not None:
+            out["tuning"] = [{"repeat": m["repeat"], "fold": m["fold"], "chosen": m["tuning"]["chosen"]} for m in fold_results]
+        out["saliency"] = [s for m in fold_results for s in m.get("saliency", [])]
+    elif unit.kind == "baseline":
+        out |= {"backbone": f"score column {unit.column}", "stages": ["baseline"]}
+    else:
+        out |= {"backbone": "logistic regression on clinical columns", "stages": ["clinical"]}
+    return out

@@ -58,3 +58,21 @@ def make_splits(
                 test = test[np.sort(first)]
             splits.append(Split(repeat, fold, np.sort(train), np.sort(test)))
     return splits
+
+
+def subsample_patients(idx: np.ndarray, y: np.ndarray, patients: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Rows of a stratified random `fraction` of the patients in `idx` (at least one per class).
+
+    Whole patients are kept or dropped, so a label-efficiency curve never splits a patient.
+    """
+    if fraction >= 1.0:
+        return idx
+    rng = np.random.default_rng(seed)
+    p, first = np.unique(patients[idx], return_index=True)
+    labels = y[idx][first]
+    keep = []
+    for c in np.unique(labels):
+        members = p[labels == c]
+        n = max(1, int(round(fraction * len(members))))
+        keep.append(rng.choice(members, size=n, replace=False))
+    return idx[np.isin(patients[idx], np.concatenate(keep))]

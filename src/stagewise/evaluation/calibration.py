@@ -1,0 +1,109 @@
+"""Calibration and clinical utility of predicted probabilities.
+
+Discrimination (AUROC) says whether a model ranks patients well; a clinical decision also
+needs the probabilities themselves to be right (calibration) and a threshold at which acting
+on them does more good than harm (net benefit). TRIPOD+AI asks for both.
+"""
+
+from __future__ import annotations
+
+import dcurves
+import numpy as np
+import pandas as pd
+import statsmodels.api as sm
+from scipy.special import logit
+from sklearn.calibration import calibration_curve as _sk_calibration_curve
+from sklearn.metrics import brier_score_loss
+
+_EPS = 1e-6
+
+
+def _labels_and_probs(y, p) -> tuple[np.ndarray, np.ndarray]:
+    y, p = np.asarray(y), np.asarray(p, dtype=float)
+    if y.shape != p.shape or y.ndim != 1:
+        raise ValueError("y and p must be 1-D arrays of the same length")
+    if not np.isin(y, (0, 1)).all():
+        raise ValueError("labels must be 0/1")
+    if not np.isfinite(p).all() or (p < 0).any() or (p > 1).any():
+        raise ValueError("p must be probabilities in [0, 1]")
+    return y.astype(int), p
+
+
+def calibration_slope_intercept(y, p, level: float = 0.95) -> dict[str, float]:
+    """Logistic recalibration, logit P(y = 1) = a + b logit(p) (Cox 1958; Van Calster 2016).
+
+    - slope: b from a binomial GLM with logit(p) as the covariate. 1 is ideal; below 1 the
+      predictions are too extreme (over-fitting, common on small cohorts), above 1 too modest.
+    - intercept: calibration-in-the-large, the intercept of a GLM with logit(p) as an offset
+      (slope fixed at 1), so that it measures only whether predictions are too high (< 0) or
+      too low (> 0) on average, not mixed with miscalibrated spread.
+
+    p is clipped to [1e-6, 1 - 1e-6] so that predictions of exactly 0 or 1 have a finite logit.
+    Returns slope, slope_low, slope_high, intercept, intercept_low, intercept_high (Wald
+    intervals at `level`).
+    """
+    y, p = _labels_and_probs(y, p)
+    lp = logit(np.clip(p, _EPS, 1 - _EPS))
+    alpha = 1 - level
+    slope_fit = sm.GLM(y, sm.add_constant(lp), family=sm.families.Binomial()).fit()
+    citl_fit = sm.GLM(y, np.ones((len(y), 1)), family=sm.families.Binomial(), offset=lp).fit()
+    slope_ci = slope_fit.conf_int(alpha)[1]
+    citl_ci = citl_fit.conf_int(alpha)[0]
+    return {
+        "slope": float(slope_fit.params[1]),
+        "slope_low": float(slope_ci[0]),
+        "slope_high": float(slope_ci[1]),
+        "intercept": float(citl_fit.params[0]),
+        "intercept_low": float(citl_ci[0]),
+        "intercept_high": float(citl_ci[1]),
+    }
+
+
+def brier_score(y, p) -> float:
+    """Mean squared error of the probabilities (0 is perfect; prevalence x (1 - prevalence) is
+    what predicting the prevalence for everyone scores)."""
+    y, p = _labels_and_probs(y, p)
+    return float(brier_score_loss(y, p))
+
+
+def calibration_curve(y, p, n_bins: int = 10, strategy: str = "quantile") -> dict[str, list[float]]:
+    """Observed event rate against mean predicted probability per bin (sklearn).
+
+    Quantile bins by default: with a few hundred patients, uniform bins leave the extreme bins
+    nearly empty and their observed rates meaningless. Empty bins are left out, so the lists
+    can be shorter than `n_bins`. Returns {"prob_pred": [...], "prob_true": [...]}.
+    """
+    y, p = _labels_and_probs(y, p)
+    prob_true, prob_pred = _sk_calibration_curve(y, p, n_bins=n_bins, strategy=strategy)
+    return {"prob_pred": prob_pred.tolist(), "prob_true": prob_true.tolist()}
+
+
+def decision_curve(y, p, thresholds=np.arange(0.01, 1.0, 0.01)) -> pd.DataFrame:
+    """Net benefit of acting on the model, on everyone and on no one (Vickers & Elkin 2006).
+
+    NB(t) = TP/n - FP/n * t / (1 - t), treating patients with p >= t; the odds t / (1 - t)
+    is the harm of an unnecessary intervention relative to the benefit of a necessary one
+    that a clinician choosing threshold t implies. Computed by `dcurves.dca`; treat-all is
+    prevalence - (1 - prevalence) t / (1 - t) and treat-none is 0. Thresholds must lie in
+    [0, 1). Returns one row per threshold with columns threshold, net_benefit_model,
+    net_benefit_all, net_benefit_none.
+    """
+    y, p = _labels_and_probs(y, p)
+    thresholds = [float(t) for t in thresholds]
+    if any(t < 0 or t >= 1 for t in thresholds):
+        raise ValueError("thresholds must lie in [0, 1)")
+    long = dcurves.dca(
+        data=pd.DataFrame({"outcome": y, "model": p}),
+        outcome="outcome",
+        modelnames=["model"],
+        thresholds=thresholds,
+    )
+    wide = long.pivot(index="threshold", columns="model", values="net_benefit")
+    return pd.DataFrame(
+        {
+            "threshold": wide.index.to_numpy(dtype=float),
+            "net_benefit_model": wide["model"].to_numpy(dtype=float),
+            "net_benefit_all": wide["all"].to_numpy(dtype=float),
+            "net_benefit_none": wide["none"].to_numpy(dtype=float),
+        }
+    )
