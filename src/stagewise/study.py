@@ -22,11 +22,12 @@ import pandas as pd
 import torch
 
 from stagewise.data import Cohort, load_cohort, load_images
+from stagewise.evaluation.evidence import compute_evidence
 from stagewise.evaluation.baselines import baseline_scores, clinical_model_scores
 from stagewise.evaluation.metrics import binary_metrics, choose_threshold, patient_scores, summarize
 from stagewise.evaluation.splits import Split, make_splits, subsample_patients
 from stagewise.models import Network, create_backbone, save_backbone
-from stagewise.recipe import ArmConfig, ProtocolConfig, Recipe
+from stagewise.recipe import ArmConfig, ProtocolConfig, Recipe, RecipeError
 from stagewise.runs import RunDir, unit_fingerprint
 from stagewise.training.cache import ImageSet, PrefixCache
 from stagewise.training.compute import Compute, resolve_compute
@@ -296,6 +297,7 @@ def _run(recipe: Recipe, run: RunDir, reporter: Reporter) -> StudyResult:
     t_start = time.perf_counter()
     study = _Study(recipe, run, reporter)
     units = study_units(recipe)
+    _check_comparisons(recipe, [u.name for u in units])
     log.info("cohort %s: %d images, %d patients; %d splits; compute %s", recipe.cohort.manifest,
              study.cohort.n_images, study.cohort.n_patients, len(study.splits), study.compute.label)
     reporter.start(len(units) * len(study.splits))
@@ -333,8 +335,17 @@ def _run(recipe: Recipe, run: RunDir, reporter: Reporter) -> StudyResult:
         "wall_seconds_this_session": time.perf_counter() - t_start,
     }
     predictions = pd.concat(all_preds, ignore_index=True)
+    metrics["evidence"] = compute_evidence(recipe, metrics, predictions)
     run.write_results(predictions, metrics)
     return StudyResult(run.path, metrics, predictions)
+
+
+def _check_comparisons(recipe: Recipe, names: list[str]) -> None:
+    """Refuse a misspelled comparison before hours of training, not after."""
+    pairs = recipe.evaluation.compare or []
+    unknown = sorted({n for pair in pairs for n in pair} - set(names))
+    if unknown:
+        raise RecipeError(f"evaluation.compare names unknown arm(s) {unknown}; this study has {names}")
 
 
 def _unit_summary(unit: Unit, fold_results: list[dict]) -> dict:

@@ -1,0 +1,139 @@
+"""From fold results to evidence: intervals, paired comparisons, calibration, utility.
+
+Everything here works on *patient-level out-of-fold* results: each patient's image scores
+are aggregated as the protocol says, and with several repeats each patient's score is the
+mean over repeats (each repeat tests every patient once) and its decision the majority of
+the per-fold decisions, which were made at thresholds chosen on training data.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from sklearn.metrics import balanced_accuracy_score, f1_score, roc_auc_score, roc_curve
+
+from stagewise.evaluation.calibration import brier_score, calibration_curve, calibration_slope_intercept, decision_curve
+from stagewise.evaluation.statistics import bootstrap_ci, corrected_resampled_ttest, delong_ci, delong_test, wilcoxon_test
+from stagewise.recipe import Recipe
+
+FPR_GRID = np.linspace(0, 1, 51)
+
+
+def patient_table(predictions: pd.DataFrame, units: dict, how: str) -> pd.DataFrame:
+    """One row per (unit, patient): y, mean score over repeats, majority decision."""
+    p = predictions.dropna(subset=["prob"])
+    agg = {"mean": "mean", "max": "max", "first": "first"}[how]
+    per_fold = p.groupby(["arm", "repeat", "fold", "patient"], sort=False).agg(y=("y", "first"), score=("prob", agg)).reset_index()
+    thresholds = pd.DataFrame(
+        [{"arm": name, "repeat": f["repeat"], "fold": f["fold"], "threshold": f["threshold"]}
+         for name, u in units.items() for f in u["folds"]]
+    )
+    per_fold = per_fold.merge(thresholds, on=["arm", "repeat", "fold"], how="left")
+    per_fold["decision"] = (per_fold["score"] >= per_fold["threshold"]).astype(float)
+    return per_fold.groupby(["arm", "patient"], sort=False).agg(
+        y=("y", "first"), score=("score", "mean"), decision=("decision", "mean")
+    ).reset_index()
+
+
+def _roc_band(y: np.ndarray, s: np.ndarray, n_boot: int, seed: int) -> dict:
+    """Mean ROC on a fixed FPR grid with a 95 % patient-bootstrap band."""
+    def tpr_at_grid(yy, ss):
+        fpr, tpr, _ = roc_curve(yy, ss)
+        return np.interp(FPR_GRID, fpr, tpr)
+
+    point = tpr_at_grid(y, s)
+    rng = np.random.default_rng(seed)
+    draws = []
+    for _ in range(n_boot):
+        idx = rng.integers(0, len(y), len(y))
+        if len(np.unique(y[idx])) == 2:
+            draws.append(tpr_at_grid(y[idx], s[idx]))
+    low, high = (np.quantile(draws, [0.025, 0.975], axis=0) if draws else (point, point))
+    return {"fpr": FPR_GRID.round(4).tolist(), "tpr": point.round(4).tolist(),
+            "tpr_low": np.round(low, 4).tolist(), "tpr_high": np.round(high, 4).tolist()}
+
+
+def unit_evidence(table: pd.DataFrame, kind: str, n_boot: int, seed: int) -> dict:
+    y, s, d = table["y"].to_numpy(), table["score"].to_numpy(), table["decision"].to_numpy()
+    patients = table["patient"].to_numpy()
+    out = {"n_patients": int(len(y)), "n_positive": int(y.sum())}
+    if len(np.unique(y)) < 2:
+        return out
+    auc, lo, hi = delong_ci(y, s)
+    out["auroc_delong_ci"] = {"point": auc, "low": lo, "high": hi}
+    if n_boot:
+        fns = {
+            "auroc": lambda yy, ss: roc_auc_score(yy, ss),
+            "balanced_accuracy": lambda yy, dd: balanced_accuracy_score(yy, dd >= 0.5),
+            "f1": lambda yy, dd: f1_score(yy, dd >= 0.5, zero_division=0),
+        }
+        out["bootstrap_ci"] = {}
+        for m, fn in fns.items():
+            point, low, high = bootstrap_ci(y, s if m == "auroc" else d, patients, fn, n_boot=n_boot, seed=seed)
+            out["bootstrap_ci"][m] = {"point": point, "low": low, "high": high}
+        out["roc"] = _roc_band(y, s, min(n_boot, 500), seed)
+    if kind != "baseline":  # baseline scores are not probabilities: no calibration
+        out["calibration"] = calibration_slope_intercept(y, s) | {"brier": brier_score(y, s)}
+        out["calibration_curve"] = calibration_curve(y, s, n_bins=min(10, max(2, len(y) // 10)))
+        dc = decision_curve(y, s, thresholds=np.round(np.arange(0.02, 0.81, 0.02), 2))
+        out["decision_curve"] = {c: dc[c].round(5).tolist() for c in dc.columns}
+    return out
+
+
+def default_comparisons(units: dict) -> list[tuple[str, str]]:
+    """Every full-label model arm against the first, every model arm and the clinical model
+    against every baseline, and the first model arm against the clinical model."""
+    models = [n for n, u in units.items() if u["kind"] == "model" and u.get("label_fraction", 1.0) == 1.0]
+    baselines = [n for n, u in units.items() if u["kind"] == "baseline"]
+    clinical = [n for n, u in units.items() if u["kind"] == "clinical"]
+    pairs = [(m, models[0]) for m in models[1:]]
+    pairs += [(m, b) for m in models + clinical for b in baselines]
+    pairs += [(models[0], c) for c in clinical if models]
+    return pairs
+
+
+def compare(units: dict, table: pd.DataFrame, a: str, b: str) -> dict:
+    """DeLong on patients both units scored; corrected t and Wilcoxon on paired fold AUROCs."""
+    ta, tb = table[table["arm"] == a], table[table["arm"] == b]
+    both = ta.merge(tb, on="patient", suffixes=("_a", "_b"))
+    out = {"a": a, "b": b, "n_patients": int(len(both))}
+    if len(np.unique(both["y_a"])) == 2:
+        out["delong"] = delong_test(both["y_a"].to_numpy(), both["score_a"].to_numpy(), both["score_b"].to_numpy())
+    fa = {(f["repeat"], f["fold"]): f for f in units[a]["folds"]}
+    fb = {(f["repeat"], f["fold"]): f for f in units[b]["folds"]}
+    keys = sorted(set(fa) & set(fb))
+    diffs = np.array([fa[k]["auroc"] - fb[k]["auroc"] for k in keys], dtype=float)
+    if np.isfinite(diffs).sum() >= 2:
+        n_train = float(np.mean([fa[k]["n_train_patients"] for k in keys]))
+        n_test = float(np.mean([fa[k]["n_test_patients"] for k in keys]))
+        out["corrected_t"] = corrected_resampled_ttest(diffs, n_train, n_test)
+        finite = np.isfinite(diffs)
+        a_auc = np.array([fa[k]["auroc"] for k in keys])[finite]
+        b_auc = np.array([fb[k]["auroc"] for k in keys])[finite]
+        if np.any(a_auc != b_auc):
+            out["wilcoxon"] = wilcoxon_test(a_auc, b_auc)
+    return out
+
+
+def label_efficiency(units: dict) -> dict:
+    curves: dict[str, list] = {}
+    for name, u in units.items():
+        if u["kind"] == "model":
+            s = u["summary"]["auroc"]
+            curves.setdefault(u["base_arm"], []).append({"fraction": u["label_fraction"], "auroc_mean": s["mean"], "auroc_sd": s["sd"]})
+    return {arm: sorted(c, key=lambda r: r["fraction"]) for arm, c in curves.items() if len(c) > 1}
+
+
+def compute_evidence(recipe: Recipe, metrics: dict, predictions: pd.DataFrame) -> dict:
+    units = metrics["arms"]
+    table = patient_table(predictions, units, recipe.protocol.patient_aggregate)
+    n_boot = recipe.evaluation.bootstrap
+    per_unit = {name: unit_evidence(table[table["arm"] == name], u["kind"], n_boot, recipe.seed) for name, u in units.items()}
+    pairs = recipe.evaluation.compare if recipe.evaluation.compare is not None else default_comparisons(units)
+    return {
+        "patient_level": "mean score over repeats; decision = majority of fold decisions",
+        "units": per_unit,
+        "comparisons": [compare(units, table, a, b) for a, b in pairs],
+        "label_efficiency": label_efficiency(units),
+    }
+
