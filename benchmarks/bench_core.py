@@ -92,6 +92,30 @@ def loadavg() -> str:
         return "?"
 
 
+def machine_busy() -> float:
+    """CPU-seconds spent by every process of this machine (VM) so far, from /proc/stat."""
+    try:
+        v = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    except (OSError, ValueError):
+        return float("nan")
+    return (sum(v) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_idle(max_wait: float, quiet_s: int = 3, threshold: float = 0.15) -> str:
+    """Wait until the machine has been idle (< `threshold` busy CPUs) for `quiet_s` seconds,
+    at most `max_wait` seconds: other jobs on a 2-core machine distort timings badly."""
+    if max_wait <= 0:
+        return "no wait"
+    t0, quiet = time.perf_counter(), 0
+    while time.perf_counter() - t0 < max_wait:
+        b0 = machine_busy()
+        time.sleep(1.0)
+        quiet = quiet + 1 if machine_busy() - b0 < threshold else 0
+        if quiet >= quiet_s:
+            return f"idle after {time.perf_counter() - t0:.0f} s"
+    return f"NOT idle after {max_wait:.0f} s, started anyway"
+
+
 def machine_lines(precision: str) -> list[str]:
     import torch
 
@@ -188,7 +212,7 @@ def worker(spec: dict) -> dict:
     cache = PrefixCache() if compute.reuse_frozen else None  # as run_study does
     ready = _usage()
     load0 = loadavg()
-    t0, c0 = time.perf_counter(), ready["cpu_s"]
+    t0, c0, busy0 = time.perf_counter(), ready["cpu_s"], machine_busy()
     stages = []
     for i, stage in enumerate(arm.stages):  # the stages of one fold, as run_study trains them
         log = fit_stage(net, stage, images, split.train, targets, compute, cache, seed + 1000 * (i + 1))
@@ -199,6 +223,7 @@ def worker(spec: dict) -> dict:
         })
     wall = time.perf_counter() - t0
     end = _usage()
+    others = machine_busy() - busy0 - (end["cpu_s"] - c0)
     return {
         "compute": compute.label,
         "threads": torch.get_num_threads(),
@@ -207,6 +232,7 @@ def worker(spec: dict) -> dict:
         "image_load_s": t_images,
         "train_wall_s": wall,
         "cpu_per_wall": (end["cpu_s"] - c0) / wall if wall > 0 else float("nan"),
+        "others_cpu_per_wall": others / wall if wall > 0 else float("nan"),
         "rss_after_import_mib": after_import["maxrss_mib"],
         "rss_ready_mib": ready["maxrss_mib"],
         "peak_rss_mib": end["maxrss_mib"],
@@ -217,14 +243,17 @@ def worker(spec: dict) -> dict:
     }
 
 
-def run_worker(spec: dict) -> dict:
+def run_worker(spec: dict, max_wait: float = 0.0) -> dict:
+    spec = dict(spec, waited=wait_idle(max_wait))
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         sys.stderr.write(proc.stderr[-4000:])
         raise SystemExit(f"worker failed (exit {proc.returncode}) for {spec['label']}")
-    return json.loads(lines[-1][len("RESULT "):])
+    out = json.loads(lines[-1][len("RESULT "):])
+    out["waited"] = spec["waited"]
+    return out
 
 
 # --- mode: seconds per epoch ----------------------------------------------------------------
@@ -257,7 +286,7 @@ def mode_epochs(args, manifest: Path) -> None:
         for reuse in (True, False):
             label = f"{name} reuse={'ON' if reuse else 'OFF'}"
             spec = {"label": label, "recipe": base_recipe(manifest, args.arch, args.size, stages, reuse, args.precision)}
-            r = run_worker(spec)
+            r = run_worker(spec, args.wait_idle)
             results[(name, reuse)] = r
             print(f"\n[{label}] {r['compute']}, {r['threads']} threads, {r['n_train']} training images "
                   f"(of {r['n_images']}); images loaded in {r['image_load_s']:.1f} s")
@@ -275,7 +304,8 @@ def mode_epochs(args, manifest: Path) -> None:
                         f"{p} median {_fmt(statistics.median(v))} s (n={len(v)})" for p, v in phases.items()))
                 resumed = sorted({e["resumed_after_groups"] for e in s["epochs"]})
                 print(f"           resumed after groups (0 = full forward from pixels): {resumed}")
-            print(f"  train wall {r['train_wall_s']:.1f} s, cpu/wall {r['cpu_per_wall']:.2f}, "
+            print(f"  train wall {r['train_wall_s']:.1f} s, cpu/wall {r['cpu_per_wall']:.2f} "
+                  f"(other processes {r['others_cpu_per_wall']:.2f} CPUs; {r['waited']}), "
                   f"peak RSS {r['peak_rss_mib']:.0f} MiB (after import {r['rss_after_import_mib']:.0f}, "
                   f"with images + backbone {r['rss_ready_mib']:.0f}); cache {r['cache']}; "
                   f"load {r['load_before']} -> {r['load_after']}")
@@ -304,7 +334,7 @@ def _calibrate(args, manifest: Path, n_cal: int) -> dict:
         cal = subset_manifest(manifest, tmp / "cal.csv", int(n_cal * 1.25))
         stages = [_with(PAPER_PROBE, epochs=2), _with(PAPER_THAW, epochs=5)]
         spec = {"label": "calibration", "recipe": base_recipe(cal, args.arch, args.size, stages, True, args.precision)}
-        r = run_worker(spec)
+        r = run_worker(spec, args.wait_idle)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     n = r["n_train"]
@@ -335,20 +365,22 @@ def _summary_line(arm: dict) -> str:
     return ", ".join(f"{k} {s[k]['mean']:.3f} ± {s[k]['sd']:.3f}" for k in ("auroc", "balanced_accuracy", "f1"))
 
 
-def _run_study(recipe_dict: dict):
+def _run_study(recipe_dict: dict, max_wait: float):
     from stagewise.recipe import recipe_from_dict
     from stagewise.study import run_study
 
     recipe = recipe_from_dict(recipe_dict, source="bench")
     out = Path(tempfile.mkdtemp(prefix="stagewise-bench-run-"))
+    waited = wait_idle(max_wait)
     try:
-        t0, c0 = time.perf_counter(), _usage()["cpu_s"]
+        t0, c0, b0 = time.perf_counter(), _usage()["cpu_s"], machine_busy()
         result = run_study(recipe, out / "run")
         wall = time.perf_counter() - t0
         cpu = _usage()["cpu_s"] - c0
+        others = machine_busy() - b0 - cpu
     finally:
         shutil.rmtree(out, ignore_errors=True)
-    return result, wall, cpu
+    return result, wall, cpu, f"other processes {others / wall:.2f} CPUs; {waited}"
 
 
 def mode_study(args, manifest: Path) -> None:
@@ -382,10 +414,11 @@ def mode_study(args, manifest: Path) -> None:
         print(note)
     stages = [_with(PAPER_PROBE, epochs=probe_epochs), _with(PAPER_THAW, epochs=thaw_epochs)]
     recipe = base_recipe(manifest, args.arch, args.size, stages, True, args.precision, name="probe+thaw", folds=folds)
-    result, wall, cpu = _run_study(recipe)
+    result, wall, cpu, others = _run_study(recipe, args.wait_idle)
     arm = result.metrics["arms"]["probe+thaw"]
     print(f"study: {probe_epochs} probe + {thaw_epochs} thaw epochs, {result.metrics['n_splits']} folds, "
-          f"{result.metrics['compute']}: wall {wall:.1f} s ({wall / 60:.1f} min), cpu/wall {cpu / wall:.2f}, "
+          f"{result.metrics['compute']}: wall {wall:.1f} s ({wall / 60:.1f} min), cpu/wall {cpu / wall:.2f} "
+          f"({others}), "
           f"training {arm['train_seconds']:.1f} s")
     print(f"  fold metrics (random-init weights, so not a result): {_summary_line(arm)}")
     print(f"  peak RSS of this process so far: {_usage()['maxrss_mib']:.0f} MiB; load {loadavg()}")
@@ -400,11 +433,11 @@ def mode_floor(args, manifest: Path) -> None:
     print(f"\n== floor: scratch:resnet18 fine-tuned from random weights, {args.floor_size} px, "
           f"{args.floor_epochs} epochs (onecycle lr 1e-3, batch 16, light augmentation), 5 folds x 1, "
           f"test on each patient's first image ==")
-    result, wall, cpu = _run_study(recipe)
+    result, wall, cpu, others = _run_study(recipe, args.wait_idle)
     arm = result.metrics["arms"]["scratch-floor"]
     aurocs = " ".join(f"{f['auroc']:.3f}" for f in arm["folds"])
     print(f"  {_summary_line(arm)}")
-    print(f"  fold AUROCs: {aurocs}; wall {wall:.1f} s, cpu/wall {cpu / wall:.2f}, {result.metrics['compute']}")
+    print(f"  fold AUROCs: {aurocs}; wall {wall:.1f} s, cpu/wall {cpu / wall:.2f} ({others}), {result.metrics['compute']}")
 
 
 # --- main -----------------------------------------------------------------------------------
@@ -430,6 +463,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--calibration-images", type=int, default=24)
     ap.add_argument("--floor-size", type=int, default=128)
     ap.add_argument("--floor-epochs", type=int, default=20)
+    ap.add_argument("--wait-idle", type=float, default=120.0,
+                    help="before each measurement, wait up to this many seconds for the machine to be idle (0: never)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
@@ -449,6 +484,7 @@ def main(argv: list[str] | None = None) -> int:
         args.probe_epochs = args.pt_probe_epochs = args.thaw_epochs = args.finetune_epochs = 1
         args.study_probe_epochs, args.floor_epochs = 1, 1
         args.calibration_images, args.budget_min = 8, 0.001  # exercise the epoch cut
+        args.wait_idle = 0.0
     print("stagewise core benchmark" + (" (QUICK smoke run: figures are meaningless)" if args.quick else ""))
     print(f"command: python benchmarks/bench_core.py {' '.join(sys.argv[1:] if argv is None else argv)}")
     for line in machine_lines(args.precision):

@@ -10,6 +10,8 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from stagewise.runs import RunError
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Staged transfer learning on small clinical imaging cohorts.")
 console = Console(stderr=True)
 out = Console()
@@ -45,7 +47,6 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from stagewise.evaluation.splits import SplitError
     from stagewise.models import BackboneError, WeightsUnavailable
     from stagewise.recipe import RecipeError
-    from stagewise.runs import RunError
     from stagewise.training.engine import StageError
 
     return (RecipeError, CohortError, ImageReadError, BackboneError, WeightsUnavailable, StageError, SplitError, RunError, FloatingPointError)
@@ -77,6 +78,8 @@ def _run_recipe(recipe, out_dir: Path) -> None:
         raise typer.Exit(130)
     out.print(metrics_table(result.metrics))
     out.print(f"run directory: {result.run_dir}")
+    if (result.run_dir / "report.html").is_file():
+        out.print(f"report: {result.run_dir / 'report.html'}")
 
 
 def _guard(fn, *args):
@@ -124,6 +127,19 @@ def demo(out_dir: Path = typer.Option(Path("runs/demo"), "--out", "-o", help="ru
     def go():
         manifest = make_demo_cohort(out_dir / "cohort")
         _run_recipe(demo_recipe(manifest), out_dir)
+
+    _guard(go)
+
+
+@app.command()
+def report(run_dir: Path = typer.Argument(..., help="a finished run directory")) -> None:
+    """Write RUN_DIR/report.html: one self-contained file that opens offline."""
+    from stagewise.report.html import write_report
+
+    def go():
+        if not (run_dir / "metrics.json").is_file():
+            raise RunError(f"{run_dir}: no metrics.json; run the study (stagewise run) to the end first")
+        out.print(f"report: {write_report(run_dir)}")
 
     _guard(go)
 

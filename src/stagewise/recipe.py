@@ -102,7 +102,10 @@ class AugmentConfig(_Strict):
 class StageConfig(_Strict):
     """One phase of training with its own trainable groups, learning rates and epochs."""
 
-    kind: Literal["probe", "thaw", "finetune"]
+    kind: Literal["probe", "thaw", "finetune", "dynamic", "dual"]
+    """probe: head only; thaw: progressive unfreezing; finetune: everything; dynamic: tensors
+    frozen from training dynamics (SlimFit); dual: a dual backbone's two branches trained on the
+    original and the augmented stream at once."""
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(16, ge=1)
     lr: float | dict[str, float] = 1e-3
@@ -120,6 +123,14 @@ class StageConfig(_Strict):
     cutmix: MixConfig | None = None
     mixup: MixConfig | None = None
     balanced_sampling: bool = False
+    freeze_fraction: float = Field(0.8, ge=0, lt=1)
+    """dynamic only: fraction of candidate weight tensors kept frozen (lowest recent change)."""
+    freeze_every: int = Field(10, ge=1)
+    """dynamic only: iterations between re-ranking the tensors."""
+    activation_bits: Literal[8] | None = None
+    """Store activations saved for backward in 8 bits (less memory, approximate gradients)."""
+    checkpointing: bool = False
+    """Recompute each layer group's activations in backward instead of storing them."""
 
     @model_validator(mode="after")
     def _check(self) -> "StageConfig":
@@ -134,6 +145,8 @@ class StageConfig(_Strict):
             raise ValueError("a per-group `lr` needs a `head` entry")
         if isinstance(self.lr, dict) and self.lr_decay is not None:
             raise ValueError("give either per-group `lr` or `lr_decay`, not both")
+        if self.kind == "dual" and (not self.augment.active or self.cutmix or self.mixup):
+            raise ValueError("a dual stage needs `augment` (the second stream) and no cutmix/mixup")
         return self
 
     @property

@@ -141,7 +141,7 @@ def train_fold(
             net, stage, images, train, targets, compute, cache, seed + 1000 * (i + 1),
             on_epoch=lambda e, entry, kind=stage.kind: reporter.epoch_done(kind, e, entry),
         )
-        logs.append({"kind": stage.kind, "seconds": stage_log.seconds, "epochs": stage_log.epochs})
+        logs.append({"kind": stage.kind, "seconds": stage_log.seconds, "memory": stage_log.memory, "epochs": stage_log.epochs})
     return net, logs
 
 
@@ -337,6 +337,10 @@ def _run(recipe: Recipe, run: RunDir, reporter: Reporter) -> StudyResult:
     predictions = pd.concat(all_preds, ignore_index=True)
     metrics["evidence"] = compute_evidence(recipe, metrics, predictions)
     run.write_results(predictions, metrics)
+    if recipe.evaluation.report:
+        from stagewise.report.html import write_report
+
+        write_report(run.path)
     return StudyResult(run.path, metrics, predictions)
 
 
@@ -346,6 +350,19 @@ def _check_comparisons(recipe: Recipe, names: list[str]) -> None:
     unknown = sorted({n for pair in pairs for n in pair} - set(names))
     if unknown:
         raise RecipeError(f"evaluation.compare names unknown arm(s) {unknown}; this study has {names}")
+
+
+def _resources(fold_results: list[dict]) -> dict:
+    """Per stage kind: median seconds per fold, and peak memory over folds."""
+    by_stage: dict[str, dict] = {}
+    for m in fold_results:
+        for i, st in enumerate(m.get("stages", [])):
+            key = f"{i}:{st['kind']}"
+            rec = by_stage.setdefault(key, {"seconds": [], "memory": {}})
+            rec["seconds"].append(st["seconds"])
+            for name, value in st.get("memory", {}).items():
+                rec["memory"][name] = max(rec["memory"].get(name, 0), value)
+    return {k: {"median_seconds_per_fold": float(np.median(v["seconds"])), **v["memory"]} for k, v in by_stage.items()}
 
 
 def _unit_summary(unit: Unit, fold_results: list[dict]) -> dict:
@@ -358,6 +375,7 @@ def _unit_summary(unit: Unit, fold_results: list[dict]) -> dict:
     if unit.kind == "model":
         out |= {"backbone": unit.arm.backbone.name, "stages": [s.kind for s in unit.arm.stages],
                 "label_fraction": unit.fraction, "base_arm": unit.arm.name}
+        out["resources"] = _resources(fold_results)
         if unit.arm.tune is not None:
             out["tuning"] = [{"repeat": m["repeat"], "fold": m["fold"], "chosen": m["tuning"]["chosen"]} for m in fold_results]
         out["saliency"] = [s for m in fold_results for s in m.get("saliency", [])]

@@ -21,11 +21,12 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from stagewise.recipe import BackboneConfig
 
-SOURCES = ("xrv", "torchvision", "timm", "scratch", "file")
+SOURCES = ("xrv", "torchvision", "timm", "scratch", "file", "dual")
 _TV_ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "densenet121", "densenet169", "densenet201")
 _XRV_WEIGHTS = ("resnet50-res512-all", "densenet121-res224-all")
 
@@ -94,6 +95,8 @@ class Backbone(nn.Module):
         self._pool = pool
         # Parameters that belong to no listed module (a ViT's pos_embed) need names.
         self._param_names = param_names
+        self.checkpoint_groups = False
+        """Recompute each group's activations in backward (set by a stage with checkpointing)."""
         self.register_buffer("_mean", torch.tensor(input_spec.mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("_std", torch.tensor(input_spec.std).view(1, -1, 1, 1), persistent=False)
 
@@ -124,11 +127,17 @@ class Backbone(nn.Module):
             if start != 0 or stop is not None:
                 raise RuntimeError(f"{self.arch} is not sequential; it runs only whole")
             return self._pool(x)
-        names = self.group_names[start:stop]
-        for g in names:
-            for m in self.groups[g]:
-                x = self.net.get_submodule(m)(x)
+        for g in self.group_names[start:stop]:
+            if self.checkpoint_groups and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(self._run_group, g, x, use_reentrant=False)
+            else:
+                x = self._run_group(g, x)
         return x if stop is not None else self._pool(x)
+
+    def _run_group(self, group: str, x: torch.Tensor) -> torch.Tensor:
+        for m in self.groups[group]:
+            x = self.net.get_submodule(m)(x)
+        return x
 
 
 def _pool_flat(x: torch.Tensor) -> torch.Tensor:
@@ -344,7 +353,16 @@ def build_arch(arch: str) -> Backbone:
         return _timm_backbone(name, BackboneConfig(name=arch), pretrained=False)
     if source == "scratch":
         return _scratch(name)
+    if source == "dual":
+        return _dual(name, build_arch)
     raise BackboneError(f"unknown architecture {arch!r}")
+
+
+def _dual(inner: str, make) -> Backbone:
+    """Two independently initialised copies of `inner` (e.g. dual:scratch:tinycnn)."""
+    from stagewise.models.tiny import DualBackbone
+
+    return DualBackbone(make(inner), make(inner))
 
 
 def _scratch(name: str) -> Backbone:
@@ -352,7 +370,9 @@ def _scratch(name: str) -> Backbone:
     if name.startswith("timm:"):
         return _timm_backbone(name[5:], BackboneConfig(name=name), pretrained=False)
     if name.startswith("tinycnn"):
-        raise BackboneError("tiny CNNs are not available yet")
+        from stagewise.models.tiny import tiny_cnn
+
+        return tiny_cnn(name)
     b = _torchvision_arch(name, 1)
     b.arch = f"scratch:{name}"
     return b
@@ -402,6 +422,8 @@ def create_backbone(cfg: BackboneConfig | str) -> Backbone:
         return _timm_backbone(name, cfg, pretrained=True)
     if source == "scratch":
         return _scratch(name)
+    if source == "dual":
+        return _dual(name, lambda spec: create_backbone(cfg.model_copy(update={"name": spec})))
     return _file_backbone(Path(os.path.expanduser(name)), cfg)
 
 
@@ -410,6 +432,7 @@ def describe_sources() -> list[tuple[str, str]]:
         ("xrv:<weights>", "torchxrayvision, CXR-pretrained, 1 channel in [-1024, 1024]: " + ", ".join(_XRV_WEIGHTS)),
         ("torchvision:<arch>[.<WEIGHTS>]", "ImageNet weights via torchvision: " + ", ".join(_TV_ARCHS)),
         ("timm:<name>", "timm model with pretrained=True; groups from timm's group_matcher"),
-        ("scratch:<arch>", "random init, 1 channel: torchvision archs or scratch:timm:<name>"),
+        ("scratch:<arch>", "random init, 1 channel: torchvision archs, tinycnn[-W1-W2-W3-W4] (~15k params) or scratch:timm:<name>"),
+        ("dual:<spec>", "two copies of a backbone for dual-input-output training (e.g. dual:scratch:tinycnn)"),
         ("file:<path>", "safetensors saved by stagewise, or a state dict with backbone.arch"),
     ]

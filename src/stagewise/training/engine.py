@@ -8,6 +8,7 @@ unfreezing, no parameter-group surgery), and must leave frozen weights bit-ident
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections import OrderedDict
@@ -23,6 +24,8 @@ from stagewise.recipe import StageConfig
 from stagewise.training.augment import augment_batch, mix_batch
 from stagewise.training.cache import ImageSet, PrefixCache
 from stagewise.training.compute import Compute
+from stagewise.training.dynamic import DynamicFreezer
+from stagewise.training.memory import SavedActivations, frozen_weights_save_no_input, peak_memory, reset_peak
 
 
 class StageError(ValueError):
@@ -55,7 +58,7 @@ def plan_stage(stage: StageConfig, group_names: list[str]) -> StagePlan:
         raise StageError(f"{stage.kind} stage names unknown group(s) {unknown}; this backbone's groups are {group_names}")
     if stage.kind == "probe":
         members = ["head"]
-    elif stage.kind == "finetune":
+    elif stage.kind in ("finetune", "dynamic", "dual"):
         members = list(group_names)
     else:
         members = [g for g in group_names if g in stage.unfreeze] + ["head"]
@@ -81,6 +84,48 @@ def masked_bce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     if not mask.any():
         return logits.sum() * 0.0
     return F.binary_cross_entropy_with_logits(logits.float()[mask], target[mask])
+
+
+def masked_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    mask = ~torch.isnan(target)
+    if not mask.any():
+        return pred.sum() * 0.0
+    return F.mse_loss(pred.float()[mask], target[mask])
+
+
+def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy against class probabilities, so CutMix/MixUp targets work unchanged."""
+    return -(target * F.log_softmax(logits.float(), dim=1)).sum(dim=1).mean()
+
+
+@dataclass(frozen=True)
+class Objective:
+    """What the head predicts: `binary` (one logit per outcome, NaN = missing label),
+    `multiclass` (targets hold a class index; one logit per class) or `regression`."""
+
+    kind: str = "binary"
+    n_classes: int = 0
+
+    def train_targets(self, targets: torch.Tensor) -> torch.Tensor:
+        if self.kind == "multiclass":
+            return F.one_hot(targets[:, 0].long(), self.n_classes).float()
+        return targets
+
+    def loss(self, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if self.kind == "multiclass":
+            return soft_cross_entropy(out, target)
+        if self.kind == "regression":
+            return masked_mse(out, target)
+        return masked_bce(out, target)
+
+    def output(self, out: torch.Tensor) -> torch.Tensor:
+        out = out.float()
+        if self.kind == "multiclass":
+            return torch.softmax(out, dim=1)
+        return out if self.kind == "regression" else torch.sigmoid(out)
+
+
+BINARY = Objective()
 
 
 def _batches(order: np.ndarray, batch_size: int) -> list[np.ndarray]:
@@ -122,10 +167,18 @@ def _frozen_prefix(net: Network, trainable: list[str]) -> int:
 class StageLog:
     kind: str
     epochs: list[dict] = field(default_factory=list)
+    memory: dict = field(default_factory=dict)
+    """Peak RSS (and CUDA peak) over the stage, and the peak bytes saved for backward in a step."""
 
     @property
     def seconds(self) -> float:
         return sum(e["seconds"] for e in self.epochs)
+
+
+def _forward(net: Network, stage: StageConfig, xb: torch.Tensor, start: int, g: torch.Generator) -> torch.Tensor:
+    if stage.kind == "dual":  # original stream to branch a, augmented stream to branch b
+        return net.head(net.backbone.forward_pair(xb, augment_batch(xb, stage.augment, g)))
+    return net(xb, start=start)
 
 
 def fit_stage(
@@ -138,6 +191,7 @@ def fit_stage(
     cache: PrefixCache | None,
     seed: int,
     on_epoch: Callable[[int, dict], None] | None = None,
+    objective: Objective = BINARY,
 ) -> StageLog:
     """Train `net` in place for one stage on images[train_idx]; return a per-epoch log.
 
@@ -165,61 +219,83 @@ def fit_stage(
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     y_train = targets[train_idx, 0].nan_to_num(-1).numpy()
+    targets = objective.train_targets(targets)
+    freezer = DynamicFreezer(net.backbone, stage.freeze_fraction, stage.freeze_every) if stage.kind == "dynamic" else None
+    meter = SavedActivations(net, stage.activation_bits)
+    net.backbone.checkpoint_groups = stage.checkpointing
     log = StageLog(stage.kind)
+    reset_peak(compute.device)
 
-    for epoch in range(stage.epochs):
-        t0 = time.perf_counter()
-        trainable = plan.trainable(epoch)
-        for name in plan.lrs:
-            for p in groups[name]:
-                p.requires_grad_(name in trainable)
-        frozen = [n for n in net.backbone.group_names if n not in trainable]
-        _set_bn_policy(net, frozen, stage.bn)
-        k = _frozen_prefix(net, trainable)
-        reuse = (
-            cache is not None
-            and compute.reuse_frozen
-            and not stage.random_input
-            and stage.bn == "freeze"
-            and k in cache.valid_depths(net)
-        )
-        source = cache.get(net, k, images, compute) if reuse else images.x
-        start = k if reuse else 0
-        lrs_at_start = {pg["name"]: pg["lr"] for pg in optimizer.param_groups}
-        losses = []
-        for batch in _batches(_epoch_order(train_idx, y_train, stage.balanced_sampling, g), stage.batch_size):
-            xb = compute.to_input(source[torch.as_tensor(batch)])
-            yb = targets[batch].to(compute.device)
-            if start == 0:
-                xb = augment_batch(xb, stage.augment, g)
-                xb, yb = mix_batch(xb, yb, stage.cutmix, stage.mixup, g)
-            with compute.autocast():
-                logits = net(xb, start=start)
-            loss = masked_bce(logits, yb)
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                loss.backward()
-                optimizer.step()
-            if scheduler is not None:
-                scheduler.step()
-            losses.append(float(loss.detach()))
-        entry = {
-            "epoch": epoch,
-            "loss": float(np.mean(losses)),
-            "trainable": trainable,
-            "lr": lrs_at_start,
-            "resumed_after_groups": start,
-            "seconds": time.perf_counter() - t0,
-        }
-        log.epochs.append(entry)
-        if not math.isfinite(entry["loss"]):
-            raise FloatingPointError(f"{stage.kind} stage: the loss became {entry['loss']} in epoch {epoch + 1}; lower the learning rate")
-        if on_epoch is not None:
-            on_epoch(epoch, entry)
+    with frozen_weights_save_no_input(net.backbone) if freezer else contextlib.nullcontext():
+        for epoch in range(stage.epochs):
+            t0 = time.perf_counter()
+            trainable = plan.trainable(epoch)
+            for name in plan.lrs:
+                for p in groups[name]:
+                    p.requires_grad_(name in trainable)
+            if freezer:
+                freezer.apply()
+            frozen = [n for n in net.backbone.group_names if n not in trainable]
+            _set_bn_policy(net, frozen, stage.bn)
+            k = _frozen_prefix(net, trainable)
+            reuse = (
+                cache is not None
+                and compute.reuse_frozen
+                and not stage.random_input
+                and stage.bn == "freeze"
+                and k in cache.valid_depths(net)
+            )
+            source = cache.get(net, k, images, compute) if reuse else images.x
+            start = k if reuse else 0
+            lrs_at_start = {pg["name"]: pg["lr"] for pg in optimizer.param_groups}
+            losses, frozen_share = [], []
+            for batch in _batches(_epoch_order(train_idx, y_train, stage.balanced_sampling, g), stage.batch_size):
+                xb = compute.to_input(source[torch.as_tensor(batch)])
+                yb = targets[batch].to(compute.device)
+                if start == 0 and stage.kind != "dual":
+                    xb = augment_batch(xb, stage.augment, g)
+                    xb, yb = mix_batch(xb, yb, stage.cutmix, stage.mixup, g)
+                if freezer:
+                    freezer.before_step()
+                    frozen_share.append(len(freezer.frozen) / len(freezer.tensors))
+                with meter.step():
+                    with compute.autocast():
+                        logits = _forward(net, stage, xb, start, g)
+                    loss = objective.loss(logits, yb)
+                    optimizer.zero_grad(set_to_none=True)
+                    if scaler is not None:
+                        scaler.scale(loss).backward()
+                    else:
+                        loss.backward()
+                if scaler is not None:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
+                if freezer:
+                    freezer.after_step()
+                if scheduler is not None:
+                    scheduler.step()
+                losses.append(float(loss.detach()))
+            entry = {
+                "epoch": epoch,
+                "loss": float(np.mean(losses)),
+                "trainable": trainable,
+                "lr": lrs_at_start,
+                "resumed_after_groups": start,
+                "seconds": time.perf_counter() - t0,
+            }
+            if freezer:
+                entry["frozen_tensor_share"] = float(np.mean(frozen_share))
+            log.epochs.append(entry)
+            if not math.isfinite(entry["loss"]):
+                raise FloatingPointError(
+                    f"{stage.kind} stage: the loss became {entry['loss']} in epoch {epoch + 1}; lower the learning rate"
+                )
+            if on_epoch is not None:
+                on_epoch(epoch, entry)
+    net.backbone.checkpoint_groups = False
+    log.memory = peak_memory(compute.device) | meter.summary()
     for p in net.parameters():
         p.requires_grad_(False)
     return log
@@ -227,9 +303,11 @@ def fit_stage(
 
 @torch.no_grad()
 def predict(
-    net: Network, images: ImageSet, idx: np.ndarray, compute: Compute, cache: PrefixCache | None
+    net: Network, images: ImageSet, idx: np.ndarray, compute: Compute, cache: PrefixCache | None,
+    objective: Objective = BINARY,
 ) -> np.ndarray:
-    """Probabilities (len(idx), n_outputs) in eval mode, resumed from a cached prefix if any."""
+    """Outputs (len(idx), n_outputs) in eval mode (probabilities unless regression),
+    resumed from a cached prefix if any."""
     net.eval()
     k = cache.deepest_cached(net, images, compute) if cache is not None and compute.reuse_frozen else 0
     source = cache.get(net, k, images, compute) if k else images.x
@@ -238,7 +316,7 @@ def predict(
         batch = torch.as_tensor(idx[i : i + compute.eval_batch_size])
         with compute.autocast():
             logits = net(compute.to_input(source[batch]), start=k)
-        out.append(torch.sigmoid(logits.float()).cpu())
+        out.append(objective.output(logits).cpu())
     return torch.cat(out).numpy() if out else np.zeros((0, net.head.layers[-1].out_features))
 
 
