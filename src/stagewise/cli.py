@@ -145,6 +145,42 @@ def report(run_dir: Path = typer.Argument(..., help="a finished run directory"))
 
 
 @app.command()
+def export(
+    run_dir: Path = typer.Argument(..., help="a finished run directory"),
+    arm: str = typer.Option(..., "--arm", "-a", help="the model arm to export"),
+    fold: str = typer.Option(None, "--fold", help="a saved fold model, e.g. r0-f0 (needs compute.save_models)"),
+    refit: bool = typer.Option(False, "--refit", help="train the arm on every image instead"),
+    out_dir: Path = typer.Option(None, "--out", "-o", help="bundle folder (default: RUN_DIR/bundles/ARM)"),
+) -> None:
+    """Write a deployable bundle: safetensors + ONNX, preprocessing, threshold, model card."""
+    from stagewise.deploy import export_bundle
+
+    _guard(lambda: out.print(f"bundle: {export_bundle(run_dir, arm, out_dir or run_dir / 'bundles' / arm, fold, refit)}"))
+
+
+@app.command(name="predict")
+def predict_cmd(
+    bundle: Path = typer.Argument(..., help="a bundle folder made by `stagewise export`"),
+    images: list[Path] = typer.Argument(..., help="PNG, JPEG or DICOM files"),
+    engine: str = typer.Option("torch", help="torch or onnx"),
+    csv: Path = typer.Option(None, help="also write the table to this CSV file"),
+) -> None:
+    """Per-image probability and decision, on the CPU."""
+    from stagewise.deploy import Bundle
+
+    def go():
+        table = Bundle.load(bundle).predict(images, engine=engine)
+        view = Table("image", "probability", "decision")
+        for row in table.itertuples():
+            view.add_row(row.image, f"{row.probability:.4f}", str(row.decision))
+        out.print(view)
+        if csv:
+            table.to_csv(csv, index=False)
+
+    _guard(go)
+
+
+@app.command()
 def backbones() -> None:
     """List the backbone sources a recipe can name."""
     from stagewise.models.backbones import describe_sources

@@ -22,11 +22,12 @@ import pandas as pd
 import torch
 
 from stagewise.data import Cohort, load_cohort, load_images
-from stagewise.evaluation.evidence import compute_evidence
+from stagewise.deploy import save_network
 from stagewise.evaluation.baselines import baseline_scores, clinical_model_scores
+from stagewise.evaluation.evidence import compute_evidence
 from stagewise.evaluation.metrics import binary_metrics, choose_threshold, patient_scores, summarize
 from stagewise.evaluation.splits import Split, make_splits, subsample_patients
-from stagewise.models import Network, create_backbone, save_backbone
+from stagewise.models import Network, create_backbone
 from stagewise.recipe import ArmConfig, ProtocolConfig, Recipe, RecipeError
 from stagewise.runs import RunDir, unit_fingerprint
 from stagewise.training.cache import ImageSet, PrefixCache
@@ -222,8 +223,7 @@ class _Study:
         extra["n_train_images"] = int(len(train))
         folder = self.run.folds_dir / unit.folder
         if self.recipe.compute.save_models:
-            save_backbone(net.backbone, folder / f"{split.name}.safetensors")
-            torch.save(net.head.state_dict(), folder / f"{split.name}.head.pt")
+            save_network(net, folder / f"{split.name}.safetensors", arm.head)
         if self.recipe.evaluation.saliency and split.repeat == 0 and unit.fraction == 1.0:
             extra["saliency"] = self._saliency(net, split, preds, folder / "saliency")
         return metrics, preds, extra

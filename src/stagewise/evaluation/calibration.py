@@ -7,10 +7,13 @@ on them does more good than harm (net benefit). TRIPOD+AI asks for both.
 
 from __future__ import annotations
 
+import warnings
+
 import dcurves
 import numpy as np
 import pandas as pd
 import statsmodels.api as sm
+from statsmodels.tools.sm_exceptions import PerfectSeparationWarning
 from scipy.special import logit
 from sklearn.calibration import calibration_curve as _sk_calibration_curve
 from sklearn.metrics import brier_score_loss
@@ -45,8 +48,12 @@ def calibration_slope_intercept(y, p, level: float = 0.95) -> dict[str, float]:
     y, p = _labels_and_probs(y, p)
     lp = logit(np.clip(p, _EPS, 1 - _EPS))
     alpha = 1 - level
-    slope_fit = sm.GLM(y, sm.add_constant(lp), family=sm.families.Binomial()).fit()
-    citl_fit = sm.GLM(y, np.ones((len(y), 1)), family=sm.families.Binomial(), offset=lp).fit()
+    with warnings.catch_warnings():
+        # Perfectly separated predictions (common on small folds) give a huge slope, which is
+        # the honest answer; statsmodels' warning about it would only clutter the run log.
+        warnings.simplefilter("ignore", PerfectSeparationWarning)
+        slope_fit = sm.GLM(y, sm.add_constant(lp), family=sm.families.Binomial()).fit()
+        citl_fit = sm.GLM(y, np.ones((len(y), 1)), family=sm.families.Binomial(), offset=lp).fit()
     slope_ci = slope_fit.conf_int(alpha)[1]
     citl_ci = citl_fit.conf_int(alpha)[0]
     return {

@@ -1,0 +1,58 @@
+"""Bundles: the exported model reproduces the study's out-of-fold predictions, in ONNX too."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from conftest import small_recipe
+from stagewise.cli import app
+from stagewise.deploy import Bundle, export_bundle
+from stagewise.study import run_study
+
+PROBE = {"kind": "probe", "epochs": 2, "batch_size": 16, "lr": 3e-3}
+THAW = {"kind": "thaw", "epochs": 1, "batch_size": 16, "unfreeze": {"layer4": 0.0}, "lr": 1e-3}
+
+
+@pytest.fixture(scope="module")
+def run_dir(digits_manifest, tmp_path_factory):
+    out = tmp_path_factory.mktemp("deploy") / "run"
+    recipe = small_recipe(digits_manifest, [{"name": "net", "backbone": "scratch:resnet18", "stages": [PROBE, THAW]}],
+                          compute={"save_models": True}, evaluation={"saliency": 0, "bootstrap": 0, "report": False})
+    run_study(recipe, out)
+    return out
+
+
+def test_bundle_reproduces_out_of_fold_predictions(run_dir, tmp_path):
+    bundle_dir = export_bundle(run_dir, "net", tmp_path / "bundle", fold="r0-f1")
+    for name in ("model.safetensors", "model.onnx", "bundle.json", "recipe.yaml", "MODEL_CARD.md"):
+        assert (bundle_dir / name).is_file()
+    oof = pd.read_csv(run_dir / "predictions.csv")
+    oof = oof[(oof["arm"] == "net") & (oof["fold"] == 1)]
+    bundle = Bundle.load(bundle_dir)
+    torch_pred = bundle.predict(oof["image"].tolist())
+    np.testing.assert_allclose(torch_pred["probability"], oof["prob"], atol=1e-5)
+    fold_threshold = json.loads((run_dir / "folds" / "net" / "r0-f1.json").read_text())["metrics"]["threshold"]
+    assert (torch_pred["decision"] == (oof["prob"].to_numpy() >= fold_threshold)).all()
+    onnx_pred = bundle.predict(oof["image"].tolist(), engine="onnx")
+    np.testing.assert_allclose(onnx_pred["probability"], torch_pred["probability"], atol=1e-4)
+
+
+def test_refit_bundle_and_cli_predict(run_dir, tmp_path, digits_manifest):
+    runner = CliRunner()
+    result = runner.invoke(app, ["export", str(run_dir), "--arm", "net", "--refit", "--out", str(tmp_path / "b")])
+    assert result.exit_code == 0, result.output
+    info = json.loads((tmp_path / "b" / "bundle.json").read_text())
+    thresholds = [f["threshold"] for f in json.loads((run_dir / "metrics.json").read_text())["arms"]["net"]["folds"]]
+    assert info["threshold"] == pytest.approx(float(np.median(thresholds)))
+    images = sorted((digits_manifest.parent / "images").glob("*.png"))[:3]
+    result = runner.invoke(app, ["predict", str(tmp_path / "b"), *map(str, images), "--csv", str(tmp_path / "p.csv")])
+    assert result.exit_code == 0, result.output
+    assert len(pd.read_csv(tmp_path / "p.csv")) == 3
+
+
+def test_export_without_saved_fold_model_is_a_clear_error(run_dir, tmp_path):
+    result = CliRunner().invoke(app, ["export", str(run_dir), "--arm", "net", "--fold", "r9-f9"])
+    assert result.exit_code == 2 and "save_models" in result.output and "Traceback" not in result.output
