@@ -99,13 +99,35 @@ class AugmentConfig(_Strict):
         return bool(self.flip or self.rotate or self.translate or self.scale or self.intensity)
 
 
+class SourceConfig(_Strict):
+    """Images (and labels) for a `pretrain` or `ssl` stage other than the study's cohort."""
+
+    manifest: Path
+    image: str = "path"
+    targets: list[str] = []
+    """pretrain: label column(s); one column for classification/regression, several for multilabel."""
+    task: Literal["classification", "multilabel", "regression"] = "classification"
+    root: Path | None = None
+    """Folder that relative image paths start from (default: the manifest's folder)."""
+
+
 class StageConfig(_Strict):
     """One phase of training with its own trainable groups, learning rates and epochs."""
 
-    kind: Literal["probe", "thaw", "finetune", "dynamic", "dual"]
+    kind: Literal["probe", "thaw", "finetune", "dynamic", "dual", "pretrain", "ssl"]
     """probe: head only; thaw: progressive unfreezing; finetune: everything; dynamic: tensors
     frozen from training dynamics (SlimFit); dual: a dual backbone's two branches trained on the
-    original and the augmented stream at once."""
+    original and the augmented stream at once; pretrain: a supervised source task with its own
+    head; ssl: self-supervised (SimCLR, BYOL, autoencoder) on unlabeled images."""
+    source: SourceConfig | Literal["target"] | None = None
+    """pretrain/ssl: a source manifest, or `target` (ssl only): the training part of each fold,
+    labels ignored."""
+    method: Literal["simclr", "byol", "autoencoder"] = "simclr"
+    """ssl only."""
+    temperature: float = Field(0.1, gt=0)
+    """ssl simclr: NT-Xent temperature."""
+    projection_dim: int = Field(128, ge=8)
+    """ssl: output size of the projection head."""
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(16, ge=1)
     lr: float | dict[str, float] = 1e-3
@@ -147,7 +169,20 @@ class StageConfig(_Strict):
             raise ValueError("give either per-group `lr` or `lr_decay`, not both")
         if self.kind == "dual" and (not self.augment.active or self.cutmix or self.mixup):
             raise ValueError("a dual stage needs `augment` (the second stream) and no cutmix/mixup")
+        if self.kind in ("pretrain", "ssl") and self.source is None:
+            raise ValueError(f"a {self.kind} stage needs `source:` (a manifest{', or target' if self.kind == 'ssl' else ''})")
+        if self.kind == "pretrain" and (self.source == "target" or not self.source.targets):
+            raise ValueError("a pretrain stage needs a source manifest with `targets:` (the source task's labels)")
+        if self.kind not in ("pretrain", "ssl") and self.source is not None:
+            raise ValueError(f"`source` is only for pretrain and ssl stages, not {self.kind}")
+        if self.kind == "pretrain" and self.source.task != "multilabel" and len(self.source.targets) != 1:
+            raise ValueError(f"a {self.source.task} pretrain stage takes one target column")
         return self
+
+    @property
+    def external(self) -> bool:
+        """Trains on a source manifest: the same for every fold, so it runs once per arm."""
+        return isinstance(self.source, SourceConfig)
 
     @property
     def random_input(self) -> bool:
@@ -194,6 +229,20 @@ class ArmConfig(_Strict):
                 raise ValueError(f"tune.grid path {path!r} does not name a field of arm {self.name!r}") from None
             node[last] = value
         return ArmConfig.model_validate(data)
+
+    @model_validator(mode="after")
+    def _external_stages_first(self) -> "ArmConfig":
+        seen_fold_stage = False
+        for i, stage in enumerate(self.stages):
+            if stage.external and seen_fold_stage:
+                raise ValueError(
+                    f"stage {i} ({stage.kind} on a source manifest) follows a stage on the cohort; "
+                    "stages on source manifests come first (they run once, before cross-validation)"
+                )
+            seen_fold_stage |= not stage.external
+        if not seen_fold_stage:
+            raise ValueError("an arm needs at least one stage on the study cohort (probe, thaw, finetune, ...)")
+        return self
 
     @model_validator(mode="after")
     def _grid_paths_exist(self) -> "ArmConfig":
@@ -288,11 +337,12 @@ def recipe_from_dict(data: dict, source: str = "recipe", base_dir: Path | None =
     except ValidationError as err:
         raise RecipeError(_format_errors(err, source)) from None
     if base_dir is not None:
-        c = recipe.cohort
-        if not c.manifest.is_absolute():
-            c.manifest = (base_dir / c.manifest).resolve()
-        if c.root is not None and not c.root.is_absolute():
-            c.root = (base_dir / c.root).resolve()
+        sources = [s.source for a in recipe.arms for s in a.stages if s.external]
+        for c in [recipe.cohort, *sources]:
+            if not c.manifest.is_absolute():
+                c.manifest = (base_dir / c.manifest).resolve()
+            if c.root is not None and not c.root.is_absolute():
+                c.root = (base_dir / c.root).resolve()
     return recipe
 
 

@@ -55,6 +55,19 @@ def unit_fingerprint(recipe: Recipe, kind: str, arm: ArmConfig | None, fraction:
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def pretrain_fingerprint(recipe: Recipe, arm: ArmConfig) -> str:
+    """Hash of what decides an arm's pretrained backbone: its backbone, data size, seed and
+    the stages on source manifests."""
+    relevant = {
+        "seed": recipe.seed,
+        "data": recipe.data.model_dump(mode="json"),
+        "precision": [recipe.compute.device, recipe.compute.precision, recipe.compute.channels_last],
+        "backbone": arm.backbone.model_dump(mode="json"),
+        "stages": [s.model_dump(mode="json") for s in arm.stages if s.external],
+    }
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def environment() -> dict:
     import sklearn
     import timm
@@ -92,6 +105,9 @@ class RunDir:
         _atomic_write(self.path / "recipe.yaml", yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
         env = environment() | {"seed": recipe.seed}
         _atomic_write(self.path / "environment.json", json.dumps(env, indent=2))
+
+    def pretrained_path(self, arm: str, fingerprint: str) -> Path:
+        return self.path / "pretrained" / f"{arm}-{fingerprint}.safetensors"
 
     def _fold_paths(self, arm: str, split_name: str) -> tuple[Path, Path]:
         d = self.folds_dir / arm

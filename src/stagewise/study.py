@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import logging
 import math
 import os
@@ -27,12 +28,13 @@ from stagewise.evaluation.baselines import baseline_scores, clinical_model_score
 from stagewise.evaluation.evidence import compute_evidence
 from stagewise.evaluation.metrics import binary_metrics, choose_threshold, patient_scores, summarize
 from stagewise.evaluation.splits import Split, make_splits, subsample_patients
-from stagewise.models import Network, create_backbone
+from stagewise.models import Network, create_backbone, save_backbone
 from stagewise.recipe import ArmConfig, ProtocolConfig, Recipe, RecipeError
-from stagewise.runs import RunDir, unit_fingerprint
+from stagewise.runs import RunDir, pretrain_fingerprint, unit_fingerprint
 from stagewise.training.cache import ImageSet, PrefixCache
 from stagewise.training.compute import Compute, resolve_compute
 from stagewise.training.engine import fit_stage, predict, prepare_network
+from stagewise.training.pretrain import fit_ssl
 from stagewise.training.tuning import choose_by_inner_cv
 
 log = logging.getLogger("stagewise")
@@ -138,10 +140,13 @@ def train_fold(
     net = prepare_network(Network.build(copy.deepcopy(pristine), arm.head, targets.shape[1]), compute)
     logs = []
     for i, stage in enumerate(arm.stages):
-        stage_log = fit_stage(
-            net, stage, images, train, targets, compute, cache, seed + 1000 * (i + 1),
-            on_epoch=lambda e, entry, kind=stage.kind: reporter.epoch_done(kind, e, entry),
-        )
+        if stage.external:  # ran once for the arm, before cross-validation (see _Study.pristine)
+            continue
+        on_epoch = lambda e, entry, kind=stage.kind: reporter.epoch_done(kind, e, entry)  # noqa: E731
+        if stage.kind == "ssl":  # on this fold's training images only, labels ignored
+            stage_log = fit_ssl(net.backbone, stage, images, train, compute, seed + 1000 * (i + 1), on_epoch)
+        else:
+            stage_log = fit_stage(net, stage, images, train, targets, compute, cache, seed + 1000 * (i + 1), on_epoch)
         logs.append({"kind": stage.kind, "seconds": stage_log.seconds, "memory": stage_log.memory, "epochs": stage_log.epochs})
     return net, logs
 
@@ -201,9 +206,47 @@ class _Study:
         return self._images
 
     def pristine(self, arm: ArmConfig) -> torch.nn.Module:
+        """The backbone every fold of the arm starts from: the named weights, after the arm's
+        stages on source manifests (run once and saved, so a resumed run reads them back)."""
         if arm.name not in self._pristine:
-            self._pristine[arm.name] = seeded_backbone(arm, self.recipe.seed)
+            backbone = seeded_backbone(arm, self.recipe.seed)
+            external = [s for s in arm.stages if s.external]
+            if external:
+                backbone = self._pretrained(arm, backbone, external)
+            self._pristine[arm.name] = backbone
         return self._pristine[arm.name]
+
+    def _pretrained(self, arm: ArmConfig, backbone, stages) -> torch.nn.Module:
+        from safetensors.torch import load_file
+
+        from stagewise.data.source import load_source
+        from stagewise.training.pretrain import fit_ssl, pretrain_supervised
+
+        path = self.run.pretrained_path(arm.name, pretrain_fingerprint(self.recipe, arm))
+        if path.is_file():
+            backbone.net.load_state_dict(load_file(str(path)))
+            return backbone
+        backbone = backbone.to(self.compute.device)
+        logs = []
+        for i, stage in enumerate(stages):
+            source = load_source(stage.source)
+            x = load_images(source.paths, self.recipe.data.image_size, self.recipe.data.resize)
+            images = ImageSet(x, f"source:{stage.source.manifest}:{len(x)}")
+            self.reporter.fold_started(f"{arm.name} {stage.kind}", Split(-1, i, np.arange(0), np.arange(0)), stage.epochs)
+            on_epoch = lambda e, entry, kind=stage.kind: self.reporter.epoch_done(kind, e, entry)  # noqa: E731
+            seed = self.recipe.seed + 7919 * (i + 1)
+            if stage.kind == "ssl":
+                log_ = fit_ssl(backbone, stage, images, np.arange(len(images)), self.compute, seed, on_epoch)
+            else:
+                log_ = pretrain_supervised(backbone, stage, images, source, self.compute, seed, on_epoch)
+            logs.append({"kind": stage.kind, "source": str(stage.source.manifest), "images": len(images),
+                         "seconds": log_.seconds, "memory": log_.memory, "epochs": log_.epochs})
+            log.info("arm %s: %s on %s (%d images) in %.0f s", arm.name, stage.kind, stage.source.manifest,
+                     len(images), log_.seconds)
+        backbone = backbone.cpu()
+        save_backbone(backbone, path)
+        path.with_suffix(".json").write_text(json.dumps(logs, indent=1))
+        return backbone
 
     def fit_model(self, unit: Unit, split: Split) -> tuple[dict, pd.DataFrame, dict]:
         seed = fold_seed(self.recipe.seed, split)

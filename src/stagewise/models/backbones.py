@@ -26,7 +26,7 @@ from torch import nn
 
 from stagewise.recipe import BackboneConfig
 
-SOURCES = ("xrv", "torchvision", "timm", "scratch", "file", "dual")
+SOURCES = ("xrv", "torchvision", "timm", "scratch", "file", "dual", "run")
 _TV_ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "densenet121", "densenet169", "densenet201")
 _XRV_WEIGHTS = ("resnet50-res512-all", "densenet121-res224-all")
 
@@ -424,7 +424,24 @@ def create_backbone(cfg: BackboneConfig | str) -> Backbone:
         return _scratch(name)
     if source == "dual":
         return _dual(name, lambda spec: create_backbone(cfg.model_copy(update={"name": spec})))
+    if source == "run":
+        return _file_backbone(_pretrained_in_run(name), cfg)
     return _file_backbone(Path(os.path.expanduser(name)), cfg)
+
+
+def _pretrained_in_run(spec: str) -> Path:
+    """`run:<run-dir>` or `run:<run-dir>#<arm>`: a backbone an earlier study pretrained."""
+    folder, _, arm = spec.partition("#")
+    found = sorted((Path(os.path.expanduser(folder)) / "pretrained").glob(f"{arm or '*'}-*.safetensors"))
+    if arm:
+        found = [p for p in found if p.stem.rsplit("-", 1)[0] == arm]
+    if len(found) != 1:
+        names = sorted(p.stem.rsplit("-", 1)[0] for p in (Path(os.path.expanduser(folder)) / "pretrained").glob("*.safetensors"))
+        raise BackboneError(
+            f"run:{spec}: expected one pretrained backbone, found {len(found)}"
+            + (f"; name the arm with run:{folder}#ARM (arms: {names})" if names else f"; {folder} holds no pretrained/ backbones")
+        )
+    return found[0]
 
 
 def describe_sources() -> list[tuple[str, str]]:
@@ -433,6 +450,7 @@ def describe_sources() -> list[tuple[str, str]]:
         ("torchvision:<arch>[.<WEIGHTS>]", "ImageNet weights via torchvision: " + ", ".join(_TV_ARCHS)),
         ("timm:<name>", "timm model with pretrained=True; groups from timm's group_matcher"),
         ("scratch:<arch>", "random init, 1 channel: torchvision archs, tinycnn[-W1-W2-W3-W4] (~15k params) or scratch:timm:<name>"),
+        ("run:<run-dir>[#<arm>]", "a backbone pretrained by an earlier study's pretrain/ssl stages"),
         ("dual:<spec>", "two copies of a backbone for dual-input-output training (e.g. dual:scratch:tinycnn)"),
         ("file:<path>", "safetensors saved by stagewise, or a state dict with backbone.arch"),
     ]
