@@ -2,6 +2,10 @@
 
     python examples/prepare_covid_outcome.py [--data DIR] [--out CSV]
 
+Columns: path, patient, went_icu, survival, age, sex, offset, view, ap_view (1 = AP or
+AP Supine, 0 = PA), hannover (1 = image also in the Hannover repository), finding,
+metadata_row.
+
 One row per frontal chest X-ray (views PA, AP, AP Supine) that has a staged PNG and a
 known ICU outcome (`went_icu` Y or N; blank and free text such as "Would have been
 stated" are unknown and dropped). Image paths are written ABSOLUTE, so the manifest can
@@ -86,7 +90,11 @@ def build_manifest(data: Path) -> tuple[pd.DataFrame, dict]:
         table.assign(_offset=offset, _order=range(len(table)))
         .sort_values(["patient", "_offset", "_order"], na_position="last", kind="stable")
     )
-    columns = ["path", "patient", "went_icu", *CARRY, "view", "finding", "metadata_row", "also_in_hannover_repo"]
+    # Non-image "shortcut" scores a model must beat (usable as cohort.baselines): the view
+    # (AP and AP supine films are mostly taken of sicker, bed-bound patients) and the source.
+    table["ap_view"] = (table["view"].str.strip() != "PA").astype(int)
+    table["hannover"] = (table["also_in_hannover_repo"].str.strip() == "Y").astype(int)
+    columns = ["path", "patient", "went_icu", *CARRY, "view", "ap_view", "hannover", "finding", "metadata_row"]
     return table[columns].reset_index(drop=True), stats
 
 

@@ -29,6 +29,10 @@ class CohortConfig(_Strict):
     image: str = "path"
     """Column holding image paths, relative to `root` (default: the manifest's folder)."""
     outcome: str = "outcome"
+    """The primary binary outcome: folds are stratified on it, comparisons use it."""
+    extra_outcomes: list[str] = []
+    """Further binary outcomes learned by the same network (multi-task); empty cells are
+    missing labels, masked out of the loss and the metrics."""
     patient: str = "patient"
     site: str | None = None
     clinical: list[str] = []
@@ -75,6 +79,9 @@ class HeadConfig(_Strict):
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
     hidden: int | None = None
     """Width of a hidden layer (small MLP head); None gives a linear head."""
+    fusion: bool = False
+    """Join image features with the cohort's clinical columns (imputed and standardised
+    inside each training fold) before the head."""
 
 
 class MixConfig(_Strict):
@@ -316,6 +323,9 @@ class Recipe(_Strict):
             raise ValueError(f"arm names must be unique; repeated: {sorted(dup)}")
         if self.protocol.kind == "leave_one_site_out" and not self.cohort.site:
             raise ValueError("protocol.kind leave_one_site_out needs cohort.site")
+        fused = [a.name for a in self.arms if a.head.fusion]
+        if fused and not self.cohort.clinical:
+            raise ValueError(f"arms {fused} fuse clinical data (head.fusion) but cohort.clinical lists no columns")
         return self
 
 

@@ -24,7 +24,7 @@ import torch
 
 from stagewise.data import Cohort, load_cohort, load_images
 from stagewise.deploy import save_network
-from stagewise.evaluation.baselines import baseline_scores, clinical_model_scores
+from stagewise.evaluation.baselines import baseline_scores, clinical_model_scores, fold_standardize
 from stagewise.evaluation.evidence import compute_evidence
 from stagewise.evaluation.metrics import binary_metrics, choose_threshold, patient_scores, summarize
 from stagewise.evaluation.splits import Split, make_splits, subsample_patients
@@ -134,10 +134,15 @@ def train_fold(
     compute: Compute,
     cache: PrefixCache | None,
     reporter: Reporter,
+    clinical: torch.Tensor | None = None,
 ) -> tuple[Network, list[dict]]:
-    """A fresh copy of the arm's backbone + a new head, trained through the arm's stages."""
+    """A fresh copy of the arm's backbone + a new head, trained through the arm's stages.
+
+    `clinical` (one standardised row per image) is joined to the image features when the
+    arm's head fuses clinical data."""
     torch.manual_seed(seed)
-    net = prepare_network(Network.build(copy.deepcopy(pristine), arm.head, targets.shape[1]), compute)
+    n_extra = 0 if clinical is None else clinical.shape[1]
+    net = prepare_network(Network.build(copy.deepcopy(pristine), arm.head, targets.shape[1], n_extra), compute)
     logs = []
     for i, stage in enumerate(arm.stages):
         if stage.external:  # ran once for the arm, before cross-validation (see _Study.pristine)
@@ -146,40 +151,59 @@ def train_fold(
         if stage.kind == "ssl":  # on this fold's training images only, labels ignored
             stage_log = fit_ssl(net.backbone, stage, images, train, compute, seed + 1000 * (i + 1), on_epoch)
         else:
-            stage_log = fit_stage(net, stage, images, train, targets, compute, cache, seed + 1000 * (i + 1), on_epoch)
+            stage_log = fit_stage(net, stage, images, train, targets, compute, cache, seed + 1000 * (i + 1), on_epoch,
+                                  extra=clinical)
         logs.append({"kind": stage.kind, "seconds": stage_log.seconds, "memory": stage_log.memory, "epochs": stage_log.epochs})
     return net, logs
 
 
-def score_fold(recipe: Recipe, cohort: Cohort, split: Split, train: np.ndarray,
-               p_train: np.ndarray, p_test: np.ndarray) -> tuple[dict, pd.DataFrame]:
+def _task_metrics(recipe: Recipe, y: np.ndarray, patients: np.ndarray, train: np.ndarray, test: np.ndarray,
+                  p_train: np.ndarray, p_test: np.ndarray) -> dict:
     """Threshold from training-part scores; metrics on the test part at patient level.
 
-    Rows whose score is missing (a baseline value not recorded) are left out of the metrics.
+    Rows without a score (a baseline value not recorded) or without a label (a secondary
+    outcome not known) are left out.
     """
-    t = cohort.table
     how = recipe.protocol.patient_aggregate
-    y, patients = t["y"].to_numpy(), t["patient"].to_numpy()
-    ok_train, ok_test = ~np.isnan(p_train), ~np.isnan(p_test)
+    ok_train = ~np.isnan(p_train) & ~np.isnan(y[train])
+    ok_test = ~np.isnan(p_test) & ~np.isnan(y[test])
     s_train, y_train = patient_scores(p_train[ok_train], y[train][ok_train], patients[train][ok_train], how)
-    threshold = choose_threshold(y_train, s_train, recipe.protocol.threshold)
-    test = split.test
+    threshold = choose_threshold(y_train.astype(int), s_train, recipe.protocol.threshold)
     s_test, y_test = patient_scores(p_test[ok_test], y[test][ok_test], patients[test][ok_test], how)
-    metrics = binary_metrics(y_test, s_test, threshold)
+    metrics = binary_metrics(y_test.astype(int), s_test, threshold)
     metrics["threshold"] = threshold
-    metrics["train_auroc"] = binary_metrics(y_train, s_train, threshold)["auroc"]
+    metrics["train_auroc"] = binary_metrics(y_train.astype(int), s_train, threshold)["auroc"]
     metrics["n_test_patients"] = int(len(s_test))
     metrics["n_train_patients"] = int(len(s_train))
+    return metrics
+
+
+def score_fold(recipe: Recipe, cohort: Cohort, split: Split, train: np.ndarray,
+               p_train: np.ndarray, p_test: np.ndarray) -> tuple[dict, pd.DataFrame]:
+    """Metrics of the primary outcome (top level) and of each extra outcome (`tasks`), and
+    the test predictions. `p_train`/`p_test` have one column per outcome the unit predicts."""
+    t = cohort.table
+    patients, test = t["patient"].to_numpy(), split.test
+    labels = cohort.targets()
+    p_train, p_test = p_train.reshape(len(train), -1), p_test.reshape(len(test), -1)
+    metrics = _task_metrics(recipe, labels[:, 0], patients, train, test, p_train[:, 0], p_test[:, 0])
+    threshold = metrics["threshold"]
     preds = pd.DataFrame({
         "repeat": split.repeat,
         "fold": split.fold,
         "row": t["row"].to_numpy()[test],
         "image": t["path"].to_numpy()[test],
         "patient": patients[test],
-        "y": y[test],
-        "prob": p_test.astype(np.float64),
-        "pred": np.where(ok_test, (p_test >= threshold).astype(float), np.nan),
+        "y": t["y"].to_numpy()[test],
+        "prob": p_test[:, 0].astype(np.float64),
+        "pred": np.where(~np.isnan(p_test[:, 0]), (p_test[:, 0] >= threshold).astype(float), np.nan),
     })
+    if p_test.shape[1] > 1:
+        metrics["tasks"] = {}
+        for j, task in enumerate(cohort.tasks[1:], start=1):
+            metrics["tasks"][task] = _task_metrics(recipe, labels[:, j], patients, train, test, p_train[:, j], p_test[:, j])
+            preds[f"y:{task}"] = labels[test, j]
+            preds[f"prob:{task}"] = p_test[:, j].astype(np.float64)
     return metrics, preds
 
 
@@ -194,7 +218,7 @@ class _Study:
         self.y, self.patients = t["y"].to_numpy(), t["patient"].to_numpy()
         sites = t["site"].to_numpy() if "site" in t else None
         self.splits = make_splits(self.y, self.patients, recipe.protocol, recipe.seed, sites)
-        self.targets = torch.tensor(self.y, dtype=torch.float32).unsqueeze(1)
+        self.targets = torch.tensor(self.cohort.targets(), dtype=torch.float32)
         self.cache = PrefixCache() if self.compute.reuse_frozen else None
         self._images: ImageSet | None = None
         self._pristine: dict[str, torch.nn.Module] = {}
@@ -257,19 +281,25 @@ class _Study:
             arm = arm.with_values(point)
             extra["tuning"] = {"chosen": point, "grid": table}
         self.reporter.fold_started(unit.name, split, sum(s.epochs for s in arm.stages))
+        clinical = self.clinical_features(train) if arm.head.fusion else None
         net, stage_logs = train_fold(arm, self.pristine(unit.arm), self.images, self.targets, train, seed,
-                                     self.compute, self.cache, self.reporter)
-        p_train = predict(net, self.images, train, self.compute, self.cache)[:, 0]
-        p_test = predict(net, self.images, split.test, self.compute, self.cache)[:, 0]
+                                     self.compute, self.cache, self.reporter, clinical)
+        p_train = predict(net, self.images, train, self.compute, self.cache, extra=clinical)
+        p_test = predict(net, self.images, split.test, self.compute, self.cache, extra=clinical)
         metrics, preds = score_fold(self.recipe, self.cohort, split, train, p_train, p_test)
         extra["stages"] = stage_logs
         extra["n_train_images"] = int(len(train))
         folder = self.run.folds_dir / unit.folder
         if self.recipe.compute.save_models:
             save_network(net, folder / f"{split.name}.safetensors", arm.head)
-        if self.recipe.evaluation.saliency and split.repeat == 0 and unit.fraction == 1.0:
+        if self.recipe.evaluation.saliency and split.repeat == 0 and unit.fraction == 1.0 and clinical is None:
             extra["saliency"] = self._saliency(net, split, preds, folder / "saliency")
         return metrics, preds, extra
+
+    def clinical_features(self, train: np.ndarray) -> torch.Tensor:
+        """Clinical columns imputed and standardised with statistics of the training rows only."""
+        x = self.cohort.table[self.recipe.cohort.clinical].to_numpy(dtype=float)
+        return torch.tensor(fold_standardize(x, train), dtype=torch.float32)
 
     def _tune(self, arm: ArmConfig, train: np.ndarray, seed: int):
         inner_protocol = ProtocolConfig(folds=arm.tune.inner_folds, repeats=1)
@@ -277,9 +307,10 @@ class _Study:
 
         def score(candidate: ArmConfig, inner_train: np.ndarray, inner_test: np.ndarray) -> float:
             rows_train, rows_test = train[inner_train], train[inner_test]
+            clinical = self.clinical_features(rows_train) if arm.head.fusion else None
             net, _ = train_fold(candidate, self.pristine(arm), self.images, self.targets, rows_train, seed,
-                                self.compute, self.cache, _Silent())
-            p = predict(net, self.images, rows_test, self.compute, self.cache)[:, 0]
+                                self.compute, self.cache, _Silent(), clinical)
+            p = predict(net, self.images, rows_test, self.compute, self.cache, extra=clinical)[:, 0]
             s, y = patient_scores(p, self.y[rows_test], self.patients[rows_test], self.recipe.protocol.patient_aggregate)
             return binary_metrics(y, s, 0.5)["auroc"]
 
@@ -362,7 +393,8 @@ def _run(recipe: Recipe, run: RunDir, reporter: Reporter) -> StudyResult:
                         "seconds": time.perf_counter() - t0, "n_test_images": int(len(split.test)), **extra}
                 preds.insert(0, "arm", unit.name)
                 run.write_fold(unit.folder, split.name, meta, preds)
-                log.info("%s %s: %s", unit.name, split.name, {k: round(v, 4) for k, v in metrics.items()})
+                log.info("%s %s: %s", unit.name, split.name,
+                         {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)})
                 reporter.fold_done(unit.name, split, metrics, resumed=False)
             fold_results.append(meta)
             all_preds.append(preds)
@@ -395,6 +427,13 @@ def _check_comparisons(recipe: Recipe, names: list[str]) -> None:
         raise RecipeError(f"evaluation.compare names unknown arm(s) {unknown}; this study has {names}")
 
 
+def _task_summaries(fold_results: list[dict]) -> dict:
+    tasks = fold_results[0]["metrics"].get("tasks", {})
+    if not tasks:
+        return {}
+    return {"tasks": {t: summarize([m["metrics"]["tasks"][t] for m in fold_results]) for t in tasks}}
+
+
 def _resources(fold_results: list[dict]) -> dict:
     """Per stage kind: median seconds per fold, and peak memory over folds."""
     by_stage: dict[str, dict] = {}
@@ -412,6 +451,7 @@ def _unit_summary(unit: Unit, fold_results: list[dict]) -> dict:
     out = {
         "kind": unit.kind,
         "summary": summarize([m["metrics"] for m in fold_results]),
+        **_task_summaries(fold_results),
         "folds": [{"repeat": m["repeat"], "fold": m["fold"], **m["metrics"]} for m in fold_results],
         "train_seconds": sum(m["seconds"] for m in fold_results),
     }

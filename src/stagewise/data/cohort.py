@@ -88,6 +88,16 @@ class Cohort:
         """Unique patient ids in first-appearance order, so folds are reproducible."""
         return self.table["patient"].drop_duplicates().to_numpy(dtype=object)
 
+    @property
+    def tasks(self) -> list[str]:
+        """Outcome names, the primary (stratified, compared) first."""
+        return [self.config.outcome, *self.config.extra_outcomes]
+
+    def targets(self) -> np.ndarray:
+        """(images, tasks) labels: 0/1, NaN where a secondary outcome is missing."""
+        extra = [self.table[f"y:{t}"].to_numpy(dtype=np.float64) for t in self.config.extra_outcomes]
+        return np.column_stack([self.table["y"].to_numpy(dtype=np.float64), *extra])
+
     def patient_labels(self) -> pd.Series:
         """Outcome per patient (consistent within a patient, as load_cohort checks)."""
         return self.table.groupby("patient", sort=False)["y"].first()
@@ -142,6 +152,7 @@ def _read_manifest(manifest: Path) -> pd.DataFrame:
 
 def _column_problems(cfg: CohortConfig, columns: list[str]) -> list[str]:
     wanted = [("image", cfg.image), ("outcome", cfg.outcome), ("patient", cfg.patient)]
+    wanted += [("extra_outcomes", c) for c in cfg.extra_outcomes]
     if cfg.site:
         wanted.append(("site", cfg.site))
     wanted += [("clinical", c) for c in cfg.clinical] + [("baselines", c) for c in cfg.baselines]
@@ -280,6 +291,28 @@ def load_cohort(cfg: CohortConfig) -> Cohort:
                     "leave the cell empty for a missing value"
                 )
 
+    extra: dict[str, list[float]] = {}
+    pos = {v.strip().lower() for v in cfg.positive}
+    neg = {v.strip().lower() for v in cfg.negative}
+    for col in cfg.extra_outcomes:
+        if col not in columns:
+            continue
+        extra[col] = []
+        for line, value in df[col].items():
+            v = value.strip().lower()
+            extra[col].append(1.0 if v in pos else 0.0 if v in neg else math.nan)
+            if v and v not in pos and v not in neg:
+                problems.append(f"{where(line)}: outcome {col!r} value {value.strip()!r} is neither positive nor negative")
+        if patient is not None:
+            seen: dict[str, dict[float, list[int]]] = defaultdict(lambda: defaultdict(list))
+            for line, value in zip(df.index, extra[col]):
+                if patient[line] and not math.isnan(value):
+                    seen[patient[line]][value].append(line)
+            problems += [
+                f"patient {pid!r} has conflicting {col!r} outcomes: positive in {_rows(by[1.0])}, negative in {_rows(by[0.0])}"
+                for pid, by in seen.items() if len(by) > 1
+            ]
+
     classes = set(labels.values())
     if cfg.outcome in columns and len(labels) == len(df) and len(classes) == 1:
         kind = "positive" if classes == {1} else "negative"
@@ -310,6 +343,8 @@ def load_cohort(cfg: CohortConfig) -> Cohort:
         table["site"] = site.to_numpy(dtype=object)
     for col, values in numeric.items():
         table[col] = np.array(values, dtype=np.float64)
+    for col, values in extra.items():
+        table[f"y:{col}"] = np.array(values, dtype=np.float64)
     notes = [
         f"{where(ln)}: the outcome (column {cfg.outcome!r}) is empty; row dropped" for ln in dropped
     ]

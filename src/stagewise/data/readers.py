@@ -3,6 +3,11 @@
 Clinical cohorts mix 8-bit PNG exports, 16-bit PNGs, JPEGs and raw DICOM; every reader
 must agree on what "brighter" and "[0, 1]" mean, or one site's images would differ from
 another's for reasons that have nothing to do with the patient.
+
+NIfTI files (`.nii`, `.nii.gz`) are 3D volumes, e.g. brain MRI: they are read with nibabel
+into one canonical orientation, so that scanners storing the voxels in different orders
+give the same array, and their intensities (which have no fixed range in MRI) are scaled
+robustly to [0, 1].
 """
 
 from __future__ import annotations
@@ -13,6 +18,10 @@ from pathlib import Path
 import numpy as np
 
 _DICOM_SUFFIXES = {".dcm", ".dicom"}
+_NIFTI_SUFFIXES = (".nii", ".nii.gz")
+# Percentiles that bound a volume's intensities: a few hot voxels (vessels, artefacts)
+# must not squeeze the brain into a narrow band of grey values.
+_VOLUME_PERCENTILES = (0.5, 99.5)
 # ITU-R BT.601 luma, the weights PIL's convert("L") uses, so RGB PNG and RGB DICOM agree.
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float64)
 
@@ -30,8 +39,17 @@ class ImageReadError(Exception):
         return (type(self), (self.path, self.reason))
 
 
+def is_volume_path(path: str | Path) -> bool:
+    """True for files read as 3D volumes (NIfTI: `.nii`, `.nii.gz`)."""
+    return Path(path).name.lower().endswith(_NIFTI_SUFFIXES)
+
+
 def read_image(path: str | Path) -> np.ndarray:
-    """Return the image as float32 (H, W) in [0, 1], higher = brighter, whatever the format."""
+    """Return the image as float32 in [0, 1], higher = brighter, whatever the format.
+
+    2D images (PNG, JPEG, DICOM, ...) give (H, W); NIfTI volumes give (D, H, W), see
+    `read_volume`. The extension decides which, so one manifest column serves both.
+    """
     path = Path(path)
     if not path.is_file():
         what = "is a folder, not a file" if path.is_dir() else "no such file"
@@ -42,9 +60,19 @@ def read_image(path: str | Path) -> np.ndarray:
     except OSError as err:
         reason = f"the file cannot be opened ({err.strerror}); check its permissions"
         raise ImageReadError(path, reason) from None
+    if is_volume_path(path):
+        return _read_nifti(path)
     if path.suffix.lower() in _DICOM_SUFFIXES or head[128:132] == b"DICM":
         return _read_dicom(path)
     return _read_pil(path)
+
+
+def read_volume(path: str | Path) -> np.ndarray:
+    """A NIfTI volume as float32 (D, H, W) in [0, 1]; see `_read_nifti` for the axes."""
+    path = Path(path)
+    if not is_volume_path(path):
+        raise ImageReadError(path, "not a NIfTI file (.nii or .nii.gz); 3D volumes must be stored as NIfTI")
+    return read_image(path)
 
 
 def _minmax(arr: np.ndarray) -> np.ndarray:
@@ -53,6 +81,66 @@ def _minmax(arr: np.ndarray) -> np.ndarray:
     if hi <= lo:  # a constant image carries no contrast; zeros rather than 0/0 = NaN
         return np.zeros(arr.shape, dtype=np.float32)
     return ((arr - lo) / (hi - lo)).astype(np.float32)
+
+
+def _robust_scale(arr: np.ndarray) -> np.ndarray:
+    """Clip to the 0.5-99.5 percentiles, then min-max to [0, 1]; NaN/inf count as the minimum.
+
+    A volume whose percentiles coincide (almost all background) falls back to plain
+    min-max, so a small bright structure is not clipped away; a constant one gives zeros.
+    """
+    finite = np.isfinite(arr)
+    if not finite.all():
+        if not finite.any():
+            return np.zeros(arr.shape, dtype=np.float32)
+        arr = np.where(finite, arr, arr[finite].min())
+    lo, hi = (float(v) for v in np.percentile(arr, _VOLUME_PERCENTILES))
+    if hi <= lo:
+        return _minmax(arr)
+    arr = np.clip(arr, lo, hi)
+    return ((arr - lo) / (hi - lo)).astype(np.float32)
+
+
+def _read_nifti(path: Path) -> np.ndarray:
+    """A NIfTI volume as float32 (D, H, W) in [0, 1].
+
+    The voxels are first reoriented to the closest canonical (RAS+) orientation, so the
+    axes mean the same thing whatever order the scanner stored them in: D runs inferior ->
+    superior (axial slices), H anterior -> posterior (row 0 at the front, as an axial slice
+    is usually displayed) and W from the patient's left to right. A 4D file (a time series
+    or several echoes) gives its first volume. Intensities are scaled by `_robust_scale`.
+    """
+    import nibabel as nib
+
+    try:
+        img = nib.load(str(path))
+    except Exception as err:  # nibabel raises ImageFileError, OSError, EOFError, ...
+        raise ImageReadError(
+            path, f"not a readable NIfTI file ({type(err).__name__}: {err}); it may be truncated or not NIfTI at all"
+        ) from None
+    shape = tuple(int(n) for n in img.shape)
+    if len(shape) < 3 or (len(shape) > 3 and any(n == 0 for n in shape[3:])):
+        raise ImageReadError(
+            path,
+            f"the NIfTI file holds data of shape {shape}, not a 3D volume; stagewise reads 3D volumes "
+            "(of a 4D file, the first volume): store the scan as a 3D NIfTI",
+        )
+    try:
+        while img.ndim > 3:  # 4D (time, echoes) or 5D: the first volume, read lazily
+            img = img.slicer[..., 0]
+        img = nib.as_closest_canonical(img)
+        arr = np.asarray(img.get_fdata(dtype=np.float32))
+    except Exception as err:
+        raise ImageReadError(
+            path,
+            f"the NIfTI voxel data cannot be read ({type(err).__name__}: {err}); the file may be truncated "
+            "or its header damaged",
+        ) from None
+    if min(arr.shape) < 1:
+        raise ImageReadError(path, f"the NIfTI volume is empty (shape {arr.shape})")
+    # Canonical arrays are indexed (x: left -> right, y: posterior -> anterior, z: inferior -> superior).
+    arr = np.ascontiguousarray(arr.transpose(2, 1, 0)[:, ::-1, :])
+    return _robust_scale(arr)
 
 
 def _read_pil(path: Path) -> np.ndarray:

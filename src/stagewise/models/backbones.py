@@ -10,6 +10,9 @@ computed once and reused (see training.cache).
 Weights are always obtained through the source library's own download and cache, so a
 user with internet gets the published file; offline, a missing file is reported with the
 exact path where it must be placed.
+
+3D backbones for volumes (N, 1, D, H, W), e.g. brain MRI, come from MONAI (`monai:<arch>`,
+see models.volumes); they have the same groups and run through the same stages.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from torch import nn
 
 from stagewise.recipe import BackboneConfig
 
-SOURCES = ("xrv", "torchvision", "timm", "scratch", "file", "dual", "run")
+SOURCES = ("xrv", "torchvision", "timm", "scratch", "monai", "file", "dual", "run")
 _TV_ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "densenet121", "densenet169", "densenet201")
 _XRV_WEIGHTS = ("resnet50-res512-all", "densenet121-res224-all")
 
@@ -104,6 +107,11 @@ class Backbone(nn.Module):
     def group_names(self) -> list[str]:
         return list(self.groups)
 
+    @property
+    def spatial_dims(self) -> int:
+        """3 for a backbone on volumes (N, C, D, H, W), which has 3D convolutions; else 2."""
+        return 3 if any(isinstance(m, nn.Conv3d) for m in self.net.modules()) else 2
+
     def group_modules(self, name: str) -> list[nn.Module]:
         return [self.net.get_submodule(m) for m in self.groups[name]]
 
@@ -113,11 +121,16 @@ class Backbone(nn.Module):
         return [p for m in self.group_modules(name) for p in m.parameters()]
 
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
-        """[0, 1] one-channel images -> the normalised input the weights expect."""
+        """[0, 1] one-channel images (N, 1, H, W) or volumes (N, 1, D, H, W) -> the
+        normalised input the weights expect."""
         x = x.to(self._mean.dtype)
         if self.input_spec.channels != x.shape[1]:
-            x = x.expand(-1, self.input_spec.channels, -1, -1)
-        return (x - self._mean) / self._std
+            x = x.expand(-1, self.input_spec.channels, *x.shape[2:])
+        mean, std = self._mean, self._std
+        if x.dim() != mean.dim():  # (1, C, 1, 1) -> one trailing 1 per spatial dim
+            mean = mean.view(1, -1, *([1] * (x.dim() - 2)))
+            std = std.view(1, -1, *([1] * (x.dim() - 2)))
+        return (x - mean) / std
 
     def forward(self, x: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """Run groups[start:stop]; with stop=None, also pool to features."""
@@ -141,6 +154,9 @@ class Backbone(nn.Module):
 
 
 def _pool_flat(x: torch.Tensor) -> torch.Tensor:
+    """Global average over all spatial dims: (N, C, H, W) or (N, C, D, H, W) -> (N, C)."""
+    if x.dim() == 5:
+        return torch.flatten(nn.functional.adaptive_avg_pool3d(x, 1), 1)
     return torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)
 
 
@@ -343,7 +359,8 @@ def _load_into(backbone: Backbone, state: dict, strict_head: bool, source: str) 
 
 def build_arch(arch: str) -> Backbone:
     """A backbone of architecture `arch` (e.g. 'torchvision:resnet50', 'xrv:resnet50-res512-all',
-    'timm:resnet18', 'scratch:resnet18') with random weights and the same input convention."""
+    'timm:resnet18', 'scratch:resnet18', 'monai:resnet18') with random weights and the same
+    input convention."""
     source, _, name = arch.partition(":")
     if source == "xrv":
         return _xrv_arch(name)
@@ -353,6 +370,10 @@ def build_arch(arch: str) -> Backbone:
         return _timm_backbone(name, BackboneConfig(name=arch), pretrained=False)
     if source == "scratch":
         return _scratch(name)
+    if source == "monai":
+        from stagewise.models.volumes import monai_arch
+
+        return monai_arch(name)
     if source == "dual":
         return _dual(name, build_arch)
     raise BackboneError(f"unknown architecture {arch!r}")
@@ -422,6 +443,10 @@ def create_backbone(cfg: BackboneConfig | str) -> Backbone:
         return _timm_backbone(name, cfg, pretrained=True)
     if source == "scratch":
         return _scratch(name)
+    if source == "monai":
+        from stagewise.models.volumes import monai_backbone
+
+        return monai_backbone(name, cfg)
     if source == "dual":
         return _dual(name, lambda spec: create_backbone(cfg.model_copy(update={"name": spec})))
     if source == "run":
@@ -450,7 +475,15 @@ def describe_sources() -> list[tuple[str, str]]:
         ("torchvision:<arch>[.<WEIGHTS>]", "ImageNet weights via torchvision: " + ", ".join(_TV_ARCHS)),
         ("timm:<name>", "timm model with pretrained=True; groups from timm's group_matcher"),
         ("scratch:<arch>", "random init, 1 channel: torchvision archs, tinycnn[-W1-W2-W3-W4] (~15k params) or scratch:timm:<name>"),
+        ("monai:<arch>", "3D, for NIfTI volumes; MONAI network, random init (or backbone.weights), 1 channel: "
+         + ", ".join(_monai_archs())),
         ("run:<run-dir>[#<arm>]", "a backbone pretrained by an earlier study's pretrain/ssl stages"),
         ("dual:<spec>", "two copies of a backbone for dual-input-output training (e.g. dual:scratch:tinycnn)"),
         ("file:<path>", "safetensors saved by stagewise, or a state dict with backbone.arch"),
     ]
+
+
+def _monai_archs() -> tuple[str, ...]:
+    from stagewise.models.volumes import MONAI_ARCHS
+
+    return MONAI_ARCHS

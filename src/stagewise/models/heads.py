@@ -41,14 +41,17 @@ class Network(nn.Module):
     k equal to the number of groups means `x` already holds pooled features.
     """
 
-    def __init__(self, backbone: Backbone, head: Head):
+    def __init__(self, backbone: Backbone, head: Head, n_extra: int = 0):
         super().__init__()
         self.backbone = backbone
         self.head = head
+        self.n_extra = n_extra
+        """Width of the clinical vector joined to the image features (0: image only)."""
 
     @classmethod
-    def build(cls, backbone: Backbone, cfg: HeadConfig, n_outputs: int = 1) -> "Network":
-        return cls(backbone, Head(backbone.feature_dim, n_outputs, cfg.dropout, cfg.hidden))
+    def build(cls, backbone: Backbone, cfg: HeadConfig, n_outputs: int = 1, n_extra: int = 0) -> "Network":
+        head = Head(backbone.feature_dim + n_extra, n_outputs, cfg.dropout, cfg.hidden)
+        return cls(backbone, head, n_extra)
 
     @property
     def group_names(self) -> list[str]:
@@ -60,7 +63,11 @@ class Network(nn.Module):
         out["head"] = list(self.head.parameters())
         return out
 
-    def forward(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, start: int = 0, extra: torch.Tensor | None = None) -> torch.Tensor:
         if start < len(self.backbone.group_names):
             x = self.backbone(x, start=start)
+        if self.n_extra:
+            if extra is None or extra.shape[1] != self.n_extra:
+                raise ValueError(f"this network fuses {self.n_extra} clinical values per image; pass them as `extra`")
+            x = torch.cat([x, extra.to(x.dtype)], dim=1)
         return self.head(x)

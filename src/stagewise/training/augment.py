@@ -1,7 +1,10 @@
 """Batch augmentation on [0, 1] image tensors: geometric, intensity, CutMix and MixUp.
 
 Done on whole batches with an explicit generator, so that a seed fixes every draw and the
-cost stays small next to the network on a 2-core CPU.
+cost stays small next to the network on a 2-core CPU. Images are (N, C, H, W); volumes
+(N, C, D, H, W) get the 3D counterparts (flips of each axis, rotation about the axial D
+axis, 3D shift and zoom, CutMix boxes in all three dimensions) from their own draws, so the
+2D results for a given generator state do not depend on the 3D code.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ def augment_batch(x: torch.Tensor, cfg: AugmentConfig, g: torch.Generator) -> to
     """Random flip, rotation, zoom, shift and brightness/contrast, one draw per image."""
     if not cfg.active:
         return x
+    if x.dim() == 5:
+        return _augment_volumes(x, cfg, g)
     n = x.shape[0]
     x = x.float()
     if cfg.rotate or cfg.translate or cfg.scale or cfg.flip:
@@ -43,8 +48,37 @@ def augment_batch(x: torch.Tensor, cfg: AugmentConfig, g: torch.Generator) -> to
     return x
 
 
+def _augment_volumes(x: torch.Tensor, cfg: AugmentConfig, g: torch.Generator) -> torch.Tensor:
+    """`augment_batch` for (N, C, D, H, W): each axis flipped with p 0.5 (`flip`), a rotation
+    in the axial (H, W) plane, one zoom for all axes, a shift along each axis; intensity as 2D."""
+    n = x.shape[0]
+    x = x.float()
+    if cfg.rotate or cfg.translate or cfg.scale or cfg.flip:
+        angle = _uniform(n, math.radians(cfg.rotate), g)
+        scale = 1 + _uniform(n, cfg.scale, g)
+        flip = torch.where(torch.rand(n, 3, generator=g) < 0.5, -1.0, 1.0) if cfg.flip else torch.ones(n, 3)
+        shift = _uniform(3 * n, 2 * cfg.translate, g).view(n, 3)
+        cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+        # affine_grid's coordinates are (x, y, z) = (W, H, D); a flip negates one input column.
+        rot = torch.zeros(n, 3, 3)
+        rot[:, 0, 0], rot[:, 0, 1] = cos, -sin
+        rot[:, 1, 0], rot[:, 1, 1] = sin, cos
+        rot[:, 2, 2] = 1 / scale
+        theta = torch.cat([rot * flip.view(n, 1, 3), shift.view(n, 3, 1)], dim=2)
+        grid = F.affine_grid(theta.to(x.device), list(x.shape), align_corners=False)
+        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    if cfg.intensity:
+        contrast = (1 + _uniform(n, cfg.intensity, g)).view(-1, 1, 1, 1, 1).to(x.device)
+        brightness = _uniform(n, cfg.intensity / 2, g).view(-1, 1, 1, 1, 1).to(x.device)
+        mean = x.mean(dim=(1, 2, 3, 4), keepdim=True)
+        x = ((x - mean) * contrast + mean + brightness).clamp(0, 1)
+    return x
+
+
 def cutmix(x: torch.Tensor, y: torch.Tensor, cfg: MixConfig, g: torch.Generator):
     """Paste a box from a shuffled partner; lambda is the area actually kept after clipping."""
+    if x.dim() == 5:
+        return _cutmix_volumes(x, y, cfg, g)
     n, _, h, w = x.shape
     lam = _beta(cfg.alpha, g)
     cut = math.sqrt(1 - lam)
@@ -59,7 +93,27 @@ def cutmix(x: torch.Tensor, y: torch.Tensor, cfg: MixConfig, g: torch.Generator)
     return x, lam * y + (1 - lam) * y[perm], lam
 
 
+def _cutmix_volumes(x: torch.Tensor, y: torch.Tensor, cfg: MixConfig, g: torch.Generator):
+    """CutMix for (N, C, D, H, W): a box cut in all three dims; lambda is the volume kept."""
+    n, _, *dims = x.shape
+    lam = _beta(cfg.alpha, g)
+    cut = (1 - lam) ** (1 / 3)
+    centres = [int(torch.randint(s, (1,), generator=g)) for s in dims]
+    box = []
+    for s, c in zip(dims, centres):
+        half = int(s * cut) // 2
+        box.append(slice(max(c - half, 0), min(c + half, s)))
+    perm = torch.randperm(n, generator=g).to(x.device)
+    x = x.clone()
+    region = (slice(None), slice(None), *box)
+    x[region] = x[perm][region]
+    pasted = math.prod(b.stop - b.start for b in box)
+    lam = 1 - pasted / math.prod(dims)
+    return x, lam * y + (1 - lam) * y[perm], lam
+
+
 def mixup(x: torch.Tensor, y: torch.Tensor, cfg: MixConfig, g: torch.Generator):
+    """Blend each image (or volume, any rank) with a shuffled partner by Beta(alpha, alpha)."""
     lam = _beta(cfg.alpha, g)
     perm = torch.randperm(x.shape[0], generator=g).to(x.device)
     return lam * x.float() + (1 - lam) * x[perm].float(), lam * y + (1 - lam) * y[perm], lam

@@ -175,10 +175,11 @@ class StageLog:
         return sum(e["seconds"] for e in self.epochs)
 
 
-def _forward(net: Network, stage: StageConfig, xb: torch.Tensor, start: int, g: torch.Generator) -> torch.Tensor:
+def _forward(net: Network, stage: StageConfig, xb: torch.Tensor, start: int, g: torch.Generator,
+             extra: torch.Tensor | None) -> torch.Tensor:
     if stage.kind == "dual":  # original stream to branch a, augmented stream to branch b
         return net.head(net.backbone.forward_pair(xb, augment_batch(xb, stage.augment, g)))
-    return net(xb, start=start)
+    return net(xb, start=start, extra=extra)
 
 
 def fit_stage(
@@ -192,11 +193,13 @@ def fit_stage(
     seed: int,
     on_epoch: Callable[[int, dict], None] | None = None,
     objective: Objective = BINARY,
+    extra: torch.Tensor | None = None,
 ) -> StageLog:
     """Train `net` in place for one stage on images[train_idx]; return a per-epoch log.
 
-    `targets` holds one row per cohort image (NaN = missing label). The same seed gives
-    the same batches, augmentations and dropout masks.
+    `targets` holds one row per cohort image (NaN = missing label), `extra` the clinical
+    values a fusion head joins to the image features. The same seed gives the same batches,
+    augmentations and dropout masks.
     """
     plan = plan_stage(stage, net.group_names)
     groups = net.group_parameters()
@@ -252,15 +255,20 @@ def fit_stage(
             for batch in _batches(_epoch_order(train_idx, y_train, stage.balanced_sampling, g), stage.batch_size):
                 xb = compute.to_input(source[torch.as_tensor(batch)])
                 yb = targets[batch].to(compute.device)
+                eb = None if extra is None else extra[batch].to(compute.device)
                 if start == 0 and stage.kind != "dual":
                     xb = augment_batch(xb, stage.augment, g)
-                    xb, yb = mix_batch(xb, yb, stage.cutmix, stage.mixup, g)
+                    if eb is None:
+                        xb, yb = mix_batch(xb, yb, stage.cutmix, stage.mixup, g)
+                    else:  # a mixed image gets the same mix of clinical values as of labels
+                        xb, ye = mix_batch(xb, torch.cat([yb, eb], dim=1), stage.cutmix, stage.mixup, g)
+                        yb, eb = ye[:, : yb.shape[1]], ye[:, yb.shape[1]:]
                 if freezer:
                     freezer.before_step()
                     frozen_share.append(len(freezer.frozen) / len(freezer.tensors))
                 with meter.step():
                     with compute.autocast():
-                        logits = _forward(net, stage, xb, start, g)
+                        logits = _forward(net, stage, xb, start, g, eb)
                     loss = objective.loss(logits, yb)
                     optimizer.zero_grad(set_to_none=True)
                     if scaler is not None:
@@ -304,7 +312,7 @@ def fit_stage(
 @torch.no_grad()
 def predict(
     net: Network, images: ImageSet, idx: np.ndarray, compute: Compute, cache: PrefixCache | None,
-    objective: Objective = BINARY,
+    objective: Objective = BINARY, extra: torch.Tensor | None = None,
 ) -> np.ndarray:
     """Outputs (len(idx), n_outputs) in eval mode (probabilities unless regression),
     resumed from a cached prefix if any."""
@@ -314,8 +322,9 @@ def predict(
     out = []
     for i in range(0, len(idx), compute.eval_batch_size):
         batch = torch.as_tensor(idx[i : i + compute.eval_batch_size])
+        eb = None if extra is None else extra[batch].to(compute.device)
         with compute.autocast():
-            logits = net(compute.to_input(source[batch]), start=k)
+            logits = net(compute.to_input(source[batch]), start=k, extra=eb)
         out.append(objective.output(logits).cpu())
     return torch.cat(out).numpy() if out else np.zeros((0, net.head.layers[-1].out_features))
 
