@@ -269,7 +269,8 @@ class ProtocolConfig(_Strict):
     folds: int = Field(5, ge=2)
     repeats: int = Field(1, ge=1)
     test_images: Literal["all", "first"] = "all"
-    """first: each test patient is scored on its first image only (the BPD paper)."""
+    """first: each test patient is scored on its first image in manifest order (the BPD
+    paper); sort the manifest (e.g. by acquisition time) so that first means earliest."""
     patient_aggregate: Literal["mean", "max", "first"] = "mean"
     """How image scores become a patient score for patient-level metrics."""
     threshold: Literal["youden", "prevalence"] | float = "youden"
@@ -341,7 +342,12 @@ def _format_errors(err: ValidationError, source: str) -> str:
 
 
 def recipe_from_dict(data: dict, source: str = "recipe", base_dir: Path | None = None) -> Recipe:
-    """Validate a recipe given as a dict; relative cohort paths resolve against `base_dir`."""
+    """Validate a recipe given as a dict; relative paths resolve against `base_dir`.
+
+    Top-level keys starting with `x-` are ignored, so a recipe can hold YAML anchors
+    (`x-stages: &thaw {...}`) that its arms refer to, as docker-compose files do.
+    """
+    data = {k: v for k, v in data.items() if not str(k).startswith("x-")}
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as err:
@@ -353,6 +359,15 @@ def recipe_from_dict(data: dict, source: str = "recipe", base_dir: Path | None =
                 c.manifest = (base_dir / c.manifest).resolve()
             if c.root is not None and not c.root.is_absolute():
                 c.root = (base_dir / c.root).resolve()
+        for arm in recipe.arms:
+            b = arm.backbone
+            for field in ("weights", "cache_dir"):
+                value = getattr(b, field)
+                if value is not None and not value.expanduser().is_absolute():
+                    setattr(b, field, (base_dir / value).resolve())
+            source, _, rest = b.name.partition(":")
+            if source in ("file", "run") and rest and not Path(rest).expanduser().is_absolute():
+                b.name = f"{source}:{(base_dir / rest).resolve()}"
     return recipe
 
 

@@ -11,6 +11,7 @@ from the same pretrained weights share entries without being told to.
 from __future__ import annotations
 
 import hashlib
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -40,16 +41,36 @@ def _hash_modules(modules) -> str:
     return h.hexdigest()
 
 
-def prefix_fingerprints(net: Network) -> list[str]:
-    """fp[k-1] identifies the weights of backbone groups 0..k-1 (cumulative)."""
-    out, acc = [], hashlib.blake2b(digest_size=16)
-    for g in net.backbone.group_names:
-        acc.update(_hash_modules(net.backbone.group_modules(g)).encode())
-        out.append(acc.copy().hexdigest())
+# Keyed by the group's first module itself (weakly), so a freed module's id can never alias.
+_memo: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[tuple, str]]" = weakref.WeakKeyDictionary()
+
+
+def _group_hash(modules) -> str:
+    """Hash of a group's weights and buffers, recomputed only when a tensor was modified:
+    every in-place change (an optimizer step, a BatchNorm update) bumps a tensor's version."""
+    tensors = [t for m in modules for t in m.state_dict(keep_vars=True).values()]
+    versions = tuple((id(t), t.data_ptr(), t._version) for t in tensors)
+    if not modules:
+        return _hash_modules(modules)
+    hit = _memo.get(modules[0])
+    if hit is not None and hit[0] == versions:
+        return hit[1]
+    digest = _hash_modules(modules)
+    _memo[modules[0]] = (versions, digest)
+    return digest
+
+
+def prefix_fingerprints(net: Network, upto: int | None = None) -> list[str]:
+    """fp[k-1] identifies the weights of backbone groups 0..k-1 (cumulative), for k <= upto."""
+    names = net.backbone.group_names
     if not net.backbone.sequential:
         # Parameters outside the listed modules (a ViT's pos_embed) count for the whole trunk.
-        acc.update(_hash_modules([net.backbone.net]).encode())
-        out[-1] = acc.hexdigest()
+        whole = _group_hash([net.backbone.net])
+        return [whole] * len(names)
+    out, acc = [], hashlib.blake2b(digest_size=16)
+    for g in names[: len(names) if upto is None else upto]:
+        acc.update(_group_hash(net.backbone.group_modules(g)).encode())
+        out.append(acc.copy().hexdigest())
     return out
 
 
@@ -74,7 +95,7 @@ class PrefixCache:
         """Outputs of the first k groups (eval mode) for all images, computed at most once."""
         if k not in self.valid_depths(net):
             raise ValueError(f"cannot resume {net.backbone.arch} after {k} groups")
-        key = self._key(images, k, prefix_fingerprints(net)[k - 1], compute)
+        key = self._key(images, k, prefix_fingerprints(net, upto=k)[k - 1], compute)
         if key in self._store:
             self.hits += 1
             self._store.move_to_end(key)

@@ -73,8 +73,8 @@ def plan_stage(stage: StageConfig, group_names: list[str]) -> StagePlan:
         else:
             lrs[g] = float(head_lr)
     start = {g: 0 for g in lrs}
-    for g, frac in stage.unfreeze.items():
-        start[g] = int(round(frac * stage.epochs))
+    for g, frac in stage.unfreeze.items():  # floor: 10 % of 20 epochs is epoch 2, as in the paper
+        start[g] = math.floor(frac * stage.epochs + 1e-9)
     return StagePlan(lrs, start)
 
 
