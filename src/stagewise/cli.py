@@ -147,7 +147,7 @@ def report(run_dir: Path = typer.Argument(..., help="a finished run directory"))
 @app.command()
 def export(
     run_dir: Path = typer.Argument(..., help="a finished run directory"),
-    arm: str = typer.Option(..., "--arm", "-a", help="the model arm to export"),
+    arm: list[str] = typer.Option(..., "--arm", "-a", help="a model arm; repeat for arms sharing one frozen backbone"),
     fold: str = typer.Option(None, "--fold", help="a saved fold model, e.g. r0-f0 (needs compute.save_models)"),
     refit: bool = typer.Option(False, "--refit", help="train the arm on every image instead"),
     out_dir: Path = typer.Option(None, "--out", "-o", help="bundle folder (default: RUN_DIR/bundles/ARM)"),
@@ -155,7 +155,8 @@ def export(
     """Write a deployable bundle: safetensors + ONNX, preprocessing, threshold, model card."""
     from stagewise.deploy import export_bundle
 
-    _guard(lambda: out.print(f"bundle: {export_bundle(run_dir, arm, out_dir or run_dir / 'bundles' / arm, fold, refit)}"))
+    target = out_dir or run_dir / "bundles" / "+".join(arm)
+    _guard(lambda: out.print(f"bundle: {export_bundle(run_dir, arm, target, fold, refit)}"))
 
 
 @app.command(name="predict")
@@ -170,9 +171,9 @@ def predict_cmd(
 
     def go():
         table = Bundle.load(bundle).predict(images, engine=engine)
-        view = Table("image", "probability", "decision")
-        for row in table.itertuples():
-            view.add_row(row.image, f"{row.probability:.4f}", str(row.decision))
+        view = Table(*table.columns)
+        for row in table.itertuples(index=False):
+            view.add_row(*[f"{v:.4f}" if isinstance(v, float) else str(v) for v in row])
         out.print(view)
         if csv:
             table.to_csv(csv, index=False)

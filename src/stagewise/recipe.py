@@ -70,7 +70,7 @@ class BackboneConfig(_Strict):
         if ":" not in v:
             raise ValueError(
                 f"backbone {v!r} has no source prefix; write e.g. 'torchvision:{v}' "
-                "(sources: xrv, torchvision, timm, scratch, file)"
+                "(sources: xrv, torchvision, timm, monai, scratch, file, run, dual)"
             )
         return v
 

@@ -48,7 +48,7 @@ def read_image(path: str | Path) -> np.ndarray:
     """Return the image as float32 in [0, 1], higher = brighter, whatever the format.
 
     2D images (PNG, JPEG, DICOM, ...) give (H, W); NIfTI volumes give (D, H, W), see
-    `read_volume`. The extension decides which, so one manifest column serves both.
+    `_read_nifti` for the axes. The extension decides which, so one manifest column serves both.
     """
     path = Path(path)
     if not path.is_file():
@@ -65,14 +65,6 @@ def read_image(path: str | Path) -> np.ndarray:
     if path.suffix.lower() in _DICOM_SUFFIXES or head[128:132] == b"DICM":
         return _read_dicom(path)
     return _read_pil(path)
-
-
-def read_volume(path: str | Path) -> np.ndarray:
-    """A NIfTI volume as float32 (D, H, W) in [0, 1]; see `_read_nifti` for the axes."""
-    path = Path(path)
-    if not is_volume_path(path):
-        raise ImageReadError(path, "not a NIfTI file (.nii or .nii.gz); 3D volumes must be stored as NIfTI")
-    return read_image(path)
 
 
 def _minmax(arr: np.ndarray) -> np.ndarray:

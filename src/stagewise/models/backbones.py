@@ -476,7 +476,7 @@ def describe_sources() -> list[tuple[str, str]]:
         ("timm:<name>", "timm model with pretrained=True; groups from timm's group_matcher"),
         ("scratch:<arch>", "random init, 1 channel: torchvision archs, tinycnn[-W1-W2-W3-W4] (~15k params) or scratch:timm:<name>"),
         ("monai:<arch>", "3D, for NIfTI volumes; MONAI network, random init (or backbone.weights), 1 channel: "
-         + ", ".join(_monai_archs())),
+         + ", ".join(_monai_archs()) + " (densenet121: image_size >= 32)"),
         ("run:<run-dir>[#<arm>]", "a backbone pretrained by an earlier study's pretrain/ssl stages"),
         ("dual:<spec>", "two copies of a backbone for dual-input-output training (e.g. dual:scratch:tinycnn)"),
         ("file:<path>", "safetensors saved by stagewise, or a state dict with backbone.arch"),

@@ -40,7 +40,11 @@ MONAI_ARCHS = _RESNETS + _DENSENETS
 
 
 def monai_arch(name: str) -> Backbone:
-    """The MONAI 3D network `name` (one input channel) with random weights, wrapped in groups."""
+    """The MONAI 3D network `name` (one input channel) with random weights, wrapped in groups.
+
+    The ResNets run on cubes from 16^3 up; densenet121 halves the side six times and needs
+    data.image_size >= 32.
+    """
     if name not in MONAI_ARCHS:
         raise BackboneError(f"MONAI architecture {name!r} is not supported; choose one of {list(MONAI_ARCHS)}")
     try:

@@ -122,7 +122,7 @@ _STYLE = {
 }
 
 
-def _figure(width: float = 4.6, height: float = 3.7):
+def _figure(width: float = 5.0, height: float = 4.1):
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(width, height), dpi=DPI)
@@ -189,7 +189,7 @@ def _decision_figure(units: list[str], ev: dict, colors: dict) -> str | None:
     import matplotlib
 
     with matplotlib.rc_context(_STYLE):
-        fig, ax = _figure(5.2, 3.7)
+        fig, ax = _figure(5.0, 4.1)
         ref = ev[shown[0]]["decision_curve"]
         tops = [max(ref["net_benefit_all"], default=0)]
         for u in shown:
@@ -202,7 +202,7 @@ def _decision_figure(units: list[str], ev: dict, colors: dict) -> str | None:
         ax.set_ylim(-0.15 * top, 1.08 * top)
         ax.set_xlim(min(ref["threshold"]), max(ref["threshold"]))
         ax.set(xlabel="threshold probability", ylabel="net benefit", title="Decision curves")
-        ax.legend(loc="upper right", frameon=False)
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
         return _png(fig)
 
 
@@ -212,7 +212,7 @@ def _label_efficiency_figure(curves: dict, colors: dict) -> str | None:
     import matplotlib
 
     with matplotlib.rc_context(_STYLE):
-        fig, ax = _figure(4.6, 3.4)
+        fig, ax = _figure(5.0, 3.7)
         fractions = sorted({r["fraction"] for c in curves.values() for r in c})
         for i, (arm, rows) in enumerate(curves.items()):
             x = [r["fraction"] * (1 + 0.025 * (i - (len(curves) - 1) / 2)) for r in rows]  # dodge overlapping bars
@@ -278,8 +278,8 @@ def _embed_png(run_dir: Path, rel: str) -> str | None:
 def _protocol_text(protocol: dict, n_splits: Any, cohort: dict) -> str:
     kind = protocol.get("kind")
     if kind == "group_kfold":
-        text = (f"stratified grouped k-fold (patients never split across train and test): "
-                f"{protocol.get('folds')} folds × {protocol.get('repeats')} repeats = {n_splits} splits")
+        text = (f"stratified {protocol.get('folds')}-fold CV grouped by patient × {protocol.get('repeats')} "
+                f"repeats = {n_splits} splits")
     elif kind == "leave_one_site_out":
         text = f"leave-one-site-out: {n_splits} splits ({len(cohort.get('sites', {}))} sites)"
     else:
@@ -392,11 +392,11 @@ def build_context(run_dir: str | Path) -> dict:
     for name in order:
         e = ev.get(name, {})
         b = e.get("bootstrap_ci", {})
+        pc = lambda x: {"point": fmt_num((x or {}).get("point")),  # noqa: E731
+                        "ci": fmt_ci((x or {}).get("low"), (x or {}).get("high"))}
         pooled.append({
             "name": name, "n_patients": e.get("n_patients", DASH), "n_positive": e.get("n_positive", DASH),
-            "auroc_delong": fmt_point_ci(e.get("auroc_delong_ci")),
-            "auroc": fmt_point_ci(b.get("auroc")), "balanced_accuracy": fmt_point_ci(b.get("balanced_accuracy")),
-            "f1": fmt_point_ci(b.get("f1")),
+            "cells": [pc(e.get("auroc_delong_ci")), pc(b.get("auroc")), pc(b.get("balanced_accuracy")), pc(b.get("f1"))],
         })
 
     comparisons = []
@@ -410,7 +410,7 @@ def build_context(run_dir: str | Path) -> dict:
             "t_p": fmt_p(t.get("p")), "t_df": t.get("df", DASH),
             "w_p": fmt_p(w.get("p")),
             "w_note": "" if w else "not computed: identical fold AUROCs or too few folds",
-            "significant": _finite(d.get("p")) and d["p"] < 0.05,
+            "sig": {k: _finite(x.get("p")) and x["p"] < 0.05 for k, x in (("delong", d), ("t", t), ("w", w))},
         })
 
     calibration = []
@@ -462,7 +462,8 @@ def build_context(run_dir: str | Path) -> dict:
                 shown.append({
                     "src": src, "file": s.get("file", ""),
                     "alt": f"saliency map, {name}, {split} row {s.get('row')}, {'correct' if correct else 'wrong'}",
-                    "caption": f"{split} · row {s.get('row')} · y = {s.get('y')} · p = {fmt_num(s.get('prob'))}",
+                    "where": f"{split} · row {s.get('row')}",
+                    "caption": f"y = {s.get('y')} · p = {fmt_num(s.get('prob'))}",
                 })
             groups.append({"label": label, "items": shown, "correct": correct})
         saliency.append({"unit": name, "groups": groups})
@@ -627,7 +628,7 @@ def _checklist(metrics: dict, recipe: dict, ctx: dict) -> tuple[list[dict], list
     user = [
         {"topic": "Eligibility criteria", "guide": "TRIPOD+AI, CLAIM", "hint": "inclusion and exclusion criteria; how patients were identified"},
         {"topic": "Outcome definition and timing", "guide": "TRIPOD+AI, CLAIM",
-         "hint": f"what `{r_cohort.get('outcome', 'outcome')}` means, how and when it was assessed, by whom, blinded to the images?"},
+         "hint": f"what “{r_cohort.get('outcome', 'outcome')}” means, how and when it was assessed, by whom, blinded to the images?"},
         {"topic": "Data source and dates", "guide": "TRIPOD+AI, CLAIM", "hint": "institutions, scanners, acquisition period, image selection"},
         {"topic": "Missing data", "guide": "TRIPOD+AI", "hint": "how many values were missing and why; handling beyond median imputation"},
         {"topic": "Sample-size justification", "guide": "TRIPOD+AI", "hint": "why this number of patients and events suffices"},
@@ -697,17 +698,19 @@ td.em { font-weight: 650; }
 .figs { display:flex; flex-wrap: wrap; gap: 18px; align-items:flex-start; }
 .figs figure { margin: 0; }
 figure img { display:block; max-width: 100%; height:auto; }
-.fig-table { flex: 1 1 360px; min-width: 320px; }
+.fig-table { flex: 1 1 360px; min-width: 0; }
+td.pc span { color: var(--muted); font-size: 12px; }
 .sal-arm { margin-bottom: 10px; }
 .sal-row { display:flex; flex-wrap: wrap; gap: 10px; align-items: flex-start; }
 .sal-group { border: 1px solid var(--line); border-radius: 6px; padding: 6px 8px 8px; margin: 4px 10px 8px 0; display:inline-block; vertical-align: top; }
 .sal-group h4 { margin: 0 0 4px; font-size: 12px; text-transform: uppercase; letter-spacing: .05em; }
 .sal-group.ok h4 { color: #1d7a3a; } .sal-group.bad h4 { color: #b3261e; }
-.sal-row figure { margin: 0; width: 150px; }
-.sal-row img { width: 150px; image-rendering: auto; }
-.sal-row figcaption { font-size: 11px; color: var(--muted); }
+.sal-groups { display:flex; flex-wrap: wrap; gap: 0 12px; }
+.sal-row figure { margin: 0; width: 124px; }
+.sal-row img { width: 124px; }
+.sal-row figcaption { font-size: 11px; line-height: 1.3; color: var(--muted); margin-top: 2px; }
 ul.check { list-style: none; padding: 0; margin: 0; }
-ul.check > li { display:grid; grid-template-columns: 22px 250px 1fr; gap: 0 10px; padding: 6px 0; border-bottom: 1px solid var(--line); }
+ul.check > li { display:grid; grid-template-columns: 22px 270px minmax(0, 1fr); gap: 0 10px; padding: 6px 0; border-bottom: 1px solid var(--line); }
 ul.check .mark { font-weight: 700; }
 ul.check.auto .mark { color: #1d7a3a; } ul.check.user .mark { color: #b26b00; }
 ul.check .topic { font-weight: 600; } ul.check .guide { display:block; font-weight: 400; font-size: 11.5px; color: var(--faint); }
@@ -718,7 +721,7 @@ ul.check .hint { font-size: 13px; color: var(--muted); }
 pre { background: var(--soft); border: 1px solid var(--line); border-radius: 6px; padding: 10px 12px; font-size: 12px;
   line-height: 1.35; overflow: auto; max-height: 520px; font-family: "DejaVu Sans Mono", Menlo, Consolas, monospace; }
 details summary { cursor: pointer; color: var(--accent); font-size: 13px; margin: 6px 0; }
-.two { display:grid; grid-template-columns: 1fr 1fr; gap: 24px; }
+.two { display:grid; grid-template-columns: minmax(0, 1fr) minmax(0, 1fr); gap: 24px; }
 @media (max-width: 900px) { .two { grid-template-columns: 1fr; } ul.check > li { grid-template-columns: 22px 1fr; }
   ul.check > li > :last-child { grid-column: 2; } }
 @media print { nav { display:none; } section { break-inside: avoid-page; } }
@@ -794,26 +797,26 @@ footer { margin-top: 30px; color: var(--faint); font-size: 11.5px; border-top: 1
       <tr data-a="{{ c.a }}" data-b="{{ c.b }}">
         <td class="unit" data-col="a">{{ c.a }}</td><td data-col="b">{{ c.b }}</td><td class="num">{{ c.n }}</td>
         <td class="num em" data-col="delong_diff">{{ c.delong_diff }}</td><td class="num" data-col="delong_ci">{{ c.delong_ci }}</td>
-        <td class="num{% if c.significant %} sig{% endif %}" data-col="delong_p">{{ c.delong_p }}</td>
-        <td class="num" data-col="t_diff">{{ c.t_diff }}</td><td class="num" data-col="t_ci">{{ c.t_ci }}</td><td class="num" data-col="t_p">{{ c.t_p }}</td>
-        <td class="num" data-col="w_p"{% if c.w_note %} title="{{ c.w_note }}"{% endif %}>{{ c.w_p }}</td>
+        <td class="num{% if c.sig.delong %} sig{% endif %}" data-col="delong_p">{{ c.delong_p }}</td>
+        <td class="num" data-col="t_diff">{{ c.t_diff }}</td><td class="num" data-col="t_ci">{{ c.t_ci }}</td><td class="num{% if c.sig.t %} sig{% endif %}" data-col="t_p">{{ c.t_p }}</td>
+        <td class="num{% if c.sig.w %} sig{% endif %}" data-col="w_p"{% if c.w_note %} title="{{ c.w_note }}"{% endif %}>{{ c.w_p }}</td>
       </tr>
     {% endfor %}
     </tbody>
   </table>
-  <p class="note">Δ = A − B. DeLong: paired test on the patients both units scored. Corrected t: Nadeau–Bengio variance correction for overlapping training sets (df = splits − 1). Wilcoxon: signed-rank test on the same paired fold AUROCs. p-values are not adjusted for multiple comparisons.</p>
+  <p class="note">Δ = A − B. DeLong: paired test on the patients both units scored. Corrected t: Nadeau–Bengio variance correction for overlapping training sets (df = splits − 1). Wilcoxon: signed-rank test on the same paired fold AUROCs. p &lt; 0.05 in green; p-values are not adjusted for multiple comparisons.</p>
 </section>
 {% endif %}
 
 <section id="discrimination">
   <h2>Discrimination</h2>
   <div class="figs">
-    {% if figures.roc %}<figure><img id="fig-roc" alt="ROC curves with 95 % bootstrap bands, full-label units" src="{{ figures.roc }}" width="430"></figure>{% endif %}
+    {% if figures.roc %}<figure><img id="fig-roc" alt="ROC curves with 95 % bootstrap bands, full-label units" src="{{ figures.roc }}"></figure>{% endif %}
     <div class="fig-table">
       <h3>Pooled patient-level estimates, 95 % CIs</h3>
       <table id="pooled-table">
         <thead><tr><th>unit</th><th class="num">patients (pos.)</th><th class="num">AUROC, DeLong</th><th class="num">AUROC, bootstrap</th><th class="num">balanced acc.</th><th class="num">F1</th></tr></thead>
-        <tbody>{% for p in pooled %}<tr data-unit="{{ p.name }}"><td class="unit">{{ p.name }}</td><td class="num">{{ p.n_patients }} ({{ p.n_positive }})</td><td class="num">{{ p.auroc_delong }}</td><td class="num">{{ p.auroc }}</td><td class="num">{{ p.balanced_accuracy }}</td><td class="num">{{ p.f1 }}</td></tr>{% endfor %}</tbody>
+        <tbody>{% for p in pooled %}<tr data-unit="{{ p.name }}"><td class="unit">{{ p.name }}</td><td class="num">{{ p.n_patients }} ({{ p.n_positive }})</td>{% for c in p.cells %}<td class="num pc">{{ c.point }} <span>{{ c.ci }}</span></td>{% endfor %}</tr>{% endfor %}</tbody>
       </table>
       <p class="note">Balanced accuracy and F1 here use each patient's majority decision over repeats; the bootstrap resamples patients.</p>
       <details><summary>AUROC per split</summary>
@@ -828,8 +831,8 @@ footer { margin-top: 30px; color: var(--faint); font-size: 11.5px; border-top: 1
 <section id="calibration">
   <h2>Calibration and clinical utility</h2>
   <div class="figs">
-    {% if figures.calibration %}<figure><img id="fig-calibration" alt="calibration curves" src="{{ figures.calibration }}" width="430"></figure>{% endif %}
-    {% if figures.decision %}<figure><img id="fig-decision" alt="decision curves: net benefit against threshold probability, with treat-all and treat-none" src="{{ figures.decision }}" width="480"></figure>{% endif %}
+    {% if figures.calibration %}<figure><img id="fig-calibration" alt="calibration curves" src="{{ figures.calibration }}"></figure>{% endif %}
+    {% if figures.decision %}<figure><img id="fig-decision" alt="decision curves: net benefit against threshold probability, with treat-all and treat-none" src="{{ figures.decision }}"></figure>{% endif %}
   </div>
   {% if calibration %}
   <table id="calibration-table" style="max-width:760px">
@@ -845,7 +848,7 @@ footer { margin-top: 30px; color: var(--faint); font-size: 11.5px; border-top: 1
 <section id="label-efficiency">
   <h2>Label efficiency</h2>
   <div class="figs">
-    <figure><img id="fig-label-efficiency" alt="label-efficiency curve: AUROC against fraction of training labels" src="{{ figures.label_efficiency }}" width="430"></figure>
+    <figure><img id="fig-label-efficiency" alt="label-efficiency curve: AUROC against fraction of training labels" src="{{ figures.label_efficiency }}"></figure>
     <div class="fig-table">
       <table id="label-efficiency-table" style="width:auto">
         <thead><tr><th>arm</th><th class="num">labels</th><th class="num">AUROC mean ± sd</th></tr></thead>
@@ -882,13 +885,15 @@ footer { margin-top: 30px; color: var(--faint); font-size: 11.5px; border-top: 1
   {% for s in saliency %}
   <div class="sal-arm" data-unit="{{ s.unit }}">
     <h3>{{ s.unit }}</h3>
+    <div class="sal-groups">
     {% for g in s.groups %}{% if g["items"] %}
     <div class="sal-group {{ 'ok' if g.correct else 'bad' }}"><h4>{{ g.label }}</h4>
       <div class="sal-row">{% for it in g["items"] %}
-        <figure>{% if it.src %}<img class="saliency" alt="{{ it.alt }}" src="{{ it.src }}">{% else %}<div class="note">missing file {{ it.file }}</div>{% endif %}<figcaption>{{ it.caption }}</figcaption></figure>
+        <figure>{% if it.src %}<img class="saliency" alt="{{ it.alt }}" src="{{ it.src }}">{% else %}<div class="note">missing file {{ it.file }}</div>{% endif %}<figcaption>{{ it.where }}<br>{{ it.caption }}</figcaption></figure>
       {% endfor %}</div>
     </div>
     {% endif %}{% endfor %}
+    </div>
   </div>
   {% endfor %}
 </section>
@@ -896,20 +901,14 @@ footer { margin-top: 30px; color: var(--faint); font-size: 11.5px; border-top: 1
 
 <section id="checklist">
   <h2>Reporting checklist (TRIPOD+AI, CLAIM)</h2>
-  <div class="two">
-    <div>
-      <h3>Stated by this run</h3>
-      <ul class="check auto" id="checklist-auto">
-      {% for c in checklist_auto %}<li><span class="mark">✓</span><span class="topic">{{ c.topic }}<span class="guide">{{ c.guide }}</span></span><ul>{% for l in c.lines %}<li>{{ l }}</li>{% endfor %}</ul></li>{% endfor %}
-      </ul>
-    </div>
-    <div>
-      <h3>For the authors to write</h3>
-      <ul class="check user" id="checklist-user">
-      {% for c in checklist_user %}<li><span class="mark">✎</span><span class="topic">{{ c.topic }}<span class="guide">{{ c.guide }}</span></span><span class="hint"><span class="write">to write</span>{{ c.hint }}</span></li>{% endfor %}
-      </ul>
-    </div>
-  </div>
+  <h3>Stated by this run</h3>
+  <ul class="check auto" id="checklist-auto">
+  {% for c in checklist_auto %}<li><span class="mark">✓</span><span class="topic">{{ c.topic }}<span class="guide">{{ c.guide }}</span></span><ul>{% for l in c.lines %}<li>{{ l }}</li>{% endfor %}</ul></li>{% endfor %}
+  </ul>
+  <h3>For the authors to write</h3>
+  <ul class="check user" id="checklist-user">
+  {% for c in checklist_user %}<li><span class="mark">✎</span><span class="topic">{{ c.topic }}<span class="guide">{{ c.guide }}</span></span><span class="hint"><span class="write">to write</span>{{ c.hint }}</span></li>{% endfor %}
+  </ul>
 </section>
 
 <section id="recipe">
@@ -926,7 +925,7 @@ footer { margin-top: 30px; color: var(--faint); font-size: 11.5px; border-top: 1
     </div>
   </div>
 </section>
-<footer>Written by stagewise {{ version }} on {{ generated }} from metrics.json, recipe.yaml and environment.json in {{ run_dir }}. Every number is a value of metrics.json; nothing is recomputed.</footer>
+<footer>Written by stagewise {{ version }} on {{ generated }} from metrics.json, recipe.yaml and environment.json in {{ run_dir }}. Every result shown is a value of metrics.json, rounded for display; nothing is recomputed (prevalences are ratios of its counts).</footer>
 </main>
 </body>
 </html>

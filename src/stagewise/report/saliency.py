@@ -26,7 +26,7 @@ def gradcam(net: Network, x: torch.Tensor) -> np.ndarray | None:
     from pytorch_grad_cam.utils.model_targets import BinaryClassifierOutputTarget
 
     backbone = net.backbone
-    if not backbone.sequential:
+    if not backbone.sequential or x.dim() != 4:  # 2D maps only; volumes are not drawn
         return None
     target = backbone.group_modules(backbone.group_names[-1])[-1]
     net = net.float().eval()

@@ -331,6 +331,6 @@ def predict(
 
 def prepare_network(net: Network, compute: Compute) -> Network:
     net = net.to(compute.device)
-    if compute.channels_last:
+    if compute.channels_last and net.backbone.spatial_dims == 2:
         net = net.to(memory_format=torch.channels_last)
     return net

@@ -80,6 +80,8 @@ def _ssl_modules(backbone: Backbone, stage: StageConfig, size: int) -> dict[str,
     from lightly.models.modules.heads import BYOLPredictionHead, BYOLProjectionHead, SimCLRProjectionHead
 
     d = backbone.feature_dim
+    if stage.method == "autoencoder" and backbone.spatial_dims != 2:
+        raise ValueError("the ssl autoencoder decodes 2D images; use method simclr or byol for volumes")
     if stage.method == "simclr":
         return {"projection": SimCLRProjectionHead(d, max(d, 128), stage.projection_dim)}
     if stage.method == "byol":
