@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import platform
 import sys
@@ -136,4 +137,15 @@ class RunDir:
 
     def write_results(self, predictions: pd.DataFrame, metrics: dict) -> None:
         _atomic_write(self.path / "predictions.csv", predictions.to_csv(index=False))
-        _atomic_write(self.path / "metrics.json", json.dumps(metrics, indent=2))
+        _atomic_write(self.path / "metrics.json", json.dumps(_nan_to_null(metrics), indent=2, allow_nan=False))
+
+
+def _nan_to_null(value):
+    """Strict JSON: an undefined metric (AUROC of a one-class fold) is null, not NaN."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _nan_to_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_nan_to_null(v) for v in value]
+    return value

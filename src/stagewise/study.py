@@ -135,11 +135,13 @@ def train_fold(
     cache: PrefixCache | None,
     reporter: Reporter,
     clinical: torch.Tensor | None = None,
+    unlabeled: np.ndarray | None = None,
 ) -> tuple[Network, list[dict]]:
     """A fresh copy of the arm's backbone + a new head, trained through the arm's stages.
 
     `clinical` (one standardised row per image) is joined to the image features when the
-    arm's head fuses clinical data."""
+    arm's head fuses clinical data. `unlabeled` are the rows an ssl stage on the target may
+    use (default `train`): at a label fraction, every training image without its label."""
     torch.manual_seed(seed)
     n_extra = 0 if clinical is None else clinical.shape[1]
     net = prepare_network(Network.build(copy.deepcopy(pristine), arm.head, targets.shape[1], n_extra), compute)
@@ -149,7 +151,8 @@ def train_fold(
             continue
         on_epoch = lambda e, entry, kind=stage.kind: reporter.epoch_done(kind, e, entry)  # noqa: E731
         if stage.kind == "ssl":  # on this fold's training images only, labels ignored
-            stage_log = fit_ssl(net.backbone, stage, images, train, compute, seed + 1000 * (i + 1), on_epoch)
+            rows = train if unlabeled is None else unlabeled
+            stage_log = fit_ssl(net.backbone, stage, images, rows, compute, seed + 1000 * (i + 1), on_epoch)
         else:
             stage_log = fit_stage(net, stage, images, train, targets, compute, cache, seed + 1000 * (i + 1), on_epoch,
                                   extra=clinical)
@@ -283,7 +286,7 @@ class _Study:
         self.reporter.fold_started(unit.name, split, sum(s.epochs for s in arm.stages))
         clinical = self.clinical_features(train) if arm.head.fusion else None
         net, stage_logs = train_fold(arm, self.pristine(unit.arm), self.images, self.targets, train, seed,
-                                     self.compute, self.cache, self.reporter, clinical)
+                                     self.compute, self.cache, self.reporter, clinical, unlabeled=split.train)
         p_train = predict(net, self.images, train, self.compute, self.cache, extra=clinical)
         p_test = predict(net, self.images, split.test, self.compute, self.cache, extra=clinical)
         metrics, preds = score_fold(self.recipe, self.cohort, split, train, p_train, p_test)
@@ -401,6 +404,8 @@ def _run(recipe: Recipe, run: RunDir, reporter: Reporter) -> StudyResult:
         units_out[unit.name] = _unit_summary(unit, fold_results)
     metrics = {
         "recipe": recipe.name,
+        "name": recipe.name,
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "seed": recipe.seed,
         "cohort": study.cohort.summary(),
         "protocol": recipe.protocol.model_dump(mode="json"),

@@ -62,6 +62,7 @@ def _counts(table: pd.DataFrame) -> dict:
         "negative_images": len(table) - pos_images,
         "positive_patients": pos_patients,
         "negative_patients": len(labels) - pos_patients,
+        "prevalence_patients": pos_patients / len(labels) if len(labels) else float("nan"),
     }
 
 

@@ -71,7 +71,7 @@ def unit_evidence(table: pd.DataFrame, kind: str, n_boot: int, seed: int) -> dic
         for m, fn in fns.items():
             point, low, high = bootstrap_ci(y, s if m == "auroc" else d, patients, fn, n_boot=n_boot, seed=seed)
             out["bootstrap_ci"][m] = {"point": point, "low": low, "high": high}
-        out["roc"] = _roc_band(y, s, min(n_boot, 500), seed)
+    out["roc"] = _roc_band(y, s, min(n_boot, 500), seed)
     if kind != "baseline":  # baseline scores are not probabilities: no calibration
         out["calibration"] = calibration_slope_intercept(y, s) | {"brier": brier_score(y, s)}
         out["calibration_curve"] = calibration_curve(y, s, n_bins=min(10, max(2, len(y) // 10)))
@@ -132,6 +132,8 @@ def compute_evidence(recipe: Recipe, metrics: dict, predictions: pd.DataFrame) -
     pairs = recipe.evaluation.compare if recipe.evaluation.compare is not None else default_comparisons(units)
     return {
         "patient_level": "mean score over repeats; decision = majority of fold decisions",
+        "settings": {"bootstrap_resamples": n_boot, "roc_band_resamples": min(n_boot, 500), "level": 0.95,
+                     "resampling": "patients"},
         "units": per_unit,
         "comparisons": [compare(units, table, a, b) for a, b in pairs],
         "label_efficiency": label_efficiency(units),

@@ -388,6 +388,11 @@ def build_context(run_dir: str | Path) -> dict:
             "color": colors[name],
         })
 
+    task_rows = [
+        {"unit": name, "task": task, **{m: fmt_mean_sd(ts.get(m)) for m in ("auroc", "balanced_accuracy", "f1")}}
+        for name in order for task, ts in (arms[name].get("tasks") or {}).items()
+    ]
+
     pooled = []
     for name in order:
         e = ev.get(name, {})
@@ -510,6 +515,7 @@ def build_context(run_dir: str | Path) -> dict:
         "patient_level": evidence.get("patient_level", ""),
         "units": units,
         "pooled": pooled,
+        "task_rows": task_rows,
         "comparisons": comparisons,
         "calibration": calibration,
         "label_rows": label_rows,
@@ -781,6 +787,13 @@ footer { margin-top: 30px; color: var(--faint); font-size: 11.5px; border-top: 1
     </tbody>
   </table>
   <p class="note">Fold columns: mean ± sd of the per-fold test metrics. Pooled columns: every patient's out-of-fold score{% if patient_level %} ({{ patient_level }}){% endif %}. Balanced accuracy and F1 use the threshold chosen on each training part.</p>
+  {% if task_rows %}
+  <h3>Extra outcomes (multi-task units), fold mean ± sd</h3>
+  <table id="tasks-table" style="width:auto">
+    <thead><tr><th>unit</th><th>outcome</th><th class="num">AUROC</th><th class="num">balanced acc.</th><th class="num">F1</th></tr></thead>
+    <tbody>{% for t in task_rows %}<tr data-unit="{{ t.unit }}"><td class="unit">{{ t.unit }}</td><td>{{ t.task }}</td><td class="num">{{ t.auroc }}</td><td class="num">{{ t.balanced_accuracy }}</td><td class="num">{{ t.f1 }}</td></tr>{% endfor %}</tbody>
+  </table>
+  {% endif %}
 </section>
 
 {% if comparisons %}
