@@ -94,12 +94,13 @@ def _guard(fn, *args):
 def run(
     recipe: Path = typer.Argument(..., help="the study's YAML recipe"),
     out_dir: Path = typer.Option(None, "--out", "-o", help="run directory (default: runs/<recipe name>)"),
+    overrides: list[str] = typer.Option([], "--set", help="change a field: --set protocol.repeats=1 (repeatable)"),
 ) -> None:
     """Run a study; running it again resumes and skips finished folds."""
     from stagewise.recipe import load_recipe
 
     def go():
-        r = load_recipe(recipe)
+        r = load_recipe(recipe, overrides)
         _run_recipe(r, out_dir or Path("runs") / r.name)
 
     _guard(go)

@@ -371,8 +371,30 @@ def recipe_from_dict(data: dict, source: str = "recipe", base_dir: Path | None =
     return recipe
 
 
-def load_recipe(path: str | Path) -> Recipe:
-    """Read and validate a YAML recipe; paths inside it are relative to the recipe file."""
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """`protocol.repeats=1`, `arms.0.stages.1.epochs=5`: values parsed as YAML scalars."""
+    for item in overrides:
+        path, sep, raw = item.partition("=")
+        if not sep or not path:
+            raise RecipeError(f"--set {item!r}: write FIELD=VALUE, e.g. protocol.repeats=1")
+        node, parts = data, path.split(".")
+        for part in parts[:-1]:
+            key = int(part) if isinstance(node, list) and part.isdigit() else part
+            try:
+                node = node[key] if isinstance(node, list) else node.setdefault(key, {})
+            except (IndexError, TypeError, AttributeError):
+                raise RecipeError(f"--set {item!r}: {part!r} is not a field of the recipe") from None
+        last = int(parts[-1]) if isinstance(node, list) and parts[-1].isdigit() else parts[-1]
+        try:
+            node[last] = yaml.safe_load(raw)
+        except (IndexError, TypeError) as err:
+            raise RecipeError(f"--set {item!r}: {err}") from None
+    return data
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read and validate a YAML recipe; paths inside it are relative to the recipe file.
+    `overrides` (FIELD=VALUE, dotted) change fields before validation."""
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"{path}: no such recipe file")
@@ -382,6 +404,7 @@ def load_recipe(path: str | Path) -> Recipe:
         raise RecipeError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: a recipe is a YAML mapping with name, cohort and arms")
+    data = apply_overrides(data, overrides or [])
     return recipe_from_dict(data, source=str(path), base_dir=path.parent.resolve())
 
 
