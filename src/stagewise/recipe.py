@@ -258,6 +258,14 @@ class ArmConfig(_Strict):
                 self.with_values({path: values[0]})
         return self
 
+    @field_validator("stages", mode="before")
+    @classmethod
+    def _flatten_stage_lists(cls, v):
+        """`stages: [*pretraining, *finetune]`: YAML anchors of stage lists nest; flatten them."""
+        if isinstance(v, list):
+            return [s for item in v for s in (item if isinstance(item, list) else [item])]
+        return v
+
     @field_validator("backbone", mode="before")
     @classmethod
     def _backbone_from_str(cls, v):

@@ -1,0 +1,42 @@
+"""Recipes: every example loads; bad recipes fail with the field named."""
+
+from pathlib import Path
+
+import pytest
+
+from stagewise.recipe import RecipeError, load_recipe, recipe_from_dict
+
+EXAMPLES = sorted((Path(__file__).parents[1] / "examples").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_every_example_recipe_is_valid(path):
+    recipe = load_recipe(path)
+    assert recipe.cohort.manifest.is_absolute()
+
+
+def _base(**arm):
+    return {"name": "r", "cohort": {"manifest": "m.csv"},
+            "arms": [{"name": "a", "backbone": "scratch:resnet18", "stages": [{"kind": "probe"}], **arm}]}
+
+
+def test_overrides_change_fields_before_validation(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("name: r\ncohort: {manifest: m.csv}\narms:\n  - {name: a, backbone: scratch:resnet18, stages: [{kind: probe}]}\n")
+    recipe = load_recipe(path, ["protocol.repeats=3", "arms.0.stages.0.epochs=4", "data.image_size=64"])
+    assert (recipe.protocol.repeats, recipe.arms[0].stages[0].epochs, recipe.data.image_size) == (3, 4, 64)
+    with pytest.raises(RecipeError, match="protocol.repeats"):
+        load_recipe(path, ["protocol.repeats=0"])
+
+
+@pytest.mark.parametrize("arm, message", [
+    ({"stages": [{"kind": "thaw"}]}, "unfreeze"),
+    ({"stages": [{"kind": "probe", "lr": {"layer4": 1e-3}}]}, "head"),
+    ({"stages": [{"kind": "probe"}, {"kind": "pretrain", "source": {"manifest": "s.csv", "targets": ["y"]}}]}, "come first"),
+    ({"stages": [{"kind": "ssl"}]}, "source"),
+    ({"name": "a/b"}, "name"),
+    ({"tune": {"grid": {"stages.5.lr": [1e-3]}}}, "does not name a field"),
+])
+def test_bad_arms_name_the_problem(arm, message):
+    with pytest.raises(RecipeError, match=message):
+        recipe_from_dict(_base(**arm))
