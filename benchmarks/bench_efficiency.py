@@ -76,12 +76,12 @@ def bench_tiny(quick: bool) -> None:
 
     recipes = {
         "tinycnn (single)": ("scratch:tinycnn", [
-            StageConfig(kind="finetune", epochs=epochs(5), batch_size=64, lr=3e-3, schedule="onecycle",
+            StageConfig(kind="finetune", epochs=epochs(8), batch_size=64, lr=3e-3, schedule="onecycle",
                         augment={"rotate": 8, "translate": 0.08}),
         ]),
         "tinycnn dual-input-output": ("dual:scratch:tinycnn-6-12-20-20", [
-            StageConfig(kind="dual", epochs=epochs(4), batch_size=64, lr=3e-3, schedule="onecycle", augment=aug),
-            StageConfig(kind="thaw", epochs=epochs(1), batch_size=64, lr=5e-4, lr_decay=0.5,
+            StageConfig(kind="dual", epochs=epochs(6), batch_size=64, lr=3e-3, schedule="onecycle", augment=aug),
+            StageConfig(kind="thaw", epochs=epochs(2), batch_size=64, lr=5e-4, lr_decay=0.5,
                         unfreeze={"block3": 0.0, "block2": 0.25, "block1": 0.5, "stem": 0.75}),
         ]),
     }

@@ -59,23 +59,23 @@ def bench_transfer(quick: bool, tmp: Path) -> None:
     e = (lambda n: 1) if quick else (lambda n: n)
     src = {"manifest": str(source), "targets": ["label"], "task": "classification"}
     fold_stages = [
-        {"kind": "probe", "epochs": e(8), "batch_size": 16, "lr": 3e-3},
-        {"kind": "thaw", "epochs": e(8), "batch_size": 16, "schedule": "onecycle", "lr_decay": 0.5, "lr": 1e-3,
+        {"kind": "probe", "epochs": e(6), "batch_size": 16, "lr": 3e-3},
+        {"kind": "thaw", "epochs": e(6), "batch_size": 16, "schedule": "onecycle", "lr_decay": 0.5, "lr": 1e-3,
          "unfreeze": {"layer4": 0.0, "layer3": 0.25, "layer2": 0.5}, "augment": {"flip": True, "rotate": 5}},
     ]
     arms = [
         {"name": "scratch", "backbone": "scratch:resnet18", "stages": fold_stages},
         {"name": "supervised-pretrained", "backbone": "scratch:resnet18",
-         "stages": [{"kind": "pretrain", "epochs": e(5), "batch_size": 32, "lr": 1e-3, "source": src,
+         "stages": [{"kind": "pretrain", "epochs": e(3), "batch_size": 32, "lr": 1e-3, "source": src,
                      "augment": {"flip": True, "rotate": 5}}, *fold_stages]},
         {"name": "ssl-pretrained", "backbone": "scratch:resnet18",
-         "stages": [{"kind": "ssl", "method": "simclr", "epochs": e(5), "batch_size": 64, "lr": 1e-3,
+         "stages": [{"kind": "ssl", "method": "simclr", "epochs": e(3), "batch_size": 64, "lr": 1e-3,
                      "source": {"manifest": str(source)}}, *fold_stages]},
     ]
     recipe = recipe_from_dict({
         "name": "transfer", "seed": 0,
         "cohort": {"manifest": str(target), "outcome": "went_icu", "patient": "patient", "image": "path"},
-        "data": {"image_size": 64 if quick else 128}, "protocol": {"folds": 2 if quick else 5, "test_images": "first"},
+        "data": {"image_size": 64 if quick else 96}, "protocol": {"folds": 2 if quick else 5, "test_images": "first"},
         "evaluation": {"saliency": 0, "bootstrap": 200 if quick else 2000, "report": False}, "arms": arms,
     })
     t0 = time.perf_counter()
@@ -102,7 +102,7 @@ def bench_lus(quick: bool, tmp: Path) -> None:
     arms = [
         {"name": "scratch", "backbone": "scratch:resnet18", "stages": supervised},
         {"name": "ssl", "backbone": "scratch:resnet18",
-         "stages": [{"kind": "ssl", "source": "target", "method": "simclr", "epochs": e(8), "batch_size": 64, "lr": 1e-3},
+         "stages": [{"kind": "ssl", "source": "target", "method": "simclr", "epochs": e(5), "batch_size": 64, "lr": 1e-3},
                     *supervised]},
     ]
     recipe = recipe_from_dict({

@@ -124,11 +124,34 @@ def label_efficiency(units: dict) -> dict:
     return {arm: sorted(c, key=lambda r: r["fraction"]) for arm, c in curves.items() if len(c) > 1}
 
 
+def task_evidence(predictions: pd.DataFrame, unit: str, task: str, how: str, n_boot: int, seed: int) -> dict:
+    """AUROC with DeLong and patient-bootstrap CIs for one extra outcome of a multi-task unit,
+    on the patients whose label for it is known."""
+    p = predictions[(predictions["arm"] == unit)].dropna(subset=[f"prob:{task}", f"y:{task}"])
+    agg = {"mean": "mean", "max": "max", "first": "first"}[how]
+    per_fold = p.groupby(["repeat", "fold", "patient"], sort=False).agg(y=(f"y:{task}", "first"), score=(f"prob:{task}", agg))
+    table = per_fold.groupby("patient", sort=False).agg(y=("y", "first"), score=("score", "mean")).reset_index()
+    y, s = table["y"].to_numpy().astype(int), table["score"].to_numpy()
+    out = {"n_patients": int(len(y)), "n_positive": int(y.sum())}
+    if len(np.unique(y)) == 2:
+        auc, lo, hi = delong_ci(y, s)
+        out["auroc_delong_ci"] = {"point": auc, "low": lo, "high": hi}
+        if n_boot:
+            point, low, high = bootstrap_ci(y, s, table["patient"].to_numpy(), roc_auc_score, n_boot=n_boot, seed=seed)
+            out["bootstrap_ci"] = {"auroc": {"point": point, "low": low, "high": high}}
+    return out
+
+
 def compute_evidence(recipe: Recipe, metrics: dict, predictions: pd.DataFrame) -> dict:
     units = metrics["arms"]
     table = patient_table(predictions, units, recipe.protocol.patient_aggregate)
     n_boot = recipe.evaluation.bootstrap
     per_unit = {name: unit_evidence(table[table["arm"] == name], u["kind"], n_boot, recipe.seed) for name, u in units.items()}
+    for name, u in units.items():
+        if u.get("tasks"):
+            per_unit[name]["tasks"] = {
+                t: task_evidence(predictions, name, t, recipe.protocol.patient_aggregate, n_boot, recipe.seed) for t in u["tasks"]
+            }
     pairs = recipe.evaluation.compare if recipe.evaluation.compare is not None else default_comparisons(units)
     return {
         "patient_level": "mean score over repeats; decision = majority of fold decisions",

@@ -389,8 +389,17 @@ def build_context(run_dir: str | Path) -> dict:
         })
 
     task_rows = [
-        {"unit": name, "task": task, **{m: fmt_mean_sd(ts.get(m)) for m in ("auroc", "balanced_accuracy", "f1")}}
+        {"unit": name, "task": task, **{m: fmt_mean_sd(ts.get(m)) for m in ("auroc", "balanced_accuracy", "f1")},
+         "pooled": fmt_point_ci(ev.get(name, {}).get("tasks", {}).get(task, {}).get("bootstrap_ci", {}).get("auroc"))}
         for name in order for task, ts in (arms[name].get("tasks") or {}).items()
+    ]
+    resource_rows = [
+        {"unit": name, "stage": stage.split(":", 1)[-1], "seconds": fmt_num(r.get("median_seconds_per_fold"), 1),
+         "rss": fmt_num(r["peak_rss_bytes"] / 2**30, 2) if r.get("peak_rss_bytes") else DASH,
+         "cuda": fmt_num(r["cuda_max_allocated_bytes"] / 2**30, 2) if r.get("cuda_max_allocated_bytes") else DASH,
+         "saved_peak": fmt_num(r["saved_activation_peak_bytes"] / 2**20, 1) if r.get("saved_activation_peak_bytes") else DASH,
+         "saved_median": fmt_num(r["saved_activation_median_bytes"] / 2**20, 1) if r.get("saved_activation_median_bytes") else DASH}
+        for name in order for stage, r in (arms[name].get("resources") or {}).items()
     ]
 
     pooled = []
@@ -516,6 +525,7 @@ def build_context(run_dir: str | Path) -> dict:
         "units": units,
         "pooled": pooled,
         "task_rows": task_rows,
+        "resource_rows": resource_rows,
         "comparisons": comparisons,
         "calibration": calibration,
         "label_rows": label_rows,
@@ -790,8 +800,15 @@ footer { margin-top: 30px; color: var(--faint); font-size: 11.5px; border-top: 1
   {% if task_rows %}
   <h3>Extra outcomes (multi-task units), fold mean ± sd</h3>
   <table id="tasks-table" style="width:auto">
-    <thead><tr><th>unit</th><th>outcome</th><th class="num">AUROC</th><th class="num">balanced acc.</th><th class="num">F1</th></tr></thead>
-    <tbody>{% for t in task_rows %}<tr data-unit="{{ t.unit }}"><td class="unit">{{ t.unit }}</td><td>{{ t.task }}</td><td class="num">{{ t.auroc }}</td><td class="num">{{ t.balanced_accuracy }}</td><td class="num">{{ t.f1 }}</td></tr>{% endfor %}</tbody>
+    <thead><tr><th>unit</th><th>outcome</th><th class="num">AUROC</th><th class="num">balanced acc.</th><th class="num">F1</th><th class="num">pooled AUROC [95 % bootstrap CI]</th></tr></thead>
+    <tbody>{% for t in task_rows %}<tr data-unit="{{ t.unit }}"><td class="unit">{{ t.unit }}</td><td>{{ t.task }}</td><td class="num">{{ t.auroc }}</td><td class="num">{{ t.balanced_accuracy }}</td><td class="num">{{ t.f1 }}</td><td class="num">{{ t.pooled }}</td></tr>{% endfor %}</tbody>
+  </table>
+  {% endif %}
+  {% if resource_rows %}
+  <h3>Time and memory per stage</h3>
+  <table id="resources-table" style="width:auto">
+    <thead><tr><th>unit</th><th>stage</th><th class="num">median s / fold</th><th class="num">peak RSS (GiB)</th><th class="num">CUDA peak (GiB)</th><th class="num">saved activations, peak step (MiB)</th><th class="num">median step (MiB)</th></tr></thead>
+    <tbody>{% for r in resource_rows %}<tr data-unit="{{ r.unit }}"><td class="unit">{{ r.unit }}</td><td>{{ r.stage }}</td><td class="num">{{ r.seconds }}</td><td class="num">{{ r.rss }}</td><td class="num">{{ r.cuda }}</td><td class="num">{{ r.saved_peak }}</td><td class="num">{{ r.saved_median }}</td></tr>{% endfor %}</tbody>
   </table>
   {% endif %}
 </section>
