@@ -172,15 +172,17 @@ def _wrap_resnet(net: nn.Module, input_spec: InputSpec, arch: str) -> Backbone:
     return Backbone(net, groups, net.layer4[-1].conv1.in_channels, input_spec, arch, _pool_flat)
 
 
-def _wrap_densenet(net: nn.Module, input_spec: InputSpec, arch: str) -> Backbone:
-    """DenseNet groups: stem, then each dense block with the transition that follows it."""
+def _wrap_densenet(net: nn.Module, input_spec: InputSpec, arch: str, classifier: str = "classifier") -> Backbone:
+    """DenseNet groups (torchvision, torchxrayvision, MONAI): stem, then each dense block with
+    the transition that follows it, the last with the final norm; features are ReLU + global
+    average pooling, and the library's classifier (`classifier`) is removed."""
     groups = OrderedDict(stem=["features.conv0", "features.norm0", "features.relu0", "features.pool0"])
     for i in range(1, 5):
         members = [f"features.denseblock{i}"]
         members.append(f"features.transition{i}" if i < 4 else "features.norm5")
         groups[f"block{i}"] = members
     dim = net.features.norm5.num_features
-    net.classifier = nn.Identity()
+    setattr(net, classifier, nn.Identity())
     return Backbone(net, groups, dim, input_spec, arch, _pool_relu_flat)
 
 

@@ -30,7 +30,7 @@ from stagewise.models.backbones import (
     _load_into,
     _load_state_file,
     _pool_flat,
-    _pool_relu_flat,
+    _wrap_densenet,
 )
 from stagewise.recipe import BackboneConfig
 
@@ -86,14 +86,5 @@ def _wrap_monai_resnet(net: nn.Module, arch: str) -> Backbone:
 
 
 def _wrap_monai_densenet(net: nn.Module, arch: str) -> Backbone:
-    """MONAI DenseNet groups: stem, then each dense block with the transition that follows it
-    (the last block with the final norm); features are ReLU + global average pooling, as in
-    MONAI's own classification layers, which are removed."""
-    groups = OrderedDict(stem=["features.conv0", "features.norm0", "features.relu0", "features.pool0"])
-    for i in range(1, 5):
-        members = [f"features.denseblock{i}"]
-        members.append(f"features.transition{i}" if i < 4 else "features.norm5")
-        groups[f"block{i}"] = members
-    dim = net.features.norm5.num_features
-    net.class_layers = nn.Identity()
-    return Backbone(net, groups, dim, InputSpec.gray(), arch, _pool_relu_flat)
+    """MONAI's DenseNet has torchvision's layout; its classification layers are removed."""
+    return _wrap_densenet(net, InputSpec.gray(), arch, classifier="class_layers")
