@@ -134,3 +134,27 @@ def test_merged_dual_model_equals_the_pair_on_the_original_stream():
     changed = {n for n, p in net.named_parameters() if not torch.equal(before[n], p)}
     assert any("block3" in n for n in changed) and any("block2" in n for n in changed)
     assert not any("stem" in n or "block1" in n for n in changed)
+
+
+def test_frozen_weights_with_trainable_biases_keep_exact_gradients():
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.GELU(), torch.nn.Linear(256, 256), torch.nn.GELU(),
+                              torch.nn.Linear(256, 1))
+    x = torch.randn(32, 64, requires_grad=True)
+    for layer in (mlp[0], mlp[2]):
+        layer.weight.requires_grad_(False)  # SlimFit freezes weight tensors; biases keep training
+
+    def run(patch):
+        meter = SavedActivations(mlp)
+        mlp.zero_grad(set_to_none=True)
+        x.grad = None
+        ctx = frozen_weights_save_no_input(mlp) if patch else torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t)
+        with ctx, meter.step():
+            mlp(x).pow(2).sum().backward()
+        return meter.steps[-1], [p.grad.clone() for p in mlp.parameters() if p.grad is not None] + [x.grad.clone()]
+
+    plain, grads_plain = run(False)
+    slim, grads_slim = run(True)
+    assert slim <= plain  # PyTorch's addmm already skips the input when the weight is frozen
+    for a, b in zip(grads_plain, grads_slim):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

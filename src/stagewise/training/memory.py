@@ -32,6 +32,7 @@ class _FrozenConv2d(torch.autograd.Function):
         w = weight.to(dtype)
         ctx.save_for_backward(w)
         ctx.conf = (x.shape, x.dtype, stride, padding, dilation, groups)
+        ctx.bias_dtype = None if bias is None else bias.dtype
         with torch.autocast(x.device.type, enabled=False):
             return F.conv2d(x.to(dtype), w, None if bias is None else bias.to(dtype), stride, padding, dilation, groups)
 
@@ -39,10 +40,12 @@ class _FrozenConv2d(torch.autograd.Function):
     def backward(ctx, grad):
         (w,) = ctx.saved_tensors
         shape, in_dtype, stride, padding, dilation, groups = ctx.conf
-        gx = None
+        gx = gb = None
         if ctx.needs_input_grad[0]:
             gx = torch.nn.grad.conv2d_input(shape, w, grad.to(w.dtype), stride, padding, dilation, groups).to(in_dtype)
-        return gx, None, None, None, None, None, None
+        if ctx.needs_input_grad[2]:  # a trainable bias needs only the output gradient
+            gb = grad.sum(dim=(0, 2, 3)).to(ctx.bias_dtype)
+        return gx, None, gb, None, None, None, None
 
 
 class _FrozenLinear(torch.autograd.Function):
@@ -52,6 +55,7 @@ class _FrozenLinear(torch.autograd.Function):
         w = weight.to(dtype)
         ctx.save_for_backward(w)
         ctx.in_dtype = x.dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
         with torch.autocast(x.device.type, enabled=False):
             return F.linear(x.to(dtype), w, None if bias is None else bias.to(dtype))
 
@@ -59,13 +63,14 @@ class _FrozenLinear(torch.autograd.Function):
     def backward(ctx, grad):
         (w,) = ctx.saved_tensors
         gx = (grad.to(w.dtype) @ w).to(ctx.in_dtype) if ctx.needs_input_grad[0] else None
-        return gx, None, None
+        gb = grad.reshape(-1, grad.shape[-1]).sum(0).to(ctx.bias_dtype) if ctx.needs_input_grad[2] else None
+        return gx, None, gb
 
 
 def _frozen_aware_forward(module: nn.Module, original):
     def forward(x):
-        frozen = not module.weight.requires_grad and (module.bias is None or not module.bias.requires_grad)
-        if not (frozen and torch.is_grad_enabled() and x.requires_grad):
+        # A frozen weight needs no input for its gradient; a trainable bias needs none either.
+        if module.weight.requires_grad or not torch.is_grad_enabled():
             return original(x)
         if isinstance(module, nn.Conv2d):
             return _FrozenConv2d.apply(x, module.weight, module.bias, module.stride, module.padding, module.dilation, module.groups)
@@ -76,7 +81,7 @@ def _frozen_aware_forward(module: nn.Module, original):
 
 @contextlib.contextmanager
 def frozen_weights_save_no_input(model: nn.Module):
-    """While active, a Conv2d/Linear whose weight (and bias) is frozen saves no input."""
+    """While active, a Conv2d/Linear whose weight is frozen saves no input (its bias may train)."""
     patched = []
     for m in model.modules():
         plain_conv = isinstance(m, nn.Conv2d) and m.padding_mode == "zeros" and isinstance(m.padding, tuple)
