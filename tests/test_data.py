@@ -299,6 +299,7 @@ def test_valid_manifest(tmp_path):
         "negative_images": 2,
         "positive_patients": 0,
         "negative_patients": 2,
+        "prevalence_patients": 0.0,
     }
     assert cohort.dropped == []
 
