@@ -14,7 +14,7 @@ from stagewise.runs import RunError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Staged transfer learning on small clinical imaging cohorts.")
 console = Console(stderr=True)
-out = Console()
+out = Console(width=None if Console().is_terminal else 140)  # logs and pipes: no 80-column wrap
 
 
 class RichReporter:
