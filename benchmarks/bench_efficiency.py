@@ -113,11 +113,15 @@ def _covid_manifest(tmp: Path) -> Path:
     return out
 
 
-def bench_memory(quick: bool) -> None:
+MEMORY_BACKBONES = ("scratch:resnet18", "scratch:timm:vit_tiny_patch16_224")
+
+
+def bench_memory(quick: bool, backbones=MEMORY_BACKBONES) -> None:
     """Same folds, same epochs: full fine-tuning vs dynamic freezing (80 % of tensors frozen)."""
     with tempfile.TemporaryDirectory() as tmp:
         manifest = _covid_manifest(Path(tmp))
-        for backbone, size in (("scratch:resnet18", 128 if quick else 224), ("scratch:timm:vit_tiny_patch16_224", 224)):
+        for backbone in backbones:
+            size = 128 if quick and "vit" not in backbone else 224
             base = {"epochs": 1 if quick else 6, "batch_size": 16, "lr": 1e-3, "schedule": "cosine",
                     "augment": {"flip": True, "rotate": 5}}
             arms = [
@@ -180,12 +184,13 @@ def main() -> None:
     parser.add_argument("--memory", action="store_true")
     parser.add_argument("--export", action="store_true")
     parser.add_argument("--quick", action="store_true", help="tiny data and one epoch: checks the script runs")
+    parser.add_argument("--memory-backbones", nargs="+", default=list(MEMORY_BACKBONES))
     args = parser.parse_args()
     print(f"machine: {machine()}; date {time.strftime('%Y-%m-%d')}")
     if args.tiny:
         bench_tiny(args.quick)
     if args.memory:
-        bench_memory(args.quick)
+        bench_memory(args.quick, args.memory_backbones)
     if args.export:
         bench_export(args.quick)
 

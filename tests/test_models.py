@@ -129,3 +129,16 @@ def test_sequential_backbones_resume_from_any_group(arch):
         whole = backbone(x)
         for k in range(1, len(backbone.group_names)):
             torch.testing.assert_close(backbone(backbone(x, 0, k), start=k), whole)
+
+
+def test_a_copied_timm_backbone_runs_its_own_weights():
+    import copy
+
+    original = build_arch("scratch:timm:resnet18").eval()
+    clone = copy.deepcopy(original)
+    with torch.no_grad():
+        for p in clone.parameters():
+            p.mul_(0.5)
+    x = torch.rand(2, 1, 64, 64)
+    with torch.no_grad():
+        assert not torch.allclose(original(x), clone(x))  # a closure over the original net would tie them

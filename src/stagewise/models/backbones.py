@@ -74,7 +74,8 @@ class Backbone(nn.Module):
 
     `groups` maps group name -> names of submodules of `net` in execution order. For a
     sequential backbone, `forward(x, start=k)` resumes from the output of group k-1, which
-    is what makes a cached frozen prefix usable.
+    is what makes a cached frozen prefix usable, and `pool(x)` turns the last output into
+    features; a non-sequential one runs whole as `pool(net, x)`.
     """
 
     def __init__(
@@ -84,7 +85,7 @@ class Backbone(nn.Module):
         feature_dim: int,
         input_spec: InputSpec,
         arch: str,
-        pool: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        pool: Callable | None = None,
         sequential: bool = True,
         param_names: "dict[str, list[str]] | None" = None,
     ):
@@ -139,7 +140,7 @@ class Backbone(nn.Module):
         if not self.sequential:
             if start != 0 or stop is not None:
                 raise RuntimeError(f"{self.arch} is not sequential; it runs only whole")
-            return self._pool(x)
+            return self._pool(self.net, x)
         for g in self.group_names[start:stop]:
             if self.checkpoint_groups and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(self._run_group, g, x, use_reentrant=False)
@@ -305,10 +306,14 @@ def _timm_backbone(name: str, cfg: BackboneConfig, pretrained: bool) -> Backbone
     else:
         spec = InputSpec.gray()
 
-    def pool(x):
-        return net.forward_head(net.forward_features(x), pre_logits=True)
+    return Backbone(net, groups, net.num_features, spec, f"timm:{name}", _timm_features, sequential=False,
+                    param_names=param_names)
 
-    return Backbone(net, groups, net.num_features, spec, f"timm:{name}", pool, sequential=False, param_names=param_names)
+
+def _timm_features(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Pooled pre-logits features of a timm model. It takes the net as an argument (no closure)
+    so that a deep copy of the backbone runs its own copied weights."""
+    return net.forward_head(net.forward_features(x), pre_logits=True)
 
 
 def _outermost(names: list[str]) -> list[str]:
