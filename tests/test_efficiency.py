@@ -28,7 +28,7 @@ def test_dynamic_scheduler_freezes_the_fraction_never_the_head_and_frozen_tensor
     assert not any(p is q for p in net.head.parameters() for q in freezer.tensors.values())
     opt = torch.optim.AdamW(net.parameters(), lr=1e-2, weight_decay=0.1)
     x, y = torch.rand(8, 1, 28, 28), torch.rand(8, 1).round()
-    previous, seen_sets = None, set()
+    seen_sets = set()
     for it in range(15):
         freezer.before_step()
         if it >= 3:

@@ -332,7 +332,7 @@ class _Study:
         if maps is None:
             return []
         out = []
-        for i, (p, r) in enumerate(zip(pos, rows)):
+        for i, p in enumerate(pos):
             rec = preds.iloc[p]
             correct = bool(rec["pred"] == rec["y"])
             title = f"{'correct' if correct else 'WRONG'}: y={int(rec['y'])} p={rec['prob']:.2f}\n{Path(rec['image']).name}"

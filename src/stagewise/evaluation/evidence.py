@@ -117,7 +117,7 @@ def compare(units: dict, table: pd.DataFrame, a: str, b: str) -> dict:
 
 def label_efficiency(units: dict) -> dict:
     curves: dict[str, list] = {}
-    for name, u in units.items():
+    for u in units.values():
         if u["kind"] == "model":
             s = u["summary"]["auroc"]
             curves.setdefault(u["base_arm"], []).append({"fraction": u["label_fraction"], "auroc_mean": s["mean"], "auroc_sd": s["sd"]})

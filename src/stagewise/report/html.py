@@ -576,7 +576,7 @@ def _checklist(metrics: dict, recipe: dict, ctx: dict) -> tuple[list[dict], list
         f"cohort: {cohort.get('patients', DASH)} patients ({cohort.get('positive_patients', DASH)} positive), "
         f"{cohort.get('images', DASH)} images",
         f"per split: {span(n_train)} training and {span(n_test)} test patients"
-        + (f" (full-label units; label-fraction units train on fewer)" if len(models) > len(full) else ""),
+        + (" (full-label units; label-fraction units train on fewer)" if len(models) > len(full) else ""),
         f"test images: {ctx['protocol_details'][0][1]}; patient score: {ctx['protocol_details'][1][1]}",
     ])
     data = recipe.get("data") or {}

@@ -51,7 +51,6 @@ def plan_stage(stage: StageConfig, group_names: list[str]) -> StagePlan:
     `group_names` runs from the input to the head (stem ... head). Explicit per-group LRs
     win; otherwise `lr_decay` multiplies the LR once per group going down from the head.
     """
-    backbone = group_names[:-1]
     named = set(stage.unfreeze) | (set(stage.lr) if isinstance(stage.lr, dict) else set())
     unknown = sorted(named - set(group_names))
     if unknown:
