@@ -208,7 +208,7 @@ def worker(spec: dict) -> dict:
     arm = recipe.arms[0]
     seed = fold_seed(recipe.seed, split)
     torch.manual_seed(seed)
-    net = prepare_network(Network.build(create_backbone(arm.backbone), arm.head, 1), compute)
+    net = prepare_network(Network.build(create_backbone(**arm.backbone.model_dump()), 1, 0, arm.head.dropout, arm.head.hidden), compute)
     cache = PrefixCache() if compute.reuse_frozen else None  # as run_study does
     ready = _usage()
     load0 = loadavg()

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from stagewise.models import Network, create_backbone
-from stagewise.recipe import ComputeConfig, HeadConfig, StageConfig, recipe_from_dict
+from stagewise.recipe import ComputeConfig, DualStage, FinetuneStage, ThawStage, recipe_from_dict
 from stagewise.training.cache import ImageSet
 from stagewise.training.compute import resolve_compute
 from stagewise.training.engine import Objective, fit_stage, predict
@@ -76,12 +76,12 @@ def bench_tiny(quick: bool) -> None:
 
     recipes = {
         "tinycnn (single)": ("scratch:tinycnn", [
-            StageConfig(kind="finetune", epochs=epochs(8), batch_size=64, lr=3e-3, schedule="onecycle",
+            FinetuneStage(epochs=epochs(8), batch_size=64, lr=3e-3, schedule="onecycle",
                         augment={"rotate": 8, "translate": 0.08}),
         ]),
         "tinycnn dual-input-output": ("dual:scratch:tinycnn-6-12-20-20", [
-            StageConfig(kind="dual", epochs=epochs(6), batch_size=64, lr=3e-3, schedule="onecycle", augment=aug),
-            StageConfig(kind="thaw", epochs=epochs(2), batch_size=64, lr=5e-4, lr_decay=0.5,
+            DualStage(epochs=epochs(6), batch_size=64, lr=3e-3, schedule="onecycle", augment=aug),
+            ThawStage(epochs=epochs(2), batch_size=64, lr=5e-4, lr_decay=0.5,
                         unfreeze={"block3": 0.0, "block2": 0.25, "block1": 0.5, "stem": 0.75}),
         ]),
     }
@@ -89,7 +89,7 @@ def bench_tiny(quick: bool) -> None:
         images, y, train, test = _mnist(dataset, quick)
         for name, (spec, stages) in recipes.items():
             torch.manual_seed(0)
-            net = Network.build(create_backbone(spec), HeadConfig(dropout=0.0), 10)
+            net = Network.build(create_backbone(spec), 10, dropout=0.0)
             n_params = sum(p.numel() for p in net.parameters())
             t0 = time.perf_counter()
             for i, stage in enumerate(stages):
@@ -164,7 +164,7 @@ def bench_export(quick: bool) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for spec, size in (("scratch:tinycnn", 28), ("scratch:resnet18", 224), ("scratch:resnet50", 224)):
             torch.manual_seed(0)
-            net = Network.build(create_backbone(spec), HeadConfig()).eval()
+            net = Network.build(create_backbone(spec)).eval()
             model = SharedHeads(net.backbone, {"task": net.head}).eval()
             path = export_onnx(model, Path(tmp) / "m.onnx", size)
             session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])

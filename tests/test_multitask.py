@@ -8,7 +8,6 @@ import torch
 from conftest import small_recipe
 from stagewise.evaluation.baselines import fold_standardize
 from stagewise.models import Network, build_arch
-from stagewise.recipe import HeadConfig
 from stagewise.study import run_study
 from stagewise.training.engine import masked_bce
 
@@ -17,7 +16,7 @@ PROBE = {"kind": "probe", "epochs": 3, "batch_size": 16, "lr": 3e-3}
 
 def test_missing_label_gives_its_task_head_no_gradient():
     torch.manual_seed(0)
-    net = Network.build(build_arch("scratch:tinycnn"), HeadConfig(dropout=0.0), n_outputs=3)
+    net = Network.build(build_arch("scratch:tinycnn"), n_outputs=3, dropout=0.0)
     x = torch.rand(4, 1, 28, 28)
     y = torch.tensor([[1.0, float("nan"), 0.0], [0.0, float("nan"), 1.0], [1.0, float("nan"), float("nan")], [0.0, float("nan"), 1.0]])
     masked_bce(net(x), y).backward()

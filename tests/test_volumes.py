@@ -156,6 +156,22 @@ def test_saved_3d_backbone_round_trips_through_file_and_run(tmp_path):
             assert torch.equal(original(x), loaded(x))
 
 
+def test_monai_weights_in_medicalnet_layout_load_and_misfits_name_the_file(tmp_path):
+    from stagewise.models import BackboneError
+
+    torch.manual_seed(0)
+    source = build_arch("monai:resnet10").eval()
+    medicalnet = tmp_path / "resnet_10.pth"  # MedicalNet's layout: {"state_dict": {"module.<key>": ...}}
+    torch.save({"state_dict": {f"module.{k}": v for k, v in source.net.state_dict().items()}}, medicalnet)
+    loaded = create_backbone("monai:resnet10", weights=medicalnet).eval()
+    x = _input("resnet10")
+    with torch.no_grad():
+        assert torch.equal(loaded(x), source(x))
+    with pytest.raises(BackboneError, match="do not fit monai:resnet18") as err:
+        create_backbone("monai:resnet18", weights=medicalnet)
+    assert str(medicalnet) in str(err.value)
+
+
 def test_volume_augmentation_flips_rotates_and_mixes():
     g = torch.Generator().manual_seed(0)
     v = torch.rand(8, 1, 6, 7, 5, generator=g)

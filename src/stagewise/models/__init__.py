@@ -1,13 +1,30 @@
-from stagewise.models.backbones import (
-    Backbone,
-    BackboneError,
-    InputSpec,
-    WeightsUnavailable,
+"""Backbones (pretrained trunks with named, ordered layer groups) and heads.
+
+Importing this package registers every backbone source: one module per source, each
+registering itself with `registry` when imported; `stagewise backbones` lists them in
+registration order (a module's own imports come first: `scratch` imports `tiny`).
+"""
+
+from stagewise.models import (  # noqa: F401  (imported to register their sources)
+    xrv,
+    torchvision_source,
+    timm_source,
+    monai_source,
+    tiny,
+    scratch,
+    files,
+)
+from stagewise.models.base import Backbone, BackboneError, InputSpec, WeightsUnavailable, save_backbone
+from stagewise.models.files import load_network, save_network
+from stagewise.models.heads import Head, Network
+from stagewise.models.registry import (
     build_arch,
     create_backbone,
-    save_backbone,
+    describe_sources,
+    list_archs,
+    list_sources,
+    register_source,
 )
-from stagewise.models.heads import Head, Network
 
 __all__ = [
     "Backbone",
@@ -18,5 +35,11 @@ __all__ = [
     "WeightsUnavailable",
     "build_arch",
     "create_backbone",
+    "describe_sources",
+    "list_archs",
+    "list_sources",
+    "load_network",
+    "register_source",
     "save_backbone",
+    "save_network",
 ]

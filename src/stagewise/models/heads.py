@@ -1,4 +1,8 @@
-"""Heads on top of backbone features, and the backbone + head network."""
+"""Heads on top of backbone features, and the backbone + head network.
+
+Plain parameters (dropout, hidden width), not recipe types: the model layer does not depend
+on the recipe schema, so a saved network or bundle can be rebuilt from its metadata alone.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +11,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from stagewise.models.backbones import Backbone
-from stagewise.recipe import HeadConfig
+from stagewise.models.base import Backbone
 
 
 class Head(nn.Module):
@@ -49,8 +52,11 @@ class Network(nn.Module):
         """Width of the clinical vector joined to the image features (0: image only)."""
 
     @classmethod
-    def build(cls, backbone: Backbone, cfg: HeadConfig, n_outputs: int = 1, n_extra: int = 0) -> "Network":
-        head = Head(backbone.feature_dim + n_extra, n_outputs, cfg.dropout, cfg.hidden)
+    def build(
+        cls, backbone: Backbone, n_outputs: int = 1, n_extra: int = 0, dropout: float = 0.1, hidden: int | None = None
+    ) -> "Network":
+        """`backbone` + a new head over its features and `n_extra` clinical values."""
+        head = Head(backbone.feature_dim + n_extra, n_outputs, dropout, hidden)
         return cls(backbone, head, n_extra)
 
     @property

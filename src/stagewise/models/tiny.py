@@ -6,16 +6,22 @@ and fine-tuned with progressive unfreezing from the last layer backwards. Here t
 a `DualBackbone`: during a `dual` stage each branch gets its own stream, otherwise both
 branches see the same image, which *is* the merged model (no weights are copied or
 averaged, so the merged model equals the pair on the original stream by construction).
+
+`scratch:tinycnn[-W1-W2-W3-W4]` builds the tiny CNN (see `scratch`); this module registers
+the `dual:<spec>` source: two independently initialised copies of any sequential backbone
+spec, built (or loaded) through the registry.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from stagewise.models.backbones import Backbone, BackboneError, InputSpec, _pool_flat
+from stagewise.models.base import Backbone, BackboneError, InputSpec, pool_flat
+from stagewise.models.registry import build_arch, create_backbone, register_source
 
 DEFAULT_WIDTHS = (8, 16, 32, 28)
 
@@ -48,7 +54,7 @@ def tiny_cnn(name: str = "tinycnn", in_channels: int = 1) -> Backbone:
         block3=nn.Sequential(*_conv(w3, w4)),
     ))
     groups = OrderedDict((g, [g]) for g in ("stem", "block1", "block2", "block3"))
-    return Backbone(net, groups, w4, InputSpec.gray(), f"scratch:{name}", _pool_flat)
+    return Backbone(net, groups, w4, InputSpec.gray(), f"scratch:{name}", pool_flat)
 
 
 class DualBackbone(Backbone):
@@ -76,3 +82,24 @@ class DualBackbone(Backbone):
 
     def forward_pair(self, x_original: torch.Tensor, x_augmented: torch.Tensor) -> torch.Tensor:
         return torch.cat([self.net["a"](x_original), self.net["b"](x_augmented)], dim=1)
+
+
+def _build_dual(inner: str) -> Backbone:
+    """Two independently initialised copies of `inner` (e.g. dual:scratch:tinycnn)."""
+    return DualBackbone(build_arch(inner), build_arch(inner))
+
+
+def _pretrained_dual(inner: str, *, weights: Path | None, cache_dir: Path | None, arch: str | None) -> Backbone:
+    def make() -> Backbone:
+        return create_backbone(inner, weights=weights, cache_dir=cache_dir, arch=arch)
+
+    return DualBackbone(make(), make())
+
+
+register_source(
+    "dual",
+    archs=("scratch:tinycnn",),
+    build_arch=_build_dual,
+    load_pretrained=_pretrained_dual,
+    describe=[("dual:<spec>", "two copies of a backbone for dual-input-output training (e.g. dual:scratch:tinycnn)")],
+)

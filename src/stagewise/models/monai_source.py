@@ -1,4 +1,4 @@
-"""3D backbones for volumes (brain MRI and other NIfTI scans), from MONAI.
+"""`monai:<arch>`: 3D backbones for volumes (brain MRI and other NIfTI scans), from MONAI.
 
 `monai:<arch>` wraps a MONAI network built for one-channel 3D input into the same
 `Backbone` as the 2D trunks: ordered layer groups (stem, layer1..layer4 for a ResNet;
@@ -20,19 +20,12 @@ stagewise (`save_backbone`, a study's pretrained/ folder) is rebuilt from its re
 from __future__ import annotations
 
 from collections import OrderedDict
+from pathlib import Path
 
 from torch import nn
 
-from stagewise.models.backbones import (
-    Backbone,
-    BackboneError,
-    InputSpec,
-    _load_into,
-    _load_state_file,
-    _pool_flat,
-    _wrap_densenet,
-)
-from stagewise.recipe import BackboneConfig
+from stagewise.models.base import Backbone, BackboneError, InputSpec, load_into, load_state_file, pool_flat, wrap_densenet
+from stagewise.models.registry import register_source
 
 _RESNETS = ("resnet10", "resnet18", "resnet34", "resnet50")
 _DENSENETS = ("densenet121",)
@@ -66,14 +59,14 @@ def monai_arch(name: str) -> Backbone:
     return _wrap_monai_densenet(net, f"monai:{name}")
 
 
-def monai_backbone(name: str, cfg: BackboneConfig | None = None) -> Backbone:
+def monai_backbone(name: str, *, weights: Path | None = None, cache_dir: Path | None = None, arch: str | None = None) -> Backbone:
     """`monai:<arch>` from a recipe: random init, or the local `backbone.weights` file."""
     backbone = monai_arch(name)
-    if cfg is not None and cfg.weights is not None:
-        state = _load_state_file(cfg.weights)
+    if weights is not None:
+        state = load_state_file(weights)
         state = {k.removeprefix("module."): v for k, v in state.items()}
         state = {k: v for k, v in state.items() if not k.startswith("class_layers.")}  # MONAI DenseNet's head
-        _load_into(backbone, state, strict_head=False, source=str(cfg.weights))
+        load_into(backbone, state, strict_head=False, source=str(weights))
     return backbone
 
 
@@ -82,9 +75,19 @@ def _wrap_monai_resnet(net: nn.Module, arch: str) -> Backbone:
     groups = OrderedDict(stem=["conv1", "bn1", "act", "maxpool"])
     for i in range(1, 5):
         groups[f"layer{i}"] = [f"layer{i}"]
-    return Backbone(net, groups, net.in_planes, InputSpec.gray(), arch, _pool_flat)
+    return Backbone(net, groups, net.in_planes, InputSpec.gray(), arch, pool_flat)
 
 
 def _wrap_monai_densenet(net: nn.Module, arch: str) -> Backbone:
     """MONAI's DenseNet has torchvision's layout; its classification layers are removed."""
-    return _wrap_densenet(net, InputSpec.gray(), arch, classifier="class_layers")
+    return wrap_densenet(net, InputSpec.gray(), arch, classifier="class_layers")
+
+
+register_source(
+    "monai",
+    archs=MONAI_ARCHS,
+    build_arch=monai_arch,
+    load_pretrained=monai_backbone,
+    describe=[("monai:<arch>", "3D, for NIfTI volumes; MONAI network, random init (or backbone.weights), 1 channel: "
+               + ", ".join(MONAI_ARCHS) + " (densenet121: image_size >= 32)")],
+)
