@@ -1,16 +1,22 @@
 """The HTML report: one self-contained file whose numbers are metrics.json's, with user text escaped."""
 
 import base64
+import hashlib
+import importlib.resources
 import json
+import re
 import shutil
 from html.parser import HTMLParser
+from pathlib import Path
 
+import jinja2
 import numpy as np
 import pandas as pd
 import pytest
 
 from conftest import small_recipe
-from stagewise.report.html import fmt_num, fmt_p, write_report
+from stagewise.report.formatting import fmt_num, fmt_p
+from stagewise.report.html import TEMPLATE_NAME, environment, write_report
 from stagewise.study import run_study
 
 PROBE = {"kind": "probe", "epochs": 2, "batch_size": 16, "lr": 3e-3}
@@ -206,3 +212,138 @@ def test_report_without_evidence_still_renders(run, tmp_path):
     parser.feed(write_report(d).read_text(encoding="utf-8"))
     assert {r["attrs"]["data-unit"] for r in parser.tables["units-table"]} == set(m["arms"])
     assert "fig-roc" not in parser.ids
+
+
+def test_template_is_package_data():
+    """The page comes from templates/report.html.j2 inside the package (pyproject's package-data), not a string."""
+    env = environment()
+    assert isinstance(env.loader, jinja2.PackageLoader)
+    template = env.get_template(TEMPLATE_NAME)
+    shipped = importlib.resources.files("stagewise.report") / "templates" / TEMPLATE_NAME
+    assert shipped.is_file()
+    assert Path(template.filename).resolve() == Path(str(shipped)).resolve()
+    assert shipped.read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
+    assert env.autoescape is True and env.undefined is jinja2.StrictUndefined
+
+
+def _fixed_run(d: Path) -> Path:
+    """A hand-written finished run that reaches every section: sites, tasks, resources, tuning, saliency."""
+    d.mkdir(parents=True)
+    roc = {"fpr": [0.0, 0.1, 0.3, 1.0], "tpr": [0.0, 0.6, 0.9, 1.0],
+           "tpr_low": [0.0, 0.4, 0.8, 1.0], "tpr_high": [0.0, 0.8, 1.0, 1.0]}
+    cal = {"prob_pred": [0.1, 0.4, 0.8], "prob_true": [0.15, 0.35, 0.9]}
+    dec = {"threshold": [0.1, 0.3, 0.5], "net_benefit_model": [0.4, 0.3, 0.2],
+           "net_benefit_all": [0.38, 0.2, -0.1], "net_benefit_none": [0.0, 0.0, 0.0]}
+
+    def stat(m, s, n=3):
+        return {"mean": m, "sd": s, "n": n}
+
+    def ci(p, lo, hi):
+        return {"point": p, "low": lo, "high": hi}
+
+    folds = [{"repeat": 0, "fold": i, "auroc": 0.8 + 0.05 * i, "n_test_patients": 10 + i, "n_train_patients": 20 - i}
+             for i in range(3)]
+
+    def arm(kind, **kw):
+        return {"kind": kind, "backbone": "scratch:resnet18" if kind == "model" else "\u2014",
+                "stages": ["probe"] if kind == "model" else [], "folds": folds,
+                "summary": {"auroc": stat(0.85, 0.04), "balanced_accuracy": stat(0.7712, 0.031, 2),
+                            "f1": stat(-0.00001, float("nan"))}, "train_seconds": 12.34, **kw}
+
+    def unit_evidence(name):
+        e = {"n_patients": 40, "n_positive": 15, "roc": roc, "auroc_delong_ci": ci(0.86, 0.75, 0.95),
+             "bootstrap_ci": {"auroc": ci(0.861, 0.74, 0.96), "balanced_accuracy": ci(0.77, 0.65, 0.88),
+                              "f1": ci(0.7, 0.55, 0.83)}}
+        if not name.startswith("baseline"):
+            e.update(calibration_curve=cal, decision_curve=dec,
+                     calibration={"slope": 0.91, "slope_low": 0.5, "slope_high": 1.3, "intercept": -0.12,
+                                  "intercept_low": -0.6, "intercept_high": 0.4, "brier": 0.17})
+        if name == "probe":
+            e["tasks"] = {"death": {"bootstrap_ci": {"auroc": ci(0.7, 0.6, 0.8)}}}
+        return e
+
+    metrics = {
+        "recipe": "golden <study> & co", "seed": 7, "compute": "cpu fp32", "n_splits": 3,
+        "wall_seconds_this_session": 99.6,
+        "cohort": {"patients": 40, "positive_patients": 15, "negative_patients": 25, "images": 80,
+                   "positive_images": 31, "negative_images": 49,
+                   "sites": {"A": {"patients": 20, "positive_patients": 5, "images": 40}, "B": {"patients": 20}}},
+        "protocol": {"kind": "leave_one_site_out", "test_images": "all", "patient_aggregate": "mean", "threshold": 0.5},
+        "arms": {
+            "baseline:grade": arm("baseline"),
+            "probe@0.5": arm("model", label_fraction=0.5, base_arm="probe"),
+            "clinical": arm("clinical"),
+            "probe": arm("model", label_fraction=1.0, base_arm="probe",
+                         tasks={"death": {"auroc": stat(0.7, 0.1), "f1": stat(0.5, 0.2)}},
+                         resources={"probe:0": {"median_seconds_per_fold": 3.21, "peak_rss_bytes": 3 * 2**30,
+                                                "saved_activation_peak_bytes": 5 * 2**20}},
+                         tuning=[{"repeat": 0, "fold": i, "chosen": {"stages.0.lr": 0.001 * (i + 1)}}
+                                 for i in range(3)],
+                         saliency=[{"file": "folds/r0-f1/saliency/probe-3.png", "row": 3, "y": 1, "prob": 0.91,
+                                    "correct": True},
+                                   {"file": "folds/r0-f2/saliency/missing.png", "row": 5, "y": 0, "prob": 0.77,
+                                    "correct": False}]),
+        },
+        "evidence": {
+            "patient_level": "mean of each patient's image scores",
+            "units": {n: unit_evidence(n) for n in ("probe", "probe@0.5", "clinical", "baseline:grade")},
+            "comparisons": [
+                {"a": "probe", "b": "clinical", "n_patients": 40,
+                 "delong": {"diff": -0.0721, "ci_low": -0.2, "ci_high": 0.05, "p": 0.0004},
+                 "corrected_t": {"mean_diff": 0.03, "ci_low": -0.1, "ci_high": 0.16, "p": 0.3, "df": 2},
+                 "wilcoxon": {"p": 0.04}},
+                {"a": "probe", "b": "baseline:grade", "n_patients": 40,
+                 "delong": {"diff": 0.1, "ci_low": 0.01, "ci_high": 0.2, "p": 0.049},
+                 "corrected_t": {"mean_diff": 0.1, "ci_low": 0.0, "ci_high": 0.2, "p": 0.051, "df": 2}},
+            ],
+            "label_efficiency": {"probe": [{"fraction": 0.5, "auroc_mean": 0.8, "auroc_sd": 0.05},
+                                           {"fraction": 1.0, "auroc_mean": 0.85, "auroc_sd": float("nan")}]},
+        },
+    }
+    (d / "metrics.json").write_text(json.dumps(metrics))
+    (d / "environment.json").write_text(json.dumps({"stagewise": "9.9", "python": "3.11", "torch": "2.0", "cuda": None,
+                                                    "cpu_threads": 2, "ok": True, "lr": 0.0001}))
+    (d / "recipe.yaml").write_text(
+        "name: golden\ncohort: {outcome: died, clinical: [age]}\ndata: {image_size: 32, resize: pad}\n"
+        "evaluation: {bootstrap: 200}\narms:\n- name: probe\n  backbone: {name: scratch:resnet18, weights: w.pt}\n"
+        "  head: {dropout: 0.1, hidden: null}\n  tune: {grid: {stages.0.lr: [0.001, 0.003]}, inner_folds: 2}\n"
+        "  stages:\n  - {kind: probe, epochs: 2, batch_size: 16, lr: 0.003, lr_decay: 0.5, schedule: onecycle,\n"
+        "     weight_decay: 0.0001, bn: freeze, unfreeze: {0.5: 1}, balanced_sampling: true,\n"
+        "     augment: {flip: true, rotate: 10.0, scale: 0.0}, cutmix: {alpha: 1.0, p: 0.5}, mixup: null}\n")
+    (d / "log.txt").write_text("2030-01-02 03:04:05,678 INFO start\n")
+    sal = d / "folds/r0-f1/saliency/probe-3.png"
+    sal.parent.mkdir(parents=True)
+    sal.write_bytes(b"\x89PNG\r\n\x1a\nnot really an image")
+    return d
+
+
+# sha256 of the fixed run's page, as the single-file html.py wrote it before the report was split into
+# formatting / figures / context / checklist / template (issue 8.4), with the run directory, the time of
+# writing and the matplotlib PNG payloads (they vary with matplotlib and FreeType) replaced by placeholders.
+# A change meant to alter the page must update it (and say so). Updated once since: the page shows
+# the run directory's name, not its absolute path, and the recipe without local paths (issue 9.12).
+GOLDEN_SHA256 = "5884081c214e258fe84901db5ef8dc0c5f0644c4deb8050a5a39f575f85cb85e"
+
+
+def _without_time(html: str) -> str:
+    """The page less the minute it was written (the footer's `on YYYY-MM-DD HH:MM from`)."""
+    return re.sub(r" on \d{4}-\d\d-\d\d \d\d:\d\d from ", " on DATE from ", html)
+
+
+def _normalized(html: str, run_dir: Path) -> str:
+    html = _without_time(html.replace(str(run_dir.resolve()), "RUN_DIR"))
+    return re.sub(r'(id="fig-[a-z-]+" alt="[^"]*" src="data:image/png;base64,)[^"]+"', r'\1PNG"', html)
+
+
+def test_fixed_run_renders_the_same_page_as_before(tmp_path):
+    d = _fixed_run(tmp_path / "run")
+    first = write_report(d).read_text(encoding="utf-8")
+    assert str(tmp_path) not in first  # a report leaves the site: no local path in it
+    page = _normalized(first, d)
+    assert page.count('base64,PNG"') == 4  # ROC, calibration, decision and label-efficiency figures
+    digest = hashlib.sha256(page.encode("utf-8")).hexdigest()
+    if digest != GOLDEN_SHA256:
+        (tmp_path / "normalized.html").write_text(page, encoding="utf-8")
+    assert digest == GOLDEN_SHA256, f"the page changed; normalized page in {tmp_path / 'normalized.html'}"
+    again = write_report(d).read_text(encoding="utf-8")
+    assert _without_time(again) == _without_time(first)  # figures included: same curves, same PNG bytes

@@ -1,0 +1,144 @@
+"""The reporting checklist: which TRIPOD+AI and CLAIM items this run states, and which the authors must write.
+
+TRIPOD+AI (prediction models) and CLAIM (AI in medical imaging) list what a paper has to report.
+Much of it is already fixed by the run (data partition, models, training, thresholds, statistics,
+software), so the report states those items from metrics.json and recipe.yaml, and lists the items
+only the authors can write (eligibility, outcome definition, data source, ...) as to-dos. The
+wording is a reporting standard's, not a layout's, which is why it lives apart from the template.
+"""
+
+from __future__ import annotations
+
+from stagewise.report.formatting import DASH, fmt_setting
+from stagewise.report.units import is_full_label, ordered_units, recipe_arms
+
+
+def _stage_text(stage: dict) -> dict:
+    """One recipe stage in words: its kind, training settings, augmentation and CutMix / MixUp."""
+    aug = stage.get("augment") or {}
+    active = [f"{k} {fmt_setting(v)}" if not isinstance(v, bool) else k for k, v in aug.items() if v]
+    mix = []
+    for name in ("cutmix", "mixup"):
+        cfg = stage.get(name)
+        label = "CutMix" if name == "cutmix" else "MixUp"
+        mix.append(f"{label} α {fmt_setting(cfg.get('alpha'))} on {fmt_setting(cfg.get('p'))} of batches"
+                   if cfg else f"{label} off")
+    training = f"{stage.get('epochs')} epochs, batch {stage.get('batch_size')}, lr {fmt_setting(stage.get('lr'))}"
+    if stage.get("lr_decay") is not None:
+        training += f" (decay {fmt_setting(stage['lr_decay'])} per group)"
+    training += (f", {stage.get('schedule')} schedule, weight decay {fmt_setting(stage.get('weight_decay'))}, "
+                 f"BN {stage.get('bn')}")
+    if stage.get("unfreeze"):
+        training += f"; unfreeze {fmt_setting(stage['unfreeze'])} (fraction of the stage's epochs)"
+    if stage.get("balanced_sampling"):
+        training += "; class-balanced sampling"
+    return {"kind": stage.get("kind"), "training": training,
+            "augment": ", ".join(active) if active else "none", "mix": "; ".join(mix)}
+
+
+def checklist(metrics: dict, recipe: dict, ctx: dict) -> tuple[list[dict], list[dict]]:
+    """(stated items, items for the authors to write), each item {topic, guide, lines or hint}.
+
+    `ctx` is the template context built so far: the checklist repeats its protocol, tuning and
+    environment texts so that the checklist and the tables above it say the same thing."""
+    arms, cohort, protocol = metrics.get("arms", {}), metrics.get("cohort", {}), metrics.get("protocol", {})
+    evidence = metrics.get("evidence", {})
+    ev = evidence.get("units", {})
+    evaluation = recipe.get("evaluation") or {}
+    r_cohort = recipe.get("cohort") or {}
+    r_arms = recipe_arms(recipe)
+    order = ordered_units(arms)
+    models = [n for n in order if arms[n].get("kind") == "model"]
+    auto: list[dict] = []
+
+    def item(topic: str, guide: str, lines: list[str]) -> None:
+        auto.append({"topic": topic, "guide": guide, "lines": [x for x in lines if x]})
+
+    folds = next((arms[n].get("folds") for n in order if arms[n].get("folds")), [])
+    n_test = sorted({f.get("n_test_patients") for f in folds if f.get("n_test_patients") is not None})
+    full = [n for n in models if is_full_label(arms[n])] or order
+    n_train = sorted({f.get("n_train_patients") for n in full[:1] for f in arms[n].get("folds", [])
+                      if f.get("n_train_patients") is not None})
+    span = lambda v: DASH if not v else (str(v[0]) if len(v) == 1 else f"{v[0]}–{v[-1]}")  # noqa: E731
+    item("Data partition", "TRIPOD+AI, CLAIM", [
+        ctx["protocol"] + f"; split seed {metrics.get('seed', DASH)}",
+        f"cohort: {cohort.get('patients', DASH)} patients ({cohort.get('positive_patients', DASH)} positive), "
+        f"{cohort.get('images', DASH)} images",
+        f"per split: {span(n_train)} training and {span(n_test)} test patients"
+        + (" (full-label units; label-fraction units train on fewer)" if len(models) > len(full) else ""),
+        f"test images: {ctx['protocol_details'][0][1]}; patient score: {ctx['protocol_details'][1][1]}",
+    ])
+    data = recipe.get("data") or {}
+    if data:
+        item("Image preprocessing", "CLAIM", [f"images resized to {data.get('image_size')} px ({data.get('resize')})"])
+    item("Model and pretrained-weight source", "TRIPOD+AI, CLAIM", [
+        f"{n}: backbone {arms[n].get('backbone')}"
+        + (f", weights file {r_arms[arms[n]['base_arm']]['backbone'].get('weights')}"
+           if (r_arms.get(arms[n].get("base_arm")) or {}).get("backbone", {}).get("weights") else "")
+        + (lambda h: f"; head dropout {fmt_setting(h.get('dropout'))}, hidden {fmt_setting(h.get('hidden'))}"
+           if h else "")((r_arms.get(arms[n].get("base_arm")) or {}).get("head"))
+        for n in models if is_full_label(arms[n])
+    ] or ["no image-model arms"])
+    stage_lines, stop_lines = [], []
+    for name, arm in r_arms.items():
+        for i, stage in enumerate(arm.get("stages") or []):
+            st = _stage_text(stage)
+            stage_lines.append(f"{name}, stage {i + 1} ({st['kind']}): augmentation {st['augment']}; {st['mix']}")
+            stop_lines.append(f"{name}, stage {i + 1} ({st['kind']}): {st['training']}")
+    item("Augmentation and CutMix / MixUp", "CLAIM", stage_lines or ["not recorded (no recipe.yaml)"])
+    item("Training and stopping rule", "TRIPOD+AI, CLAIM",
+         ["fixed number of epochs per stage; the last-epoch model is evaluated (no early stopping)"] + stop_lines)
+    tuned = [t for t in ctx["tuning"]]
+    item("Hyperparameter selection", "TRIPOD+AI", [
+        f"nested CV for {t['unit']}: {t['grid']} chosen by an inner {t['inner_folds']}-fold grouped CV "
+        f"inside each outer training fold" for t in tuned
+    ] or ["no tuning: every setting fixed in the recipe before the run"])
+    item("Threshold selection", "TRIPOD+AI",
+         [f"decision threshold {fmt_setting(protocol.get('threshold', DASH))}, chosen on the training part of each "
+          "fold (never on its test part); balanced accuracy and F1 use it"])
+    baselines = [n for n in order if arms[n].get("kind") == "baseline"]
+    clinical = [n for n in order if arms[n].get("kind") == "clinical"]
+    item("Comparators", "TRIPOD+AI", [
+        f"routine-score baselines on the same folds: {', '.join(baselines)}" if baselines else "no routine-score baseline",
+        (f"clinical-only logistic regression on {', '.join(r_cohort.get('clinical') or []) or 'clinical columns'} "
+         "(median imputation and scaling fitted on each training part)") if clinical else "no clinical-only model",
+    ])
+    n_boot = evaluation.get("bootstrap")
+    tests = [
+        f"fold metrics: mean ± sd over {metrics.get('n_splits', DASH)} splits",
+        f"patient-level 95 % bootstrap CIs ({n_boot} resamples of patients)" if n_boot else "bootstrap CIs off",
+        "AUROC: DeLong 95 % CI; paired DeLong test on the same patients",
+        "fold AUROC differences: Nadeau–Bengio corrected resampled t-test and Wilcoxon signed-rank test",
+        f"{len(evidence.get('comparisons', []))} comparisons, reported without multiplicity correction",
+        f"patient level: {evidence.get('patient_level')}" if evidence.get("patient_level") else "",
+    ]
+    item("Confidence intervals and tests", "TRIPOD+AI, CLAIM", tests)
+    calibrated = [n for n in order if ev.get(n, {}).get("calibration")]
+    item("Calibration and clinical utility", "TRIPOD+AI", [
+        f"calibration curve, slope, intercept and Brier score for {', '.join(calibrated)}" if calibrated
+        else "calibration not computed",
+        "decision curves (net benefit vs treat-all / treat-none)" if any(ev.get(n, {}).get("decision_curve") for n in order) else "",
+        "baseline scores are not probabilities: no calibration for them" if baselines else "",
+    ])
+    sal = {n: arms[n].get("saliency") or [] for n in models}
+    item("Failure analysis", "CLAIM", [
+        f"Grad-CAM maps for {sum(bool(s.get('correct')) for s in v)} correct and "
+        f"{sum(not s.get('correct') for s in v)} wrong test images of {n}" for n, v in sal.items() if v
+    ] or ["no saliency maps (evaluation.saliency 0 or backbone without spatial features)"])
+    item("Software and compute", "TRIPOD+AI, CLAIM", [
+        f"stagewise {ctx['version']}; " + ", ".join(f"{k} {v}" for k, v in ctx["environment"]
+                                                    if k in ("python", "torch", "torchvision", "timm", "scikit-learn")),
+        f"compute: {metrics.get('compute', DASH)}; seed {metrics.get('seed', DASH)}",
+    ])
+    user = [
+        {"topic": "Eligibility criteria", "guide": "TRIPOD+AI, CLAIM", "hint": "inclusion and exclusion criteria; how patients were identified"},
+        {"topic": "Outcome definition and timing", "guide": "TRIPOD+AI, CLAIM",
+         "hint": f"what “{r_cohort.get('outcome', 'outcome')}” means, how and when it was assessed, by whom, blinded to the images?"},
+        {"topic": "Data source and dates", "guide": "TRIPOD+AI, CLAIM", "hint": "institutions, scanners, acquisition period, image selection"},
+        {"topic": "Missing data", "guide": "TRIPOD+AI", "hint": "how many values were missing and why; handling beyond median imputation"},
+        {"topic": "Sample-size justification", "guide": "TRIPOD+AI", "hint": "why this number of patients and events suffices"},
+        {"topic": "External validation", "guide": "TRIPOD+AI, CLAIM", "hint": "performance on data from another site or period, or why none"},
+        {"topic": "Intended use", "guide": "TRIPOD+AI, CLAIM", "hint": "target population, clinical setting, the decision the model informs"},
+    ]
+    return auto, user
+

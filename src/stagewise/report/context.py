@@ -1,0 +1,333 @@
+"""What the report shows, read from the run directory and put into the template's context.
+
+`build_context(run_dir)` reads what the run wrote (metrics.json, recipe.yaml, environment.json,
+log.txt and the saliency PNGs under folds/) and turns it into the formatted strings, table rows and
+embedded figures that templates/report.html.j2 lays out. Nothing is recomputed: every number is a
+value of metrics.json formatted by formatting.py (the only derived numbers are the cohort
+prevalences, a ratio of two counts in metrics.json); the curves are drawn by figures.py and the
+TRIPOD+AI / CLAIM items are written by checklist.py. Keeping all reading and formatting here leaves
+the template with layout only, and lets the context be checked without rendering any HTML.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from stagewise.report.checklist import checklist
+from stagewise.report.figures import (
+    calibration_figure,
+    decision_figure,
+    label_efficiency_figure,
+    palette,
+    png_data_uri,
+    roc_figure,
+)
+from stagewise.report.formatting import (
+    DASH,
+    finite,
+    fmt_ci,
+    fmt_fraction,
+    fmt_mean_sd,
+    fmt_num,
+    fmt_p,
+    fmt_point_ci,
+    fmt_setting,
+)
+from stagewise.recipe import shareable_recipe
+from stagewise.report.units import is_full_label, ordered_units, recipe_arms
+
+# ---------------------------------------------------------------------------------------------
+# Reading the run
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _run_date(run_dir: Path) -> str:
+    """When the run started: the first timestamp of log.txt, else metrics.json's mtime."""
+    try:
+        with open(run_dir / "log.txt") as f:
+            m = re.match(r"(\d{4}-\d{2}-\d{2} \d{2}:\d{2})", f.readline())
+        if m:
+            return m.group(1)
+    except OSError:
+        pass
+    return datetime.fromtimestamp((run_dir / "metrics.json").stat().st_mtime).strftime("%Y-%m-%d %H:%M")
+
+
+def _split_name(file: str) -> str:
+    m = re.search(r"r(\d+)-f(\d+)", Path(file).name)
+    return f"r{m.group(1)}-f{m.group(2)}" if m else Path(file).stem
+
+
+def _embed_png(run_dir: Path, rel: str) -> str | None:
+    path = (run_dir / rel).resolve()
+    if run_dir.resolve() not in path.parents or not path.is_file():
+        return None
+    return png_data_uri(path.read_bytes())
+
+
+def _protocol_text(protocol: dict, n_splits: Any, cohort: dict) -> str:
+    kind = protocol.get("kind")
+    if kind == "group_kfold":
+        text = (f"stratified {protocol.get('folds')}-fold CV grouped by patient × {protocol.get('repeats')} "
+                f"repeats = {n_splits} splits")
+    elif kind == "leave_one_site_out":
+        text = f"leave-one-site-out: {n_splits} splits ({len(cohort.get('sites', {}))} sites)"
+    else:
+        text = f"{kind}: {n_splits} splits"
+    return text
+
+
+def _cohort_cards(cohort: dict) -> list[dict]:
+    cards = []
+    if "patients" in cohort:
+        cards.append({"label": "patients", "value": cohort["patients"],
+                      "sub": f"{cohort.get('positive_patients', DASH)} positive · {cohort.get('negative_patients', DASH)} negative"})
+    if "images" in cohort:
+        cards.append({"label": "images", "value": cohort["images"],
+                      "sub": f"{cohort.get('positive_images', DASH)} positive · {cohort.get('negative_images', DASH)} negative"})
+    if cohort.get("patients") and "positive_patients" in cohort:
+        sub = ""
+        if cohort.get("images") and "positive_images" in cohort:
+            sub = f"image level {fmt_num(100 * cohort['positive_images'] / cohort['images'], 1)} %"
+        cards.append({"label": "prevalence (patients)",
+                      "value": f"{fmt_num(100 * cohort['positive_patients'] / cohort['patients'], 1)} %", "sub": sub})
+    if cohort.get("sites"):
+        cards.append({"label": "sites", "value": len(cohort["sites"]), "sub": ""})
+    return cards
+
+
+def _site_rows(cohort: dict) -> list[dict]:
+    rows = []
+    for site, c in (cohort.get("sites") or {}).items():
+        prev = (fmt_num(100 * c["positive_patients"] / c["patients"], 1) + " %"
+                if c.get("patients") and "positive_patients" in c else DASH)
+        rows.append({"site": site, "patients": c.get("patients", DASH), "positive": c.get("positive_patients", DASH),
+                     "images": c.get("images", DASH), "prevalence": prev})
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# The context the template renders
+
+
+def build_context(run_dir: str | Path) -> dict:
+    """Everything the report shows, as formatted strings and embedded figures."""
+    run_dir = Path(run_dir)
+    metrics = _read_json(run_dir / "metrics.json")
+    if not metrics:
+        raise FileNotFoundError(f"{run_dir}: no readable metrics.json; run the study to the end first")
+    env = _read_json(run_dir / "environment.json")
+    recipe_path = run_dir / "recipe.yaml"
+    recipe_text = recipe_path.read_text() if recipe_path.is_file() else ""
+    try:
+        recipe = yaml.safe_load(recipe_text) or {}
+    except yaml.YAMLError:
+        recipe = {}
+    recipe = shareable_recipe(recipe) if isinstance(recipe, dict) else {}
+    if recipe:  # the report is shared: it shows the recipe without local paths
+        recipe_text = yaml.safe_dump(recipe, sort_keys=False)
+
+    arms: dict = metrics.get("arms", {})
+    evidence: dict = metrics.get("evidence", {})
+    ev: dict = evidence.get("units", {})
+    cohort: dict = metrics.get("cohort", {})
+    protocol: dict = metrics.get("protocol", {})
+    n_splits = metrics.get("n_splits", DASH)
+    order = ordered_units(arms)
+    colors = palette(order)
+
+    units = []
+    for name in order:
+        u, e = arms[name], ev.get(name, {})
+        s = u.get("summary", {})
+        short = [m for m in ("auroc", "balanced_accuracy", "f1") if finite(n_splits) and s.get(m, {}).get("n", n_splits) < n_splits]
+        units.append({
+            "name": name,
+            "kind": u.get("kind", DASH),
+            "backbone": u.get("backbone", DASH),
+            "stages": " → ".join(u.get("stages", [])) or DASH,
+            "labels": fmt_fraction(u["label_fraction"]) if u.get("kind") == "model" and "label_fraction" in u else "all",
+            "auroc": fmt_mean_sd(s.get("auroc")),
+            "balanced_accuracy": fmt_mean_sd(s.get("balanced_accuracy")),
+            "f1": fmt_mean_sd(s.get("f1")),
+            "auroc_bootstrap": fmt_point_ci(e.get("bootstrap_ci", {}).get("auroc")),
+            "auroc_delong": fmt_ci(e.get("auroc_delong_ci", {}).get("low"), e.get("auroc_delong_ci", {}).get("high")),
+            "short_note": ", ".join(f"{m.replace('_', ' ')} n = {s[m]['n']}" for m in short),
+            "color": colors[name],
+        })
+
+    task_rows = [
+        {"unit": name, "task": task, **{m: fmt_mean_sd(ts.get(m)) for m in ("auroc", "balanced_accuracy", "f1")},
+         "pooled": fmt_point_ci(ev.get(name, {}).get("tasks", {}).get(task, {}).get("bootstrap_ci", {}).get("auroc"))}
+        for name in order for task, ts in (arms[name].get("tasks") or {}).items()
+    ]
+    resource_rows = [
+        {"unit": name, "stage": stage.split(":", 1)[-1], "seconds": fmt_num(r.get("median_seconds_per_fold"), 1),
+         "rss": fmt_num(r["peak_rss_bytes"] / 2**30, 2) if r.get("peak_rss_bytes") else DASH,
+         "cuda": fmt_num(r["cuda_max_allocated_bytes"] / 2**30, 2) if r.get("cuda_max_allocated_bytes") else DASH,
+         "saved_peak": fmt_num(r["saved_activation_peak_bytes"] / 2**20, 1) if r.get("saved_activation_peak_bytes") else DASH,
+         "saved_median": fmt_num(r["saved_activation_median_bytes"] / 2**20, 1) if r.get("saved_activation_median_bytes") else DASH}
+        for name in order for stage, r in (arms[name].get("resources") or {}).items()
+    ]
+
+    pooled = []
+    for name in order:
+        e = ev.get(name, {})
+        b = e.get("bootstrap_ci", {})
+        pc = lambda x: {"point": fmt_num((x or {}).get("point")),  # noqa: E731
+                        "ci": fmt_ci((x or {}).get("low"), (x or {}).get("high"))}
+        pooled.append({
+            "name": name, "n_patients": e.get("n_patients", DASH), "n_positive": e.get("n_positive", DASH),
+            "cells": [pc(e.get("auroc_delong_ci")), pc(b.get("auroc")), pc(b.get("balanced_accuracy")), pc(b.get("f1"))],
+        })
+
+    comparisons = []
+    for c in evidence.get("comparisons", []):
+        d, t, w = c.get("delong") or {}, c.get("corrected_t") or {}, c.get("wilcoxon") or {}
+        comparisons.append({
+            "a": c.get("a"), "b": c.get("b"), "n": c.get("n_patients", DASH),
+            "delong_diff": fmt_num(d.get("diff")), "delong_ci": fmt_ci(d.get("ci_low"), d.get("ci_high")),
+            "delong_p": fmt_p(d.get("p")),
+            "t_diff": fmt_num(t.get("mean_diff")), "t_ci": fmt_ci(t.get("ci_low"), t.get("ci_high")),
+            "t_p": fmt_p(t.get("p")), "t_df": t.get("df", DASH),
+            "w_p": fmt_p(w.get("p")),
+            "w_note": "" if w else "not computed: identical fold AUROCs or too few folds",
+            "sig": {k: finite(x.get("p")) and x["p"] < 0.05 for k, x in (("delong", d), ("t", t), ("w", w))},
+        })
+
+    calibration = []
+    for name in order:
+        cal = ev.get(name, {}).get("calibration")
+        if cal:
+            calibration.append({
+                "name": name, "slope": fmt_num(cal.get("slope"), 2), "slope_ci": fmt_ci(cal.get("slope_low"), cal.get("slope_high"), 2),
+                "intercept": fmt_num(cal.get("intercept"), 2),
+                "intercept_ci": fmt_ci(cal.get("intercept_low"), cal.get("intercept_high"), 2),
+                "brier": fmt_num(cal.get("brier")),
+            })
+
+    curves = evidence.get("label_efficiency") or {}
+    label_rows = [{"arm": arm, "fraction": fmt_fraction(r["fraction"]),
+                   "auroc": fmt_mean_sd({"mean": r.get("auroc_mean"), "sd": r.get("auroc_sd")})}
+                  for arm, rows in curves.items() for r in rows]
+
+    r_arms = recipe_arms(recipe)
+    tuning = []
+    for name in order:
+        u = arms[name]
+        if not u.get("tuning"):
+            continue
+        keys = list(dict.fromkeys(k for t in u["tuning"] for k in t.get("chosen", {})))
+        tune_cfg = (r_arms.get(u.get("base_arm")) or {}).get("tune") or {}
+        grid = tune_cfg.get("grid") or {}
+        tuning.append({
+            "unit": name, "keys": keys,
+            "grid": "; ".join(f"{k} ∈ {{{fmt_setting(v)}}}" for k, v in grid.items()),
+            "inner_folds": tune_cfg.get("inner_folds", DASH),
+            "rows": [{"split": f"r{t.get('repeat')}-f{t.get('fold')}",
+                      "values": [fmt_setting(t.get("chosen", {}).get(k, DASH)) for k in keys]} for t in u["tuning"]],
+        })
+
+    saliency = []
+    for name in order:
+        items = arms[name].get("saliency") or []
+        if not items:
+            continue
+        groups = []
+        for correct, label in ((True, "correct calls"), (False, "wrong calls")):
+            shown = []
+            for s in items:
+                if bool(s.get("correct")) != correct:
+                    continue
+                src = _embed_png(run_dir, s.get("file", ""))
+                split = _split_name(s.get("file", ""))
+                shown.append({
+                    "src": src, "file": s.get("file", ""),
+                    "alt": f"saliency map, {name}, {split} row {s.get('row')}, {'correct' if correct else 'wrong'}",
+                    "where": f"{split} · row {s.get('row')}",
+                    "caption": f"y = {s.get('y')} · p = {fmt_num(s.get('prob'))}",
+                })
+            groups.append({"label": label, "items": shown, "correct": correct})
+        saliency.append({"unit": name, "groups": groups})
+
+    splits = []
+    for name in order:
+        for f in arms[name].get("folds", []):
+            key = f"r{f.get('repeat')}-f{f.get('fold')}"
+            if key not in splits:
+                splits.append(key)
+    fold_rows = []
+    for key in splits:
+        row = []
+        for name in order:
+            f = next((f for f in arms[name].get("folds", []) if f"r{f.get('repeat')}-f{f.get('fold')}" == key), None)
+            row.append(fmt_num(f.get("auroc")) if f else DASH)
+        fold_rows.append({"split": key, "values": row})
+
+    figures = {
+        "roc": roc_figure([n for n in order if is_full_label(arms[n])], ev, colors),
+        "calibration": calibration_figure([n for n in order if arms[n].get("kind") != "baseline"], ev, colors),
+        "decision": decision_figure([n for n in order if arms[n].get("kind") != "baseline"], ev, colors),
+        "label_efficiency": label_efficiency_figure(curves, colors),
+    }
+
+    ctx = {
+        "title": metrics.get("recipe", run_dir.name),
+        "date": _run_date(run_dir),
+        "generated": datetime.now().strftime("%Y-%m-%d %H:%M"),
+        "run_dir": run_dir.resolve().name,  # the folder name only: a shared report carries no local path
+        "seed": metrics.get("seed", env.get("seed", DASH)),
+        "compute": metrics.get("compute", DASH),
+        "version": env.get("stagewise", ""),
+        "cohort_cards": _cohort_cards(cohort),
+        "sites": _site_rows(cohort),
+        "protocol": _protocol_text(protocol, n_splits, cohort),
+        "protocol_details": [
+            ("test images", {"all": "every image of a test patient", "first": "the first image of each test patient"}
+             .get(protocol.get("test_images"), protocol.get("test_images", DASH))),
+            ("patient score", f"{protocol.get('patient_aggregate', DASH)} of the patient's image scores"),
+            ("decision threshold",
+             f"{fmt_setting(protocol.get('threshold', DASH))}, chosen on the training part of each fold"),
+        ],
+        "n_splits": n_splits,
+        "patient_level": evidence.get("patient_level", ""),
+        "units": units,
+        "pooled": pooled,
+        "task_rows": task_rows,
+        "resource_rows": resource_rows,
+        "comparisons": comparisons,
+        "calibration": calibration,
+        "label_rows": label_rows,
+        "tuning": tuning,
+        "saliency": saliency,
+        "fold_units": order,
+        "fold_rows": fold_rows,
+        "figures": figures,
+        "recipe_text": recipe_text,
+        "environment": [(k, fmt_setting(v)) for k, v in env.items()],
+        "wall_seconds": fmt_num(metrics.get("wall_seconds_this_session"), 0),
+        "train_seconds": [(n, fmt_num(arms[n].get("train_seconds"), 1)) for n in order],
+    }
+    ctx["checklist_auto"], ctx["checklist_user"] = checklist(metrics, recipe, ctx)
+    ctx["nav"] = [(i, label) for i, label, show in [
+        ("summary", "Summary", True), ("comparisons", "Comparisons", bool(comparisons)),
+        ("discrimination", "ROC", bool(figures["roc"] or pooled)),
+        ("calibration", "Calibration & utility", bool(figures["calibration"] or figures["decision"])),
+        ("label-efficiency", "Label efficiency", bool(figures["label_efficiency"])),
+        ("tuning", "Nested CV", bool(tuning)), ("saliency", "Saliency", bool(saliency)),
+        ("checklist", "TRIPOD+AI / CLAIM", True), ("recipe", "Recipe & versions", True),
+    ] if show]
+    return ctx
+

@@ -1,0 +1,158 @@
+"""The report's figures: matplotlib drawings of metrics.json curves, returned as embedded PNG data.
+
+Kept apart from reading the run and from the HTML, the way scikit-learn keeps its Display plotting
+apart from the computing: each function takes curves already in metrics.json and draws them, and
+computes nothing. Figures are drawn on matplotlib's Agg canvas through `Figure` (no pyplot, so the
+caller's backend is left alone) in one shared style, and come back as `data:image/png;base64,...`
+URIs so the report opens offline. PNG metadata carries no software version, so the same curves
+give the same bytes.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+from collections.abc import Callable
+from typing import Any
+
+from stagewise.report.formatting import finite, fmt_fraction, fmt_num
+
+DPI = 100
+PNG_URI_PREFIX = "data:image/png;base64,"
+
+_STYLE = {
+    "font.size": 8.5,
+    "axes.titlesize": 9.5,
+    "axes.labelsize": 8.5,
+    "legend.fontsize": 7.5,
+    "xtick.labelsize": 7.5,
+    "ytick.labelsize": 7.5,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "axes.grid": True,
+    "grid.color": "#e6e8eb",
+    "grid.linewidth": 0.6,
+    "axes.edgecolor": "#8a8f98",
+    "axes.linewidth": 0.7,
+    "font.family": ["DejaVu Sans"],
+}
+_COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf",
+           "#bcbd22", "#7f7f7f"]
+_REFERENCE = "#9aa0a6"  # the chance / perfect-calibration diagonal and the AUROC 0.5 line
+
+
+def png_data_uri(data: bytes) -> str:
+    """PNG bytes as a `data:` URI an <img src> can hold."""
+    return PNG_URI_PREFIX + base64.b64encode(data).decode("ascii")
+
+
+def palette(names: list[str]) -> dict[str, str]:
+    """One colour per unit, in report order, shared by the tables' swatches and every figure."""
+    return {n: _COLORS[i % len(_COLORS)] for i, n in enumerate(names)}
+
+
+def _mpl_text(s: Any) -> str:
+    return str(s).replace("$", r"\$")  # user text must not switch matplotlib into mathtext
+
+
+def _draw_png(draw: Callable[[Any], None], width: float = 5.0, height: float = 4.1) -> str:
+    """Run `draw(ax)` on one fresh Axes in the report style; the figure as a PNG data URI."""
+    import matplotlib
+    from matplotlib.figure import Figure
+
+    with matplotlib.rc_context(_STYLE):
+        fig = Figure(figsize=(width, height), dpi=DPI)
+        draw(fig.add_subplot(1, 1, 1))
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight", pad_inches=0.06, metadata={"Software": None})
+    return png_data_uri(buf.getvalue())
+
+
+def _curves_png(units: list[str], ev: dict, key: str, draw: Callable[[Any, list[str]], None]) -> str | None:
+    """`draw(ax, shown)` for the units whose metrics.json evidence has curve `key`; None when none has it."""
+    shown = [u for u in units if ev.get(u, {}).get(key)]
+    return _draw_png(lambda ax: draw(ax, shown)) if shown else None
+
+
+def _unit_square(ax, legend: str, **labels: str) -> None:
+    """Probability axes, both 0 to 1 at equal scale, with the legend at `legend` (ROC, calibration)."""
+    ax.set(xlim=(0, 1), ylim=(0, 1.01), **labels)
+    ax.set_aspect("equal")
+    ax.legend(loc=legend, frameon=False)
+
+
+def roc_figure(units: list[str], ev: dict, colors: dict) -> str | None:
+    """ROC curves of the pooled patients with their bootstrap bands; None when no unit has one."""
+
+    def draw(ax, shown: list[str]) -> None:
+        ax.plot([0, 1], [0, 1], ls="--", lw=0.8, color=_REFERENCE)
+        for u in shown:
+            roc = ev[u]["roc"]
+            point = ev[u].get("auroc_delong_ci", {}).get("point")
+            ax.fill_between(roc["fpr"], roc["tpr_low"], roc["tpr_high"], color=colors[u], alpha=0.13, lw=0)
+            ax.plot(roc["fpr"], roc["tpr"], color=colors[u], lw=1.6,
+                    label=_mpl_text(f"{u}  (AUROC {fmt_num(point)})"))
+        _unit_square(ax, "lower right", xlabel="1 − specificity (false-positive rate)",
+                     ylabel="sensitivity (true-positive rate)", title="ROC, pooled patients, 95 % bootstrap band")
+
+    return _curves_png(units, ev, "roc", draw)
+
+
+def calibration_figure(units: list[str], ev: dict, colors: dict) -> str | None:
+    """Calibration curves (quantile bins of patients); None when no unit has one."""
+
+    def draw(ax, shown: list[str]) -> None:
+        ax.plot([0, 1], [0, 1], ls="--", lw=0.8, color=_REFERENCE, label="perfect calibration")
+        for u in shown:
+            c = ev[u]["calibration_curve"]
+            ax.plot(c["prob_pred"], c["prob_true"], marker="o", ms=3.5, lw=1.3, color=colors[u], label=_mpl_text(u))
+        _unit_square(ax, "upper left", xlabel="mean predicted probability", ylabel="observed fraction positive",
+                     title="Calibration (quantile bins of patients)")
+
+    return _curves_png(units, ev, "calibration_curve", draw)
+
+
+def decision_figure(units: list[str], ev: dict, colors: dict) -> str | None:
+    """Decision curves with treat-all and treat-none (from the first unit shown); None without curves."""
+
+    def draw(ax, shown: list[str]) -> None:
+        ref = ev[shown[0]]["decision_curve"]
+        tops = [max(ref["net_benefit_all"], default=0)]
+        for u in shown:
+            d = ev[u]["decision_curve"]
+            ax.plot(d["threshold"], d["net_benefit_model"], color=colors[u], lw=1.5, label=_mpl_text(u))
+            tops.append(max(d["net_benefit_model"], default=0))
+        ax.plot(ref["threshold"], ref["net_benefit_all"], color="#333333", lw=1.0, ls="-.", label="treat all")
+        ax.plot(ref["threshold"], ref["net_benefit_none"], color="#333333", lw=1.0, ls=":", label="treat none")
+        top = max(max(tops), 0.01)
+        ax.set_ylim(-0.15 * top, 1.08 * top)
+        ax.set_xlim(min(ref["threshold"]), max(ref["threshold"]))
+        ax.set(xlabel="threshold probability", ylabel="net benefit", title="Decision curves")
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+
+    return _curves_png(units, ev, "decision_curve", draw)
+
+
+def label_efficiency_figure(curves: dict, colors: dict) -> str | None:
+    """Fold-mean AUROC ± sd against the fraction of training labels, one line per arm; None without curves."""
+    if not curves:
+        return None
+
+    def draw(ax) -> None:
+        fractions = sorted({r["fraction"] for c in curves.values() for r in c})
+        for i, (arm, rows) in enumerate(curves.items()):
+            x = [r["fraction"] * (1 + 0.025 * (i - (len(curves) - 1) / 2)) for r in rows]  # dodge overlapping bars
+            sd = [r["auroc_sd"] if finite(r["auroc_sd"]) else 0.0 for r in rows]
+            ax.errorbar(x, [r["auroc_mean"] for r in rows], yerr=sd, marker="o", ms=4, lw=1.4, capsize=3,
+                        color=colors.get(arm, None), label=_mpl_text(arm))
+        ax.axhline(0.5, ls="--", lw=0.8, color=_REFERENCE)
+        ax.set_xscale("log")
+        ax.set_xticks(fractions)
+        ax.set_xticklabels([fmt_fraction(f) for f in fractions])
+        ax.minorticks_off()
+        ax.set_xlim(min(fractions) / 1.35, max(fractions) * 1.35)
+        ax.set(xlabel="fraction of training labels (log scale)", ylabel="AUROC, fold mean ± sd",
+               title="Label efficiency")
+        ax.legend(loc="lower right", frameon=False)
+
+    return _draw_png(draw, 5.0, 3.7)
