@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from stagewise.models import Network, build_arch
-from stagewise.recipe import ComputeConfig, HeadConfig, StageConfig
+from stagewise.recipe import ComputeConfig, DualStage, DynamicStage, ThawStage
 from stagewise.training.cache import ImageSet
 from stagewise.training.compute import resolve_compute
 from stagewise.training.dynamic import DynamicFreezer, candidate_tensors
@@ -19,7 +19,7 @@ FP32 = resolve_compute(ComputeConfig(device="cpu", precision="fp32", channels_la
 
 def _net(arch="scratch:resnet18", seed=0, outputs=1):
     torch.manual_seed(seed)
-    return Network.build(build_arch(arch), HeadConfig(dropout=0.0), outputs)
+    return Network.build(build_arch(arch), outputs, dropout=0.0)
 
 
 def test_dynamic_scheduler_freezes_the_fraction_never_the_head_and_frozen_tensors_stay_put():
@@ -97,7 +97,7 @@ def test_dynamic_stage_records_memory_and_frozen_share():
     net = _net("scratch:tinycnn")
     images = ImageSet(torch.rand(32, 1, 28, 28).half(), "k")
     y = (torch.arange(32) % 2).float().unsqueeze(1)
-    log = fit_stage(net, StageConfig(kind="dynamic", epochs=2, batch_size=8, freeze_fraction=0.8, freeze_every=2),
+    log = fit_stage(net, DynamicStage(epochs=2, batch_size=8, freeze_fraction=0.8, freeze_every=2),
                     images, np.arange(32), y, FP32, None, seed=0)
     n = len(candidate_tensors(net.backbone))
     assert log.epochs[-1]["frozen_tensor_share"] == pytest.approx(math.floor(0.8 * n) / n)
@@ -116,7 +116,7 @@ def test_merged_dual_model_equals_the_pair_on_the_original_stream():
     net = _net("dual:scratch:tinycnn-6-12-20-20", outputs=10)
     images = ImageSet(torch.rand(32, 1, 28, 28).half(), "k")
     y = torch.randint(0, 10, (32, 1)).float()
-    stage = StageConfig(kind="dual", epochs=1, batch_size=8, augment={"rotate": 15, "translate": 0.1})
+    stage = DualStage(epochs=1, batch_size=8, augment={"rotate": 15, "translate": 0.1})
     fit_stage(net, stage, images, np.arange(32), y, FP32, None, seed=0, objective=Objective("multiclass", 10))
     net.eval()
     x = images.x[:4].float()
@@ -128,7 +128,7 @@ def test_merged_dual_model_equals_the_pair_on_the_original_stream():
     assert torch.equal(merged, pair)
     assert not torch.allclose(a_only, b_only)  # two branches, trained on different streams
     # progressive unfreezing of the merged model, last group first
-    thaw = StageConfig(kind="thaw", epochs=2, batch_size=8, unfreeze={"block3": 0.0, "block2": 0.5}, lr=1e-3)
+    thaw = ThawStage(epochs=2, batch_size=8, unfreeze={"block3": 0.0, "block2": 0.5}, lr=1e-3)
     before = {n: p.clone() for n, p in net.named_parameters()}
     fit_stage(net, thaw, images, np.arange(32), y, FP32, None, seed=0, objective=Objective("multiclass", 10))
     changed = {n for n, p in net.named_parameters() if not torch.equal(before[n], p)}

@@ -40,3 +40,34 @@ def test_overrides_change_fields_before_validation(tmp_path):
 def test_bad_arms_name_the_problem(arm, message):
     with pytest.raises(RecipeError, match=message):
         recipe_from_dict(_base(**arm))
+
+
+@pytest.mark.parametrize("stage, field", [
+    ({"kind": "thaw", "unfreeze": {"layer4": 0.1}, "unfrezee": {"layer3": 0.3}}, "unfrezee"),
+    ({"kind": "probe", "unfreeze": {"layer4": 0.1}}, "unfreeze"),      # only thaw stages unfreeze
+    ({"kind": "finetune", "freeze_fraction": 0.5}, "freeze_fraction"),  # only dynamic stages
+    ({"kind": "probe", "method": "simclr"}, "method"),                   # only ssl stages
+    ({"kind": "thaw", "unfreeze": {"layer4": 1.5}}, "unfreeze"),
+    ({"kind": "dual"}, "augment"),
+    ({"kind": "bogus"}, "kind"),
+])
+def test_stage_kinds_take_only_their_own_fields(stage, field):
+    with pytest.raises(RecipeError, match=field):
+        recipe_from_dict(_base(stages=[stage]))
+
+
+def test_each_stage_kind_is_its_own_class_with_its_groups():
+    from stagewise.recipe import ProbeStage, ThawStage, parse_stage
+
+    groups = ["stem", "layer1", "layer2", "head"]
+    thaw = parse_stage({"kind": "thaw", "epochs": 20, "unfreeze": {"layer2": 0.1, "layer1": 0.6}})
+    assert isinstance(thaw, ThawStage) and thaw.members(groups) == ["layer1", "layer2", "head"]
+    assert thaw.start_epochs() == {"layer2": 2, "layer1": 12}
+    assert ProbeStage().members(groups) == ["head"]
+    assert parse_stage({"kind": "finetune"}).members(groups) == groups
+
+
+@pytest.mark.parametrize("lr", [0, -1e-3, {"head": 1e-3, "layer4": 0}])
+def test_learning_rates_must_be_positive(lr):
+    with pytest.raises(RecipeError, match="lr"):
+        recipe_from_dict(_base(stages=[{"kind": "probe", "lr": lr}]))

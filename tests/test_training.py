@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from stagewise.models import Network, build_arch
-from stagewise.recipe import ComputeConfig, HeadConfig, MixConfig, StageConfig
+from stagewise.recipe import ComputeConfig, FinetuneStage, MixConfig, ProbeStage, ThawStage
 from stagewise.training.augment import cutmix
 from stagewise.training.cache import ImageSet, PrefixCache
 from stagewise.training.compute import resolve_compute
@@ -24,7 +24,7 @@ def _data(n=24, size=32, seed=0):
 
 def _net(seed=0):
     torch.manual_seed(seed)
-    return Network.build(build_arch("scratch:resnet18"), HeadConfig(dropout=0.0))
+    return Network.build(build_arch("scratch:resnet18"), dropout=0.0)
 
 
 def _snapshot(net):
@@ -39,7 +39,7 @@ def test_thaw_keeps_frozen_groups_bit_identical_and_trains_the_rest():
     images, y = _data()
     net = _net()
     before = _snapshot(net)
-    stage = StageConfig(kind="thaw", epochs=4, batch_size=8, unfreeze={"layer4": 0.0, "layer3": 0.5},
+    stage = ThawStage(epochs=4, batch_size=8, unfreeze={"layer4": 0.0, "layer3": 0.5},
                         lr={"head": 1e-2, "layer4": 5e-3, "layer3": 2.5e-3}, weight_decay=1e-2, bn="adapt")
     fit_stage(net, stage, images, np.arange(20), y, FP32, PrefixCache(), seed=1)
     for frozen in ("backbone.net.conv1", "backbone.net.bn1", "backbone.net.layer1", "backbone.net.layer2"):
@@ -52,7 +52,7 @@ def test_probe_trains_only_the_head():
     images, y = _data()
     net = _net()
     before = _snapshot(net)
-    fit_stage(net, StageConfig(kind="probe", epochs=2, batch_size=8), images, np.arange(20), y, FP32, PrefixCache(), seed=0)
+    fit_stage(net, ProbeStage(epochs=2, batch_size=8), images, np.arange(20), y, FP32, PrefixCache(), seed=0)
     assert not any(_changed(before, net, "backbone."))
     assert all(_changed(before, net, "head."))
 
@@ -61,7 +61,7 @@ def test_learning_rates_per_group_follow_the_recipe_at_each_epoch():
     images, y = _data()
     net = _net()
     lrs = {"head": 1e-3, "layer4": 5e-4, "layer3": 2.5e-4, "layer2": 1e-4}
-    stage = StageConfig(kind="thaw", epochs=10, batch_size=8, lr=lrs,
+    stage = ThawStage(epochs=10, batch_size=8, lr=lrs,
                         unfreeze={"layer4": 0.1, "layer3": 0.3, "layer2": 0.6})
     log = fit_stage(net, stage, images, np.arange(20), y, FP32, None, seed=0)
     starts = {"head": 0, "layer4": 1, "layer3": 3, "layer2": 6}
@@ -77,7 +77,7 @@ def test_onecycle_peaks_at_each_groups_recipe_lr():
     images, y = _data()
     net = _net()
     lrs = {"head": 1e-3, "layer4": 5e-4}
-    stage = StageConfig(kind="thaw", epochs=10, batch_size=8, lr=lrs, unfreeze={"layer4": 0.1},
+    stage = ThawStage(epochs=10, batch_size=8, lr=lrs, unfreeze={"layer4": 0.1},
                         schedule="onecycle", pct_start=0.3)
     log = fit_stage(net, stage, images, np.arange(20), y, FP32, None, seed=0)
     for g, peak in lrs.items():
@@ -87,13 +87,13 @@ def test_onecycle_peaks_at_each_groups_recipe_lr():
 
 
 def test_lr_decay_gives_discriminative_rates_down_from_the_head():
-    stage = StageConfig(kind="finetune", lr=1e-3, lr_decay=0.5)
+    stage = FinetuneStage(lr=1e-3, lr_decay=0.5)
     plan = plan_stage(stage, ["stem", "layer1", "layer2", "head"])
     assert plan.lrs == {"head": 1e-3, "layer2": 5e-4, "layer1": 2.5e-4, "stem": 1.25e-4}
 
 
 def test_unknown_group_name_is_a_clear_error():
-    stage = StageConfig(kind="thaw", unfreeze={"layer9": 0.1})
+    stage = ThawStage(unfreeze={"layer9": 0.1})
     with pytest.raises(StageError, match="layer9.*groups are"):
         plan_stage(stage, ["stem", "layer1", "head"])
 
@@ -107,7 +107,7 @@ def test_bn_policy_for_frozen_groups(policy):
     images, y = _data()
     net = _net()
     before = _bn_stats(net, "layer2")
-    stage = StageConfig(kind="thaw", epochs=1, batch_size=8, unfreeze={"layer4": 0.0}, bn=policy, lr=1e-3)
+    stage = ThawStage(epochs=1, batch_size=8, unfreeze={"layer4": 0.0}, bn=policy, lr=1e-3)
     fit_stage(net, stage, images, np.arange(20), y, FP32, None, seed=0)
     after = _bn_stats(net, "layer2")
     same = all(torch.equal(a, b) for a, b in zip(before, after))
@@ -116,7 +116,7 @@ def test_bn_policy_for_frozen_groups(policy):
 
 def test_reuse_of_frozen_prefix_gives_the_same_model_as_recomputing():
     images, y = _data()
-    stage = StageConfig(kind="thaw", epochs=3, batch_size=8, unfreeze={"layer4": 0.0}, lr=1e-3)
+    stage = ThawStage(epochs=3, batch_size=8, unfreeze={"layer4": 0.0}, lr=1e-3)
     nets = []
     for cache in (PrefixCache(), None):
         net = _net()
@@ -129,12 +129,12 @@ def test_reuse_of_frozen_prefix_gives_the_same_model_as_recomputing():
 def test_prefix_cache_is_reused_across_folds_and_invalidated_by_training():
     images, y = _data()
     cache = PrefixCache()
-    probe = StageConfig(kind="probe", epochs=2, batch_size=8)
+    probe = ProbeStage(epochs=2, batch_size=8)
     for fold in range(2):
         fit_stage(_net(), probe, images, np.arange(fold, 20), y, FP32, cache, seed=fold)
     assert cache.misses == 1 and cache.hits >= 3  # one trunk pass serves both folds' epochs
     net = _net()
-    fit_stage(net, StageConfig(kind="finetune", epochs=1, batch_size=8), images, np.arange(20), y, FP32, cache, seed=0)
+    fit_stage(net, FinetuneStage(epochs=1, batch_size=8), images, np.arange(20), y, FP32, cache, seed=0)
     assert cache.deepest_cached(net, images, FP32) == 0  # trained weights never match old entries
 
 
@@ -142,7 +142,7 @@ def test_predict_from_cache_equals_predict_from_images():
     images, y = _data()
     net = _net()
     cache = PrefixCache()
-    fit_stage(net, StageConfig(kind="probe", epochs=1, batch_size=8), images, np.arange(20), y, FP32, cache, seed=0)
+    fit_stage(net, ProbeStage(epochs=1, batch_size=8), images, np.arange(20), y, FP32, cache, seed=0)
     idx = np.arange(20, 24)
     np.testing.assert_allclose(predict(net, images, idx, FP32, cache), predict(net, images, idx, FP32, None), atol=1e-5)
 
@@ -162,7 +162,7 @@ def test_cutmix_lambda_is_the_kept_box_area():
 
 def test_same_seed_same_model():
     images, y = _data()
-    stage = StageConfig(kind="finetune", epochs=2, batch_size=8, augment={"flip": True, "rotate": 10, "intensity": 0.1},
+    stage = FinetuneStage(epochs=2, batch_size=8, augment={"flip": True, "rotate": 10, "intensity": 0.1},
                         cutmix=MixConfig(alpha=1.0, p=0.5), balanced_sampling=True)
     nets = []
     for _ in range(2):

@@ -1,16 +1,24 @@
 """The typed recipe: one YAML file describes one study.
 
 Every field is validated up front so that a typo in a recipe fails in a second with a
-message naming the field, instead of an hour into a cross-validation run.
+message naming the field, instead of an hour into a cross-validation run. The module is
+long because it is one thing, the recipe's schema (cohort, data, backbone, head, the stage
+kinds, protocol, compute, evaluation) with its loading and overrides; every class in it is
+plain data that the rest of stagewise reads.
 """
 
 from __future__ import annotations
 
+import copy
+import math
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
+
+
+PositiveFloat = Annotated[float, Field(gt=0)]
 
 
 class RecipeError(ValueError):
@@ -118,83 +126,186 @@ class SourceConfig(_Strict):
     """Folder that relative image paths start from (default: the manifest's folder)."""
 
 
-class StageConfig(_Strict):
-    """One phase of training with its own trainable groups, learning rates and epochs."""
+class Stage(_Strict):
+    """What every stage kind shares: epochs, batches, optimiser, schedule, input policy.
 
-    kind: Literal["probe", "thaw", "finetune", "dynamic", "dual", "pretrain", "ssl"]
-    """probe: head only; thaw: progressive unfreezing; finetune: everything; dynamic: tensors
-    frozen from training dynamics (SlimFit); dual: a dual backbone's two branches trained on the
-    original and the augmented stream at once; pretrain: a supervised source task with its own
-    head; ssl: self-supervised (SimCLR, BYOL, autoencoder) on unlabeled images."""
-    source: SourceConfig | Literal["target"] | None = None
-    """pretrain/ssl: a source manifest, or `target` (ssl only): the training part of each fold,
-    labels ignored."""
-    method: Literal["simclr", "byol", "autoencoder"] = "simclr"
-    """ssl only."""
-    temperature: float = Field(0.1, gt=0)
-    """ssl simclr: NT-Xent temperature."""
-    projection_dim: int = Field(128, ge=8)
-    """ssl: output size of the projection head."""
+    A stage kind is a small class of its own (a tagged union on `kind`, as pydantic
+    discriminates it), so each carries only the fields that mean something for it and a
+    misspelled or misplaced field fails with its name. The training code asks a stage what
+    it needs (`members`, `external`, `random_input`) instead of testing `kind`.
+    """
+
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(16, ge=1)
-    lr: float | dict[str, float] = 1e-3
+    lr: PositiveFloat | dict[str, PositiveFloat] = 1e-3
     """One LR for the head (and all trainable groups), or one per group name (`head`, `layer4`, ...)."""
     lr_decay: float | None = Field(None, gt=0, le=1)
     """Discriminative LRs as a factor per group, counted down from the head."""
     weight_decay: float = Field(1e-4, ge=0)
     schedule: Literal["onecycle", "cosine", "constant"] = "constant"
     pct_start: float = Field(0.3, gt=0, lt=1)
-    unfreeze: dict[str, float] = {}
-    """thaw only: group name -> fraction of the stage's epochs after which it unfreezes."""
     bn: Literal["adapt", "freeze"] = "freeze"
     """adapt: running statistics of frozen blocks still update (train mode); freeze: eval mode."""
     augment: AugmentConfig = AugmentConfig()
     cutmix: MixConfig | None = None
     mixup: MixConfig | None = None
     balanced_sampling: bool = False
-    freeze_fraction: float = Field(0.8, ge=0, lt=1)
-    """dynamic only: fraction of candidate weight tensors kept frozen (lowest recent change)."""
-    freeze_every: int = Field(10, ge=1)
-    """dynamic only: iterations between re-ranking the tensors."""
     activation_bits: Literal[8] | None = None
     """Store activations saved for backward in 8 bits (less memory, approximate gradients)."""
     checkpointing: bool = False
     """Recompute each layer group's activations in backward instead of storing them."""
 
     @model_validator(mode="after")
-    def _check(self) -> "StageConfig":
-        if self.kind == "thaw" and not self.unfreeze:
-            raise ValueError("a thaw stage needs `unfreeze: {group: epoch_fraction, ...}`")
-        if self.kind != "thaw" and self.unfreeze:
-            raise ValueError(f"`unfreeze` is only for thaw stages, not {self.kind}")
-        for g, f in self.unfreeze.items():
-            if not 0.0 <= f < 1.0:
-                raise ValueError(f"unfreeze.{g} = {f}: give a fraction of the epochs in [0, 1)")
+    def _check_lr(self):
         if isinstance(self.lr, dict) and "head" not in self.lr:
             raise ValueError("a per-group `lr` needs a `head` entry")
         if isinstance(self.lr, dict) and self.lr_decay is not None:
             raise ValueError("give either per-group `lr` or `lr_decay`, not both")
-        if self.kind == "dual" and (not self.augment.active or self.cutmix or self.mixup):
-            raise ValueError("a dual stage needs `augment` (the second stream) and no cutmix/mixup")
-        if self.kind in ("pretrain", "ssl") and self.source is None:
-            raise ValueError(f"a {self.kind} stage needs `source:` (a manifest{', or target' if self.kind == 'ssl' else ''})")
-        if self.kind == "pretrain" and (self.source == "target" or not self.source.targets):
-            raise ValueError("a pretrain stage needs a source manifest with `targets:` (the source task's labels)")
-        if self.kind not in ("pretrain", "ssl") and self.source is not None:
-            raise ValueError(f"`source` is only for pretrain and ssl stages, not {self.kind}")
-        if self.kind == "pretrain" and self.source.task != "multilabel" and len(self.source.targets) != 1:
-            raise ValueError(f"a {self.source.task} pretrain stage takes one target column")
         return self
+
+    @property
+    def head_lr(self) -> float:
+        return float(self.lr["head"] if isinstance(self.lr, dict) else self.lr)
+
+    @property
+    def named_groups(self) -> set[str]:
+        """Group names this stage refers to (checked against the backbone before training)."""
+        return set(self.lr) if isinstance(self.lr, dict) else set()
+
+    def members(self, group_names: list[str]) -> list[str]:
+        """The groups (from `group_names`, input to head) that train in this stage."""
+        return list(group_names)
+
+    def start_epochs(self) -> dict[str, int]:
+        """Group -> first epoch in which it trains, for groups that start late."""
+        return {}
 
     @property
     def external(self) -> bool:
         """Trains on a source manifest: the same for every fold, so it runs once per arm."""
-        return isinstance(self.source, SourceConfig)
+        return False
 
     @property
     def random_input(self) -> bool:
         """True when the stage changes its input images at random (no frozen-prefix reuse)."""
         return self.augment.active or self.cutmix is not None or self.mixup is not None
+
+
+class ProbeStage(Stage):
+    """Linear probing: the backbone stays frozen, only the head trains."""
+
+    kind: Literal["probe"] = "probe"
+
+    def members(self, group_names: list[str]) -> list[str]:
+        return ["head"]
+
+
+class ThawStage(Stage):
+    """Progressive unfreezing: groups join training top-down at fractions of the stage's
+    epochs; all are in the optimizer from the first step (the BPD paper's schedule)."""
+
+    kind: Literal["thaw"] = "thaw"
+    unfreeze: dict[str, float] = Field(min_length=1)
+    """Group name -> fraction of the stage's epochs after which it unfreezes."""
+
+    @field_validator("unfreeze")
+    @classmethod
+    def _fractions(cls, v: dict[str, float]) -> dict[str, float]:
+        for g, f in v.items():
+            if not 0.0 <= f < 1.0:
+                raise ValueError(f"unfreeze.{g} = {f}: give a fraction of the epochs in [0, 1)")
+        return v
+
+    @property
+    def named_groups(self) -> set[str]:
+        return super().named_groups | set(self.unfreeze)
+
+    def members(self, group_names: list[str]) -> list[str]:
+        return [g for g in group_names if g in self.unfreeze] + ["head"]
+
+    def start_epochs(self) -> dict[str, int]:
+        # floor: 10 % of 20 epochs is epoch 2, as in the paper
+        return {g: math.floor(f * self.epochs + 1e-9) for g, f in self.unfreeze.items()}
+
+
+class FinetuneStage(Stage):
+    """Every layer trains from the first step."""
+
+    kind: Literal["finetune"] = "finetune"
+
+
+class DynamicStage(Stage):
+    """SlimFit: weight tensors frozen from training dynamics (lowest recent change)."""
+
+    kind: Literal["dynamic"] = "dynamic"
+    freeze_fraction: float = Field(0.8, ge=0, lt=1)
+    """Fraction of candidate weight tensors kept frozen (lowest recent change)."""
+    freeze_every: int = Field(10, ge=1)
+    """Iterations between re-ranking the tensors."""
+
+
+class DualStage(Stage):
+    """A dual backbone's two branches trained on the original and the augmented stream at once."""
+
+    kind: Literal["dual"] = "dual"
+
+    @model_validator(mode="after")
+    def _needs_stream(self) -> "DualStage":
+        if not self.augment.active or self.cutmix or self.mixup:
+            raise ValueError("a dual stage needs `augment` (the second stream) and no cutmix/mixup")
+        return self
+
+
+class PretrainStage(Stage):
+    """A supervised source task (classification, multilabel, regression) with a head of its
+    own, on a source manifest; runs once per arm before cross-validation."""
+
+    kind: Literal["pretrain"] = "pretrain"
+    source: SourceConfig
+
+    @model_validator(mode="after")
+    def _targets(self) -> "PretrainStage":
+        if not self.source.targets:
+            raise ValueError("a pretrain stage needs a source manifest with `targets:` (the source task's labels)")
+        if self.source.task != "multilabel" and len(self.source.targets) != 1:
+            raise ValueError(f"a {self.source.task} pretrain stage takes one target column")
+        return self
+
+    @property
+    def external(self) -> bool:
+        return True
+
+
+class SslStage(Stage):
+    """Self-supervised training of the whole backbone (SimCLR, BYOL, sparse autoencoder) on
+    a source manifest, or on each fold's training images (`source: target`, labels ignored)."""
+
+    kind: Literal["ssl"] = "ssl"
+    source: SourceConfig | Literal["target"]
+    method: Literal["simclr", "byol", "autoencoder"] = "simclr"
+    temperature: float = Field(0.1, gt=0)
+    """simclr: NT-Xent temperature."""
+    projection_dim: int = Field(128, ge=8)
+    """Output size of the projection head."""
+
+    @property
+    def external(self) -> bool:
+        return isinstance(self.source, SourceConfig)
+
+
+_STAGE_CLASSES = (ProbeStage, ThawStage, FinetuneStage, DynamicStage, DualStage, PretrainStage, SslStage)
+_STAGE_KINDS = tuple(c.model_fields["kind"].default for c in _STAGE_CLASSES)
+StageConfig = Annotated[Union[_STAGE_CLASSES], Field(discriminator="kind")]
+"""One phase of training; `kind` picks the class (probe, thaw, finetune, dynamic, dual,
+pretrain, ssl)."""
+
+
+def parse_stage(data: dict) -> Stage:
+    """A stage from a plain dict such as `{"kind": "thaw", "unfreeze": {...}}`."""
+    try:
+        return TypeAdapter(StageConfig).validate_python(data)
+    except ValidationError as err:
+        raise RecipeError(_format_errors(err, "stage")) from None
 
 
 class TuneConfig(_Strict):
@@ -340,11 +451,19 @@ class Recipe(_Strict):
 
 def _format_errors(err: ValidationError, source: str) -> str:
     lines = [f"{source}: the recipe is not valid:"]
+    kinds = set(_STAGE_KINDS)
     for e in err.errors():
-        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        loc, kind = list(e["loc"]), None
+        for i, part in enumerate(loc):  # pydantic puts the stage kind into the path: take it out
+            if part in kinds and (i == 0 or isinstance(loc[i - 1], int)):
+                kind = loc.pop(i)
+                break
+        where = ".".join(str(p) for p in loc) or "(top level)"
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
-            msg = "unknown field (misspelled?)"
+            msg = f"unknown field (misspelled{f', or not a field of a {kind} stage' if kind else '?'})"
+        elif e["type"] == "union_tag_invalid":
+            msg = f"unknown stage kind; choose one of {', '.join(_STAGE_KINDS)}"
         lines.append(f"  - {where}: {msg}")
     return "\n".join(lines)
 
@@ -418,3 +537,38 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
 
 def recipe_to_dict(recipe: Recipe) -> dict:
     return recipe.model_dump(mode="json")
+
+
+def _file_name(value) -> str | None:
+    return None if value is None else Path(str(value)).name
+
+
+def shareable_backbone(name: str) -> str:
+    """A backbone spec without the local folders of `file:`/`run:` paths."""
+    source, _, rest = name.partition(":")
+    return f"{source}:{_file_name(rest.partition('#')[0])}" if source in ("file", "run") else name
+
+
+def shareable_recipe(data: dict) -> dict:
+    """A resolved recipe (as `recipe_to_dict` gives it) as it may leave the site, in a bundle
+    or a report: manifests and weight files reduced to their file names, roots and caches
+    dropped, so that no local folder (which may name a patient) is shared."""
+    data = copy.deepcopy(data)
+    cohort = data.get("cohort") or {}
+    if "manifest" in cohort:
+        cohort["manifest"] = _file_name(cohort["manifest"])
+    if cohort.get("root") is not None:
+        cohort["root"] = None
+    for arm in data.get("arms") or []:
+        b = arm.get("backbone")
+        if isinstance(b, str):
+            arm["backbone"] = shareable_backbone(b)
+        elif isinstance(b, dict):
+            b["name"] = shareable_backbone(str(b.get("name", "")))
+            b["weights"] = _file_name(b.get("weights"))
+            b["cache_dir"] = None
+        for stage in arm.get("stages") or []:
+            if isinstance(stage, dict) and isinstance(stage.get("source"), dict):
+                stage["source"]["manifest"] = _file_name(stage["source"].get("manifest"))
+                stage["source"]["root"] = None
+    return data

@@ -8,7 +8,6 @@ unfreezing, no parameter-group surgery), and must leave frozen weights bit-ident
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from collections import OrderedDict
@@ -20,12 +19,12 @@ import torch
 import torch.nn.functional as F
 
 from stagewise.models.heads import Network
-from stagewise.recipe import StageConfig
+from stagewise.recipe import Stage
 from stagewise.training.augment import augment_batch, mix_batch
 from stagewise.training.cache import ImageSet, PrefixCache
 from stagewise.training.compute import Compute
-from stagewise.training.dynamic import DynamicFreezer
-from stagewise.training.memory import SavedActivations, frozen_weights_save_no_input, peak_memory, reset_peak
+from stagewise.training.hooks import hooks_for
+from stagewise.training.memory import SavedActivations, peak_memory, reset_peak
 
 
 class StageError(ValueError):
@@ -45,35 +44,25 @@ class StagePlan:
         return [g for g in self.lrs if self.start_epoch[g] <= epoch]
 
 
-def plan_stage(stage: StageConfig, group_names: list[str]) -> StagePlan:
+def plan_stage(stage: Stage, group_names: list[str]) -> StagePlan:
     """Resolve a stage's groups and discriminative LRs against a network's groups.
 
     `group_names` runs from the input to the head (stem ... head). Explicit per-group LRs
     win; otherwise `lr_decay` multiplies the LR once per group going down from the head.
     """
-    named = set(stage.unfreeze) | (set(stage.lr) if isinstance(stage.lr, dict) else set())
-    unknown = sorted(named - set(group_names))
+    unknown = sorted(stage.named_groups - set(group_names))
     if unknown:
         raise StageError(f"{stage.kind} stage names unknown group(s) {unknown}; this backbone's groups are {group_names}")
-    if stage.kind == "probe":
-        members = ["head"]
-    elif stage.kind in ("finetune", "dynamic", "dual"):
-        members = list(group_names)
-    else:
-        members = [g for g in group_names if g in stage.unfreeze] + ["head"]
-    head_lr = stage.lr["head"] if isinstance(stage.lr, dict) else stage.lr
     lrs: "OrderedDict[str, float]" = OrderedDict()
-    for g in reversed(members):  # head first, then down the network
+    for g in reversed(stage.members(group_names)):  # head first, then down the network
         if isinstance(stage.lr, dict) and g in stage.lr:
             lrs[g] = float(stage.lr[g])
         elif stage.lr_decay is not None:
             depth = len(group_names) - 1 - group_names.index(g)
-            lrs[g] = head_lr * stage.lr_decay**depth
+            lrs[g] = stage.head_lr * stage.lr_decay**depth
         else:
-            lrs[g] = float(head_lr)
-    start = {g: 0 for g in lrs}
-    for g, frac in stage.unfreeze.items():  # floor: 10 % of 20 epochs is epoch 2, as in the paper
-        start[g] = math.floor(frac * stage.epochs + 1e-9)
+            lrs[g] = stage.head_lr
+    start = {g: 0 for g in lrs} | stage.start_epochs()
     return StagePlan(lrs, start)
 
 
@@ -127,7 +116,7 @@ class Objective:
 BINARY = Objective()
 
 
-def _batches(order: np.ndarray, batch_size: int) -> list[np.ndarray]:
+def batches(order: np.ndarray, batch_size: int) -> list[np.ndarray]:
     """Consecutive batches; a last batch of one image joins the previous (BatchNorm needs two)."""
     chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     if len(chunks) > 1 and len(chunks[-1]) < 2:
@@ -174,16 +163,9 @@ class StageLog:
         return sum(e["seconds"] for e in self.epochs)
 
 
-def _forward(net: Network, stage: StageConfig, xb: torch.Tensor, start: int, g: torch.Generator,
-             extra: torch.Tensor | None) -> torch.Tensor:
-    if stage.kind == "dual":  # original stream to branch a, augmented stream to branch b
-        return net.head(net.backbone.forward_pair(xb, augment_batch(xb, stage.augment, g)))
-    return net(xb, start=start, extra=extra)
-
-
 def fit_stage(
     net: Network,
-    stage: StageConfig,
+    stage: Stage,
     images: ImageSet,
     train_idx: np.ndarray,
     targets: torch.Tensor,
@@ -208,7 +190,7 @@ def fit_stage(
         [{"params": groups[g], "lr": lr, "name": g} for g, lr in plan.lrs.items()],
         weight_decay=stage.weight_decay,
     )
-    steps_per_epoch = len(_batches(np.arange(len(train_idx)), stage.batch_size))
+    steps_per_epoch = len(batches(np.arange(len(train_idx)), stage.batch_size))
     total = steps_per_epoch * stage.epochs
     scheduler = None
     if stage.schedule == "onecycle":
@@ -222,21 +204,20 @@ def fit_stage(
     torch.manual_seed(seed)
     y_train = targets[train_idx, 0].nan_to_num(-1).numpy()
     targets = objective.train_targets(targets)
-    freezer = DynamicFreezer(net.backbone, stage.freeze_fraction, stage.freeze_every) if stage.kind == "dynamic" else None
+    hooks = hooks_for(stage, net)
     meter = SavedActivations(net, stage.activation_bits)
     net.backbone.checkpoint_groups = stage.checkpointing
     log = StageLog(stage.kind)
     reset_peak(compute.device)
 
-    with frozen_weights_save_no_input(net.backbone) if freezer else contextlib.nullcontext():
+    with hooks.context():
         for epoch in range(stage.epochs):
             t0 = time.perf_counter()
             trainable = plan.trainable(epoch)
             for name in plan.lrs:
                 for p in groups[name]:
                     p.requires_grad_(name in trainable)
-            if freezer:
-                freezer.apply()
+            hooks.before_epoch()
             frozen = [n for n in net.backbone.group_names if n not in trainable]
             _set_bn_policy(net, frozen, stage.bn)
             k = _frozen_prefix(net, trainable)
@@ -250,24 +231,22 @@ def fit_stage(
             source = cache.get(net, k, images, compute) if reuse else images.x
             start = k if reuse else 0
             lrs_at_start = {pg["name"]: pg["lr"] for pg in optimizer.param_groups}
-            losses, frozen_share = [], []
-            for batch in _batches(_epoch_order(train_idx, y_train, stage.balanced_sampling, g), stage.batch_size):
+            losses = []
+            for batch in batches(_epoch_order(train_idx, y_train, stage.balanced_sampling, g), stage.batch_size):
                 xb = compute.to_input(source[torch.as_tensor(batch)])
                 yb = targets[batch].to(compute.device)
                 eb = None if extra is None else extra[batch].to(compute.device)
-                if start == 0 and stage.kind != "dual":
+                if start == 0 and hooks.augments_input:
                     xb = augment_batch(xb, stage.augment, g)
                     if eb is None:
                         xb, yb = mix_batch(xb, yb, stage.cutmix, stage.mixup, g)
                     else:  # a mixed image gets the same mix of clinical values as of labels
                         xb, ye = mix_batch(xb, torch.cat([yb, eb], dim=1), stage.cutmix, stage.mixup, g)
                         yb, eb = ye[:, : yb.shape[1]], ye[:, yb.shape[1]:]
-                if freezer:
-                    freezer.before_step()
-                    frozen_share.append(len(freezer.frozen) / len(freezer.tensors))
+                hooks.before_step()
                 with meter.step():
                     with compute.autocast():
-                        logits = _forward(net, stage, xb, start, g, eb)
+                        logits = hooks.forward(xb, start, g, eb)
                     loss = objective.loss(logits, yb)
                     optimizer.zero_grad(set_to_none=True)
                     if scaler is not None:
@@ -279,8 +258,7 @@ def fit_stage(
                     scaler.update()
                 else:
                     optimizer.step()
-                if freezer:
-                    freezer.after_step()
+                hooks.after_step()
                 if scheduler is not None:
                     scheduler.step()
                 losses.append(float(loss.detach()))
@@ -292,8 +270,7 @@ def fit_stage(
                 "resumed_after_groups": start,
                 "seconds": time.perf_counter() - t0,
             }
-            if freezer:
-                entry["frozen_tensor_share"] = float(np.mean(frozen_share))
+            entry |= hooks.epoch_entry()
             log.epochs.append(entry)
             if not math.isfinite(entry["loss"]):
                 raise FloatingPointError(

@@ -19,13 +19,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from stagewise.data.source import SourceData
-from stagewise.models.backbones import Backbone
+from stagewise.models.base import Backbone
 from stagewise.models.heads import Head, Network
-from stagewise.recipe import AugmentConfig, StageConfig
+from stagewise.recipe import AugmentConfig, FinetuneStage, PretrainStage, SslStage, Stage
 from stagewise.training.augment import augment_batch
 from stagewise.training.cache import ImageSet
 from stagewise.training.compute import Compute
-from stagewise.training.engine import Objective, StageLog, _batches, fit_stage
+from stagewise.training.engine import Objective, StageLog, batches, fit_stage
 from stagewise.training.memory import peak_memory, reset_peak
 
 # Views for contrastive learning on gray medical images: no colour jitter or grayscale
@@ -34,7 +34,7 @@ SSL_VIEWS = AugmentConfig(flip=True, rotate=15, translate=0.1, scale=0.3, intens
 
 
 def pretrain_supervised(
-    backbone: Backbone, stage: StageConfig, images: ImageSet, source: SourceData, compute: Compute,
+    backbone: Backbone, stage: PretrainStage, images: ImageSet, source: SourceData, compute: Compute,
     seed: int, on_epoch: Callable[[int, dict], None] | None = None,
 ) -> StageLog:
     """Train every layer on the source task (classification, multilabel or regression)."""
@@ -50,7 +50,7 @@ def pretrain_supervised(
         objective = Objective("regression")
     torch.manual_seed(seed)
     net = Network(backbone, Head(backbone.feature_dim, source.n_outputs, dropout=0.0)).to(compute.device)
-    finetune = stage.model_copy(update={"kind": "finetune", "source": None})
+    finetune = FinetuneStage.model_validate(stage.model_dump(include=set(Stage.model_fields)))
     return fit_stage(net, finetune, images, np.arange(len(images)), targets, compute, None, seed,
                      on_epoch=on_epoch, objective=objective)
 
@@ -76,7 +76,7 @@ class _Decoder(nn.Module):
         return F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
 
 
-def _ssl_modules(backbone: Backbone, stage: StageConfig, size: int) -> dict[str, nn.Module]:
+def _ssl_modules(backbone: Backbone, stage: SslStage, size: int) -> dict[str, nn.Module]:
     from lightly.models.modules.heads import BYOLPredictionHead, BYOLProjectionHead, SimCLRProjectionHead
 
     d = backbone.feature_dim
@@ -93,7 +93,7 @@ def _ssl_modules(backbone: Backbone, stage: StageConfig, size: int) -> dict[str,
 
 
 def fit_ssl(
-    backbone: Backbone, stage: StageConfig, images: ImageSet, idx: np.ndarray, compute: Compute,
+    backbone: Backbone, stage: SslStage, images: ImageSet, idx: np.ndarray, compute: Compute,
     seed: int, on_epoch: Callable[[int, dict], None] | None = None,
 ) -> StageLog:
     """Self-supervised training of the whole backbone on images[idx] (labels never used)."""
@@ -114,13 +114,13 @@ def fit_ssl(
         target = nn.ModuleDict({"backbone": copy.deepcopy(backbone), "projection": copy.deepcopy(heads["projection"])})
         deactivate_requires_grad(target)
     ntxent, ncs = NTXentLoss(temperature=stage.temperature), NegativeCosineSimilarity()
-    steps = len(_batches(np.arange(len(idx)), stage.batch_size)) * stage.epochs
+    steps = len(batches(np.arange(len(idx)), stage.batch_size)) * stage.epochs
     log, step = StageLog(stage.kind), 0
     reset_peak(compute.device)
     for epoch in range(stage.epochs):
         t0, losses = time.perf_counter(), []
         order = idx[torch.randperm(len(idx), generator=g).numpy()]
-        for batch in _batches(order, stage.batch_size):
+        for batch in batches(order, stage.batch_size):
             x = compute.to_input(images.x[torch.as_tensor(batch)]).float()
             with compute.autocast():
                 if stage.method == "autoencoder":
