@@ -46,7 +46,7 @@ def test_bundle_reproduces_out_of_fold_predictions(run_dir, tmp_path):
 
 
 def test_shared_backbone_bundle_equals_each_head_on_its_own_model(run_dir, tmp_path):
-    from stagewise.deploy import load_network
+    from stagewise.models import load_network
 
     bundle = Bundle.load(export_bundle(run_dir, ["probe-a", "probe-b"], tmp_path / "shared", fold="r0-f0"))
     assert len(bundle.model.heads) == 2  # one backbone, two heads
@@ -75,6 +75,77 @@ def test_refit_bundle_and_cli_predict(run_dir, tmp_path, digits_manifest):
     assert len(pd.read_csv(tmp_path / "p.csv")) == 3
 
 
-def test_export_without_saved_fold_model_is_a_clear_error(run_dir, tmp_path):
-    result = CliRunner().invoke(app, ["export", str(run_dir), "--arm", "net", "--fold", "r9-f9"])
-    assert result.exit_code == 2 and "save_models" in result.output and "Traceback" not in result.output
+def test_export_of_a_missing_fold_lists_the_folds_that_exist(run_dir, tmp_path):
+    result = CliRunner().invoke(app, ["export", str(run_dir), "--arm", "net", "--fold", "r9-f9", "-o", str(tmp_path / "b")])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "no fold 'r9-f9'" in result.output and "r0-f0, r0-f1, r0-f2" in result.output
+    assert "save_models" not in result.output  # it was set: the fold does not exist
+
+
+def test_bundle_carries_no_paths_or_file_names_and_ordinary_permissions(run_dir, tmp_path, digits_manifest):
+    bundle = export_bundle(run_dir, "net", tmp_path / "bundle", fold="r0-f0")
+    images = {p.name for p in (digits_manifest.parent / "images").glob("*.png")}
+    for f in bundle.iterdir():
+        assert f.stat().st_mode & 0o777 == 0o644, f.name
+        if f.suffix in (".json", ".yaml", ".md"):
+            text = f.read_text()
+            assert str(tmp_path.parent) not in text and str(digits_manifest.parent) not in text, f.name
+            assert not any(name in text for name in images), f.name
+
+
+def test_interrupted_re_export_leaves_the_old_bundle_whole(run_dir, tmp_path, monkeypatch):
+    import stagewise.deploy
+
+    target = export_bundle(run_dir, "net", tmp_path / "bundle", fold="r0-f0")
+    before = {f.name: f.read_bytes() for f in target.iterdir()}
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(stagewise.deploy, "export_onnx", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        export_bundle(run_dir, "net", target, fold="r0-f1")
+    assert {f.name: f.read_bytes() for f in target.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]  # no partial folder left behind
+    monkeypatch.undo()
+    export_bundle(run_dir, "net", target, fold="r0-f1")  # a completed re-export replaces it whole
+    assert json.loads((target / "bundle.json").read_text())["source"].endswith("r0-f1")
+
+
+def test_export_refuses_a_foreign_folder(run_dir, tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    with pytest.raises(RunError, match="not a stagewise bundle"):
+        export_bundle(run_dir, "net", tmp_path / "mine", fold="r0-f0")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
+
+
+def test_weights_that_do_not_fit_the_architecture_are_named(run_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from stagewise.models import BackboneError
+
+    bundle = export_bundle(run_dir, "net", tmp_path / "bundle", fold="r0-f0")
+    state = load_file(str(bundle / "backbone.safetensors"))
+    state["layer4.0.conv1.weight"] = state["layer4.0.conv1.weight"][:, :3].contiguous()
+    save_file(state, str(bundle / "backbone.safetensors"), metadata={"stagewise_arch": "scratch:resnet18"})
+    with pytest.raises(BackboneError, match=r"backbone\.safetensors.*layer4\.0\.conv1\.weight"):
+        Bundle.load(bundle)
+
+
+def test_predict_scores_the_readable_files_and_names_the_others(run_dir, tmp_path, digits_manifest):
+    import nibabel
+
+    bundle = export_bundle(run_dir, "net", tmp_path / "bundle", fold="r0-f0")
+    good = sorted((digits_manifest.parent / "images").glob("*.png"))[:2]
+    (tmp_path / "broken.png").write_bytes(b"not a png at all")
+    nibabel.save(nibabel.Nifti1Image(np.random.rand(8, 8, 8).astype(np.float32), np.eye(4)), tmp_path / "vol.nii.gz")
+    files = [good[0], tmp_path / "broken.png", tmp_path / "vol.nii.gz", good[1]]
+    table = Bundle.load(bundle).predict(files)
+    assert table["probability:net"].notna().tolist() == [True, False, False, True]
+    assert "3D volume" in table["error"][2] and table["error"][0] is None
+    result = CliRunner().invoke(app, ["predict", str(bundle), *map(str, files)])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "broken.png" in result.output and "vol.nii.gz" in result.output and "cohort" not in result.output
+    folder = CliRunner().invoke(app, ["predict", str(bundle), str(good[0].parent), "--csv", str(tmp_path / "all.csv")])
+    assert folder.exit_code == 0 and len(pd.read_csv(tmp_path / "all.csv")) == len(list(good[0].parent.glob("*.png")))

@@ -9,8 +9,9 @@ from sklearn.model_selection import cross_val_score
 
 from conftest import small_recipe
 from stagewise.data import load_images
+from stagewise.deploy import Bundle, export_bundle
 from stagewise.models import create_backbone
-from stagewise.recipe import ComputeConfig, StageConfig
+from stagewise.recipe import ComputeConfig, SslStage
 from stagewise.study import run_study
 from stagewise.training.cache import ImageSet
 from stagewise.training.compute import resolve_compute
@@ -56,6 +57,22 @@ def test_pretrained_backbone_is_saved_once_and_loads_bit_identically(digits_mani
     mtime = saved[0].stat().st_mtime_ns
     run_study(recipe, tmp_path / "run")
     assert saved[0].stat().st_mtime_ns == mtime
+    # a refit on every image starts from that saved backbone too (no second pretraining)
+    bundle = Bundle.load(export_bundle(tmp_path / "run", "age2hie-style", tmp_path / "bundle", refit=True))
+    assert saved[0].stat().st_mtime_ns == mtime
+    assert list((tmp_path / "run" / "pretrained").glob("*.safetensors")) == saved
+    images = pd.read_csv(digits_manifest)["path"].head(4).map(lambda p: str(digits_manifest.parent / p)).tolist()
+    assert bundle.predict(images)["probability:age2hie-style"].between(0, 1).all()
+    # a truncated pretrained file (a crash while writing, in an older version) is set aside
+    # and made again, instead of blocking every rerun
+    saved[0].write_bytes(saved[0].read_bytes()[:1000])
+    for f in (tmp_path / "run" / "folds" / "age2hie-style").glob("r0-f0.*"):
+        f.unlink()  # one fold to recompute, so the pretrained backbone is needed
+    run_study(recipe, tmp_path / "run")
+    again = create_backbone(f"file:{saved[0]}")
+    for (name, x), y in zip(a.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(x, y), name
+    assert "damaged" in (tmp_path / "run" / "log.txt").read_text()
 
 
 def _probe_accuracy(backbone, x, y):
@@ -76,7 +93,7 @@ def test_ssl_loss_decreases_and_features_separate_classes_better_than_random(dig
     random_init = create_backbone("scratch:tinycnn")
     trained = create_backbone("scratch:tinycnn")
     trained.load_state_dict(random_init.state_dict())
-    stage = StageConfig(kind="ssl", source="target", method=method, epochs=12, batch_size=32, lr=3e-3)
+    stage = SslStage(source="target", method=method, epochs=12, batch_size=32, lr=3e-3)
     log = fit_ssl(trained, stage, images, np.arange(len(y)), FP32, seed=0)
     losses = [e["loss"] for e in log.epochs]
     assert np.mean(losses[-3:]) < np.mean(losses[:3])

@@ -47,9 +47,11 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from stagewise.evaluation.splits import SplitError
     from stagewise.models import BackboneError, WeightsUnavailable
     from stagewise.recipe import RecipeError
+    from stagewise.checks import StudyCheckError
     from stagewise.training.engine import StageError
 
-    return (RecipeError, CohortError, ImageReadError, BackboneError, WeightsUnavailable, StageError, SplitError, RunError, FloatingPointError)
+    return (RecipeError, CohortError, ImageReadError, BackboneError, WeightsUnavailable, StageError, SplitError, RunError,
+            StudyCheckError, FloatingPointError)
 
 
 def metrics_table(metrics: dict) -> Table:
@@ -107,15 +109,26 @@ def run(
 
 
 @app.command()
-def validate(recipe: Path = typer.Argument(..., help="the study's YAML recipe")) -> None:
-    """Check a recipe and its cohort (every row, every file) without training."""
-    from stagewise.data import load_cohort
+def validate(
+    recipe: Path = typer.Argument(..., help="the study's YAML recipe"),
+    overrides: list[str] = typer.Option([], "--set", help="check the recipe as `run --set` would change it"),
+) -> None:
+    """Everything `run` checks before training, without training: the recipe, every manifest
+    row, every image decoded, each arm's architecture and stages, source manifests, folds.
+
+    Example: stagewise validate examples/covid-outcome.yaml --set protocol.repeats=1
+    """
+    from stagewise.checks import check_study
     from stagewise.recipe import load_recipe
 
     def go():
-        r = load_recipe(recipe)
-        cohort = load_cohort(r.cohort)
-        out.print(f"{recipe}: valid. Cohort: {cohort.summary()}")
+        r = load_recipe(recipe, overrides)
+        cohort = check_study(r, source=str(recipe))
+        for warning in cohort.warnings:
+            console.print(f"[yellow]warning:[/yellow] {escape(warning)}")
+        s = cohort.summary()
+        out.print(f"{recipe}: valid. {len(r.arms)} arm(s); cohort of {s['images']} images from {s['patients']} patients, "
+                  f"{s['positive_patients']} positive ({s['prevalence_patients']:.1%}).")
 
     _guard(go)
 
@@ -160,36 +173,63 @@ def export(
     _guard(lambda: out.print(f"bundle: {export_bundle(run_dir, arm, target, fold, refit)}"))
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".nii", ".nii.gz")
+
+
+def _image_files(paths: list[Path]) -> list[Path]:
+    """Files as given; a folder stands for the image files in it (sorted, not recursive)."""
+    files = []
+    for p in paths:
+        if p.is_dir():
+            files += sorted(f for f in p.iterdir() if f.is_file() and f.name.lower().endswith(IMAGE_SUFFIXES))
+        else:
+            files.append(p)
+    return files
+
+
 @app.command(name="predict")
 def predict_cmd(
     bundle: Path = typer.Argument(..., help="a bundle folder made by `stagewise export`"),
-    images: list[Path] = typer.Argument(..., help="PNG, JPEG or DICOM files"),
+    images: list[Path] = typer.Argument(..., help="PNG, JPEG, DICOM or NIfTI files, or folders of them"),
     engine: str = typer.Option("torch", help="torch or onnx"),
     csv: Path = typer.Option(None, help="also write the table to this CSV file"),
 ) -> None:
-    """Per-image probability and decision, on the CPU."""
+    """Per-image probability and decision, on the CPU. Files that cannot be scored are named
+    with the reason, the others are scored, and the exit status is 1.
+
+    Example: stagewise predict runs/covid-outcome-icu/bundles/probe-thaw scans/ --csv scores.csv
+    """
     from stagewise.deploy import Bundle
 
     def go():
-        table = Bundle.load(bundle).predict(images, engine=engine)
-        view = Table(*table.columns)
-        for row in table.itertuples(index=False):
+        files = _image_files(images)
+        if not files:
+            raise RunError(f"no image files in {', '.join(map(str, images))} (looked for {', '.join(IMAGE_SUFFIXES)})")
+        table = Bundle.load(bundle).predict(files, engine=engine)
+        scored = table[table["error"].isna()].drop(columns="error")
+        view = Table(*scored.columns)
+        for row in scored.itertuples(index=False):
             view.add_row(*[f"{v:.4f}" if isinstance(v, float) else str(v) for v in row])
         out.print(view)
         if csv:
             table.to_csv(csv, index=False)
+        failed = table[table["error"].notna()]
+        for file, reason in zip(failed["image"], failed["error"]):
+            console.print(f"[bold red]not scored:[/bold red] {escape(file)}: {escape(reason)}")
+        return len(failed)
 
-    _guard(go)
+    if _guard(go):
+        raise typer.Exit(1)
 
 
 @app.command()
 def backbones() -> None:
-    """List the backbone sources a recipe can name."""
-    from stagewise.models.backbones import describe_sources
+    """List the backbone sources a recipe can name (every source in the registry)."""
+    from stagewise.models import describe_sources
 
     table = Table("spec", "what it is")
     for spec, what in describe_sources():
-        table.add_row(spec, what)
+        table.add_row(escape(spec), escape(what))  # '[#<arm>]' is text, not a style
     out.print(table)
 
 

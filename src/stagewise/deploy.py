@@ -1,15 +1,20 @@
-"""A trained model outside the study: save/load networks, export bundles, predict on files.
+"""A trained model outside the study: export bundles, predict on files.
 
-A bundle is a folder a site can copy to a bedside machine: `model.safetensors` (weights and
-the metadata to rebuild the network), `model.onnx`, `bundle.json` (preprocessing, decision
-threshold, metrics, provenance), the study's `recipe.yaml` and a short `MODEL_CARD.md`.
+A bundle is a folder a site can copy to a bedside machine: `backbone.safetensors` and
+`heads.safetensors` (weights and the metadata to rebuild the network), `model.onnx`,
+`bundle.json` (preprocessing, decision thresholds, metrics, provenance), the study's
+`recipe.yaml` and a short `MODEL_CARD.md`. A bundle is meant to leave the site: it carries
+no image file names and no local paths. It is built in a temporary folder beside its target
+and moved into place at the end, so an interrupted export never leaves a mixed bundle.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
-from dataclasses import dataclass
+import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -18,41 +23,11 @@ import torch
 import yaml
 
 from stagewise import __version__
-from stagewise.models import Backbone, Head, Network, build_arch, save_backbone
-from stagewise.recipe import HeadConfig, Recipe, recipe_from_dict
-from stagewise.runs import RunError
-
-
-def save_network(net: Network, path: str | Path, head: HeadConfig) -> Path:
-    """Whole network (backbone + head) as safetensors, with what `load_network` needs."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
-    meta = {
-        "stagewise_arch": net.backbone.arch,
-        "head": head.model_dump_json(),
-        "n_outputs": str(net.head.layers[-1].out_features),
-    }
-    save_file(state, str(path), metadata=meta)
-    return path
-
-
-def load_network(path: str | Path) -> Network:
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    if not path.is_file():
-        raise RunError(f"{path}: no saved model")
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-    if "stagewise_arch" not in meta or "head" not in meta:
-        raise RunError(f"{path}: not a network saved by stagewise (metadata missing)")
-    net = Network.build(build_arch(meta["stagewise_arch"]), HeadConfig.model_validate_json(meta["head"]), int(meta["n_outputs"]))
-    net.load_state_dict(load_file(str(path)))
-    return net.eval()
+from stagewise.data import ImageReadError, read_image
+from stagewise.data.preprocess import to_cube, to_square
+from stagewise.models import Backbone, Head, Network, create_backbone, load_network, save_backbone
+from stagewise.recipe import HeadConfig, Recipe, recipe_from_dict, recipe_to_dict, shareable_backbone, shareable_recipe
+from stagewise.runs import RunError, check_writable
 
 
 class SharedHeads(torch.nn.Module):
@@ -101,11 +76,34 @@ def _model_card(info: dict) -> str:
 
 
 def _fold_network(run_dir: Path, arm: str, fold: str) -> tuple[Network, float]:
-    model_path = run_dir / "folds" / arm / f"{fold}.safetensors"
+    folder = run_dir / "folds" / arm
+    meta_path, model_path = folder / f"{fold}.json", folder / f"{fold}.safetensors"
+    if not meta_path.is_file():
+        folds = sorted(p.stem for p in folder.glob("*.json"))
+        raise RunError(f"arm {arm!r} has no fold {fold!r}; its folds are {', '.join(folds) or 'none (run the study)'}")
     if not model_path.is_file():
-        raise RunError(f"{model_path} does not exist: set `compute.save_models: true` and run the arm again, or use --refit")
-    threshold = json.loads((run_dir / "folds" / arm / f"{fold}.json").read_text())["metrics"]["threshold"]
+        raise RunError(f"fold {fold} of arm {arm!r} has no saved model: set `compute.save_models: true` and run the "
+                       "arm again (in a new run directory), or export with --refit")
+    threshold = json.loads(meta_path.read_text())["metrics"]["threshold"]
     return load_network(model_path), threshold
+
+
+def _prepare_target(out: Path) -> None:
+    """Refuse a target that exists and is not a bundle; fail early if it cannot be written."""
+    if out.exists() and not (out / "bundle.json").is_file() and (not out.is_dir() or any(out.iterdir())):
+        raise RunError(f"{out} exists and is not a stagewise bundle; choose another --out folder")
+    check_writable(out.parent)
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    """Replace `out` by the finished bundle in `tmp` (two renames; the old bundle is removed last)."""
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
 
 
 def export_bundle(run_dir: str | Path, arms: str | list[str], out: str | Path, fold: str | None = None,
@@ -130,10 +128,11 @@ def export_bundle(run_dir: str | Path, arms: str | list[str], out: str | Path, f
         raise RunError(f"arms {fused} fuse clinical data; a bundle takes images only")
     if refit == (fold is not None):
         raise RunError("choose exactly one of --fold (a saved fold model) and --refit (train on every image)")
+    _prepare_target(out)
     nets, thresholds = {}, {}
     for arm in arms:
         if refit:
-            nets[arm], thresholds[arm] = _refit(recipe, arm, metrics["arms"][arm])
+            nets[arm], thresholds[arm] = _refit(recipe, run_dir, arm, metrics["arms"][arm])
         else:
             nets[arm], thresholds[arm] = _fold_network(run_dir, arm, fold)
     backbone = nets[arms[0]].backbone
@@ -143,12 +142,24 @@ def export_bundle(run_dir: str | Path, arms: str | list[str], out: str | Path, f
         if other.keys() != reference.keys() or any(not torch.equal(other[k], reference[k]) for k in reference):
             raise RunError(f"arms {arms[0]!r} and {arm!r} do not share one backbone (only arms whose backbone stayed "
                            "frozen on the same weights do); export them as separate bundles")
-    out.mkdir(parents=True, exist_ok=True)
-    save_backbone(backbone, out / "backbone.safetensors")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    try:
+        os.chmod(tmp, 0o755)
+        _write_bundle(tmp, recipe, metrics, configs, arms, nets, thresholds, backbone, refit, run_dir, fold)
+        _move_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _write_bundle(folder: Path, recipe: Recipe, metrics: dict, configs: dict, arms: list[str], nets: dict,
+                  thresholds: dict, backbone: Backbone, refit: bool, run_dir: Path, fold: str | None) -> None:
+    save_backbone(backbone, folder / "backbone.safetensors")
     heads = {arm: nets[arm].head for arm in arms}
-    _save_heads(heads, {arm: configs[arm].head for arm in arms}, out / "heads.safetensors")
-    export_onnx(SharedHeads(backbone, heads), out / "model.onnx", recipe.data.image_size)
-    shutil.copy(run_dir / "recipe.yaml", out / "recipe.yaml")
+    _save_heads(heads, {arm: configs[arm].head for arm in arms}, folder / "heads.safetensors")
+    export_onnx(SharedHeads(backbone, heads), folder / "model.onnx", recipe.data.image_size)
+    (folder / "recipe.yaml").write_text(yaml.safe_dump(shareable_recipe(recipe_to_dict(recipe)), sort_keys=False))
     tasks = []
     for arm in arms:
         unit = metrics["arms"][arm]
@@ -161,13 +172,14 @@ def export_bundle(run_dir: str | Path, arms: str | list[str], out: str | Path, f
                 "metrics": unit["summary"] if j == 0 else unit["tasks"][outcome],
             })
     info = {
-        "stagewise": __version__, "recipe": recipe.name, "backbone": configs[arms[0]].backbone.name,
+        "stagewise": __version__, "recipe": recipe.name, "backbone": shareable_backbone(configs[arms[0]].backbone.name),
         "image_size": recipe.data.image_size, "resize": recipe.data.resize, "tasks": tasks,
         "source": "every image of the cohort (refit after cross-validation)" if refit else f"the training part of fold {fold}",
     }
-    (out / "bundle.json").write_text(json.dumps(info, indent=2))
-    (out / "MODEL_CARD.md").write_text(_model_card(info))
-    return out
+    (folder / "bundle.json").write_text(json.dumps(info, indent=2))
+    (folder / "MODEL_CARD.md").write_text(_model_card(info))
+    for path in folder.iterdir():  # ordinary permissions: a bundle copied to another account must load
+        os.chmod(path, 0o644)
 
 
 def _task_threshold(unit: dict, outcome: str, refit: bool, run_dir: Path, arm: str, fold: str | None) -> float:
@@ -204,17 +216,12 @@ def _load_heads(path: Path) -> dict[str, Head]:
     return heads
 
 
-def _refit(recipe: Recipe, arm_name: str, unit: dict) -> tuple[Network, float]:
+def _refit(recipe: Recipe, run_dir: Path, arm: str, unit: dict) -> tuple[Network, float]:
     """Train the arm on every image; the threshold is the median of its fold thresholds,
     each chosen on a training part, since no data is left to choose one on."""
-    from stagewise.study import _Silent, _Study, train_fold
+    from stagewise.study import refit
 
-    study = _Study(recipe, None, _Silent())
-    arm = next(a for a in recipe.arms if a.name == arm_name)
-    everything = np.arange(study.cohort.n_images)
-    net, _ = train_fold(arm, study.pristine(arm), study.images, study.targets, everything,
-                        recipe.seed, study.compute, study.cache, _Silent())
-    return net.cpu(), float(np.median([f["threshold"] for f in unit["folds"]]))
+    return refit(recipe, arm, run_dir), float(np.median([f["threshold"] for f in unit["folds"]]))
 
 
 @dataclass
@@ -222,11 +229,12 @@ class Bundle:
     path: Path
     info: dict
     model: SharedHeads
+    _onnx: object = field(default=None, repr=False)
 
     @classmethod
     def load(cls, path: str | Path) -> "Bundle":
-        from stagewise.models.backbones import create_backbone
-
+        """Read a bundle (safetensors only: nothing is unpickled); weights that do not fit
+        their architecture are an error naming the file."""
         path = Path(path)
         if not (path / "bundle.json").is_file():
             raise RunError(f"{path}: not a stagewise bundle (no bundle.json); make one with `stagewise export`")
@@ -234,26 +242,61 @@ class Bundle:
         model = SharedHeads(backbone, _load_heads(path / "heads.safetensors")).float().eval()
         return cls(path, json.loads((path / "bundle.json").read_text()), model)
 
-    def images(self, files: list[str | Path]) -> torch.Tensor:
-        from stagewise.data import load_images
+    @property
+    def spatial_dims(self) -> int:
+        return self.model.backbone.spatial_dims
 
-        return load_images([str(f) for f in files], self.info["image_size"], self.info["resize"])
+    def read(self, file: str | Path) -> torch.Tensor:
+        """One file as the network sees it: (1, size, size) or (1, size, size, size) in
+        [0, 1], after the reader's rescaling/windowing and the bundle's resizing. A file that
+        cannot be read, or of the wrong kind, raises ImageReadError naming the file."""
+        img = read_image(file)
+        if img.ndim != self.spatial_dims:
+            kind = {2: "a 2D image", 3: "a 3D volume"}
+            raise ImageReadError(file, f"{kind.get(img.ndim, f'{img.ndim}-D data')}; this bundle scores "
+                                       f"{kind[self.spatial_dims]}s")
+        size, resize = self.info["image_size"], self.info["resize"]
+        arr = to_square(img, size, resize) if img.ndim == 2 else to_cube(img, size, resize)
+        # float16 as in training (load_images), then float32 for the network
+        return torch.from_numpy(arr).to(torch.float16).float().unsqueeze(0)
+
+    def images(self, files: list[str | Path]) -> torch.Tensor:
+        """Every file read (see `read`); the first unreadable one raises."""
+        return torch.stack([self.read(f) for f in files])
 
     @torch.no_grad()
+    def probabilities(self, x: torch.Tensor, engine: str = "torch") -> np.ndarray:
+        """(N, outputs) probabilities for a batch of read images."""
+        if engine == "onnx":
+            if self._onnx is None:
+                import onnxruntime as ort
+
+                self._onnx = ort.InferenceSession(str(self.path / "model.onnx"), providers=["CPUExecutionProvider"])
+            return self._onnx.run(None, {"image": x.numpy()})[0]
+        return self.model(x).numpy()
+
     def predict(self, files: list[str | Path], engine: str = "torch") -> pd.DataFrame:
-        """Per image: a probability and a decision per output, the backbone run once."""
+        """Per file: a probability and a decision per output (the backbone run once), or,
+        for a file that cannot be scored, the reason in `error` (the others are still scored)."""
         if engine not in ("torch", "onnx"):
             raise RunError(f"engine {engine!r}: choose torch or onnx")
-        x = self.images(files).float()
-        if engine == "onnx":
-            import onnxruntime as ort
-
-            session = ort.InferenceSession(str(self.path / "model.onnx"), providers=["CPUExecutionProvider"])
-            prob = session.run(None, {"image": x.numpy()})[0]
-        else:
-            prob = self.model(x).numpy()
+        rows, errors = [], []
+        for f in files:
+            try:
+                rows.append(self.read(f))
+                errors.append(None)
+            except ImageReadError as err:
+                rows.append(None)
+                errors.append(err.reason)
+        ok = [i for i, r in enumerate(rows) if r is not None]
+        prob = np.full((len(files), len(self.info["tasks"])), np.nan)
+        if ok:
+            prob[ok] = self.probabilities(torch.stack([rows[i] for i in ok]), engine)
         table = pd.DataFrame({"image": [str(f) for f in files]})
         for j, task in enumerate(self.info["tasks"]):
             table[f"probability:{task['output']}"] = prob[:, j].astype(np.float64)
-            table[f"decision:{task['output']}"] = (prob[:, j] >= task["threshold"]).astype(int)
+            decision = pd.array(np.where(np.isnan(prob[:, j]), 0, prob[:, j] >= task["threshold"]), dtype="Int64")
+            decision[np.isnan(prob[:, j])] = pd.NA
+            table[f"decision:{task['output']}"] = decision
+        table["error"] = errors
         return table

@@ -1,19 +1,24 @@
 """The run directory: resolved recipe, versions, per-fold results, predictions, metrics, log.
 
 Every fold is written atomically as soon as it finishes, with a hash of everything that
-determines its numbers. Running the same recipe again reads finished folds back instead
-of recomputing them; a fold made by a different recipe is never silently mixed in.
+determines its numbers (recipe *and* cohort content) and a checksum of its predictions.
+Running the same recipe again reads finished folds back instead of recomputing them; a
+fold made by a different recipe or different data is never silently mixed in, and a
+damaged fold is named and recomputed. One writer at a time holds the directory's lock, and
+nothing is written into a directory before the run has been checked against it.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import os
 import platform
 import sys
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -27,20 +32,67 @@ class RunError(RuntimeError):
     """A run directory that cannot be used for this recipe."""
 
 
-def _atomic_write(path: Path, text: str) -> None:
+MARKER = ".stagewise-run"
+"""Written into every run directory: a directory without it holds no file stagewise may overwrite."""
+OWN_FILES = ("recipe.yaml", "environment.json", "predictions.csv", "metrics.json", "report.html", "log.txt")
+
+
+def atomic_write(path: Path, data: str | bytes) -> None:
+    """Write `path` through a temporary file and a rename: readers see the old or the new
+    file, never a part. A failure (disk full, read-only) names the path."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        if isinstance(data, bytes):
+            tmp.write_bytes(data)
+        else:
+            tmp.write_text(data)
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise RunError(f"cannot write {path}: {err.strerror or err}") from None
 
 
-def unit_fingerprint(recipe: Recipe, kind: str, arm: ArmConfig | None, fraction: float, column: str | None) -> str:
-    """Hash of what decides a unit's fold results: cohort, data, protocol, seed, precision and
-    the unit itself (arm and label fraction, baseline column, or clinical columns)."""
+def check_writable(folder: Path) -> None:
+    """Fail before any training when `folder` cannot be created or written."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"0" * 4096)
+        probe.unlink()
+    except OSError as err:
+        raise RunError(f"cannot write into {folder}: {err.strerror or err}. Choose another output directory.") from None
+
+
+def cohort_digest(table: pd.DataFrame, columns: list[str]) -> str:
+    """Hash of a cohort's content: its rows, labels, patients, sites, clinical and baseline
+    values (`columns` of `table`) and the bytes of every image file. Editing a label,
+    deleting a row or replacing an image changes it; touching a file does not."""
+    h = hashlib.sha256()
+    h.update(pd.util.hash_pandas_object(table[columns], index=False).to_numpy().tobytes())
+    for path in table["path"]:
+        h.update(_file_hash(path))
+    return h.hexdigest()[:16]
+
+
+def _file_hash(path: str) -> bytes:
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.digest()
+
+
+def unit_fingerprint(recipe: Recipe, kind: str, arm: ArmConfig | None, fraction: float, column: str | None,
+                     cohort: str = "") -> str:
+    """Hash of what decides a unit's fold results: cohort settings and content (`cohort`, a
+    `cohort_digest`), data, protocol, seed, precision and the unit itself (arm and label
+    fraction, baseline column, or clinical columns)."""
     protocol = recipe.protocol.model_dump(mode="json")
     protocol.pop("label_fractions")  # adding a fraction must not invalidate finished arms
     relevant = {
         "seed": recipe.seed,
         "cohort": recipe.cohort.model_dump(mode="json"),
+        "cohort_content": cohort,
         "protocol": protocol,
         "kind": kind,
     }
@@ -92,20 +144,96 @@ def environment() -> dict:
 @dataclass
 class RunDir:
     path: Path
+    damaged: list[str] = field(default_factory=list)
+    """Fold files found damaged and set aside for recomputation, for the log."""
 
     def __post_init__(self):
         self.path = Path(self.path)
+        self._lock = None
 
     @property
     def folds_dir(self) -> Path:
         return self.path / "folds"
 
+    # -- ownership -----------------------------------------------------------------------
+
+    def check_owned(self) -> None:
+        """Refuse a directory holding files of the run's names that a run did not write
+        (e.g. `-o .` next to a hand-written recipe.yaml)."""
+        if not self.path.is_dir() or (self.path / MARKER).is_file() or self._legacy_run():
+            return
+        foreign = [n for n in OWN_FILES if (self.path / n).exists()]
+        if foreign:
+            raise RunError(
+                f"{self.path} holds {', '.join(foreign)} that no stagewise run wrote there; a run would overwrite "
+                "them. Choose a new or empty output directory (-o DIR)."
+            )
+
+    def _legacy_run(self) -> bool:
+        """A run directory made before the marker existed: its environment.json is ours."""
+        try:
+            return "stagewise" in json.loads((self.path / "environment.json").read_text())
+        except (OSError, ValueError, TypeError):
+            return False
+
+    def lock(self) -> None:
+        """Take the directory's exclusive lock; a second writer is refused with the holder's PID."""
+        from filelock import FileLock, Timeout
+
+        check_writable(self.path)
+        lock = FileLock(str(self.path / ".lock"), timeout=0)
+        try:
+            lock.acquire()
+        except Timeout:
+            holder = self._owner()
+            raise RunError(
+                f"{self.path} is in use by another stagewise run ({holder}). Wait for it to finish, or choose "
+                "another output directory."
+            ) from None
+        self._lock = lock
+        atomic_write(self.path / MARKER, json.dumps({"stagewise": __version__}))
+        atomic_write(self.path / ".owner.json", json.dumps({"pid": os.getpid(), "host": platform.node(),
+                                                              "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}))
+
+    def _owner(self) -> str:
+        try:
+            o = json.loads((self.path / ".owner.json").read_text())
+            return f"PID {o['pid']} on {o['host']}, since {o['since']}"
+        except (OSError, ValueError, KeyError, TypeError):
+            return "PID unknown"
+
+    def unlock(self) -> None:
+        if self._lock is not None:
+            (self.path / ".owner.json").unlink(missing_ok=True)
+            self._lock.release()
+            self._lock = None
+
+    # -- writing -------------------------------------------------------------------------
+
+    def check_folds(self, expected: dict[str, str]) -> None:
+        """Refuse before writing anything when a unit's finished folds were made by another
+        recipe or other data. `expected` maps unit folder -> fingerprint."""
+        changed = []
+        for folder, fingerprint in expected.items():
+            for meta_path in sorted((self.folds_dir / folder).glob("*.json")):
+                meta = self._read_meta(meta_path)
+                if meta is not None and meta.get("fingerprint") != fingerprint:
+                    changed.append(folder)
+                    break
+        if changed:
+            raise RunError(
+                f"{self.path}: unit(s) {changed} were run with a different recipe or different data (cohort rows, "
+                "labels or images, data, protocol, seed, precision or the arm itself changed). Nothing was written. "
+                f"Choose a new output directory, or delete {', '.join(str(self.folds_dir / c) for c in changed)} "
+                "to recompute."
+            )
+
     def start(self, recipe: Recipe) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
         self.folds_dir.mkdir(exist_ok=True)
-        _atomic_write(self.path / "recipe.yaml", yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
+        atomic_write(self.path / "recipe.yaml", yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
         env = environment() | {"seed": recipe.seed}
-        _atomic_write(self.path / "environment.json", json.dumps(env, indent=2))
+        atomic_write(self.path / "environment.json", json.dumps(env, indent=2))
 
     def pretrained_path(self, arm: str, fingerprint: str) -> Path:
         return self.path / "pretrained" / f"{arm}-{fingerprint}.safetensors"
@@ -114,30 +242,64 @@ class RunDir:
         d = self.folds_dir / arm
         return d / f"{split_name}.json", d / f"{split_name}.csv"
 
-    def read_fold(self, arm: str, split_name: str, fingerprint: str) -> tuple[dict, pd.DataFrame] | None:
-        """A finished fold of this arm, or None; an incompatible one is an error."""
-        meta_path, pred_path = self._fold_paths(arm, split_name)
-        if not (meta_path.is_file() and pred_path.is_file()):
+    def _read_meta(self, meta_path: Path) -> dict | None:
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (OSError, ValueError):
             return None
-        meta = json.loads(meta_path.read_text())
-        if meta.get("fingerprint") != fingerprint:
+        return meta if isinstance(meta, dict) else None
+
+    def read_fold(self, arm: str, split_name: str, fingerprint: str) -> tuple[dict, pd.DataFrame] | None:
+        """A finished, intact fold of this arm, or None (not run yet, or damaged: then its
+        files are moved aside and named in `damaged`); a fold of another recipe is an error."""
+        meta_path, pred_path = self._fold_paths(arm, split_name)
+        if not meta_path.is_file():
+            return None
+        meta = self._read_meta(meta_path)
+        if meta is not None and meta.get("fingerprint") != fingerprint:
             raise RunError(
-                f"{self.path}: arm {arm!r} was run with a different recipe (cohort, data, protocol, seed, "
-                f"precision or the arm itself changed). Choose a new output directory, or delete "
-                f"{self.folds_dir / arm} to recompute this arm."
+                f"{self.path}: arm {arm!r} was run with a different recipe or different data. Choose a new output "
+                f"directory, or delete {self.folds_dir / arm} to recompute this arm."
             )
-        return meta, pd.read_csv(pred_path, dtype={"patient": str})
+        problem = "its .json is not readable" if meta is None else self._prediction_problem(meta, pred_path)
+        if problem:
+            self._set_aside(meta_path, pred_path, problem)
+            return None
+        return meta, pd.read_csv(pred_path, dtype={"patient": str, "image": str})
+
+    @staticmethod
+    def _prediction_problem(meta: dict, pred_path: Path) -> str | None:
+        if not pred_path.is_file():
+            return "its predictions .csv is missing"
+        data = pred_path.read_bytes()
+        if meta.get("predictions_sha256") != hashlib.sha256(data).hexdigest():
+            return "its predictions .csv does not match the checksum recorded in its .json"
+        try:
+            n = len(pd.read_csv(io.BytesIO(data)))
+        except (ValueError, pd.errors.ParserError):
+            return "its predictions .csv is not readable"
+        if n != meta.get("n_predictions"):
+            return f"its predictions .csv has {n} rows, its .json records {meta.get('n_predictions')}"
+        return None
+
+    def _set_aside(self, meta_path: Path, pred_path: Path, problem: str) -> None:
+        for p in (meta_path, pred_path):
+            if p.exists():
+                os.replace(p, p.with_name(p.name + ".damaged"))
+        self.damaged.append(f"{meta_path.parent.name}/{meta_path.stem}: {problem}; set aside (*.damaged) and recomputed")
 
     def write_fold(self, arm: str, split_name: str, meta: dict, predictions: pd.DataFrame) -> None:
         meta_path, pred_path = self._fold_paths(arm, split_name)
         meta_path.parent.mkdir(parents=True, exist_ok=True)
+        data = predictions.to_csv(index=False).encode()
+        meta = meta | {"n_predictions": len(predictions), "predictions_sha256": hashlib.sha256(data).hexdigest()}
         # Predictions first: a fold counts as done only once its json exists.
-        _atomic_write(pred_path, predictions.to_csv(index=False))
-        _atomic_write(meta_path, json.dumps(meta, indent=1))
+        atomic_write(pred_path, data)
+        atomic_write(meta_path, json.dumps(meta, indent=1))
 
     def write_results(self, predictions: pd.DataFrame, metrics: dict) -> None:
-        _atomic_write(self.path / "predictions.csv", predictions.to_csv(index=False))
-        _atomic_write(self.path / "metrics.json", json.dumps(_nan_to_null(metrics), indent=2, allow_nan=False))
+        atomic_write(self.path / "predictions.csv", predictions.to_csv(index=False))
+        atomic_write(self.path / "metrics.json", json.dumps(_nan_to_null(metrics), indent=2, allow_nan=False))
 
 
 def _nan_to_null(value):

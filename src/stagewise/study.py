@@ -22,20 +22,21 @@ import numpy as np
 import pandas as pd
 import torch
 
+from stagewise.checks import check_study
 from stagewise.data import Cohort, load_cohort, load_images
-from stagewise.deploy import save_network
 from stagewise.evaluation.baselines import baseline_scores, clinical_model_scores, fold_standardize
 from stagewise.evaluation.evidence import compute_evidence
 from stagewise.evaluation.metrics import binary_metrics, choose_threshold, patient_scores, summarize
 from stagewise.evaluation.splits import Split, make_splits, subsample_patients
-from stagewise.models import Network, create_backbone, save_backbone
-from stagewise.recipe import ArmConfig, ProtocolConfig, Recipe, RecipeError
-from stagewise.runs import RunDir, pretrain_fingerprint, unit_fingerprint
+from stagewise.models import Network, create_backbone, save_backbone, save_network
+from stagewise.recipe import ArmConfig, ProtocolConfig, Recipe, RecipeError, SslStage
+from stagewise.runs import RunDir, atomic_write, cohort_digest, pretrain_fingerprint, unit_fingerprint
 from stagewise.training.cache import ImageSet, PrefixCache
 from stagewise.training.compute import Compute, resolve_compute
 from stagewise.training.engine import fit_stage, predict, prepare_network
 from stagewise.training.pretrain import fit_ssl
 from stagewise.training.tuning import choose_by_inner_cv
+from stagewise.units import Unit, study_units
 
 log = logging.getLogger("stagewise")
 
@@ -63,36 +64,11 @@ class _Silent:
         pass
 
 
-@dataclass(frozen=True)
-class Unit:
-    name: str
-    kind: str
-    """model | baseline | clinical"""
-    arm: ArmConfig | None = None
-    fraction: float = 1.0
-    column: str | None = None
-
-    @property
-    def folder(self) -> str:
-        return self.name.replace(":", "-")
-
-
 @dataclass
 class StudyResult:
     run_dir: Path
     metrics: dict
     predictions: pd.DataFrame
-
-
-def study_units(recipe: Recipe) -> list[Unit]:
-    units = [Unit(a.name, "model", a) for a in recipe.arms]
-    for f in sorted(set(recipe.protocol.label_fractions)):
-        if f < 1.0:
-            units += [Unit(f"{a.name}@{f:g}", "model", a, fraction=f) for a in recipe.arms]
-    units += [Unit(f"baseline:{c}", "baseline", column=c) for c in recipe.cohort.baselines]
-    if recipe.cohort.clinical and recipe.evaluation.clinical_model:
-        units.append(Unit("clinical", "clinical"))
-    return units
 
 
 def fold_seed(seed: int, split: Split) -> int:
@@ -121,7 +97,7 @@ def seeded_backbone(arm: ArmConfig, seed: int) -> torch.nn.Module:
     not on how much training ran before in this process, so a resumed run matches."""
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        return create_backbone(arm.backbone)
+        return create_backbone(**arm.backbone.model_dump())
 
 
 def train_fold(
@@ -144,13 +120,13 @@ def train_fold(
     use (default `train`): at a label fraction, every training image without its label."""
     torch.manual_seed(seed)
     n_extra = 0 if clinical is None else clinical.shape[1]
-    net = prepare_network(Network.build(copy.deepcopy(pristine), arm.head, targets.shape[1], n_extra), compute)
+    net = prepare_network(Network.build(copy.deepcopy(pristine), targets.shape[1], n_extra, arm.head.dropout, arm.head.hidden), compute)
     logs = []
     for i, stage in enumerate(arm.stages):
         if stage.external:  # ran once for the arm, before cross-validation (see _Study.pristine)
             continue
         on_epoch = lambda e, entry, kind=stage.kind: reporter.epoch_done(kind, e, entry)  # noqa: E731
-        if stage.kind == "ssl":  # on this fold's training images only, labels ignored
+        if isinstance(stage, SslStage):  # on this fold's training images only, labels ignored
             rows = train if unlabeled is None else unlabeled
             stage_log = fit_ssl(net.backbone, stage, images, rows, compute, seed + 1000 * (i + 1), on_epoch)
         else:
@@ -213,10 +189,10 @@ def score_fold(recipe: Recipe, cohort: Cohort, split: Split, train: np.ndarray,
 class _Study:
     """State shared by the folds of one run: cohort, images (loaded on first need), cache."""
 
-    def __init__(self, recipe: Recipe, run: RunDir, reporter: Reporter):
+    def __init__(self, recipe: Recipe, run: RunDir, reporter: Reporter, cohort: Cohort | None = None):
         self.recipe, self.run, self.reporter = recipe, run, reporter
         self.compute = resolve_compute(recipe.compute)
-        self.cohort = load_cohort(recipe.cohort)
+        self.cohort = cohort or load_cohort(recipe.cohort, decode=True)  # every image decoded before training
         t = self.cohort.table
         self.y, self.patients = t["y"].to_numpy(), t["patient"].to_numpy()
         sites = t["site"].to_numpy() if "site" in t else None
@@ -225,6 +201,9 @@ class _Study:
         self.cache = PrefixCache() if self.compute.reuse_frozen else None
         self._images: ImageSet | None = None
         self._pristine: dict[str, torch.nn.Module] = {}
+        columns = [c for c in t.columns if c != "path"]
+        self.cohort_digest = cohort_digest(t, columns)
+        """Content of the cohort (rows, labels, patients, image bytes): part of every fold's fingerprint."""
 
     @property
     def images(self) -> ImageSet:
@@ -247,12 +226,17 @@ class _Study:
         from safetensors.torch import load_file
 
         from stagewise.data.source import load_source
-        from stagewise.training.pretrain import fit_ssl, pretrain_supervised
+        from stagewise.training.pretrain import pretrain_supervised
 
         path = self.run.pretrained_path(arm.name, pretrain_fingerprint(self.recipe, arm))
         if path.is_file():
-            backbone.net.load_state_dict(load_file(str(path)))
-            return backbone
+            try:
+                backbone.net.load_state_dict(load_file(str(path)))
+                return backbone
+            except Exception as err:  # a truncated or foreign file: set aside, pretrain again
+                log.warning("pretrained backbone %s is damaged (%s: %s); set aside and made again",
+                            path.name, type(err).__name__, str(err)[:120])
+                os.replace(path, path.with_name(path.name + ".damaged"))
         backbone = backbone.to(self.compute.device)
         logs = []
         for i, stage in enumerate(stages):
@@ -262,7 +246,7 @@ class _Study:
             self.reporter.fold_started(f"{arm.name} {stage.kind}", Split(-1, i, np.arange(0), np.arange(0)), stage.epochs)
             on_epoch = lambda e, entry, kind=stage.kind: self.reporter.epoch_done(kind, e, entry)  # noqa: E731
             seed = self.recipe.seed + 7919 * (i + 1)
-            if stage.kind == "ssl":
+            if isinstance(stage, SslStage):
                 log_ = fit_ssl(backbone, stage, images, np.arange(len(images)), self.compute, seed, on_epoch)
             else:
                 log_ = pretrain_supervised(backbone, stage, images, source, self.compute, seed, on_epoch)
@@ -271,8 +255,10 @@ class _Study:
             log.info("arm %s: %s on %s (%d images) in %.0f s", arm.name, stage.kind, stage.source.manifest,
                      len(images), log_.seconds)
         backbone = backbone.cpu()
-        save_backbone(backbone, path)
-        path.with_suffix(".json").write_text(json.dumps(logs, indent=1))
+        tmp = path.with_name(path.name + ".tmp")
+        save_backbone(backbone, tmp)
+        os.replace(tmp, path)
+        atomic_write(path.with_suffix(".json"), json.dumps(logs, indent=1))
         return backbone
 
     def fit_model(self, unit: Unit, split: Split) -> tuple[dict, pd.DataFrame, dict]:
@@ -294,7 +280,7 @@ class _Study:
         extra["n_train_images"] = int(len(train))
         folder = self.run.folds_dir / unit.folder
         if self.recipe.compute.save_models:
-            save_network(net, folder / f"{split.name}.safetensors", arm.head)
+            save_network(net, folder / f"{split.name}.safetensors")
         if self.recipe.evaluation.saliency and split.repeat == 0 and unit.fraction == 1.0 and clinical is None:
             extra["saliency"] = self._saliency(net, split, preds, folder / "saliency")
         return metrics, preds, extra
@@ -335,7 +321,7 @@ class _Study:
         for i, p in enumerate(pos):
             rec = preds.iloc[p]
             correct = bool(rec["pred"] == rec["y"])
-            title = f"{'correct' if correct else 'WRONG'}: y={int(rec['y'])} p={rec['prob']:.2f}\n{Path(rec['image']).name}"
+            title = f"{'correct' if correct else 'WRONG'}: y={int(rec['y'])} p={rec['prob']:.2f}\nmanifest row {int(rec['row'])}"
             path = save_overlay(x[i, 0].float().numpy(), maps[i], folder / f"{split.name}-row{int(rec['row'])}.png", title)
             out.append({"file": str(path.relative_to(self.run.path)), "row": int(rec["row"]), "y": int(rec["y"]),
                         "prob": float(rec["prob"]), "correct": correct})
@@ -354,36 +340,73 @@ class _Study:
         return metrics, preds, extra
 
 
+def refit(recipe: Recipe, arm: str, run_dir: str | Path, reporter: Reporter | None = None) -> Network:
+    """The arm trained through its stages on every image of the cohort (no test part), as
+    scikit-learn's search refits its best estimator on all the data.
+
+    Stages on source manifests are not run again: the backbone they made is read from the
+    run directory's pretrained/ folder (made by `run_study` on the same recipe)."""
+    configs = {a.name: a for a in recipe.arms}
+    if arm not in configs:
+        raise RecipeError(f"no model arm {arm!r}; arms: {sorted(configs)}")
+    study = _Study(recipe, RunDir(Path(run_dir)), reporter or _Silent())
+    everything = np.arange(study.cohort.n_images)
+    net, _ = train_fold(configs[arm], study.pristine(configs[arm]), study.images, study.targets, everything,
+                        recipe.seed, study.compute, study.cache, study.reporter)
+    return net.cpu()
+
+
 def run_study(recipe: Recipe, out_dir: str | Path, reporter: Reporter | None = None) -> StudyResult:
-    """Run every unit on the same folds; resume from finished folds in `out_dir`."""
+    """Run every unit on the same folds; resume from finished folds in `out_dir`.
+
+    Nothing is written before the run has been checked against the directory: its lock is
+    free, no foreign file would be overwritten, and finished folds there come from this very
+    recipe and cohort. The error that stops a run is recorded in log.txt."""
     reporter = reporter or _Silent()
     run = RunDir(Path(out_dir))
-    run.start(recipe)
+    run.check_owned()
+    run.lock()
     handler = logging.FileHandler(run.path / "log.txt")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     log.addHandler(handler)
     log.setLevel(logging.INFO)
     try:
         return _run(recipe, run, reporter)
+    except KeyboardInterrupt:
+        log.error("interrupted; finished folds are kept and a rerun resumes from them")
+        raise
+    except Exception as err:
+        log.error("the run stopped: %s: %s", type(err).__name__, err)
+        raise
     finally:
         log.removeHandler(handler)
         handler.close()
+        run.unlock()
 
 
 def _run(recipe: Recipe, run: RunDir, reporter: Reporter) -> StudyResult:
     t_start = time.perf_counter()
-    study = _Study(recipe, run, reporter)
+    cohort = check_study(recipe, source=recipe.name)  # every check before any training or writing
+    for warning in cohort.warnings:
+        log.warning("cohort: %s", warning)
+    study = _Study(recipe, run, reporter, cohort)
     units = study_units(recipe)
-    _check_comparisons(recipe, [u.name for u in units])
-    log.info("cohort %s: %d images, %d patients; %d splits; compute %s", recipe.cohort.manifest,
+    fingerprints = {u.name: unit_fingerprint(recipe, u.kind, u.arm, u.fraction, u.column, study.cohort_digest)
+                    for u in units}
+    run.check_folds({u.folder: fingerprints[u.name] for u in units})
+    run.start(recipe)
+    log.info("cohort %s: %d images, %d patients; %d splits; compute %s", Path(recipe.cohort.manifest).name,
              study.cohort.n_images, study.cohort.n_patients, len(study.splits), study.compute.label)
     reporter.start(len(units) * len(study.splits))
     all_preds, units_out = [], {}
     for unit in units:
-        fingerprint = unit_fingerprint(recipe, unit.kind, unit.arm, unit.fraction, unit.column)
+        fingerprint = fingerprints[unit.name]
         fold_results = []
         for split in study.splits:
             done = run.read_fold(unit.folder, split.name, fingerprint)
+            for message in run.damaged:
+                log.warning("damaged fold %s", message)
+            run.damaged.clear()
             if done is not None:
                 meta, preds = done
                 reporter.fold_done(unit.name, split, meta["metrics"], resumed=True)
@@ -422,14 +445,6 @@ def _run(recipe: Recipe, run: RunDir, reporter: Reporter) -> StudyResult:
 
         write_report(run.path)
     return StudyResult(run.path, metrics, predictions)
-
-
-def _check_comparisons(recipe: Recipe, names: list[str]) -> None:
-    """Refuse a misspelled comparison before hours of training, not after."""
-    pairs = recipe.evaluation.compare or []
-    unknown = sorted({n for pair in pairs for n in pair} - set(names))
-    if unknown:
-        raise RecipeError(f"evaluation.compare names unknown arm(s) {unknown}; this study has {names}")
 
 
 def _task_summaries(fold_results: list[dict]) -> dict:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import math
 import os
+import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,39 +18,11 @@ from typing import Iterable
 import numpy as np
 import pandas as pd
 
+from stagewise.data.problems import MANIFEST_HINT, CohortError, file_key
 from stagewise.recipe import CohortConfig
 
-_MAX_SHOWN = 50
 # Table columns the loader owns; a clinical column with one of these names would be overwritten.
 _RESERVED = ("row", "path", "y", "patient", "site")
-_HINT = (
-    "Fix these in the manifest (row numbers are line numbers in the CSV file, the header "
-    "being line 1) or in the recipe's cohort section, then run again."
-)
-
-
-class CohortError(ValueError):
-    """All problems with a cohort at once; `problems` holds one line per problem."""
-
-    def __init__(self, problems: Iterable[str], manifest: str | Path | None = None, hint: str = _HINT):
-        self.problems = list(problems)
-        self.manifest = None if manifest is None else str(manifest)
-        self.hint = hint
-        super().__init__(self._message())
-
-    def __reduce__(self):
-        # Default pickling would call CohortError(message): keep the fields across processes.
-        return (type(self), (self.problems, self.manifest, self.hint))
-
-    def _message(self) -> str:
-        n = len(self.problems)
-        where = f"{self.manifest}: " if self.manifest else ""
-        lines = [f"{where}{n} problem{'' if n == 1 else 's'} in the cohort:"]
-        lines += [f"  - {p}" for p in self.problems[:_MAX_SHOWN]]
-        if n > _MAX_SHOWN:
-            lines.append(f"  ... and {n - _MAX_SHOWN} more")
-        lines.append(self.hint)
-        return "\n".join(lines)
 
 
 def _counts(table: pd.DataFrame) -> dict:
@@ -75,6 +48,9 @@ class Cohort:
     config: CohortConfig
     dropped: list[str] = field(default_factory=list)
     """One message per manifest row left out (drop_missing_outcome), for the run log."""
+    warnings: list[str] = field(default_factory=list)
+    """Doubts that do not stop a run (load_cohort(decode=True): nearly black images, one
+    image twice for a patient); each line already lists every row concerned: show once."""
 
     @property
     def n_images(self) -> int:
@@ -119,36 +95,79 @@ def _rows(lines: list[int]) -> str:
     return f"row{'s' if len(lines) > 1 else ''} {', '.join(map(str, lines))}"
 
 
-def _read_manifest(manifest: Path) -> pd.DataFrame:
-    """The manifest as strings, indexed by CSV line number (header = line 1)."""
+# Separators tried when a comma-separated reading lacks the recipe's columns: Excel in
+# many European locales saves "CSV" with ';', and tab-separated exports are common.
+_OTHER_SEPARATORS = (";", "\t", "|")
+_SEP_NAME = {",": "','", ";": "';'", "\t": "tabs", "|": "'|'"}
+
+
+def _parse_manifest(manifest: Path, sep: str) -> tuple[pd.DataFrame | None, str | None]:
+    try:
+        # skip_blank_lines=False keeps the index aligned with line numbers; blank rows go below.
+        df = pd.read_csv(
+            manifest, sep=sep, dtype=str, keep_default_na=False, skip_blank_lines=False, encoding="utf-8-sig"
+        )
+    except UnicodeDecodeError:
+        return None, "the manifest is not UTF-8 text; save it as 'CSV UTF-8'"
+    except pd.errors.EmptyDataError:
+        return None, "the manifest is empty; it needs a header line and one row per image"
+    except (pd.errors.ParserError, OSError) as err:
+        return None, f"the manifest cannot be read as CSV: {err}"
+    df = df.fillna("")  # short rows give NaN in some pandas versions
+    df.columns = [str(c).strip() for c in df.columns]
+    return df, None
+
+
+def _header_separator(manifest: Path) -> str | None:
+    """';', tab or '|' when the header line holds more of it than commas, else None."""
+    try:
+        with manifest.open(encoding="utf-8-sig", errors="replace") as f:
+            header = f.readline()
+    except OSError:
+        return None
+    counts = {sep: header.count(sep) for sep in _OTHER_SEPARATORS}
+    best = max(counts, key=counts.get)
+    return best if counts[best] > header.count(",") else None
+
+
+def _read_manifest(manifest: Path, wanted: Iterable[str] = ()) -> tuple[pd.DataFrame, str]:
+    """The manifest as strings, indexed by CSV line number (header = line 1), and its separator.
+
+    Read as comma-separated; when that fails or misses some `wanted` columns and the header
+    line is rather separated by ';', tabs or '|', that reading is used if it finds more of them.
+    """
     if not manifest.is_file():
         raise CohortError(
             [f"manifest not found: {manifest}"],
             manifest,
             hint="Check `manifest:` in the recipe's cohort section (relative to the recipe file).",
         )
-    problem = None
-    try:
-        # skip_blank_lines=False keeps the index aligned with line numbers; blank rows go below.
-        df = pd.read_csv(
-            manifest, dtype=str, keep_default_na=False, skip_blank_lines=False, encoding="utf-8-sig"
-        )
-    except UnicodeDecodeError:
-        problem = "the manifest is not UTF-8 text; save it as 'CSV UTF-8'"
-    except pd.errors.EmptyDataError:
-        problem = "the manifest is empty; it needs a header line and one row per image"
-    except (pd.errors.ParserError, OSError) as err:
-        problem = f"the manifest cannot be read as CSV: {err}"
+    wanted = set(wanted)
+
+    def found(frame: pd.DataFrame | None) -> int:
+        return -1 if frame is None else len(wanted & set(frame.columns))
+
+    sep = ","
+    df, problem = _parse_manifest(manifest, sep)
+    if (problem is not None or found(df) < len(wanted)) and not _problem_is_fatal(problem):
+        other = _header_separator(manifest)
+        if other is not None:
+            df2, problem2 = _parse_manifest(manifest, other)
+            if problem2 is None and found(df2) > found(df):
+                df, problem, sep = df2, None, other
     if problem is None:
-        df = df.fillna("")  # short rows give NaN in some pandas versions
-        df.columns = [str(c).strip() for c in df.columns]
         df.index = df.index + 2
         df = df[~(df == "").all(axis=1)]
         if df.empty:
             problem = "the manifest has no rows; it needs one row per image below the header"
     if problem is not None:
         raise CohortError([problem], manifest)
-    return df
+    return df, sep
+
+
+def _problem_is_fatal(problem: str | None) -> bool:
+    """Reading problems another separator cannot fix (encoding, empty file)."""
+    return problem is not None and not problem.startswith("the manifest cannot be read as CSV")
 
 
 def _column_problems(cfg: CohortConfig, columns: list[str]) -> list[str]:
@@ -174,12 +193,30 @@ def _column_problems(cfg: CohortConfig, columns: list[str]) -> list[str]:
     return problems
 
 
-def load_cohort(cfg: CohortConfig) -> Cohort:
-    """Read and check the manifest; every problem is reported together, before any training."""
+def _wanted_columns(cfg: CohortConfig) -> list[str]:
+    return [cfg.image, cfg.outcome, cfg.patient, *cfg.extra_outcomes, *([cfg.site] if cfg.site else []),
+            *cfg.clinical, *cfg.baselines]
+
+
+def load_cohort(cfg: CohortConfig, *, decode: bool = False, workers: int | None = None) -> Cohort:
+    """Read and check the manifest; every problem is reported together, before any training.
+
+    decode=True also decodes every image file (`check_images`, `workers` threads): files
+    that cannot be read, tiny or constant images and one image under two patients are
+    reported in the same CohortError as the manifest's problems; doubts that do not stop a
+    run (nearly black images, ...) land in `Cohort.warnings`.
+    """
     manifest = Path(cfg.manifest)
-    df = _read_manifest(manifest)
+    df, sep = _read_manifest(manifest, _wanted_columns(cfg))
     columns = set(df.columns)
     problems = _column_problems(cfg, list(df.columns))
+    other = _header_separator(manifest) if sep == "," else None
+    if problems and other is not None and any(c not in columns for c in _wanted_columns(cfg)):
+        problems.append(
+            f"the manifest seems to be separated by {_SEP_NAME[other]}, not commas (its header line "
+            f"holds more of them), but neither reading finds the columns above; save it as "
+            "comma-separated CSV, or check the column names in the recipe's cohort section"
+        )
     raw_path = df[cfg.image].str.strip() if cfg.image in columns else pd.Series("", index=df.index)
 
     def where(line: int) -> str:
@@ -218,6 +255,7 @@ def load_cohort(cfg: CohortConfig) -> Cohort:
         if df.empty:
             problems.append(f"all {len(dropped)} rows have an empty outcome (column {cfg.outcome!r})")
 
+    patient = df[cfg.patient].str.strip() if cfg.patient in columns else None
     base = Path(cfg.root) if cfg.root is not None else manifest.parent
     paths: dict[int, str] = {}
     missing = False
@@ -230,16 +268,30 @@ def load_cohort(cfg: CohortConfig) -> Cohort:
             if not os.path.isfile(paths[line]):
                 missing = True
                 problems.append(f"{where(line)}: image file not found (looked for {paths[line]})")
-        by_path: dict[str, list[int]] = defaultdict(list)
+        # One file under several rows, also through a symbolic or hard link (same inode).
+        by_file: dict[tuple, list[int]] = defaultdict(list)
         for line, p in paths.items():
-            by_path[p].append(line)
-        problems += [
-            f"{_rows(lines)}: {p}: the same image is listed more than once; keep one row"
-            for p, lines in by_path.items()
-            if len(lines) > 1
-        ]
+            by_file[file_key(p)].append(line)
+        for lines in by_file.values():
+            if len(lines) < 2:
+                continue
+            shown = list(dict.fromkeys(paths[ln] for ln in lines))
+            if len(shown) == 1:
+                msg = f"{_rows(lines)}: {shown[0]}: the same image is listed more than once"
+            else:
+                names = ", ".join(dict.fromkeys(raw_path[ln] for ln in lines))
+                msg = (
+                    f"{_rows(lines)}: {names} are one and the same file "
+                    f"({os.path.realpath(paths[lines[0]])}, reached through a link)"
+                )
+            pids = list(dict.fromkeys(patient[ln] for ln in lines if patient[ln])) if patient is not None else []
+            if len(pids) > 1:
+                msg += (
+                    f" under different patients ({', '.join(map(repr, pids))}), which leaks one image "
+                    "between training and test folds"
+                )
+            problems.append(msg + "; keep one row")
 
-    patient = df[cfg.patient].str.strip() if cfg.patient in columns else None
     if patient is not None:
         problems += [
             f"{where(ln)}: the patient id (column {cfg.patient!r}) is empty"
@@ -287,9 +339,14 @@ def load_cohort(cfg: CohortConfig) -> Cohort:
             try:
                 numeric[col].append(float(v) if v else math.nan)
             except ValueError:
+                decimal_comma = (
+                    "; write decimals with a point (1.5, not 1,5)"
+                    if re.fullmatch(r"[+-]?\d*,\d+", v)
+                    else ""
+                )
                 problems.append(
                     f"{where(line)}: column {col!r}: {v!r} is not a number; "
-                    "leave the cell empty for a missing value"
+                    f"leave the cell empty for a missing value{decimal_comma}"
                 )
 
     extra: dict[str, list[float]] = {}
@@ -323,8 +380,26 @@ def load_cohort(cfg: CohortConfig) -> Cohort:
             "`positive:`/`negative:` values"
         )
 
+    image_warnings: list[str] = []
+    image_problems = False
+    if decode and paths:
+        from stagewise.data.checks import inspect_images
+
+        found_lines = [ln for ln in df.index if ln in paths and os.path.isfile(paths[ln])]
+        bad, image_warnings = inspect_images(
+            [paths[ln] for ln in found_lines],
+            found_lines,
+            names=[raw_path[ln] for ln in found_lines],
+            patients=[patient[ln] for ln in found_lines] if patient is not None else None,
+            workers=workers,
+        )
+        problems += bad
+        image_problems = bool(bad)
+
     if problems:
-        hint = _HINT
+        hint = MANIFEST_HINT
+        if image_problems:
+            hint += " Replace unreadable or empty image files, or remove their rows."
         if missing:
             hint += (
                 f" Relative image paths are read from {base}; "
@@ -349,4 +424,4 @@ def load_cohort(cfg: CohortConfig) -> Cohort:
     notes = [
         f"{where(ln)}: the outcome (column {cfg.outcome!r}) is empty; row dropped" for ln in dropped
     ]
-    return Cohort(table=table, config=cfg, dropped=notes)
+    return Cohort(table=table, config=cfg, dropped=notes, warnings=image_warnings)

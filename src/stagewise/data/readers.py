@@ -12,6 +12,7 @@ robustly to [0, 1].
 
 from __future__ import annotations
 
+import struct
 import warnings
 from pathlib import Path
 
@@ -60,6 +61,10 @@ def read_image(path: str | Path) -> np.ndarray:
     except OSError as err:
         reason = f"the file cannot be opened ({err.strerror}); check its permissions"
         raise ImageReadError(path, reason) from None
+    if not head:
+        raise ImageReadError(
+            path, "the file is empty (0 bytes), e.g. an interrupted copy or download; copy it again or remove its row"
+        )
     if is_volume_path(path):
         return _read_nifti(path)
     if path.suffix.lower() in _DICOM_SUFFIXES or head[128:132] == b"DICM":
@@ -135,11 +140,71 @@ def _read_nifti(path: Path) -> np.ndarray:
     return _robust_scale(arr)
 
 
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def png_significant_bits(path: str | Path) -> int | None:
+    """The significant bits (sBIT chunk) of a 16-bit grayscale PNG, or None.
+
+    None when the file is not such a PNG, has no (valid) sBIT chunk, or the chunk says all
+    16 bits are significant. Pillow does not expose sBIT, so the chunks before the image
+    data are walked here (PNG spec 11.3.3.4: for grayscale, one byte, 1..bit depth).
+    """
+    try:
+        with open(path, "rb") as f:
+            if f.read(8) != _PNG_SIGNATURE:
+                return None
+            depth = color = None
+            while True:
+                head = f.read(8)
+                if len(head) < 8:
+                    return None
+                length, kind = struct.unpack(">I4s", head)
+                if kind in (b"IDAT", b"IEND"):  # sBIT must come before the image data
+                    return None
+                if kind not in (b"IHDR", b"sBIT"):
+                    f.seek(length + 4, 1)  # skip data and CRC
+                    continue
+                data = f.read(length)
+                f.seek(4, 1)
+                if len(data) < length or length < 1:
+                    return None
+                if kind == b"IHDR":
+                    if length < 10:
+                        return None
+                    depth, color = data[8], data[9]
+                    if depth != 16 or color != 0:  # only 16-bit grayscale is handled
+                        return None
+                    continue
+                bits = data[0]
+                return bits if depth == 16 and 1 <= bits < 16 else None
+    except OSError:
+        return None
+
+
+def _scale_16bit(arr: np.ndarray, path: Path, is_png: bool) -> np.ndarray:
+    """uint16-range data to [0, 1] by bit depth (65535), unless a PNG's sBIT says fewer
+    bits are significant AND the values were stored unshifted.
+
+    The PNG spec has an encoder scale n-bit data up to 16 bits (left shift, maybe with bit
+    replication) and record n in sBIT; such files are right as /65535. Many writers store
+    the raw 12-bit values instead (max 4095, i.e. nearly black as /65535): those are seen
+    by values that fit in n bits yet use the low 16-n bits, and are scaled by 2**n - 1.
+    """
+    bits = png_significant_bits(path) if is_png else None
+    if bits is not None:
+        top = (1 << bits) - 1
+        if int(arr.max()) <= top and np.any(arr.astype(np.uint32) & ((1 << (16 - bits)) - 1)):
+            return (arr.astype(np.float32) / np.float32(top)).astype(np.float32)
+    return arr.astype(np.float32) / np.float32(65535.0)
+
+
 def _read_pil(path: Path) -> np.ndarray:
     from PIL import Image, ImageOps
 
     try:
         with Image.open(path) as im:
+            is_png = im.format == "PNG"
             im.load()  # decoding is lazy: truncation only shows here
             im = ImageOps.exif_transpose(im)
     except Exception as err:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
@@ -149,12 +214,14 @@ def _read_pil(path: Path) -> np.ndarray:
             "in an unsupported format: re-export it as PNG or DICOM, or remove its row",
         ) from None
     if im.mode.startswith("I;16"):
-        return np.asarray(im).astype(np.float32) / np.float32(65535.0)
+        return _scale_16bit(np.asarray(im), path, is_png)
     if im.mode == "I":
         # 32-bit integer mode: PIL's container for 16-bit data in some formats; only data
         # beyond the 16-bit range has no known bit depth and falls back to min-max.
         arr = np.asarray(im)
         if arr.min() >= 0 and arr.max() <= 65535:
+            if is_png and png_significant_bits(path) is not None:  # older Pillow opens 16-bit PNG as "I"
+                return _scale_16bit(arr, path, is_png)
             return (arr / 65535.0).astype(np.float32)
         return _minmax(arr)
     if im.mode == "F":

@@ -1,0 +1,120 @@
+"""Every check a study can make before it trains, with all problems reported at once.
+
+`stagewise validate` and `stagewise run` share this: a recipe that would fail in its second
+arm after the first arm trained all its folds must fail here instead, in seconds. The
+checks: every manifest row and every image decoded (data.load_cohort), each arm's
+architecture built (without downloading weights) and each of its stages planned against
+the groups it really has, source manifests of pretraining stages read and their images
+decoded, folds feasible for the protocol (and for nested CV inside them), comparisons
+naming units that exist.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from stagewise.data import Cohort, CohortError, check_images, load_cohort
+from stagewise.data.source import load_source
+from stagewise.evaluation.splits import SplitError, make_splits
+from stagewise.models import BackboneError, WeightsUnavailable, build_arch, create_backbone
+from stagewise.recipe import ArmConfig, DualStage, ProtocolConfig, Recipe
+from stagewise.training.engine import StageError, plan_stage
+from stagewise.units import study_units
+
+
+class StudyCheckError(ValueError):
+    """A study that cannot run as written; the message lists every problem found."""
+
+    def __init__(self, problems: list[str], source: str):
+        self.problems = problems
+        lines = [f"{source}: {len(problems)} problem{'s' if len(problems) > 1 else ''} before any training:"]
+        lines += [f"  - {p}" for p in problems]
+        super().__init__("\n".join(lines))
+
+
+def comparison_problems(recipe: Recipe) -> list[str]:
+    pairs = recipe.evaluation.compare or []
+    names = [u.name for u in study_units(recipe)]
+    unknown = sorted({n for pair in pairs for n in pair} - set(names))
+    return [f"evaluation.compare names unknown arm(s) {unknown}; this study has {names}"] if unknown else []
+
+
+def arm_problems(arm: ArmConfig) -> list[str]:
+    """The arm's architecture (random weights; local files are read) and each stage's plan."""
+    spec = arm.backbone
+    try:
+        with torch.random.fork_rng():  # building draws random weights: leave the global stream alone
+            if spec.name.split(":", 1)[0] in ("file", "run"):
+                backbone = create_backbone(**spec.model_dump())
+            else:
+                backbone = build_arch(spec.name)
+    except (BackboneError, WeightsUnavailable) as err:
+        return [f"arm {arm.name!r}: backbone {spec.name}: {err}"]
+    groups = backbone.group_names + ["head"]
+    problems = []
+    for i, stage in enumerate(arm.stages):
+        try:
+            plan_stage(stage, groups)
+        except StageError as err:
+            problems.append(f"arm {arm.name!r}, stage {i} ({stage.kind}): {err}")
+        if isinstance(stage, DualStage) and not hasattr(backbone, "forward_pair"):
+            problems.append(f"arm {arm.name!r}, stage {i} (dual): needs a dual backbone (dual:<spec>), not {spec.name}")
+    return problems
+
+
+def source_problems(recipe: Recipe) -> list[str]:
+    """Source manifests of pretrain/ssl stages: rows, targets and every image decoded."""
+    problems = []
+    for arm in recipe.arms:
+        for i, stage in enumerate(arm.stages):
+            if not stage.external:
+                continue
+            try:
+                source = load_source(stage.source)
+                check_images(source.paths, manifest=stage.source.manifest)
+            except CohortError as err:
+                problems.append(f"arm {arm.name!r}, stage {i} ({stage.kind}) source: {err}")
+    return problems
+
+
+def split_problems(recipe: Recipe, cohort: Cohort) -> list[str]:
+    """Outer folds for the protocol, and inner folds for every arm that tunes (nested CV)."""
+    t = cohort.table
+    y, patients = t["y"].to_numpy(), t["patient"].to_numpy()
+    sites = t["site"].to_numpy() if "site" in t else None
+    try:
+        splits = make_splits(y, patients, recipe.protocol, recipe.seed, sites)
+    except SplitError as err:
+        return [f"protocol: {err}"]
+    problems = []
+    for arm in recipe.arms:
+        if arm.tune is None:
+            continue
+        inner = ProtocolConfig(folds=arm.tune.inner_folds, repeats=1)
+        for split in splits:
+            try:
+                make_splits(y[split.train], patients[split.train], inner, recipe.seed)
+            except SplitError as err:
+                problems.append(f"arm {arm.name!r}: tune.inner_folds inside fold {split.name}: {err}")
+                break
+    return problems
+
+
+def check_study(recipe: Recipe, cohort: Cohort | None = None, source: str = "recipe") -> Cohort:
+    """Run every check; return the checked cohort or raise one StudyCheckError listing all
+    problems (cohort rows and files, arms and stages, source manifests, folds)."""
+    problems = []
+    if cohort is None:
+        try:
+            cohort = load_cohort(recipe.cohort, decode=True)
+        except CohortError as err:
+            problems.append(str(err))
+    for arm in recipe.arms:
+        problems += arm_problems(arm)
+    problems += source_problems(recipe)
+    problems += comparison_problems(recipe)
+    if cohort is not None:
+        problems += split_problems(recipe, cohort)
+    if problems:
+        raise StudyCheckError(problems, source)
+    return cohort

@@ -1,0 +1,149 @@
+"""Run directories: nothing wrong (stale or damaged folds), nothing lost (refused reruns,
+concurrent writers, foreign files), clear errors when the disk says no."""
+
+import errno
+import json
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+
+from conftest import small_recipe
+from stagewise.runs import RunError
+from stagewise.study import run_study
+
+PROBE = {"kind": "probe", "epochs": 1, "batch_size": 16, "lr": 3e-3}
+ARMS = [{"name": "a", "backbone": "scratch:tinycnn", "stages": [PROBE]}]
+QUIET = {"saliency": 0, "bootstrap": 0, "report": False}
+
+
+def _recipe(manifest, arms=ARMS):
+    return small_recipe(manifest, arms, protocol={"folds": 2}, evaluation=QUIET)
+
+
+@pytest.fixture
+def manifest(digits_manifest, tmp_path):
+    """A private copy of the digits manifest (absolute image paths) that a test may edit."""
+    table = pd.read_csv(digits_manifest)
+    table["path"] = [str(digits_manifest.parent / p) for p in table["path"]]
+    path = tmp_path / "cohort.csv"
+    table.to_csv(path, index=False)
+    return path
+
+
+def test_changed_data_is_refused_not_mixed_with_old_folds(manifest, tmp_path):
+    run = tmp_path / "run"
+    first = run_study(_recipe(manifest), run)
+    before = (run / "metrics.json").read_bytes()
+    table = pd.read_csv(manifest)
+    flip = table["patient"].isin(table["patient"].unique()[:5])
+    table.loc[flip, "outcome"] = 1 - table.loc[flip, "outcome"]
+    table.drop(index=range(len(table) - 6, len(table))).to_csv(manifest, index=False)
+    with pytest.raises(RunError, match="different data"):
+        run_study(_recipe(manifest), run)
+    assert (run / "metrics.json").read_bytes() == before  # the old results stay as they were
+    fresh = run_study(_recipe(manifest), tmp_path / "fresh")
+    assert len(fresh.predictions) != len(first.predictions)
+
+
+def test_refused_rerun_leaves_the_recipe_copy_untouched(manifest, tmp_path):
+    run = tmp_path / "run"
+    run_study(_recipe(manifest), run)
+    saved = (run / "recipe.yaml").read_bytes()
+    changed = [{**ARMS[0], "stages": [{**PROBE, "lr": 1e-2}]}]
+    with pytest.raises(RunError, match="different recipe"):
+        run_study(_recipe(manifest, changed), run)
+    assert (run / "recipe.yaml").read_bytes() == saved
+    assert "stopped" in (run / "log.txt").read_text()  # the log records why the run stopped
+
+
+def test_second_writer_is_refused_with_the_holders_pid(manifest, tmp_path):
+    run = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time\nfrom stagewise.runs import RunDir\n"
+        f"d = RunDir({str(run)!r}); d.lock(); print('locked', flush=True); time.sleep(60)"
+    )], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(RunError, match=f"PID {holder.pid}"):
+            run_study(_recipe(manifest), run)
+    finally:
+        holder.kill()
+        holder.wait(timeout=10)
+    run_study(_recipe(manifest), run)  # the lock dies with its holder
+
+
+@pytest.mark.parametrize("damage", ["truncate-csv", "truncate-json", "delete-csv"])
+def test_damaged_fold_is_named_and_recomputed(manifest, tmp_path, damage):
+    run = tmp_path / "run"
+    full = run_study(_recipe(manifest), run)
+    csv, meta = run / "folds" / "a" / "r0-f1.csv", run / "folds" / "a" / "r0-f1.json"
+    if damage == "truncate-csv":
+        lines = csv.read_text().splitlines(keepends=True)
+        csv.write_text("".join(lines[: len(lines) // 2]))
+    elif damage == "truncate-json":
+        meta.write_text(meta.read_text()[:40])
+    else:
+        csv.unlink()
+    again = run_study(_recipe(manifest), run)
+    pd.testing.assert_frame_equal(again.predictions, full.predictions)
+    assert again.metrics["arms"]["a"]["folds"] == full.metrics["arms"]["a"]["folds"]
+    assert "damaged fold a/r0-f1" in (run / "log.txt").read_text()
+    assert json.loads(meta.read_text())["n_predictions"] == len(pd.read_csv(csv))
+
+
+def test_a_hand_written_recipe_in_the_output_directory_is_never_overwritten(manifest, tmp_path):
+    mine = tmp_path / "recipe.yaml"
+    mine.write_text("# my own notes\n")
+    with pytest.raises(RunError, match="no stagewise run wrote"):
+        run_study(_recipe(manifest), tmp_path)
+    assert mine.read_text() == "# my own notes\n"
+
+
+def test_unwritable_output_is_one_clear_error_before_training(manifest, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    t0 = time.perf_counter()
+    with pytest.raises(RunError, match="cannot write into .*a-file"):
+        run_study(_recipe(manifest), blocker / "run")
+    assert time.perf_counter() - t0 < 5
+
+
+def test_disk_full_during_a_run_names_the_path_and_reaches_the_log(manifest, tmp_path, monkeypatch):
+    import stagewise.runs
+
+    real_replace = stagewise.runs.os.replace
+
+    def full_disk(src, dst):
+        if str(dst).endswith(".csv") and "folds" in str(dst):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(stagewise.runs.os, "replace", full_disk)
+    with pytest.raises(RunError, match=r"cannot write .*r0-f0\.csv: No space left on device"):
+        run_study(_recipe(manifest), tmp_path / "run")
+    assert "No space left on device" in (tmp_path / "run" / "log.txt").read_text()
+    assert not list((tmp_path / "run").rglob("*.tmp"))
+
+
+def test_saliency_titles_name_manifest_rows_not_files(manifest, tmp_path, monkeypatch):
+    import stagewise.report.saliency as saliency
+
+    titles = []
+    real = saliency.save_overlay
+
+    def capture(image, cam, path, title):
+        titles.append(title)
+        return real(image, cam, path, title)
+
+    monkeypatch.setattr(saliency, "save_overlay", capture)
+    recipe = small_recipe(manifest, [{"name": "a", "backbone": "scratch:resnet18", "stages": [PROBE]}],
+                          protocol={"folds": 2}, evaluation={"saliency": 2, "bootstrap": 0, "report": True})
+    run_study(recipe, tmp_path / "run")
+    names = {p.rsplit("/", 1)[-1] for p in pd.read_csv(manifest)["path"]}
+    assert titles and all("manifest row" in t for t in titles)
+    assert not any(n in t for t in titles for n in names)
+    report = (tmp_path / "run" / "report.html").read_text()
+    assert not any(n in report for n in names) and str(tmp_path) not in report
