@@ -154,6 +154,9 @@ class Stage(_Strict):
     """Store activations saved for backward in 8 bits (less memory, approximate gradients)."""
     checkpointing: bool = False
     """Recompute each layer group's activations in backward instead of storing them."""
+    rounds: int | None = Field(None, ge=1)
+    """Federated arms only: rounds of this stage; `epochs` is then the local epochs per round
+    at each site, and thaw fractions count rounds."""
 
     @model_validator(mode="after")
     def _check_lr(self):
@@ -324,6 +327,27 @@ class TuneConfig(_Strict):
         return v
 
 
+class SitesConfig(_Strict):
+    """How an arm trains across the cohort's sites (the `site` column); every mode runs on
+    the same patient-grouped folds, so the modes can be compared on the same patients."""
+
+    mode: Literal["pooled", "local", "federated"] = "pooled"
+    """pooled: all training rows in one place; local: each site trains on its own rows and
+    scores its own test patients (and, for cross-site figures, the other sites'); federated:
+    each site is a Flower client with its own rows only, a server aggregates."""
+    strategy: Literal["fedavg", "fedprox", "fedadam"] = "fedavg"
+    """The Flower strategy that aggregates (federated only)."""
+    strategy_params: dict[str, float] = {}
+    """Its parameters, e.g. {proximal_mu: 0.01} for fedprox, {eta: 0.01} for fedadam."""
+    bn_stats: Literal["average", "local"] = "average"
+    """BatchNorm of the shared groups: averaged like the other weights, or kept at each site
+    (FedBN: BatchNorm weights and statistics never leave a site)."""
+    min_sites: int | None = Field(None, ge=1)
+    """Fewest sites a round may complete with (default: all); fewer replies fail the fold."""
+    round_timeout: float = Field(3600.0, gt=0)
+    """Seconds the server waits for the sites' replies in a round."""
+
+
 class ArmConfig(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
     """Used as a folder name in the run directory: letters, digits, `_ . + -`."""
@@ -331,6 +355,28 @@ class ArmConfig(_Strict):
     head: HeadConfig = HeadConfig()
     stages: list[StageConfig] = Field(min_length=1)
     tune: TuneConfig | None = None
+    sites: SitesConfig = SitesConfig()
+
+    @model_validator(mode="after")
+    def _rounds_only_federated(self) -> "ArmConfig":
+        federated = self.sites.mode == "federated"
+        for i, stage in enumerate(self.stages):
+            if stage.external or isinstance(stage, SslStage):
+                if stage.rounds is not None:
+                    raise ValueError(f"stage {i} ({stage.kind}) runs centrally before the sites train: no `rounds`")
+                if federated and isinstance(stage, SslStage) and not stage.external:
+                    raise ValueError(f"stage {i}: an ssl stage on the target is not federated; give it a source manifest")
+            elif federated and stage.rounds is None:
+                raise ValueError(f"stage {i} ({stage.kind}) of a federated arm needs `rounds` (epochs = local epochs per round)")
+            elif not federated and stage.rounds is not None:
+                raise ValueError(f"stage {i} ({stage.kind}) has `rounds`, which only a federated arm (sites.mode) uses")
+            if federated and stage.kind in ("dynamic", "dual"):
+                raise ValueError(f"stage {i}: {stage.kind} stages are not federated; use probe, thaw or finetune")
+        if federated and self.tune is not None:
+            raise ValueError("nested CV (tune) is not available for federated arms")
+        if federated and self.head.fusion:
+            raise ValueError("clinical fusion heads are not federated (their scaling would pool sites' statistics)")
+        return self
 
     def with_values(self, point: dict) -> "ArmConfig":
         """A copy with dotted paths (`stages.1.epochs`) set, validated; no `tune` of its own."""
@@ -443,6 +489,13 @@ class Recipe(_Strict):
             raise ValueError(f"arm names must be unique; repeated: {sorted(dup)}")
         if self.protocol.kind == "leave_one_site_out" and not self.cohort.site:
             raise ValueError("protocol.kind leave_one_site_out needs cohort.site")
+        multi = [a.name for a in self.arms if a.sites.mode != "pooled"]
+        if multi and not self.cohort.site:
+            raise ValueError(f"arms {multi} train per site (sites.mode) but cohort.site names no site column")
+        local = [a.name for a in self.arms if a.sites.mode == "local"]
+        if local and self.protocol.kind == "leave_one_site_out":
+            raise ValueError(f"arms {local}: a held-out site has no local model; local arms need protocol group_kfold "
+                             "(their cross-site figures score each site's model on the other sites)")
         fused = [a.name for a in self.arms if a.head.fusion]
         if fused and not self.cohort.clinical:
             raise ValueError(f"arms {fused} fuse clinical data (head.fusion) but cohort.clinical lists no columns")

@@ -31,6 +31,7 @@ from stagewise.evaluation.splits import Split, make_splits, subsample_patients
 from stagewise.models import Network, create_backbone, save_backbone, save_network
 from stagewise.recipe import ArmConfig, ProtocolConfig, Recipe, RecipeError, SslStage
 from stagewise.runs import RunDir, atomic_write, cohort_digest, pretrain_fingerprint, unit_fingerprint
+from stagewise.sites import fit_federated, fit_local, start_network
 from stagewise.training.cache import ImageSet, PrefixCache
 from stagewise.training.compute import Compute, resolve_compute
 from stagewise.training.engine import fit_stage, predict, prepare_network
@@ -177,6 +178,10 @@ def score_fold(recipe: Recipe, cohort: Cohort, split: Split, train: np.ndarray,
         "prob": p_test[:, 0].astype(np.float64),
         "pred": np.where(~np.isnan(p_test[:, 0]), (p_test[:, 0] >= threshold).astype(float), np.nan),
     })
+    if "site" in t:  # per-site figures on the same patients, for every unit
+        site = t["site"].astype(str).to_numpy()
+        preds["site"] = site[test]
+        metrics["sites"] = _site_metrics(recipe, site[test], labels[test, 0], patients[test], p_test[:, 0], threshold)
     if p_test.shape[1] > 1:
         metrics["tasks"] = {}
         for j, task in enumerate(cohort.tasks[1:], start=1):
@@ -184,6 +189,16 @@ def score_fold(recipe: Recipe, cohort: Cohort, split: Split, train: np.ndarray,
             preds[f"y:{task}"] = labels[test, j]
             preds[f"prob:{task}"] = p_test[:, j].astype(np.float64)
     return metrics, preds
+
+
+def _site_metrics(recipe: Recipe, site: np.ndarray, y: np.ndarray, patients: np.ndarray, p: np.ndarray,
+                  threshold: float) -> dict:
+    out = {}
+    for s in dict.fromkeys(site):
+        ok = (site == s) & ~np.isnan(p) & ~np.isnan(y)
+        sc, yy = patient_scores(p[ok], y[ok], patients[ok], recipe.protocol.patient_aggregate)
+        out[s] = binary_metrics(yy.astype(int), sc, threshold) | {"n_test_patients": int(len(sc))}
+    return out
 
 
 class _Study:
@@ -270,6 +285,8 @@ class _Study:
             arm = arm.with_values(point)
             extra["tuning"] = {"chosen": point, "grid": table}
         self.reporter.fold_started(unit.name, split, sum(s.epochs for s in arm.stages))
+        if arm.sites.mode != "pooled":
+            return self._fit_sites(unit, split, train, seed, extra)
         clinical = self.clinical_features(train) if arm.head.fusion else None
         net, stage_logs = train_fold(arm, self.pristine(unit.arm), self.images, self.targets, train, seed,
                                      self.compute, self.cache, self.reporter, clinical, unlabeled=split.train)
@@ -283,6 +300,24 @@ class _Study:
             save_network(net, folder / f"{split.name}.safetensors")
         if self.recipe.evaluation.saliency and split.repeat == 0 and unit.fraction == 1.0 and clinical is None:
             extra["saliency"] = self._saliency(net, split, preds, folder / "saliency")
+        return metrics, preds, extra
+
+    def _fit_sites(self, unit: Unit, split: Split, train: np.ndarray, seed: int, extra: dict):
+        """A local or federated arm on this fold (see stagewise.sites)."""
+        arm, sites = unit.arm, self.cohort.table["site"].astype(str).to_numpy()
+        start = start_network(arm, self.pristine(arm), self.targets.shape[1], seed)
+        rows = np.concatenate([train, split.test])
+        t0 = time.perf_counter()
+        if arm.sites.mode == "local":
+            fit = fit_local(arm, start, self.images, self.targets, sites, train, rows, self.compute, self.cache, seed,
+                            self.y, self.patients, split.test, self.recipe.protocol.patient_aggregate)
+        else:
+            fit = fit_federated(arm, start, self.images, self.targets, sites, train, rows, self.compute, seed)
+        metrics, preds = score_fold(self.recipe, self.cohort, split, train, fit.prob[: len(train)], fit.prob[len(train):])
+        extra["sites_training"] = fit.info
+        extra["stages"] = [{"kind": "+".join(s.kind for s in arm.stages if not s.external),
+                            "seconds": time.perf_counter() - t0, "memory": {}, "epochs": []}]
+        extra["n_train_images"] = int(len(train))
         return metrics, preds, extra
 
     def clinical_features(self, train: np.ndarray) -> torch.Tensor:
@@ -467,6 +502,27 @@ def _resources(fold_results: list[dict]) -> dict:
     return {k: {"median_seconds_per_fold": float(np.median(v["seconds"])), **v["memory"]} for k, v in by_stage.items()}
 
 
+def _sites_training(fold_results: list[dict]) -> dict:
+    """Local/federated arms: communication per fold and cross-site AUROC (mean over folds)."""
+    infos = [m["sites_training"] for m in fold_results if "sites_training" in m]
+    out: dict = {"mode": infos[0]["mode"]}
+    if infos[0]["mode"] == "federated":
+        out |= {k: infos[0][k] for k in ("strategy", "bn_stats")}
+        out["bytes_per_fold"] = float(np.mean([i["bytes_total"] for i in infos]))
+        out["bytes_full_model_fedavg_per_fold"] = float(np.mean([i["bytes_full_model_fedavg"] for i in infos]))
+        out["rounds"] = [{k: r[k] for k in ("round", "stage", "trainable", "bytes_down_per_site", "bytes_up",
+                                            "sites_replied", "sites", "failures")} for r in infos[0]["rounds"]]
+        out["rounds_with_missing_sites"] = sum(1 for i in infos for r in i["rounds"] if r["sites_replied"] < r["sites"])
+    else:
+        pairs = {(a, b) for i in infos for a, row in i["cross_site_auroc"].items() for b in row}
+        out["cross_site_auroc"] = {}
+        for a, b in sorted(pairs):
+            vals = [i["cross_site_auroc"][a][b] for i in infos if b in i["cross_site_auroc"].get(a, {})]
+            vals = [v for v in vals if v is not None and np.isfinite(v)]
+            out["cross_site_auroc"].setdefault(a, {})[b] = float(np.mean(vals)) if vals else None
+    return out
+
+
 def _unit_summary(unit: Unit, fold_results: list[dict]) -> dict:
     out = {
         "kind": unit.kind,
@@ -475,9 +531,15 @@ def _unit_summary(unit: Unit, fold_results: list[dict]) -> dict:
         "folds": [{"repeat": m["repeat"], "fold": m["fold"], **m["metrics"]} for m in fold_results],
         "train_seconds": sum(m["seconds"] for m in fold_results),
     }
+    site_folds = [m["metrics"]["sites"] for m in fold_results if "sites" in m["metrics"]]
+    if site_folds:
+        names = list(dict.fromkeys(s for folds in site_folds for s in folds))
+        out["sites"] = {s: summarize([f[s] for f in site_folds if s in f]) for s in names}
     if unit.kind == "model":
         out |= {"backbone": unit.arm.backbone.name, "stages": [s.kind for s in unit.arm.stages],
-                "label_fraction": unit.fraction, "base_arm": unit.arm.name}
+                "label_fraction": unit.fraction, "base_arm": unit.arm.name, "training": unit.arm.sites.mode}
+        if unit.arm.sites.mode != "pooled":
+            out["sites_training"] = _sites_training(fold_results)
         out["resources"] = _resources(fold_results)
         if unit.arm.tune is not None:
             out["tuning"] = [{"repeat": m["repeat"], "fold": m["fold"], "chosen": m["tuning"]["chosen"]} for m in fold_results]

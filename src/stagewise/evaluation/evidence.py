@@ -80,6 +80,25 @@ def unit_evidence(table: pd.DataFrame, kind: str, n_boot: int, seed: int) -> dic
     return out
 
 
+def site_evidence(table: pd.DataFrame, site_of: pd.Series, n_boot: int, seed: int) -> dict:
+    """Per site: AUROC of the unit's patient scores on that site's patients, with DeLong and
+    patient-bootstrap 95 % CIs (the forest plot of a multi-site study)."""
+    out = {}
+    sites = table["patient"].map(site_of)
+    for site in dict.fromkeys(sites):
+        part = table[sites == site]
+        y, s = part["y"].to_numpy(), part["score"].to_numpy()
+        rec = {"n_patients": int(len(y)), "n_positive": int(y.sum())}
+        if len(np.unique(y)) == 2:
+            auc, lo, hi = delong_ci(y, s)
+            rec["auroc_delong_ci"] = {"point": auc, "low": lo, "high": hi}
+            if n_boot:
+                point, low, high = bootstrap_ci(y, s, part["patient"].to_numpy(), roc_auc_score, n_boot=n_boot, seed=seed)
+                rec["auroc_bootstrap_ci"] = {"point": point, "low": low, "high": high}
+        out[str(site)] = rec
+    return out
+
+
 def default_comparisons(units: dict) -> list[tuple[str, str]]:
     """Every full-label model arm against the first, every model arm and the clinical model
     against every baseline, and the first model arm against the clinical model."""
@@ -152,6 +171,10 @@ def compute_evidence(recipe: Recipe, metrics: dict, predictions: pd.DataFrame) -
             per_unit[name]["tasks"] = {
                 t: task_evidence(predictions, name, t, recipe.protocol.patient_aggregate, n_boot, recipe.seed) for t in u["tasks"]
             }
+    if "site" in predictions:
+        site_of = predictions.groupby("patient", sort=False)["site"].first()
+        for name in units:
+            per_unit[name]["sites"] = site_evidence(table[table["arm"] == name], site_of, n_boot, recipe.seed)
     pairs = recipe.evaluation.compare if recipe.evaluation.compare is not None else default_comparisons(units)
     return {
         "patient_level": "mean score over repeats; decision = majority of fold decisions",

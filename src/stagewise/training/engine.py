@@ -175,11 +175,13 @@ def fit_stage(
     on_epoch: Callable[[int, dict], None] | None = None,
     objective: Objective = BINARY,
     extra: torch.Tensor | None = None,
+    penalty: Callable[[], torch.Tensor] | None = None,
 ) -> StageLog:
     """Train `net` in place for one stage on images[train_idx]; return a per-epoch log.
 
     `targets` holds one row per cohort image (NaN = missing label), `extra` the clinical
-    values a fusion head joins to the image features. The same seed gives the same batches,
+    values a fusion head joins to the image features, `penalty` a term added to every
+    step's loss (FedProx's proximal term). The same seed gives the same batches,
     augmentations and dropout masks.
     """
     plan = plan_stage(stage, net.group_names)
@@ -248,6 +250,8 @@ def fit_stage(
                     with compute.autocast():
                         logits = hooks.forward(xb, start, g, eb)
                     loss = objective.loss(logits, yb)
+                    if penalty is not None:
+                        loss = loss + penalty()
                     optimizer.zero_grad(set_to_none=True)
                     if scaler is not None:
                         scaler.scale(loss).backward()

@@ -1,0 +1,51 @@
+"""Which tensors travel in a federated round, and how many bytes that is.
+
+Only the groups that train in a round are sent and aggregated; frozen groups never leave a
+site (every site starts from the same named weights, so they agree anyway). This is what
+makes federated fine-tuning cheap: a probe round sends the head only. BatchNorm: with
+`bn_stats: average` the running statistics of the trainable groups travel with their
+weights; with `bn_stats: local` (FedBN) no BatchNorm tensor ever leaves a site.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+from torch import nn
+
+from stagewise.models import Network
+
+BN_TYPES = (nn.modules.batchnorm._BatchNorm,)  # noqa: SLF001 - the common base of BatchNorm1d/2d/3d
+
+
+def group_keys(net: Network) -> "OrderedDict[str, list[tuple[str, bool]]]":
+    """Group -> its state-dict keys, each with a flag `is_batchnorm`, in state-dict order.
+
+    Parameters come from the group's parameter list (so timm groups given by parameter
+    names work too); buffers from the group's modules. `num_batches_tracked` counters are
+    left out: they are integers that averaging would corrupt and evaluation never reads.
+    """
+    names = {id(t): k for k, t in net.state_dict(keep_vars=True).items()}
+    bn_tensors = {id(t) for m in net.modules() if isinstance(m, BN_TYPES) for t in [*m.parameters(), *m.buffers()]}
+    out: "OrderedDict[str, list[tuple[str, bool]]]" = OrderedDict()
+    for group, params in net.group_parameters().items():
+        modules = [net.head] if group == "head" else net.backbone.group_modules(group)
+        tensors = [*params, *(b for m in modules for n, b in m.named_buffers() if not n.endswith("num_batches_tracked"))]
+        keys, seen = [], set()
+        for t in tensors:
+            if id(t) in names and id(t) not in seen:
+                seen.add(id(t))
+                keys.append((names[id(t)], id(t) in bn_tensors))
+        out[group] = keys
+    return out
+
+
+def shared_keys(net: Network, trainable: list[str], bn_stats: str) -> list[str]:
+    """State-dict keys sent (and aggregated) in a round in which `trainable` groups train."""
+    keys = group_keys(net)
+    return [k for g in trainable for k, is_bn in keys[g] if bn_stats == "average" or not is_bn]
+
+
+def tensor_bytes(state: dict[str, torch.Tensor]) -> int:
+    return int(sum(t.numel() * t.element_size() for t in state.values()))

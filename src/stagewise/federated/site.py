@@ -1,0 +1,112 @@
+"""What one hospital does in a federated round: load the shared tensors it received into
+its own copy of the network, train the round's groups on its own rows for the stage's
+local epochs, and send back the shared tensors only.
+
+A site's network between rounds (its frozen groups, and its BatchNorm under FedBN) never
+leaves it: `SiteTrainer` rebuilds the network from the arm's starting weights and the
+site's own saved state (Flower keeps that in the node's `context.state`).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from stagewise.models import Network
+from stagewise.recipe import ArmConfig, ProbeStage, Stage, ThawStage
+from stagewise.training.cache import ImageSet
+from stagewise.training.compute import Compute
+from stagewise.training.engine import fit_stage, predict, prepare_network
+
+
+@dataclass
+class SitePartition:
+    """What one site holds in a fold: its own images and labels, nothing of other sites."""
+
+    site: str
+    images: ImageSet
+    """This site's images only (training rows first, then rows to score)."""
+    targets: torch.Tensor
+    train: np.ndarray
+    """Indices into `images` of the site's training rows."""
+    score: np.ndarray
+    """Indices into `images` of the rows the site scores at the end (its training and test rows)."""
+
+
+def site_seed(seed: int, site: str) -> int:
+    """A site's seed in a fold: the fold seed and the site name, nothing else (run-order free)."""
+    digest = hashlib.blake2b(f"{seed}:site:{site}".encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "little") & 0x7FFFFFFF
+
+
+def round_seed(site_seed_: int, stage_index: int, round_in_stage: int) -> int:
+    """Round 0 of a stage uses the seed a local run of that stage uses (see study.train_fold)."""
+    return site_seed_ + 1000 * (stage_index + 1) + 100003 * round_in_stage
+
+
+def round_stage(stage: Stage, trainable: list[str]) -> Stage:
+    """The stage one round runs at a site: the stage's own settings for `stage.epochs` local
+    epochs, training exactly the `trainable` groups (a thaw stage's unfreezing counts rounds)."""
+    data = stage.model_dump() | {"rounds": None}
+    if isinstance(stage, ThawStage):
+        data.pop("kind")
+        data.pop("unfreeze")
+        groups = [g for g in trainable if g != "head"]
+        if not groups:
+            return ProbeStage.model_validate(data)
+        return ThawStage.model_validate(data | {"unfreeze": {g: 0.0 for g in groups}})
+    return type(stage).model_validate(data)
+
+
+def proximal_term(net: Network, reference: dict[str, torch.Tensor], mu: float):
+    """FedProx's mu/2 * ||w - w_global||^2 over the shared parameters, or None for mu = 0."""
+    if not mu:
+        return None
+    params = dict(net.named_parameters())
+    pairs = [(params[k], v.to(params[k].device)) for k, v in reference.items() if k in params]
+
+    def penalty() -> torch.Tensor:
+        return 0.5 * mu * sum(((p - r) ** 2).sum() for p, r in pairs if p.requires_grad)
+
+    return penalty
+
+
+class SiteTrainer:
+    """One site's side of a federated fold."""
+
+    def __init__(self, partition: SitePartition, arm: ArmConfig, start: Network, compute: Compute, seed: int):
+        self.partition, self.arm, self.compute = partition, arm, compute
+        self.start = start  # the arm's starting network (named weights + the fold's head init)
+        self.seed = site_seed(seed, partition.site)
+        self.stages = [s for s in arm.stages if not s.external]
+
+    def network(self, local_state: dict[str, torch.Tensor] | None) -> Network:
+        net = copy.deepcopy(self.start)
+        if local_state:
+            net.load_state_dict(local_state)
+        return prepare_network(net, self.compute)
+
+    def train_round(self, received: dict[str, torch.Tensor], local_state: dict | None, stage_index: int,
+                    round_in_stage: int, trainable: list[str], mu: float = 0.0):
+        """Train one round; returns (tensors to send, the site's new state, examples, mean loss)."""
+        net = self.network(local_state)
+        net.load_state_dict(received, strict=False)
+        stage = round_stage(self.stages[stage_index], trainable)
+        log = fit_stage(net, stage, self.partition.images, self.partition.train, self.partition.targets,
+                        self.compute, None, round_seed(self.seed, stage_index, round_in_stage),
+                        penalty=proximal_term(net, received, mu))
+        state = OrderedDict((k, v.detach().cpu().clone()) for k, v in net.state_dict().items())
+        sent = OrderedDict((k, state[k]) for k in received)
+        return sent, state, len(self.partition.train), float(np.mean([e["loss"] for e in log.epochs]))
+
+    def scores(self, received: dict[str, torch.Tensor], local_state: dict | None) -> np.ndarray:
+        """Probabilities (rows to score x outputs) of the site's final model: the aggregated
+        tensors over the site's own state."""
+        net = self.network(local_state)
+        net.load_state_dict(received, strict=False)
+        return predict(net, self.partition.images, self.partition.score, self.compute, None)

@@ -1,0 +1,127 @@
+"""An arm trained per site (`sites.mode: local`) or across sites (`federated`), on one fold.
+
+Both modes start from the same network a pooled arm starts from (the arm's named weights
+and a head drawn from the fold seed), use only the fold's training rows of each site, and
+return one probability per cohort row asked for, so that the study scores them on exactly
+the same patients as a pooled arm:
+- local: each site trains alone; a row is scored by its own site's model (and, for the
+  cross-site figures, by every other site's model too);
+- federated: each site is a Flower client (federated.simulation); a row is scored by its
+  site's final model, a row of a site that took no part (the held-out site of
+  leave-one-site-out) by the server's model.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from stagewise.evaluation.metrics import binary_metrics, patient_scores
+from stagewise.federated.simulation import run_federated
+from stagewise.federated.site import SitePartition, round_seed, site_seed
+from stagewise.models import Network
+from stagewise.recipe import ArmConfig
+from stagewise.training.cache import ImageSet, PrefixCache
+from stagewise.training.compute import Compute
+from stagewise.training.engine import fit_stage, predict, prepare_network
+
+
+@dataclass
+class SiteFit:
+    """Probabilities for the rows asked for, and what the fold records about the sites."""
+
+    prob: np.ndarray
+    """(rows, outputs), in the order of the `rows` argument."""
+    info: dict = field(default_factory=dict)
+
+
+def start_network(arm: ArmConfig, pristine: torch.nn.Module, n_outputs: int, seed: int) -> Network:
+    """The network every site starts from: the same named weights and one shared head init."""
+    torch.manual_seed(seed)
+    return Network.build(copy.deepcopy(pristine), n_outputs, 0, arm.head.dropout, arm.head.hidden)
+
+
+def rows_by_site(sites: np.ndarray, rows: np.ndarray) -> dict[str, np.ndarray]:
+    """Site -> its rows among `rows`, sites in order of first appearance."""
+    out: dict[str, list[int]] = {}
+    for r in rows:
+        out.setdefault(str(sites[r]), []).append(int(r))
+    return {s: np.asarray(v, dtype=int) for s, v in out.items()}
+
+
+def fit_local(arm: ArmConfig, start: Network, images: ImageSet, targets: torch.Tensor, sites: np.ndarray,
+              train: np.ndarray, rows: np.ndarray, compute: Compute, cache: PrefixCache | None, seed: int,
+              y: np.ndarray, patients: np.ndarray, test: np.ndarray, how: str) -> SiteFit:
+    """Each site trains on its own training rows; every row is scored by its site's model."""
+    models: dict[str, Network] = {}
+    for site, site_train in rows_by_site(sites, train).items():
+        net = prepare_network(copy.deepcopy(start), compute)
+        s = site_seed(seed, site)
+        for i, stage in enumerate(st for st in arm.stages if not st.external):
+            fit_stage(net, stage, images, site_train, targets, compute, cache, round_seed(s, i, 0))
+        models[site] = net
+    every = {site: predict(net, images, rows, compute, cache) for site, net in models.items()}
+    prob = np.full((len(rows), targets.shape[1]), np.nan)
+    unscored = set()
+    for i, r in enumerate(rows):
+        own = str(sites[r])
+        if own in every:
+            prob[i] = every[own][i]
+        else:  # a site with no training rows in this fold: the mean of the site models
+            prob[i] = np.mean([p[i] for p in every.values()], axis=0)
+            unscored.add(own)
+    position = {int(r): i for i, r in enumerate(rows)}
+    cross = {}
+    for model_site, p in every.items():
+        cross[model_site] = {}
+        for test_site, site_test in rows_by_site(sites, test).items():
+            idx = [position[int(r)] for r in site_test]
+            s_, y_ = patient_scores(p[idx, 0], y[site_test], patients[site_test], how)
+            cross[model_site][test_site] = binary_metrics(y_.astype(int), s_, 0.5)["auroc"]
+    info = {"mode": "local", "sites_trained": {s: int(len(r)) for s, r in rows_by_site(sites, train).items()},
+            "cross_site_auroc": cross}
+    if unscored:
+        info["scored_by_mean_of_site_models"] = sorted(unscored)
+    return SiteFit(prob, info)
+
+
+def fit_federated(arm: ArmConfig, start: Network, images: ImageSet, targets: torch.Tensor, sites: np.ndarray,
+                  train: np.ndarray, rows: np.ndarray, compute: Compute, seed: int) -> SiteFit:
+    """Sites with training rows are Flower clients holding only their own rows."""
+    by_site = rows_by_site(sites, train)
+    wanted = rows_by_site(sites, rows)
+    partitions, order = [], []
+    for site, site_train in by_site.items():
+        score = wanted.get(site, np.zeros(0, dtype=int))
+        own = np.concatenate([site_train, np.setdiff1d(score, site_train)])  # its training rows, then the rest
+        at = {int(r): i for i, r in enumerate(own)}
+        partitions.append(SitePartition(
+            site=site, images=ImageSet(images.x[torch.as_tensor(own)], f"{images.key}:site:{site}"),
+            targets=targets[torch.as_tensor(own)], train=np.arange(len(site_train)),
+            score=np.asarray([at[int(r)] for r in score], dtype=int)))
+        order.append(score)
+    result = run_federated(arm, start, partitions, compute, seed)
+    prob = np.full((len(rows), targets.shape[1]), np.nan)
+    position = {int(r): i for i, r in enumerate(rows)}
+    for k, score in enumerate(order):
+        for j, r in enumerate(score):
+            prob[position[int(r)]] = result.scores[k][j]
+    rest = [i for i, r in enumerate(rows) if str(sites[r]) not in by_site]
+    if rest:  # a site that took no part: the server's model
+        server = prepare_network(copy.deepcopy(start), compute)
+        server.load_state_dict(result.global_state)
+        prob[rest] = predict(server, images, rows[rest], compute, None)
+    sent = sum(r["bytes_down_per_site"] * r["sites"] + sum(r["bytes_up"]) for r in result.rounds)
+    full = 2 * result.full_model_bytes * sum(r["sites"] for r in result.rounds)
+    info = {
+        "mode": "federated", "strategy": arm.sites.strategy, "bn_stats": arm.sites.bn_stats,
+        "sites_trained": {s: int(len(r)) for s, r in by_site.items()},
+        "scored_by_server_model": sorted({str(sites[rows[i]]) for i in rest}),
+        "rounds": result.rounds,
+        "bytes_total": int(sent), "bytes_full_model_fedavg": int(full),
+        "full_model_bytes": int(result.full_model_bytes),
+    }
+    return SiteFit(prob, info)

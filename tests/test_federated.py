@@ -1,0 +1,176 @@
+"""Sites in a study: local and federated (Flower simulation) arms on the same folds as pooled."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from conftest import small_recipe
+from stagewise.federated.sharing import group_keys, shared_keys, tensor_bytes
+from stagewise.federated.simulation import FederatedError, run_federated
+from stagewise.federated.site import SitePartition, SiteTrainer
+from stagewise.models import Network, build_arch
+from stagewise.recipe import ArmConfig
+from stagewise.study import run_study
+from stagewise.training.cache import ImageSet
+from stagewise.training.compute import resolve_compute
+from stagewise.recipe import ComputeConfig
+
+FP32 = resolve_compute(ComputeConfig(device="cpu", precision="fp32", channels_last=False))
+QUIET = {"saliency": 0, "bootstrap": 50, "report": False}
+
+
+@pytest.fixture(scope="module")
+def sites_manifest(digits_manifest, tmp_path_factory):
+    """The digits cohort spread over three hospitals (whole patients, both classes at each)."""
+    table = pd.read_csv(digits_manifest)
+    table["path"] = [str(digits_manifest.parent / p) for p in table["path"]]
+    patients = table["patient"].unique()
+    table["hospital"] = table["patient"].map({p: "ABC"[i % 3] for i, p in enumerate(patients)})
+    path = tmp_path_factory.mktemp("sites") / "sites.csv"
+    table.to_csv(path, index=False)
+    return path
+
+
+def _net(arch="scratch:resnet18"):
+    torch.manual_seed(0)
+    return Network.build(build_arch(arch), 1)
+
+
+def test_a_probe_round_shares_the_head_only_and_a_thaw_round_adds_layer4():
+    net = _net()
+    state = net.state_dict()
+    head = [k for k in state if k.startswith("head.")]
+    assert shared_keys(net, ["head"], "average") == head
+    probe_bytes = tensor_bytes({k: state[k] for k in head})
+    assert probe_bytes == (512 + 1) * 4  # one Linear(512 -> 1) in float32
+    thaw = shared_keys(net, ["layer4", "head"], "average")
+    assert {k.split(".")[2] for k in thaw if k.startswith("backbone.")} == {"layer4"}
+    assert any("running_mean" in k for k in thaw)  # BatchNorm statistics travel with their weights
+    fedbn = shared_keys(net, ["layer4", "head"], "local")
+    assert not any("bn" in k or "downsample.1" in k for k in fedbn)  # FedBN: no BatchNorm tensor leaves a site
+    assert tensor_bytes({k: state[k] for k in thaw}) < tensor_bytes(state)
+    every = [k for g in group_keys(net).values() for k, _ in g]
+    assert len(every) == len(set(every))  # each tensor belongs to one group
+
+
+def _partition(images, targets, rows, site):
+    return SitePartition(site, ImageSet(images.x[torch.as_tensor(rows)], f"t:{site}"), targets[torch.as_tensor(rows)],
+                         np.arange(len(rows)), np.arange(len(rows)))
+
+
+def _digits(manifest, n=24):
+    from stagewise.data import load_images
+
+    table = pd.read_csv(manifest).head(n)
+    x = load_images(table["path"].tolist(), 32)
+    return ImageSet(x, "digits"), torch.tensor(table[["outcome"]].to_numpy(), dtype=torch.float32)
+
+
+def test_frozen_groups_stay_bit_identical_at_every_site(sites_manifest):
+    images, targets = _digits(sites_manifest)
+    arm = ArmConfig.model_validate({"name": "f", "backbone": "scratch:resnet18", "sites": {"mode": "federated"},
+                                    "stages": [{"kind": "thaw", "rounds": 2, "epochs": 1, "batch_size": 8,
+                                                "unfreeze": {"layer4": 0.0}, "bn": "adapt"}]})
+    start = _net()
+    before = {k: v.clone() for k, v in start.state_dict().items()}
+    for site, rows in (("A", np.arange(0, 12)), ("B", np.arange(12, 24))):
+        trainer = SiteTrainer(_partition(images, targets, rows, site), arm, start, FP32, seed=0)
+        received = {k: before[k] for k in shared_keys(start, ["layer4", "head"], "average")}
+        sent, state, n, loss = trainer.train_round(received, None, 0, 0, ["layer4", "head"])
+        assert set(sent) == set(received) and n == 12
+        frozen_params = {name for g in ("stem", "layer1", "layer2", "layer3")
+                         for name, is_bn in group_keys(start)[g] if not name.endswith(("running_mean", "running_var"))}
+        assert all(torch.equal(state[k], before[k]) for k in frozen_params)
+        assert not all(torch.equal(state[k], before[k]) for k in sent)  # the shared groups did train
+
+
+def test_each_site_trains_on_its_own_rows_only(sites_manifest, monkeypatch):
+    import stagewise.sites
+
+    seen = {}
+
+    def capture(arm, start, partitions, compute, seed):
+        for p in partitions:
+            seen[p.site] = p
+        raise RuntimeError("captured")
+
+    monkeypatch.setattr(stagewise.sites, "run_federated", capture)
+    images, targets = _digits(sites_manifest, 30)
+    sites = pd.read_csv(sites_manifest).head(30)["hospital"].to_numpy()
+    arm = ArmConfig.model_validate({"name": "f", "backbone": "scratch:tinycnn", "sites": {"mode": "federated"},
+                                    "stages": [{"kind": "probe", "rounds": 1, "epochs": 1}]})
+    train, test = np.arange(0, 20), np.arange(20, 30)
+    with pytest.raises(RuntimeError, match="captured"):
+        stagewise.sites.fit_federated(arm, _net("scratch:tinycnn"), images, targets, sites, train,
+                                      np.concatenate([train, test]), FP32, 0)
+    assert sorted(seen) == sorted(set(sites[train]))
+    for site, p in seen.items():
+        own_train = train[sites[train] == site]
+        own_test = test[sites[test] == site]
+        assert torch.equal(p.images.x[torch.as_tensor(p.train)], images.x[torch.as_tensor(own_train)])
+        assert torch.equal(p.images.x, images.x[torch.as_tensor(np.concatenate([own_train, own_test]))])
+        assert torch.equal(p.images.x[torch.as_tensor(p.score)], images.x[torch.as_tensor(np.concatenate([own_train, own_test]))])
+
+
+def test_fedavg_with_one_site_equals_local_training(sites_manifest, tmp_path):
+    table = pd.read_csv(sites_manifest)
+    table["hospital"] = "A"
+    table.to_csv(tmp_path / "one.csv", index=False)
+    probe = {"kind": "probe", "epochs": 2, "batch_size": 16, "lr": 3e-3}
+    arms = [{"name": "local", "backbone": "scratch:tinycnn", "sites": {"mode": "local"}, "stages": [probe]},
+            {"name": "fed", "backbone": "scratch:tinycnn", "sites": {"mode": "federated"},
+             "stages": [{**probe, "rounds": 1}]}]
+    recipe = small_recipe(tmp_path / "one.csv", arms, protocol={"folds": 2}, evaluation=QUIET,
+                          cohort={"manifest": str(tmp_path / "one.csv"), "site": "hospital"})
+    result = run_study(recipe, tmp_path / "run")
+    p = result.predictions
+    np.testing.assert_allclose(p[p["arm"] == "fed"]["prob"].to_numpy(), p[p["arm"] == "local"]["prob"].to_numpy(),
+                               atol=1e-5)
+
+
+def test_federated_and_local_arms_on_the_same_folds_with_sites_and_bytes(sites_manifest, tmp_path):
+    probe = {"kind": "probe", "epochs": 1, "batch_size": 16, "lr": 3e-3}
+    thaw = {"kind": "thaw", "epochs": 1, "batch_size": 16, "lr": 1e-3, "unfreeze": {"block3": 0.5}}
+    arms = [{"name": "pooled", "backbone": "scratch:tinycnn", "stages": [probe, thaw]},
+            {"name": "local", "backbone": "scratch:tinycnn", "sites": {"mode": "local"}, "stages": [probe, thaw]},
+            {"name": "fed", "backbone": "scratch:tinycnn", "sites": {"mode": "federated", "strategy": "fedprox",
+                                                                    "strategy_params": {"proximal_mu": 0.01}},
+             "stages": [{**probe, "rounds": 2}, {**thaw, "rounds": 2}]}]
+    recipe = small_recipe(sites_manifest, arms, protocol={"folds": 2}, evaluation=QUIET,
+                          cohort={"manifest": str(sites_manifest), "site": "hospital"})
+    result = run_study(recipe, tmp_path / "run")
+    m = result.metrics["arms"]
+    tested = {a: sorted(result.predictions[result.predictions["arm"] == a]["patient"]) for a in m}
+    assert tested["pooled"] == tested["local"] == tested["fed"]  # the same patients for every mode
+    assert set(m["fed"]["sites"]) == {"A", "B", "C"} and m["fed"]["training"] == "federated"
+    rounds = m["fed"]["sites_training"]["rounds"]
+    assert [sorted(r["trainable"]) for r in rounds] == [["head"], ["head"], ["head"], ["block3", "head"]]
+    assert rounds[0]["bytes_down_per_site"] < rounds[3]["bytes_down_per_site"]
+    assert m["fed"]["sites_training"]["bytes_per_fold"] < m["fed"]["sites_training"]["bytes_full_model_fedavg_per_fold"]
+    assert set(m["local"]["sites_training"]["cross_site_auroc"]) == {"A", "B", "C"}
+    assert set(result.metrics["evidence"]["units"]["fed"]["sites"]) == {"A", "B", "C"}
+
+
+def test_leave_one_site_out_with_federated_training_on_the_other_sites(sites_manifest, tmp_path):
+    arms = [{"name": "fed", "backbone": "scratch:tinycnn", "sites": {"mode": "federated"},
+             "stages": [{"kind": "probe", "rounds": 1, "epochs": 1, "batch_size": 16}]}]
+    recipe = small_recipe(sites_manifest, arms, protocol={"kind": "leave_one_site_out"}, evaluation=QUIET,
+                          cohort={"manifest": str(sites_manifest), "site": "hospital"})
+    result = run_study(recipe, tmp_path / "run")
+    folds = result.metrics["arms"]["fed"]["folds"]
+    assert len(folds) == 3 and all(len(f["sites"]) == 1 for f in folds)  # each fold tests one held-out site
+
+
+def test_a_failing_site_is_survived_when_the_minimum_allows(sites_manifest):
+    images, targets = _digits(sites_manifest)
+    stage = {"kind": "probe", "rounds": 2, "epochs": 1, "batch_size": 8}
+    good = _partition(images, targets, np.arange(0, 12), "A")
+    broken = SitePartition("B", good.images, good.targets, np.arange(0), np.arange(12))  # no rows: its loss is NaN
+    arm = ArmConfig.model_validate({"name": "f", "backbone": "scratch:tinycnn", "stages": [stage],
+                                    "sites": {"mode": "federated", "min_sites": 1}})
+    result = run_federated(arm, _net("scratch:tinycnn"), [good, broken], FP32, 0)
+    assert all(r["sites_replied"] == 1 and r["failures"] for r in result.rounds)
+    strict = arm.model_copy(update={"sites": arm.sites.model_copy(update={"min_sites": 2})})
+    with pytest.raises(FederatedError, match="1 of 2 sites replied"):
+        run_federated(strict, _net("scratch:tinycnn"), [good, broken], FP32, 0)
