@@ -3,8 +3,8 @@
     python examples/prepare_covid_outcome.py [--data DIR] [--out CSV]
 
 Columns: path, patient, went_icu, survival, age, sex, offset, view, ap_view (1 = AP or
-AP Supine, 0 = PA), hannover (1 = image also in the Hannover repository), finding,
-metadata_row.
+AP Supine, 0 = PA), hannover (1 = image also in the Hannover repository), site (hannover,
+southern-europe or elsewhere, from the `location` column), finding, metadata_row.
 
 One row per frontal chest X-ray (views PA, AP, AP Supine) that has a staged PNG and a
 known ICU outcome (`went_icu` Y or N; blank and free text such as "Would have been
@@ -41,6 +41,17 @@ CARRY = ("survival", "age", "sex", "offset")
 
 def default_data() -> Path:
     return Path(os.environ.get("STAGEWISE_DATA") or REPO.parent / "shared" / "data")
+
+
+def site_of(location: str, hannover: int) -> str:
+    """Three sites for multi-site studies (examples/covid-multisite.yaml), from the
+    `location` column: Hannover Medical School's images, the Italian and Spanish case
+    reports, and everything else."""
+    if hannover or "Hannover" in location:
+        return "hannover"
+    if any(country in location for country in ("Italy", "Spain")):
+        return "southern-europe"
+    return "elsewhere"
 
 
 def build_manifest(data: Path) -> tuple[pd.DataFrame, dict]:
@@ -94,7 +105,8 @@ def build_manifest(data: Path) -> tuple[pd.DataFrame, dict]:
     # (AP and AP supine films are mostly taken of sicker, bed-bound patients) and the source.
     table["ap_view"] = (table["view"].str.strip() != "PA").astype(int)
     table["hannover"] = (table["also_in_hannover_repo"].str.strip() == "Y").astype(int)
-    columns = ["path", "patient", "went_icu", *CARRY, "view", "ap_view", "hannover", "finding", "metadata_row"]
+    table["site"] = [site_of(loc, h) for loc, h in zip(table["location"], table["hannover"])]
+    columns = ["path", "patient", "went_icu", *CARRY, "view", "ap_view", "hannover", "site", "finding", "metadata_row"]
     return table[columns].reset_index(drop=True), stats
 
 
@@ -119,6 +131,9 @@ def main(argv: list[str] | None = None) -> int:
           f"(1-{per.max()} images each, median {per.median():g})")
     print(f"went_icu=Y: {pos_img} images / {len(table) - pos_img} N; "
           f"patients {pos_pat} Y / {len(patients) - pos_pat} N (positives per patient: {pos_pat / len(patients):.3f})")
+    for site, part in table.groupby("site"):
+        labels = part.groupby("patient")["went_icu"].first()
+        print(f"site {site}: {len(part)} images, {len(labels)} patients ({int((labels == 'Y').sum())} went to ICU)")
     print(f"wrote {args.out.resolve()}")
     return 0
 

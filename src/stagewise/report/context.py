@@ -24,6 +24,7 @@ from stagewise.report.figures import (
     calibration_figure,
     decision_figure,
     label_efficiency_figure,
+    site_forest_figure,
     palette,
     png_data_uri,
     roc_figure,
@@ -120,6 +121,29 @@ def _site_rows(cohort: dict) -> list[dict]:
 
 # ---------------------------------------------------------------------------------------------
 # The context the template renders
+
+
+def _site_training_rows(arms: dict, order: list[str]) -> list[dict]:
+    """Local and federated arms: how they trained across sites, and what crossed the wire."""
+    rows = []
+    for name in order:
+        st = arms[name].get("sites_training")
+        if not st:
+            continue
+        if st.get("mode") == "federated":
+            per_fold, full = st.get("bytes_per_fold"), st.get("bytes_full_model_fedavg_per_fold")
+            ratio = f"{full / per_fold:.0f}x less" if per_fold and full else DASH
+            missing = st.get("rounds_with_missing_sites", 0)
+            rows.append({"arm": name, "mode": f"federated ({st.get('strategy')}, BatchNorm {st.get('bn_stats')})",
+                         "what": f"{fmt_num((per_fold or 0) / 1e6, 2)} MB per fold on the wire; full-model FedAvg "
+                                 f"{fmt_num((full or 0) / 1e6, 1)} MB ({ratio})"
+                                 + (f"; {missing} round(s) completed without every site" if missing else "")})
+        else:
+            cross = st.get("cross_site_auroc", {})
+            text = "; ".join(f"{a} model: " + ", ".join(f"{b} {fmt_num(v)}" for b, v in row.items())
+                             for a, row in cross.items())
+            rows.append({"arm": name, "mode": "local (each site alone)", "what": f"cross-site AUROC: {text or DASH}"})
+    return rows
 
 
 def build_context(run_dir: str | Path) -> dict:
@@ -281,6 +305,7 @@ def build_context(run_dir: str | Path) -> dict:
         "calibration": calibration_figure([n for n in order if arms[n].get("kind") != "baseline"], ev, colors),
         "decision": decision_figure([n for n in order if arms[n].get("kind") != "baseline"], ev, colors),
         "label_efficiency": label_efficiency_figure(curves, colors),
+        "sites": site_forest_figure([n for n in order if is_full_label(arms[n])], ev, colors),
     }
 
     ctx = {
@@ -310,6 +335,7 @@ def build_context(run_dir: str | Path) -> dict:
         "comparisons": comparisons,
         "calibration": calibration,
         "label_rows": label_rows,
+        "site_training": _site_training_rows(arms, order),
         "tuning": tuning,
         "saliency": saliency,
         "fold_units": order,
@@ -326,6 +352,7 @@ def build_context(run_dir: str | Path) -> dict:
         ("discrimination", "ROC", bool(figures["roc"] or pooled)),
         ("calibration", "Calibration & utility", bool(figures["calibration"] or figures["decision"])),
         ("label-efficiency", "Label efficiency", bool(figures["label_efficiency"])),
+        ("sites", "Sites", bool(figures["sites"])),
         ("tuning", "Nested CV", bool(tuning)), ("saliency", "Saliency", bool(saliency)),
         ("checklist", "TRIPOD+AI / CLAIM", True), ("recipe", "Recipe & versions", True),
     ] if show]

@@ -156,3 +156,33 @@ def label_efficiency_figure(curves: dict, colors: dict) -> str | None:
         ax.legend(loc="lower right", frameon=False)
 
     return _draw_png(draw, 5.0, 3.7)
+
+
+def site_forest_figure(units: list[str], ev: dict, colors: dict) -> str | None:
+    """Per-site AUROC with patient-bootstrap 95 % CIs, one row per site and unit (a forest
+    plot); None when the run has no sites."""
+    rows = [(site, u, rec["auroc_bootstrap_ci"]) for u in units
+            for site, rec in (ev.get(u, {}).get("sites") or {}).items() if rec.get("auroc_bootstrap_ci")]
+    if not rows:
+        return None
+    sites = list(dict.fromkeys(site for site, _, _ in rows))
+
+    def draw(ax) -> None:
+        step = 1.0 / (len(units) + 1)
+        for i, u in enumerate(units):
+            mine = [(sites.index(site), ci) for site, unit, ci in rows if unit == u]
+            if not mine:
+                continue
+            y = [k + (i + 1) * step for k, _ in mine]
+            x = [ci["point"] for _, ci in mine]
+            err = [[ci["point"] - ci["low"] for _, ci in mine], [ci["high"] - ci["point"] for _, ci in mine]]
+            ax.errorbar(x, y, xerr=err, fmt="o", ms=4, capsize=2.5, lw=1.2, color=colors.get(u), label=_mpl_text(u))
+        ax.axvline(0.5, ls="--", lw=0.8, color=_REFERENCE)
+        ax.set_yticks([k + 0.5 for k in range(len(sites))])
+        ax.set_yticklabels([_mpl_text(s) for s in sites])
+        ax.set_ylim(len(sites), 0)
+        ax.set_xlim(0, 1)
+        ax.set(xlabel="AUROC on the site's test patients [95 % patient-bootstrap CI]", title="Per site")
+        ax.legend(loc="lower left", frameon=False)
+
+    return _draw_png(draw, 5.6, 1.2 + 0.9 * len(sites))
