@@ -137,7 +137,7 @@ def test_federated_and_local_arms_on_the_same_folds_with_sites_and_bytes(sites_m
             {"name": "fed", "backbone": "scratch:tinycnn", "sites": {"mode": "federated", "strategy": "fedprox",
                                                                     "strategy_params": {"proximal_mu": 0.01}},
              "stages": [{**probe, "rounds": 2}, {**thaw, "rounds": 2}]}]
-    recipe = small_recipe(sites_manifest, arms, protocol={"folds": 2}, evaluation=QUIET,
+    recipe = small_recipe(sites_manifest, arms, protocol={"folds": 2}, evaluation={**QUIET, "report": True},
                           cohort={"manifest": str(sites_manifest), "site": "hospital"})
     result = run_study(recipe, tmp_path / "run")
     m = result.metrics["arms"]
@@ -150,6 +150,8 @@ def test_federated_and_local_arms_on_the_same_folds_with_sites_and_bytes(sites_m
     assert m["fed"]["sites_training"]["bytes_per_fold"] < m["fed"]["sites_training"]["bytes_full_model_fedavg_per_fold"]
     assert set(m["local"]["sites_training"]["cross_site_auroc"]) == {"A", "B", "C"}
     assert set(result.metrics["evidence"]["units"]["fed"]["sites"]) == {"A", "B", "C"}
+    report = (tmp_path / "run" / "report.html").read_text()
+    assert 'id="fig-sites"' in report and 'id="site-training-table"' in report and "MB per fold" in report
 
 
 def test_leave_one_site_out_with_federated_training_on_the_other_sites(sites_manifest, tmp_path):
@@ -174,3 +176,28 @@ def test_a_failing_site_is_survived_when_the_minimum_allows(sites_manifest):
     strict = arm.model_copy(update={"sites": arm.sites.model_copy(update={"min_sites": 2})})
     with pytest.raises(FederatedError, match="1 of 2 sites replied"):
         run_federated(strict, _net("scratch:tinycnn"), [good, broken], FP32, 0)
+
+
+def test_bad_strategy_parameters_are_caught_before_training(sites_manifest):
+    from stagewise.checks import StudyCheckError, check_study
+
+    arms = [{"name": "fed", "backbone": "scratch:tinycnn",
+             "sites": {"mode": "federated", "strategy": "fedprox", "strategy_params": {"proximal_nu": 0.1}},
+             "stages": [{"kind": "probe", "rounds": 1}]}]
+    recipe = small_recipe(sites_manifest, arms, cohort={"manifest": str(sites_manifest), "site": "hospital"})
+    with pytest.raises(StudyCheckError, match="arm 'fed': sites.strategy_params for fedprox.*proximal_nu"):
+        check_study(recipe)
+
+
+def test_per_site_arms_need_a_site_column_and_rounds(sites_manifest):
+    from stagewise.recipe import RecipeError, recipe_from_dict
+
+    base = {"name": "r", "cohort": {"manifest": str(sites_manifest)}}
+    fed = {"name": "f", "backbone": "scratch:tinycnn", "sites": {"mode": "federated"}, "stages": [{"kind": "probe"}]}
+    with pytest.raises(RecipeError, match="cohort.site"):
+        recipe_from_dict(base | {"arms": [{**fed, "stages": [{"kind": "probe", "rounds": 2}]}]})
+    with_site = base | {"cohort": {"manifest": str(sites_manifest), "site": "hospital"}}
+    with pytest.raises(RecipeError, match="needs `rounds`"):
+        recipe_from_dict(with_site | {"arms": [fed]})
+    with pytest.raises(RecipeError, match="only a federated arm"):
+        recipe_from_dict(with_site | {"arms": [{**fed, "sites": {"mode": "pooled"}, "stages": [{"kind": "probe", "rounds": 2}]}]})

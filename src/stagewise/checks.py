@@ -59,6 +59,13 @@ def arm_problems(arm: ArmConfig) -> list[str]:
             problems.append(f"arm {arm.name!r}, stage {i} ({stage.kind}): {err}")
         if isinstance(stage, DualStage) and not hasattr(backbone, "forward_pair"):
             problems.append(f"arm {arm.name!r}, stage {i} (dual): needs a dual backbone (dual:<spec>), not {spec.name}")
+    if arm.sites.mode == "federated":
+        from stagewise.federated.simulation import FederatedError, make_strategy
+
+        try:
+            make_strategy(arm.sites, 2)
+        except FederatedError as err:
+            problems.append(f"arm {arm.name!r}: {err}")
     return problems
 
 
