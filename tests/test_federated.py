@@ -201,3 +201,36 @@ def test_per_site_arms_need_a_site_column_and_rounds(sites_manifest):
         recipe_from_dict(with_site | {"arms": [fed]})
     with pytest.raises(RecipeError, match="only a federated arm"):
         recipe_from_dict(with_site | {"arms": [{**fed, "sites": {"mode": "pooled"}, "stages": [{"kind": "probe", "rounds": 2}]}]})
+
+
+def test_only_trainable_tensors_and_scalars_cross_the_wire(sites_manifest):
+    """Every Flower message of a federated fold, as the server sends and receives it."""
+    images, targets = _digits(sites_manifest)
+    table = pd.read_csv(sites_manifest).head(24)
+    private = {*map(str, table["patient"]), *(p.rsplit("/", 1)[-1] for p in table["path"]), str(sites_manifest.parent)}
+    arm = ArmConfig.model_validate({"name": "f", "backbone": "scratch:resnet18", "sites": {"mode": "federated"},
+                                    "stages": [{"kind": "probe", "rounds": 1, "epochs": 1, "batch_size": 8},
+                                               {"kind": "thaw", "rounds": 1, "epochs": 1, "batch_size": 8,
+                                                "unfreeze": {"layer4": 0.0}}]})
+    start = _net()
+    parts = [_partition(images, targets, np.arange(0, 12), "A"), _partition(images, targets, np.arange(12, 24), "B")]
+    seen = []
+    run_federated(arm, start, parts, FP32, 0, on_message=lambda d, m: seen.append((d, m)))
+    head = set(shared_keys(start, ["head"], "average"))
+    layer4 = set(shared_keys(start, ["layer4", "head"], "average"))
+    train_down = [m for d, m in seen if d == "down" and m.metadata.message_type == "train"]
+    assert [set(m.content["arrays"]) for m in train_down] == [head, head, layer4, layer4]
+    for direction, m in seen:
+        content = m.content
+        assert set(content.keys()) <= {"arrays", "config", "metrics", "scores"}
+        for key in content.keys():
+            record = content[key]
+            if key in ("config", "metrics"):  # scalars only: counts, losses, round numbers, group names
+                assert all(isinstance(v, (int, float, str)) for v in record.values())
+                texts = [v for v in record.values() if isinstance(v, str)]
+                assert not any(t in v for v in texts for t in private)
+                assert all(set(v.split(",")) <= set(start.group_names) for v in texts)
+            elif key == "arrays":
+                assert set(record) <= layer4  # never a frozen group's tensor
+    up_scores = [m for d, m in seen if d == "up" and "scores" in m.content.keys()]
+    assert len(up_scores) == 2  # the final evaluation: one array of probabilities per site, no ids

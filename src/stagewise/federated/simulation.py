@@ -73,8 +73,11 @@ class FederatedResult:
 
 
 def run_federated(arm: ArmConfig, start: Network, partitions: list[SitePartition], compute: Compute,
-                  seed: int, threads_per_site: int = 1) -> FederatedResult:
-    """Train `start` across `partitions` (one per site) in Flower's simulation engine."""
+                  seed: int, threads_per_site: int = 1, on_message=None) -> FederatedResult:
+    """Train `start` across `partitions` (one per site) in Flower's simulation engine.
+
+    `on_message(direction, message)` (direction "down" or "up") sees every Flower message the
+    server sends and receives, as it crosses the wire: for audits and tests."""
     from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
     from flwr.clientapp import ClientApp
     from flwr.serverapp import Grid, ServerApp
@@ -106,7 +109,9 @@ def run_federated(arm: ArmConfig, start: Network, partitions: list[SitePartition
             float(c.get("proximal-mu", 0.0)))
         context.state["site"] = ArrayRecord(torch_state_dict=state)
         return Message(RecordDict({"arrays": ArrayRecord(torch_state_dict=sent),
-                                   "metrics": MetricRecord({"num-examples": n_examples, "loss": loss})}), reply_to=msg)
+                                   "metrics": MetricRecord({"num-examples": n_examples, "loss": loss,
+                                                            "partition": int(context.node_config["partition-id"])})}),
+                       reply_to=msg)
 
     @client.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
@@ -123,8 +128,9 @@ def run_federated(arm: ArmConfig, start: Network, partitions: list[SitePartition
     @server.main()
     def main(grid: Grid, context: Context) -> None:
         try:
-            _serve(grid, cfg, plan, start, out, n)
-            _collect_scores(grid, out, n, cfg.round_timeout)
+            wire = _AuditedGrid(grid, on_message) if on_message else grid
+            _serve(wire, cfg, plan, start, out, n)
+            _collect_scores(wire, out, n, cfg.round_timeout)
         except BaseException as err:  # surfaced in the driver after the simulation ends
             errors.append(err)
 
@@ -140,6 +146,25 @@ def run_federated(arm: ArmConfig, start: Network, partitions: list[SitePartition
     if len(out.scores) != n:
         raise FederatedError(f"only {len(out.scores)} of {n} sites returned their final scores")
     return out
+
+
+class _AuditedGrid:
+    """A Flower Grid that shows every message sent and received to `on_message`."""
+
+    def __init__(self, grid, on_message):
+        self.grid, self.on_message = grid, on_message
+
+    def get_node_ids(self):
+        return self.grid.get_node_ids()
+
+    def send_and_receive(self, messages, timeout):
+        messages = list(messages)
+        for m in messages:
+            self.on_message("down", m)
+        replies = list(self.grid.send_and_receive(messages, timeout=timeout))
+        for m in replies:
+            self.on_message("up", m)
+        return replies
 
 
 def _node_sites(grid, n: int, timeout: float) -> list[int]:
@@ -164,7 +189,8 @@ def _serve(grid, cfg: SitesConfig, plan, start: Network, out: FederatedResult, n
         down = ArrayRecord(torch_state_dict=subset_of(out.global_state, keys))
         config = ConfigRecord({"stage": stage_index, "round": r, "trainable": ",".join(trainable)})
         replies = list(grid.send_and_receive(strategy.configure_train(t, down, config, grid), timeout=cfg.round_timeout))
-        ok = [m for m in replies if not m.has_error()]
+        # Aggregated in site order, not arrival order: float sums then come out the same every run.
+        ok = sorted((m for m in replies if not m.has_error()), key=lambda m: int(m.content["metrics"]["partition"]))
         failed = [str(m.error.reason)[:200] for m in replies if m.has_error()]
         if len(ok) < need:
             raise FederatedError(f"round {t}: {len(ok)} of {n} sites replied (sites.min_sites is {need})"
