@@ -178,8 +178,52 @@ def _write_bundle(folder: Path, recipe: Recipe, metrics: dict, configs: dict, ar
     }
     (folder / "bundle.json").write_text(json.dumps(info, indent=2))
     (folder / "MODEL_CARD.md").write_text(_model_card(info))
+    _write_validation(folder, run_dir, metrics, tasks)
     for path in folder.iterdir():  # ordinary permissions: a bundle copied to another account must load
         os.chmod(path, 0o644)
+
+
+VALIDATION_FILE = "oof.json"
+
+
+def _write_validation(folder: Path, run_dir: Path, metrics: dict, tasks: list[dict]) -> None:
+    """`oof.json`: what each output was validated with, so that a new probability can be
+    placed against it (the bedside page): per output, the arm's cross-validated out-of-fold
+    probabilities and labels, one per scored image and repeat, sorted by probability; the
+    patient-level CIs of the run's evidence; the cohort's counts and the protocol. It holds
+    no image names, patient ids or paths, and no row order that could tie a value to a row."""
+    path = run_dir / "predictions.csv"
+    if not path.is_file():
+        return
+    evidence = metrics.get("evidence", {}).get("units", {})
+    columns = {"arm"} | {c for t in tasks for c in _oof_columns(t)}
+    preds = pd.read_csv(path, usecols=lambda c: c in columns)
+    outputs = {}
+    for t in tasks:
+        prob_col, y_col = _oof_columns(t)
+        if prob_col not in preds or y_col not in preds:
+            continue
+        part = preds.loc[preds["arm"] == t["arm"], [prob_col, y_col]].dropna()
+        pairs = sorted(zip(part[prob_col].astype(float).round(6).tolist(), part[y_col].astype(int).tolist()))
+        unit = evidence.get(t["arm"], {})
+        ev = unit if t["output"] == t["arm"] else unit.get("tasks", {}).get(t["outcome"], {})
+        outputs[t["output"]] = {
+            "arm": t["arm"], "outcome": t["outcome"], "n": len(pairs), "n_positive": int(sum(y for _, y in pairs)),
+            "probability": [p for p, _ in pairs], "label": [y for _, y in pairs],
+            "patient_level": {k: ev[k] for k in ("n_patients", "n_positive", "auroc_delong_ci", "bootstrap_ci") if k in ev},
+        }
+    info = {
+        "about": "cross-validated out-of-fold probabilities (each image scored by a model that did not train on its "
+                 "patient; once per repeat) and patient-level 95 % CIs of the study that made this bundle",
+        "cohort": metrics.get("cohort", {}), "protocol": metrics.get("protocol", {}),
+        "ci_settings": metrics.get("evidence", {}).get("settings", {}), "outputs": outputs,
+    }
+    (folder / VALIDATION_FILE).write_text(json.dumps(info))
+
+
+def _oof_columns(task: dict) -> tuple[str, str]:
+    """predictions.csv columns of a bundle output: (probability, label)."""
+    return ("prob", "y") if task["output"] == task["arm"] else (f"prob:{task['outcome']}", f"y:{task['outcome']}")
 
 
 def _task_threshold(unit: dict, outcome: str, refit: bool, run_dir: Path, arm: str, fold: str | None) -> float:
@@ -250,7 +294,11 @@ class Bundle:
         """One file as the network sees it: (1, size, size) or (1, size, size, size) in
         [0, 1], after the reader's rescaling/windowing and the bundle's resizing. A file that
         cannot be read, or of the wrong kind, raises ImageReadError naming the file."""
-        img = read_image(file)
+        return self.prepare(read_image(file), file)
+
+    def prepare(self, img: np.ndarray, file: str | Path) -> torch.Tensor:
+        """A decoded image (`read_image` or `read_image_bytes`) as the network sees it; see
+        `read`. `file` names the image in the error for data of the wrong kind."""
         if img.ndim != self.spatial_dims:
             kind = {2: "a 2D image", 3: "a 3D volume"}
             raise ImageReadError(file, f"{kind.get(img.ndim, f'{img.ndim}-D data')}; this bundle scores "

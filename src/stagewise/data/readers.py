@@ -12,8 +12,10 @@ robustly to [0, 1].
 
 from __future__ import annotations
 
+import io
 import struct
 import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -72,6 +74,81 @@ def read_image(path: str | Path) -> np.ndarray:
     return _read_pil(path)
 
 
+# A gzipped NIfTI upload is decompressed in memory up to this size (a 256^3 float32 volume
+# is 64 MiB): a small file that claims to unpack to many gigabytes is refused, not unpacked.
+MAX_VOLUME_BYTES = 1 << 30
+
+
+def read_image_bytes(data: bytes | bytearray | memoryview, name: str = "upload") -> np.ndarray:
+    """`read_image` for a file's content held in memory: nothing is written to disk.
+
+    The same readers, scaling and errors as `read_image` (a file's bytes give the same
+    array either way). `name` stands for the path: its extension chooses the reader as a
+    path's does, and errors name it. Where the extension says nothing, the content decides:
+    DICOM by its "DICM" marker or, without the 128-byte preamble, by a first element of
+    group 0002 or 0008; NIfTI-1/2 (optionally gzipped) by its magic; anything else goes to
+    Pillow. `name` never reaches the disk or a log from here.
+    """
+    data = bytes(data)
+    if not data:
+        raise ImageReadError(
+            name, "the file is empty (0 bytes), e.g. an interrupted copy or download; copy it again or remove its row"
+        )
+    volume = _nifti_content(data, name)
+    if volume is not None:
+        return volume
+    suffix = Path(name).suffix.lower()
+    if suffix in _DICOM_SUFFIXES or data[128:132] == b"DICM" or (
+        suffix not in _PIL_SUFFIXES and data[:2] in (b"\x02\x00", b"\x08\x00")
+    ):
+        return _read_dicom(Path(name), io.BytesIO(data))
+    return _read_pil(Path(name), io.BytesIO(data))
+
+
+# Extensions Pillow reads: content that starts like a DICOM group is still given to Pillow.
+_PIL_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp"}
+
+
+def _nifti_content(data: bytes, name: str) -> np.ndarray | None:
+    """The volume of in-memory NIfTI content (by extension or magic), or None if it is not NIfTI."""
+    declared = is_volume_path(name)
+    raw = data
+    if data[:2] == b"\x1f\x8b":  # gzip: peek at the header before unpacking everything
+        try:
+            head = zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(data, 352)
+        except zlib.error:
+            head = b""
+        if not declared and not _is_nifti_header(head):
+            return None
+        try:
+            unpack = zlib.decompressobj(16 + zlib.MAX_WBITS)
+            raw = unpack.decompress(data, MAX_VOLUME_BYTES)
+        except zlib.error as err:
+            raise ImageReadError(
+                name, f"not a readable NIfTI file (gzip: {err}); it may be truncated or not NIfTI at all"
+            ) from None
+        if unpack.unconsumed_tail:
+            raise ImageReadError(
+                name, f"the gzipped NIfTI file unpacks to more than {MAX_VOLUME_BYTES >> 20} MiB; store it as a smaller volume"
+            )
+    elif not declared and not _is_nifti_header(data):
+        return None
+    import nibabel as nib
+
+    kind = nib.Nifti2Image if raw[4:8] == b"n+2\x00" else nib.Nifti1Image
+    try:
+        img = kind.from_bytes(raw)
+    except Exception as err:  # nibabel raises ImageFileError, HeaderDataError, ValueError, ...
+        raise ImageReadError(
+            name, f"not a readable NIfTI file ({type(err).__name__}: {err}); it may be truncated or not NIfTI at all"
+        ) from None
+    return _nifti_volume(img, Path(name))
+
+
+def _is_nifti_header(head: bytes) -> bool:
+    return head[344:348] == b"n+1\x00" or head[4:8] == b"n+2\x00"
+
+
 def _minmax(arr: np.ndarray) -> np.ndarray:
     arr = arr.astype(np.float64, copy=False)
     lo, hi = float(arr.min()), float(arr.max())
@@ -115,6 +192,13 @@ def _read_nifti(path: Path) -> np.ndarray:
         raise ImageReadError(
             path, f"not a readable NIfTI file ({type(err).__name__}: {err}); it may be truncated or not NIfTI at all"
         ) from None
+    return _nifti_volume(img, path)
+
+
+def _nifti_volume(img, path: Path) -> np.ndarray:
+    """The loaded NIfTI image `img` (read from `path`) as a canonical (D, H, W) array in [0, 1]."""
+    import nibabel as nib
+
     shape = tuple(int(n) for n in img.shape)
     if len(shape) < 3 or (len(shape) > 3 and any(n == 0 for n in shape[3:])):
         raise ImageReadError(
@@ -151,38 +235,45 @@ def png_significant_bits(path: str | Path) -> int | None:
     data are walked here (PNG spec 11.3.3.4: for grayscale, one byte, 1..bit depth).
     """
     try:
+        if hasattr(path, "read"):  # content in memory (read_image_bytes): a seekable binary file object
+            path.seek(0)
+            return _png_sbit(path)
         with open(path, "rb") as f:
-            if f.read(8) != _PNG_SIGNATURE:
-                return None
-            depth = color = None
-            while True:
-                head = f.read(8)
-                if len(head) < 8:
-                    return None
-                length, kind = struct.unpack(">I4s", head)
-                if kind in (b"IDAT", b"IEND"):  # sBIT must come before the image data
-                    return None
-                if kind not in (b"IHDR", b"sBIT"):
-                    f.seek(length + 4, 1)  # skip data and CRC
-                    continue
-                data = f.read(length)
-                f.seek(4, 1)
-                if len(data) < length or length < 1:
-                    return None
-                if kind == b"IHDR":
-                    if length < 10:
-                        return None
-                    depth, color = data[8], data[9]
-                    if depth != 16 or color != 0:  # only 16-bit grayscale is handled
-                        return None
-                    continue
-                bits = data[0]
-                return bits if depth == 16 and 1 <= bits < 16 else None
+            return _png_sbit(f)
     except OSError:
         return None
 
 
-def _scale_16bit(arr: np.ndarray, path: Path, is_png: bool) -> np.ndarray:
+def _png_sbit(f) -> int | None:
+    if f.read(8) != _PNG_SIGNATURE:
+        return None
+    depth = color = None
+    while True:
+        head = f.read(8)
+        if len(head) < 8:
+            return None
+        length, kind = struct.unpack(">I4s", head)
+        if kind in (b"IDAT", b"IEND"):  # sBIT must come before the image data
+            return None
+        if kind not in (b"IHDR", b"sBIT"):
+            f.seek(length + 4, 1)  # skip data and CRC
+            continue
+        data = f.read(length)
+        f.seek(4, 1)
+        if len(data) < length or length < 1:
+            return None
+        if kind == b"IHDR":
+            if length < 10:
+                return None
+            depth, color = data[8], data[9]
+            if depth != 16 or color != 0:  # only 16-bit grayscale is handled
+                return None
+            continue
+        bits = data[0]
+        return bits if depth == 16 and 1 <= bits < 16 else None
+
+
+def _scale_16bit(arr: np.ndarray, path, is_png: bool) -> np.ndarray:
     """uint16-range data to [0, 1] by bit depth (65535), unless a PNG's sBIT says fewer
     bits are significant AND the values were stored unshifted.
 
@@ -199,11 +290,13 @@ def _scale_16bit(arr: np.ndarray, path: Path, is_png: bool) -> np.ndarray:
     return arr.astype(np.float32) / np.float32(65535.0)
 
 
-def _read_pil(path: Path) -> np.ndarray:
+def _read_pil(path: Path, content: io.BytesIO | None = None) -> np.ndarray:
+    """`path` names the file in errors; `content`, when given, is read instead of it."""
     from PIL import Image, ImageOps
 
+    source = path if content is None else content
     try:
-        with Image.open(path) as im:
+        with Image.open(source) as im:
             is_png = im.format == "PNG"
             im.load()  # decoding is lazy: truncation only shows here
             im = ImageOps.exif_transpose(im)
@@ -214,14 +307,14 @@ def _read_pil(path: Path) -> np.ndarray:
             "in an unsupported format: re-export it as PNG or DICOM, or remove its row",
         ) from None
     if im.mode.startswith("I;16"):
-        return _scale_16bit(np.asarray(im), path, is_png)
+        return _scale_16bit(np.asarray(im), source, is_png)
     if im.mode == "I":
         # 32-bit integer mode: PIL's container for 16-bit data in some formats; only data
         # beyond the 16-bit range has no known bit depth and falls back to min-max.
         arr = np.asarray(im)
         if arr.min() >= 0 and arr.max() <= 65535:
-            if is_png and png_significant_bits(path) is not None:  # older Pillow opens 16-bit PNG as "I"
-                return _scale_16bit(arr, path, is_png)
+            if is_png and png_significant_bits(source) is not None:  # older Pillow opens 16-bit PNG as "I"
+                return _scale_16bit(arr, source, is_png)
             return (arr / 65535.0).astype(np.float32)
         return _minmax(arr)
     if im.mode == "F":
@@ -231,13 +324,14 @@ def _read_pil(path: Path) -> np.ndarray:
     return np.asarray(im.convert("L"), dtype=np.float32) / np.float32(255.0)
 
 
-def _read_dicom(path: Path) -> np.ndarray:
+def _read_dicom(path: Path, content: io.BytesIO | None = None) -> np.ndarray:
+    """`path` names the file in errors; `content`, when given, is read instead of it."""
     import pydicom
     from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
 
     try:
         # force: DICOM files written without the 128-byte preamble are still common.
-        ds = pydicom.dcmread(path, force=True)
+        ds = pydicom.dcmread(path if content is None else content, force=True)
     except Exception as err:
         raise ImageReadError(
             path, f"not a readable DICOM file ({type(err).__name__}: {err}); it may be truncated"

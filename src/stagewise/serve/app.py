@@ -1,0 +1,218 @@
+"""The FastAPI application: the bedside page, its assets, and the HTTP API behind it.
+
+- `GET /`: the page (HTML, CSS and JavaScript served from the package: no CDN, no web fonts).
+- `POST /predict`: multipart field `file` -> a probability, the decision and the threshold per
+  output, and the probability's place among the out-of-fold validation probabilities.
+- `POST /explain`: the same, plus the image as the network saw it and a Grad-CAM map per output.
+- `GET /model-card`, `GET /validation`, `GET /health`.
+- `GET /docs`: Swagger UI from the swagger-ui-bundle package's local copy; `GET /openapi.json`.
+
+Uploads are read into memory (see `upload`), scored in a worker thread (the event loop stays
+free for the page) and dropped with the response: nothing is written to disk, nothing is kept.
+A request's file name never reaches a log; error answers are plain sentences, never a trace.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+from functools import partial
+from pathlib import Path
+
+import anyio
+from fastapi import FastAPI, Request
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, Field
+
+from stagewise import __version__
+from stagewise.deploy import Bundle
+from stagewise.serve.card import model_card
+from stagewise.serve.problems import Problem
+from stagewise.serve.scoring import Scorer, heatmap_data_url, png_data_url
+from stagewise.serve.upload import FIELD, read_upload
+
+log = logging.getLogger("stagewise.serve")
+STATIC = Path(__file__).parent / "static"
+DEFAULT_MAX_UPLOAD_MB = 64.0
+_PAGE_CSP = ("default-src 'self'; img-src 'self' data: blob:; style-src 'self'; script-src 'self'; "
+             "connect-src 'self'; font-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; "
+             "frame-ancestors 'none'")
+_DOCS_CSP = "default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; script-src 'self' 'unsafe-inline'"
+
+
+class Position(BaseModel):
+    below: float | None = Field(description="share of the out-of-fold validation probabilities below this one")
+    below_with_outcome: float | None = Field(description="the same among validation images with the outcome")
+    below_without_outcome: float | None = Field(description="the same among validation images without it")
+    n: int
+    n_with_outcome: int
+    n_without_outcome: int
+
+
+class OutputScore(BaseModel):
+    output: str = Field(description="the bundle output (an arm, or arm:outcome for an extra outcome)")
+    outcome: str
+    probability: float = Field(ge=0, le=1)
+    threshold: float = Field(description="the bundle's decision threshold, chosen on training data")
+    decision: bool = Field(description="probability >= threshold")
+    validation: Position | None = Field(description="null when the bundle holds no validation distribution")
+
+
+class Prediction(BaseModel):
+    outputs: list[OutputScore]
+    engine: str = Field(description="onnx (ONNX Runtime) or torch")
+    seconds: float = Field(description="server time to read and score the file")
+
+
+class Saliency(BaseModel):
+    output: str
+    image: str | None = Field(description="Grad-CAM map as a transparent PNG data URL, the network view's size")
+
+
+class Explanation(Prediction):
+    network_view: str = Field(description="the image as the network saw it (PNG data URL, gray)")
+    source: dict = Field(description="format and display facts of the file (never identifying header values)")
+    saliency: list[Saliency]
+    saliency_note: str | None
+
+
+class ErrorBody(BaseModel):
+    error: str = Field(description="a stable code: too_large, not_an_image, corrupt_dicom, wrong_kind, ...")
+    message: str = Field(description="a sentence for the person who sent the file")
+
+
+_ERRORS = {s: {"model": ErrorBody} for s in (400, 413, 415, 422, 500)}
+_UPLOAD_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+    "type": "object", "required": [FIELD],
+    "properties": {FIELD: {"type": "string", "format": "binary",
+                           "description": "one PNG, JPEG or DICOM file (NIfTI for a 3D bundle); kept in memory only"}},
+}}}}}
+
+
+def create_app(bundle: Bundle | str | Path, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB, engine: str = "auto",
+               concurrency: int = 2, allowed_hosts: list[str] | None = None) -> FastAPI:
+    """The application for one bundle. `concurrency` bounds the files scored at once (the
+    rest wait their turn); `allowed_hosts` (e.g. the loopback names) guards against DNS
+    rebinding when set."""
+    bundle = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
+    scorer = Scorer(bundle, engine)
+    max_upload = int(max_upload_mb * 2**20)
+    card = model_card(bundle.info, scorer.validation, bundle.spatial_dims, scorer.engine, max_upload)
+    limiter = anyio.CapacityLimiter(max(1, concurrency))
+    app = FastAPI(
+        title=f"stagewise serve: {bundle.info['recipe']}", version=__version__,
+        description="Scores one image per request with an exported stagewise bundle. Research use only. Uploads are "
+                    "processed in memory and never stored.",
+        docs_url=None, redoc_url=None,
+    )
+    app.state.scorer, app.state.card = scorer, card
+    allowed = {h.strip("[]").lower() for h in allowed_hosts} if allowed_hosts else None
+
+    @app.middleware("http")
+    async def headers(request: Request, call_next):
+        if allowed is not None and _host_name(request.headers.get("host", "")) not in allowed:
+            # a page elsewhere reaching this server through a rebound DNS name
+            return JSONResponse({"error": "bad_host", "message": "This server answers requests to its own address only."},
+                                status_code=400)
+        response = await call_next(request)
+        docs = request.url.path.startswith(("/docs", "/swagger"))
+        response.headers["Content-Security-Policy"] = _DOCS_CSP if docs else _PAGE_CSP
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        response.headers["Referrer-Policy"] = "no-referrer"
+        if not request.url.path.startswith(("/static", "/swagger")):
+            response.headers["Cache-Control"] = "no-store"
+        return response
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.get("/", include_in_schema=False)
+    async def page():
+        return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    @app.get("/health", summary="Is the server up, and which model does it serve")
+    async def health() -> dict:
+        return {"status": "ok", "model": bundle.info["recipe"], "outputs": [t["output"] for t in scorer.tasks],
+                "engine": scorer.engine, "max_upload_bytes": max_upload, "stagewise": __version__}
+
+    @app.get("/model-card", summary="What the model was trained on, how it was validated, what it is for")
+    async def get_model_card() -> dict:
+        return card
+
+    @app.get("/validation", summary="The out-of-fold validation probabilities and labels, per output")
+    async def validation() -> dict:
+        outs = (scorer.validation or {}).get("outputs", {})
+        return {"available": bool(outs),
+                "outputs": {o: {"probability": v["probability"], "label": v["label"]} for o, v in outs.items()}}
+
+    async def run(request: Request, explain: bool):
+        started = time.perf_counter()
+        try:
+            data, name = await read_upload(request, max_upload)
+            result = await anyio.to_thread.run_sync(partial(_work, scorer, data, name, explain), limiter=limiter)
+        except Problem as problem:
+            return JSONResponse(problem.body(), status_code=problem.status)
+        except Exception as err:  # never a trace to the client; the log gets the type and frames, not the message
+            frames = "".join(traceback.format_tb(err.__traceback__))
+            log.error("internal error while scoring (%s):\n%s", type(err).__name__, frames)
+            return JSONResponse({"error": "internal", "message": "The server could not score this file because of an "
+                                 "internal error; see the server console."}, status_code=500)
+        result["seconds"] = round(time.perf_counter() - started, 4)
+        return result
+
+    @app.post("/predict", response_model=Prediction, responses=_ERRORS, openapi_extra=_UPLOAD_BODY,
+              summary="Score one image: probability, decision and threshold per output")
+    async def predict(request: Request):
+        return await run(request, explain=False)
+
+    @app.post("/explain", response_model=Explanation, responses=_ERRORS, openapi_extra=_UPLOAD_BODY,
+              summary="Score one image and show why: the network's view and a Grad-CAM map per output")
+    async def explain(request: Request):
+        return await run(request, explain=True)
+
+    _add_docs(app)
+    return app
+
+
+def _host_name(host: str) -> str:
+    """The name of a Host header, without its port: 'localhost:8000' -> 'localhost', '[::1]:80' -> '::1'."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1:].split("]", 1)[0]
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+def _work(scorer: Scorer, data: bytes, name: str, explain: bool) -> dict:
+    scored = scorer.score(scorer.read(data, name))
+    out = {"outputs": scorer.outputs(scored.probabilities), "engine": scorer.engine}
+    if explain:
+        out["network_view"] = png_data_url(scored.view)
+        out["source"] = scored.source
+        maps = scorer.saliency(scored) if scored.tensor.dim() == 4 else [None] * len(scorer.tasks)
+        out["saliency"] = [{"output": t["output"], "image": None if m is None else heatmap_data_url(m)}
+                           for t, m in zip(scorer.tasks, maps)]
+        out["saliency_note"] = None if any(m is not None for m in maps) else \
+            "No heat map for this network (it is drawn for 2D networks with a spatial last layer only)."
+    return out
+
+
+def _add_docs(app: FastAPI) -> None:
+    """Swagger UI at /docs from the local swagger-ui-bundle copy (FastAPI's default loads it
+    from a CDN, which a hospital workstation may not reach); without the package, /docs is
+    off and /openapi.json stays."""
+    try:
+        from swagger_ui_bundle import swagger_ui_path
+    except ImportError:
+        return
+    from fastapi.openapi.docs import get_swagger_ui_html
+
+    app.mount("/swagger", StaticFiles(directory=swagger_ui_path), name="swagger")
+
+    @app.get("/docs", include_in_schema=False)
+    def docs() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url=app.openapi_url, title=f"{app.title}: API",
+            swagger_js_url="/swagger/swagger-ui-bundle.js", swagger_css_url="/swagger/swagger-ui.css",
+            swagger_favicon_url="/swagger/favicon-32x32.png", swagger_ui_parameters={"validatorUrl": None},
+        )

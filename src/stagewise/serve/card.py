@@ -1,0 +1,52 @@
+"""The model card the page shows and `GET /model-card` returns, from what the bundle holds:
+bundle.json (tasks, thresholds, cross-validated metrics, provenance) and, for bundles exported
+since oof.json exists, the cohort's counts, the protocol and patient-level 95 % CIs."""
+
+from __future__ import annotations
+
+from stagewise import __version__
+
+WARNING = ("Research use only. This model is not a medical device and has not been approved for diagnosis or "
+           "treatment decisions. Its figures describe the cohort it was developed on; validate it on local "
+           "data before relying on it.")
+
+
+def intended_use(info: dict, dims: int) -> str:
+    outcomes = ", ".join(dict.fromkeys(t["outcome"] for t in info["tasks"]))
+    kind = "a single 2D image (for example a radiograph)" if dims == 2 else "a 3D volume"
+    return (f"Estimates the probability of {outcomes} from {kind} of the same kind, view and population as the "
+            f"development cohort, to support research and local validation. It sees only the image: no history, "
+            f"no clinical data, no earlier images.")
+
+
+def model_card(info: dict, validation: dict | None, dims: int, engine: str, max_upload: int) -> dict:
+    outputs = []
+    for t in info["tasks"]:
+        v = (validation or {}).get("outputs", {}).get(t["output"], {})
+        outputs.append({
+            "output": t["output"], "arm": t["arm"], "outcome": t["outcome"], "stages": t["stages"],
+            "threshold": t["threshold"], "n_folds": t["n_folds"],
+            "cross_validated": {m: t["metrics"][m] for m in ("auroc", "balanced_accuracy", "f1") if m in t["metrics"]},
+            "patient_level_ci": v.get("patient_level") or None,
+            "validation_images": v.get("n"),
+        })
+    return {
+        "title": info["recipe"],
+        "research_use_only": True,
+        "warning": WARNING,
+        "intended_use": intended_use(info, dims),
+        "trained_on": info["source"],
+        "cohort": (validation or {}).get("cohort") or None,
+        "protocol": (validation or {}).get("protocol") or None,
+        "ci_settings": (validation or {}).get("ci_settings") or None,
+        "validation_distribution": validation is not None and bool(validation.get("outputs")),
+        "backbone": info["backbone"],
+        "input": {"dimensions": dims, "image_size": info["image_size"], "resize": info["resize"],
+                  "intensities": "one channel, scaled to [0, 1] after the DICOM rescale, window and MONOCHROME1 inversion"},
+        "outputs": outputs,
+        "bundle_stagewise": info["stagewise"],
+        "stagewise": __version__,
+        "engine": engine,
+        "max_upload_bytes": max_upload,
+        "privacy": "Uploads are processed in memory and never written to disk; nothing is stored after the answer.",
+    }

@@ -1,0 +1,57 @@
+"""`stagewise serve`: run the application with uvicorn, on this computer only by default."""
+
+from __future__ import annotations
+
+import ipaddress
+import sys
+from pathlib import Path
+
+from stagewise.deploy import Bundle
+from stagewise.runs import RunError
+
+LOOPBACK_NAMES = ["127.0.0.1", "localhost", "::1"]
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def log_config() -> dict:
+    """uvicorn's logging, plus the application's own logger. The access log holds the method,
+    path and status of each request (never an upload's name or content)."""
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = {**LOGGING_CONFIG, "loggers": {**LOGGING_CONFIG["loggers"]}}
+    config["loggers"]["stagewise.serve"] = {"handlers": ["default"], "level": "INFO", "propagate": False}
+    return config
+
+
+def run_server(bundle_path: str | Path, host: str = "127.0.0.1", port: int = 8000, max_upload_mb: float = 64.0,
+               engine: str = "auto", concurrency: int = 2) -> None:
+    import uvicorn
+
+    from stagewise.serve.app import create_app
+
+    if max_upload_mb <= 0:
+        raise RunError("--max-upload-mb must be positive")
+    bundle = Bundle.load(bundle_path)
+    loopback = is_loopback(host)
+    try:
+        app = create_app(bundle, max_upload_mb, engine, concurrency,
+                         allowed_hosts=LOOPBACK_NAMES + ([host] if host not in LOOPBACK_NAMES else []) if loopback else None)
+    except ValueError as err:
+        raise RunError(str(err)) from None
+    app.state.scorer.warm_up()
+    shown = f"[{host}]" if ":" in host else host
+    print(f"stagewise serve: {bundle.info['recipe']} ({', '.join(t['output'] for t in bundle.info['tasks'])}), "
+          f"engine {app.state.scorer.engine}; page at http://{shown}:{port}/ , API docs at /docs. Research use only. "
+          f"Uploads up to {max_upload_mb:g} MB, kept in memory, never stored.", file=sys.stderr, flush=True)
+    if not loopback:
+        print(f"warning: listening on {host}: other computers on the network can reach this server, and it has no "
+              "login. Use the default --host 127.0.0.1 unless a firewall or proxy protects it.", file=sys.stderr, flush=True)
+    uvicorn.run(app, host=host, port=port, log_config=log_config(), access_log=True, server_header=False)
