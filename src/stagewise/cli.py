@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import typer
@@ -41,6 +42,10 @@ class RichReporter:
         if resumed:
             self.progress.console.print(f"[dim]{arm} {split.name}: finished earlier, read back[/dim]")
 
+    def message(self, text: str) -> None:
+        """A line above the bars (the Ray executor: how many fits run at once, and where)."""
+        self.progress.console.print(f"[dim]{escape(text)}[/dim]", highlight=False)
+
 
 def _known_errors() -> tuple[type[BaseException], ...]:
     from stagewise.data import CohortError, ImageReadError
@@ -48,10 +53,11 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from stagewise.models import BackboneError, WeightsUnavailable
     from stagewise.recipe import RecipeError
     from stagewise.checks import StudyCheckError
+    from stagewise.federated.simulation import FederatedError
     from stagewise.training.engine import StageError
 
     return (RecipeError, CohortError, ImageReadError, BackboneError, WeightsUnavailable, StageError, SplitError, RunError,
-            StudyCheckError, FloatingPointError)
+            StudyCheckError, FederatedError, FloatingPointError)
 
 
 def metrics_table(metrics: dict) -> Table:
@@ -97,12 +103,28 @@ def run(
     recipe: Path = typer.Argument(..., help="the study's YAML recipe"),
     out_dir: Path = typer.Option(None, "--out", "-o", help="run directory (default: runs/<recipe name>)"),
     overrides: list[str] = typer.Option([], "--set", help="change a field: --set protocol.repeats=1 (repeatable)"),
+    executor: str = typer.Option(None, "--executor", help="local (default: one process) or ray (a task per fit); "
+                                 "sets compute.executor"),
+    address: str = typer.Option(None, "--address", help="the Ray cluster to join: auto or HOST:PORT (implies "
+                                "--executor ray; none starts Ray on this machine); sets compute.address"),
 ) -> None:
-    """Run a study; running it again resumes and skips finished folds."""
-    from stagewise.recipe import load_recipe
+    """Run a study; running it again resumes and skips finished folds.
+
+    Example: stagewise run recipe.yaml --executor ray --address auto
+    """
+    from stagewise.recipe import RecipeError, load_recipe
 
     def go():
-        r = load_recipe(recipe, overrides)
+        if executor not in (None, "local", "ray"):
+            raise RecipeError(f"--executor {executor!r}: choose local or ray")
+        if address is not None and executor == "local":
+            raise RecipeError("--address is the Ray cluster to join: it goes with --executor ray, not local")
+        extra = []
+        if executor is not None or address is not None:
+            extra.append(f"compute.executor={executor or 'ray'}")
+        if address is not None or executor == "local":
+            extra.append(f"compute.address={json.dumps(address)}")  # quoted: HOST:PORT stays a string
+        r = load_recipe(recipe, [*overrides, *extra])
         _run_recipe(r, out_dir or Path("runs") / r.name)
 
     _guard(go)
@@ -220,6 +242,25 @@ def predict_cmd(
 
     if _guard(go):
         raise typer.Exit(1)
+
+
+@app.command()
+def serve(
+    bundle: Path = typer.Argument(..., help="a bundle folder made by `stagewise export`"),
+    host: str = typer.Option("127.0.0.1", help="address to listen on; the default is reachable from this computer only"),
+    port: int = typer.Option(8000, help="port to listen on"),
+    max_upload_mb: float = typer.Option(64.0, "--max-upload-mb", help="largest file accepted, in MB (2^20 bytes)"),
+    engine: str = typer.Option("auto", help="auto (ONNX Runtime when the bundle has model.onnx), onnx or torch"),
+    concurrency: int = typer.Option(2, help="files scored at the same time; more requests wait their turn"),
+) -> None:
+    """A local web page and HTTP API that score images with a bundle, show what the network
+    saw and where it looked. Uploads stay in memory; nothing is stored.
+
+    Example: stagewise serve runs/covid-outcome-icu/bundles/probe-thaw  (then open http://127.0.0.1:8000)
+    """
+    from stagewise.serve import run_server
+
+    _guard(run_server, bundle, host, port, max_upload_mb, engine, concurrency)
 
 
 @app.command()

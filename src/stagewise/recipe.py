@@ -454,6 +454,28 @@ class ComputeConfig(_Strict):
     threads: int | None = None
     save_models: bool = False
     """Save each fold's trained model (safetensors) in the run directory."""
+    executor: Literal["local", "ray"] = "local"
+    """Where the fits run: `local`, one after another in this process; `ray`, each (unit,
+    fold) fit as a task on a Ray cluster, the run directory written by this process alone.
+    Neither changes a fold's numbers, and a run started with one resumes with the other."""
+    address: str | None = None
+    """ray: the cluster to join, `auto` (the one `ray start` made on this machine) or
+    `HOST:PORT` of its head; empty: start a Ray instance on this machine for the run."""
+    cpus_per_task: int | None = Field(None, ge=1)
+    """ray: CPUs each fit reserves, and its torch threads (default: `threads`, else 1). A
+    local run gives bit-identical numbers on a CPU when its `threads` is the same."""
+    gpus_per_task: float | None = Field(None, ge=0)
+    """ray: GPUs each fit reserves (default: 1 where the cluster has GPUs and `device` is not
+    cpu, else 0)."""
+    max_retries: int = Field(3, ge=0)
+    """ray: times a fit is started again when its worker process or node died; a fit that
+    raised an error is never retried (the error stops the run)."""
+
+    @model_validator(mode="after")
+    def _address_is_for_ray(self) -> "ComputeConfig":
+        if self.address is not None and self.executor != "ray":
+            raise ValueError(f"address {self.address!r} is the Ray cluster to join: it needs executor: ray")
+        return self
 
 
 class EvaluationConfig(_Strict):

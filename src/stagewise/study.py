@@ -14,7 +14,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -30,7 +30,7 @@ from stagewise.evaluation.metrics import binary_metrics, choose_threshold, patie
 from stagewise.evaluation.splits import Split, make_splits, subsample_patients
 from stagewise.models import Network, create_backbone, save_backbone, save_network
 from stagewise.recipe import ArmConfig, ProtocolConfig, Recipe, RecipeError, SslStage
-from stagewise.runs import RunDir, atomic_write, cohort_digest, pretrain_fingerprint, unit_fingerprint
+from stagewise.runs import RunDir, RunError, atomic_write, cohort_digest, pretrain_fingerprint, unit_fingerprint
 from stagewise.sites import fit_federated, fit_local, start_network
 from stagewise.training.cache import ImageSet, PrefixCache
 from stagewise.training.compute import Compute, resolve_compute
@@ -43,7 +43,10 @@ log = logging.getLogger("stagewise")
 
 
 class Reporter(Protocol):
-    """What a progress display receives; the CLI's rich display implements it."""
+    """What a progress display receives; the CLI's rich display implements it. A reporter
+    may also have `message(text)`, for one-line notes (how many fits a Ray run runs at once,
+    and where); with a remote executor `fold_done` comes as each fit's result arrives, and
+    `fold_started`/`epoch_done` come from local fits only."""
 
     def start(self, total_folds: int) -> None: ...
     def fold_started(self, arm: str, split: Split, n_epochs: int) -> None: ...
@@ -375,6 +378,73 @@ class _Study:
         return metrics, preds, extra
 
 
+@dataclass
+class FoldOutput:
+    """What one (unit, fold) fit produces, wherever it ran."""
+
+    metrics: dict
+    predictions: pd.DataFrame
+    extra: dict
+    """Recorded in the fold's json: stage logs, tuning, saliency, ..."""
+    seconds: float
+    files: dict[str, bytes] = field(default_factory=dict)
+    """Files a remote fit made (saved fold model, saliency PNGs), by path relative to the run
+    directory, for the driver to write; empty for a local fit, which writes them itself."""
+
+
+def fit_fold(study: _Study, unit: Unit, split: Split) -> FoldOutput:
+    """Fit one unit on one fold (a model arm, a baseline score or the clinical model)."""
+    t0 = time.perf_counter()
+    fit = study.fit_model if unit.kind == "model" else study.fit_nonimage
+    metrics, preds, extra = fit(unit, split)
+    return FoldOutput(metrics, preds, extra, time.perf_counter() - t0)
+
+
+def record_fold(run: RunDir, recipe: Recipe, unit: Unit, split: Split, fingerprint: str, out: FoldOutput,
+                reporter: Reporter) -> tuple[dict, pd.DataFrame]:
+    """Write a finished fold into the run directory (its files first: a fold counts as done
+    once its json exists), log it and report it; return its meta and predictions."""
+    for name, data in out.files.items():
+        path = run.path / name
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise RunError(f"{unit.name} {split.name}: a fit returned a file outside the run directory: {name}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, data)
+    meta = {"unit": unit.name, "kind": unit.kind, "repeat": split.repeat, "fold": split.fold,
+            "seed": fold_seed(recipe.seed, split), "fingerprint": fingerprint, "metrics": out.metrics,
+            "seconds": out.seconds, "n_test_images": int(len(split.test)), **out.extra}
+    preds = out.predictions
+    preds.insert(0, "arm", unit.name)
+    run.write_fold(unit.folder, split.name, meta, preds)
+    log.info("%s %s: %s", unit.name, split.name,
+             {k: round(v, 4) for k, v in out.metrics.items() if isinstance(v, float)})
+    reporter.fold_done(unit.name, split, out.metrics, resumed=False)
+    return meta, preds
+
+
+_PROCESS_LOCAL = ("run", "reporter", "cache", "_images", "_pristine")
+"""_Study attributes that stay in their process: remote fits get their own."""
+
+
+def study_state(study: _Study) -> dict:
+    """What a fit in another process needs of a study (recipe, cohort table, splits, targets,
+    ...): everything but the run directory, the progress display, the prefix cache, the
+    images and the backbones, which a remote executor sends or makes separately."""
+    return {k: v for k, v in vars(study).items() if k not in _PROCESS_LOCAL}
+
+
+def study_from_state(state: dict, run: RunDir, images: ImageSet | None, pristine: dict[str, torch.nn.Module],
+                     cache: PrefixCache | None, reporter: Reporter) -> _Study:
+    """The study of `study_state` in this process: fits write into `run` (a private folder),
+    start from `pristine` backbones (by arm name) and run on this process's device."""
+    study = _Study.__new__(_Study)
+    vars(study).update(state)
+    study.run, study.reporter, study._images, study._pristine = run, reporter, images, dict(pristine)
+    study.compute = resolve_compute(study.recipe.compute)  # this worker's device, not the driver's
+    study.cache = cache if study.compute.reuse_frozen else None
+    return study
+
+
 def refit(recipe: Recipe, arm: str, run_dir: str | Path, reporter: Reporter | None = None) -> Network:
     """The arm trained through its stages on every image of the cohort (no test part), as
     scikit-learn's search refits its best estimator on all the data.
@@ -420,6 +490,8 @@ def run_study(recipe: Recipe, out_dir: str | Path, reporter: Reporter | None = N
 
 
 def _run(recipe: Recipe, run: RunDir, reporter: Reporter) -> StudyResult:
+    from stagewise.executors import open_executor
+
     t_start = time.perf_counter()
     cohort = check_study(recipe, source=recipe.name)  # every check before any training or writing
     for warning in cohort.warnings:
@@ -433,30 +505,31 @@ def _run(recipe: Recipe, run: RunDir, reporter: Reporter) -> StudyResult:
     log.info("cohort %s: %d images, %d patients; %d splits; compute %s", Path(recipe.cohort.manifest).name,
              study.cohort.n_images, study.cohort.n_patients, len(study.splits), study.compute.label)
     reporter.start(len(units) * len(study.splits))
+    results: dict[tuple[str, str], tuple[dict, pd.DataFrame]] = {}
+
+    def finished(unit: Unit, split: Split, out: FoldOutput) -> None:
+        results[unit.name, split.name] = record_fold(run, recipe, unit, split, fingerprints[unit.name], out, reporter)
+
+    # The local executor fits each fold as it is submitted (the order of a plain loop); a
+    # remote one runs them as tasks and hands each result back here as it finishes.
+    with open_executor(study, finished, reporter) as executor:
+        for unit in units:
+            for split in study.splits:
+                done = run.read_fold(unit.folder, split.name, fingerprints[unit.name])
+                for message in run.damaged:
+                    log.warning("damaged fold %s", message)
+                run.damaged.clear()
+                if done is not None:
+                    results[unit.name, split.name] = done
+                    reporter.fold_done(unit.name, split, done[0]["metrics"], resumed=True)
+                else:
+                    executor.submit(unit, split)
+        executor.join()
     all_preds, units_out = [], {}
     for unit in units:
-        fingerprint = fingerprints[unit.name]
         fold_results = []
         for split in study.splits:
-            done = run.read_fold(unit.folder, split.name, fingerprint)
-            for message in run.damaged:
-                log.warning("damaged fold %s", message)
-            run.damaged.clear()
-            if done is not None:
-                meta, preds = done
-                reporter.fold_done(unit.name, split, meta["metrics"], resumed=True)
-            else:
-                t0 = time.perf_counter()
-                fit = study.fit_model if unit.kind == "model" else study.fit_nonimage
-                metrics, preds, extra = fit(unit, split)
-                meta = {"unit": unit.name, "kind": unit.kind, "repeat": split.repeat, "fold": split.fold,
-                        "seed": fold_seed(recipe.seed, split), "fingerprint": fingerprint, "metrics": metrics,
-                        "seconds": time.perf_counter() - t0, "n_test_images": int(len(split.test)), **extra}
-                preds.insert(0, "arm", unit.name)
-                run.write_fold(unit.folder, split.name, meta, preds)
-                log.info("%s %s: %s", unit.name, split.name,
-                         {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)})
-                reporter.fold_done(unit.name, split, metrics, resumed=False)
+            meta, preds = results[unit.name, split.name]
             fold_results.append(meta)
             all_preds.append(preds)
         units_out[unit.name] = _unit_summary(unit, fold_results)
