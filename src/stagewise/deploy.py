@@ -263,7 +263,7 @@ def _load_heads(path: Path) -> dict[str, Head]:
 def _refit(recipe: Recipe, run_dir: Path, arm: str, unit: dict) -> tuple[Network, float]:
     """Train the arm on every image; the threshold is the median of its fold thresholds,
     each chosen on a training part, since no data is left to choose one on."""
-    from stagewise.study import refit
+    from stagewise.fitting import refit
 
     return refit(recipe, arm, run_dir), float(np.median([f["threshold"] for f in unit["folds"]]))
 

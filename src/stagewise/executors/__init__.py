@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Callable, Protocol
 
 if TYPE_CHECKING:
     from stagewise.evaluation.splits import Split
-    from stagewise.study import FoldOutput, Reporter, _Study
+    from stagewise.fitting import FoldOutput, Reporter, Study
     from stagewise.units import Unit
 
     FoldDone = Callable[[Unit, Split, FoldOutput], None]
@@ -30,7 +30,7 @@ class Executor(Protocol):
     def join(self) -> None: ...
 
 
-def open_executor(study: "_Study", on_done: "FoldDone", reporter: "Reporter") -> Executor:
+def open_executor(study: "Study", on_done: "FoldDone", reporter: "Reporter") -> Executor:
     """The executor the recipe's `compute.executor` names."""
     if study.recipe.compute.executor == "ray":
         from stagewise.executors.ray import RayExecutor

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from stagewise.study import fit_fold
+from stagewise.fitting import fit_fold
 
 
 class LocalExecutor:

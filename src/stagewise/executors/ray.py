@@ -32,7 +32,7 @@ import ray
 import torch
 
 from stagewise.runs import RunDir, RunError, atomic_write, pretrain_fingerprint
-from stagewise.study import _Silent, fit_fold, study_from_state, study_state
+from stagewise.fitting import SilentReporter, fit_fold, study_from_state, study_state
 from stagewise.training.cache import ImageSet, PrefixCache
 
 log = logging.getLogger("stagewise")
@@ -57,7 +57,7 @@ def _process_cache() -> PrefixCache:
     return _cache
 
 
-class _WorkerReporter(_Silent):
+class _WorkerReporter(SilentReporter):
     def __init__(self, label: str):
         self.label, self.epochs = label, 0
 
@@ -101,7 +101,7 @@ def _where(threads: int, compute_label: str) -> dict:
 @ray.remote
 def _fit_task(state: dict, x, key: str | None, backbone, unit, split, threads: int):
     """One (unit, fold) fit in a private folder; returns its FoldOutput with the files."""
-    from stagewise.study import FoldOutput  # noqa: F401 - unpickled on the driver
+    from stagewise.fitting import FoldOutput  # noqa: F401 - unpickled on the driver
 
     with tempfile.TemporaryDirectory(prefix="stagewise-fit-") as scratch:
         pristine = {} if backbone is None else {unit.arm.name: backbone}
@@ -340,7 +340,7 @@ def result(ref, label: str, max_retries: int = 0):
 
 def _intact(path: Path) -> bool:
     """A pretrained backbone to read back; a damaged one is set aside (then made again), as
-    `_Study._pretrained` does in a local run."""
+    `Study._pretrained` does in a local run."""
     if not path.is_file():
         return False
     from safetensors.torch import load_file

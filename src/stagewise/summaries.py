@@ -1,0 +1,79 @@
+"""A unit's summary over its folds, as metrics.json holds it: metric means and sds, per
+extra outcome and per site, resources per stage, tuning choices, and how local/federated arms
+trained across sites."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from stagewise.evaluation.metrics import summarize
+from stagewise.units import Unit
+
+
+def _task_summaries(fold_results: list[dict]) -> dict:
+    tasks = fold_results[0]["metrics"].get("tasks", {})
+    if not tasks:
+        return {}
+    return {"tasks": {t: summarize([m["metrics"]["tasks"][t] for m in fold_results]) for t in tasks}}
+
+
+def _resources(fold_results: list[dict]) -> dict:
+    """Per stage kind: median seconds per fold, and peak memory over folds."""
+    by_stage: dict[str, dict] = {}
+    for m in fold_results:
+        for i, st in enumerate(m.get("stages", [])):
+            key = f"{i}:{st['kind']}"
+            rec = by_stage.setdefault(key, {"seconds": [], "memory": {}})
+            rec["seconds"].append(st["seconds"])
+            for name, value in st.get("memory", {}).items():
+                rec["memory"][name] = max(rec["memory"].get(name, 0), value)
+    return {k: {"median_seconds_per_fold": float(np.median(v["seconds"])), **v["memory"]} for k, v in by_stage.items()}
+
+
+def _sites_training(fold_results: list[dict]) -> dict:
+    """Local/federated arms: communication per fold and cross-site AUROC (mean over folds)."""
+    infos = [m["sites_training"] for m in fold_results if "sites_training" in m]
+    out: dict = {"mode": infos[0]["mode"]}
+    if infos[0]["mode"] == "federated":
+        out |= {k: infos[0][k] for k in ("strategy", "bn_stats")}
+        out["bytes_per_fold"] = float(np.mean([i["bytes_total"] for i in infos]))
+        out["bytes_full_model_fedavg_per_fold"] = float(np.mean([i["bytes_full_model_fedavg"] for i in infos]))
+        out["rounds"] = [{k: r[k] for k in ("round", "stage", "trainable", "bytes_down_per_site", "bytes_up",
+                                            "sites_replied", "sites", "failures")} for r in infos[0]["rounds"]]
+        out["rounds_with_missing_sites"] = sum(1 for i in infos for r in i["rounds"] if r["sites_replied"] < r["sites"])
+    else:
+        pairs = {(a, b) for i in infos for a, row in i["cross_site_auroc"].items() for b in row}
+        out["cross_site_auroc"] = {}
+        for a, b in sorted(pairs):
+            vals = [i["cross_site_auroc"][a][b] for i in infos if b in i["cross_site_auroc"].get(a, {})]
+            vals = [v for v in vals if v is not None and np.isfinite(v)]
+            out["cross_site_auroc"].setdefault(a, {})[b] = float(np.mean(vals)) if vals else None
+    return out
+
+
+def unit_summary(unit: Unit, fold_results: list[dict]) -> dict:
+    out = {
+        "kind": unit.kind,
+        "summary": summarize([m["metrics"] for m in fold_results]),
+        **_task_summaries(fold_results),
+        "folds": [{"repeat": m["repeat"], "fold": m["fold"], **m["metrics"]} for m in fold_results],
+        "train_seconds": sum(m["seconds"] for m in fold_results),
+    }
+    site_folds = [m["metrics"]["sites"] for m in fold_results if "sites" in m["metrics"]]
+    if site_folds:
+        names = list(dict.fromkeys(s for folds in site_folds for s in folds))
+        out["sites"] = {s: summarize([f[s] for f in site_folds if s in f]) for s in names}
+    if unit.kind == "model":
+        out |= {"backbone": unit.arm.backbone.name, "stages": [s.kind for s in unit.arm.stages],
+                "label_fraction": unit.fraction, "base_arm": unit.arm.name, "training": unit.arm.sites.mode}
+        if unit.arm.sites.mode != "pooled":
+            out["sites_training"] = _sites_training(fold_results)
+        out["resources"] = _resources(fold_results)
+        if unit.arm.tune is not None:
+            out["tuning"] = [{"repeat": m["repeat"], "fold": m["fold"], "chosen": m["tuning"]["chosen"]} for m in fold_results]
+        out["saliency"] = [s for m in fold_results for s in m.get("saliency", [])]
+    elif unit.kind == "baseline":
+        out |= {"backbone": f"score column {unit.column}", "stages": ["baseline"]}
+    else:
+        out |= {"backbone": "logistic regression on clinical columns", "stages": ["clinical"]}
+    return out
