@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from conftest import small_recipe
+from stagewise.fitting import SilentReporter
 from stagewise.study import run_study
 
 ray = pytest.importorskip("ray")
@@ -287,20 +288,11 @@ def test_a_worker_killed_mid_fit_is_retried_and_the_numbers_do_not_change(
     _assert_same_numbers(local_run, result)
 
 
-class _StopAfter:
+class _StopAfter(SilentReporter):
     """Ctrl-C after n folds finished in this session."""
 
     def __init__(self, n):
         self.n = n
-
-    def start(self, total):
-        pass
-
-    def fold_started(self, arm, split, n_epochs):
-        pass
-
-    def epoch_done(self, stage, epoch, entry):
-        pass
 
     def fold_done(self, arm, split, metrics, resumed):
         if not resumed:
