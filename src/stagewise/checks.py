@@ -26,10 +26,13 @@ class StudyCheckError(ValueError):
     """A study that cannot run as written; the message lists every problem found."""
 
     def __init__(self, problems: list[str], source: str):
-        self.problems = problems
+        self.problems, self.source = problems, source
         lines = [f"{source}: {len(problems)} problem{'s' if len(problems) > 1 else ''} before any training:"]
         lines += [f"  - {p}" for p in problems]
         super().__init__("\n".join(lines))
+
+    def __reduce__(self):  # whole across processes (an executor's worker), like CohortError
+        return (type(self), (self.problems, self.source))
 
 
 def comparison_problems(recipe: Recipe) -> list[str]:

@@ -265,7 +265,7 @@ class RunDir:
         if problem:
             self._set_aside(meta_path, pred_path, problem)
             return None
-        return meta, pd.read_csv(pred_path, dtype={"patient": str, "image": str})
+        return meta, pd.read_csv(pred_path, dtype={"patient": str, "image": str}, float_precision="round_trip")
 
     @staticmethod
     def _prediction_problem(meta: dict, pred_path: Path) -> str | None:
