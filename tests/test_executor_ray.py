@@ -369,13 +369,20 @@ def test_stagewise_errors_come_back_whole_from_a_worker(cluster, tmp_path):
         with pytest.raises(CohortError) as caught:
             result(ray.remote(load_cohort).options(max_retries=0).remote(missing), "load")
         assert caught.value.problems == [f"manifest not found: {tmp_path / 'missing.csv'}"]
-        # an exception that does not pickle (StudyCheckError takes two arguments): its text
+        # StudyCheckError keeps its problems across processes too
         bad = recipe_from_dict({"name": "x", "cohort": {"manifest": str(tmp_path / "missing.csv")},
                                 "arms": [{"name": "a", "backbone": "scratch:tinycnn", "stages": [{"kind": "probe"}]}]})
-        with pytest.raises(StudyCheckError):
-            check_study(bad)
-        with pytest.raises(RunError, match=r"check failed in a Ray worker: StudyCheckError: recipe: 1 problem"):
+        with pytest.raises(StudyCheckError) as checked:
             result(ray.remote(check_study).options(max_retries=0).remote(bad), "check")
+        assert len(checked.value.problems) == 1 and "manifest not found" in checked.value.problems[0]
+        # an exception that cannot be pickled at all comes back as a RunError naming the fit and
+        # the exception's type (Ray keeps no more of it)
+
+        def unpicklable():
+            raise RuntimeError("a generator in its arguments", (x for x in range(3)))
+
+        with pytest.raises(RunError, match=r"odd failed in a Ray worker: .*RuntimeError isn't serializable"):
+            result(ray.remote(unpicklable).options(max_retries=0).remote(), "odd")
     finally:
         ray.shutdown()
 
