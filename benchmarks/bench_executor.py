@@ -36,22 +36,11 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_core import cpu_model, loadavg  # noqa: E402 - the machine description every benchmark prints
+
 REPO = Path(__file__).resolve().parents[1]
 COVID = REPO / "runs" / "cohorts" / "covid-outcome.csv"
-
-
-def _load() -> str:
-    return " ".join(f"{x:.2f}" for x in os.getloadavg())
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 # -- child: one configuration ---------------------------------------------------------------
@@ -119,14 +108,14 @@ def child(cfg: dict) -> dict:
 
 
 def run_child(cfg: dict) -> dict:
-    before = _load()
+    before = loadavg()
     env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
     done = subprocess.run([sys.executable, __file__, "--child", json.dumps(cfg)], capture_output=True, text=True,
                           env=env, timeout=3600)
     if done.returncode != 0:
         raise SystemExit(f"{cfg['name']} failed:\n{done.stderr[-4000:]}")
     res = json.loads(done.stdout.strip().splitlines()[-1])
-    res["load_before"], res["load_after"] = before, _load()
+    res["load_before"], res["load_after"] = before, loadavg()
     return res
 
 
@@ -152,7 +141,7 @@ def main() -> None:
     print("stagewise executor benchmark")
     print(f"command: python benchmarks/bench_executor.py{' --quick' if args.quick else ''}")
     print(f"date: {_dt.datetime.now(_dt.timezone.utc).isoformat(timespec='seconds')}")
-    print(f"cpu: {_cpu()}; {os.cpu_count()} logical CPUs; torch {torch.__version__}, ray {ray.__version__}, "
+    print(f"cpu: {cpu_model()}; {os.cpu_count()} logical CPUs; torch {torch.__version__}, ray {ray.__version__}, "
           f"python {platform.python_version()}")
     tmp = Path(tempfile.mkdtemp(prefix="bench-executor-"))
     try:

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))  # the tests' small-study recipe and DICOM writer
 
 
 def machine() -> str:
@@ -97,7 +98,6 @@ def wait_idle(limit_s: float = 600, window_s: float = 3, threshold: float = 0.15
 
 
 def make_bundle(folder: Path, size: int, quick: bool) -> Path:
-    sys.path.insert(0, str(REPO / "tests"))
     from conftest import small_recipe
 
     from stagewise.demo import make_demo_cohort
@@ -114,27 +114,12 @@ def make_bundle(folder: Path, size: int, quick: bool) -> Path:
 
 
 def radiograph_dicom(rows: int, cols: int) -> bytes:
-    """A smooth synthetic 12-bit chest-radiograph-sized DICOM with a window."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    """A smooth synthetic 12-bit chest-radiograph-sized DICOM with a window (the tests' writer)."""
+    from test_serve import dicom_bytes
 
     y, x = np.mgrid[0:rows, 0:cols] / max(rows, cols)
     img = 2000 + 1200 * np.sin(9 * x) * np.cos(7 * y) + np.random.default_rng(0).normal(0, 40, (rows, cols))
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Modality, ds.Rows, ds.Columns = "DX", rows, cols
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.WindowCenter, ds.WindowWidth = 2048, 3000
-    ds.PixelData = np.clip(img, 0, 4095).astype(np.uint16).tobytes()
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
+    return dicom_bytes(np.clip(img, 0, 4095).astype(np.uint16), window=(2048, 3000))
 
 
 def png_bytes(side: int) -> bytes:

@@ -29,7 +29,7 @@ from stagewise.evaluation.metrics import binary_metrics, patient_scores
 from stagewise.evaluation.splits import Split, make_splits, subsample_patients
 from stagewise.models import Network, create_backbone, save_backbone, save_network
 from stagewise.recipe import ArmConfig, ProtocolConfig, Recipe, RecipeError, SslStage
-from stagewise.runs import RunDir, atomic_write, cohort_digest, pretrain_fingerprint
+from stagewise.runs import RunDir, atomic_write, pretrain_fingerprint
 from stagewise.scoring import score_fold
 from stagewise.sites import fit_federated, fit_local, start_network
 from stagewise.training.cache import ImageSet, PrefixCache
@@ -148,9 +148,6 @@ class Study:
         self.cache = PrefixCache() if self.compute.reuse_frozen else None
         self._images: ImageSet | None = None
         self._pristine: dict[str, torch.nn.Module] = {}
-        columns = [c for c in t.columns if c != "path"]
-        self.cohort_digest = cohort_digest(t, columns)
-        """Content of the cohort (rows, labels, patients, image bytes): part of every fold's fingerprint."""
 
     @property
     def images(self) -> ImageSet:

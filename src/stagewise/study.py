@@ -20,7 +20,7 @@ from stagewise.evaluation.splits import Split
 from stagewise.executors import open_executor
 from stagewise.fitting import FoldOutput, Reporter, SilentReporter, Study, fold_seed, refit  # noqa: F401 - refit: public here
 from stagewise.recipe import Recipe
-from stagewise.runs import RunDir, RunError, atomic_write, unit_fingerprint
+from stagewise.runs import RunDir, RunError, atomic_write, cohort_digest, unit_fingerprint
 from stagewise.summaries import unit_summary
 from stagewise.units import Unit, study_units
 
@@ -91,8 +91,9 @@ def _run(recipe: Recipe, run: RunDir, reporter: Reporter) -> StudyResult:
         log.warning("cohort: %s", warning)
     study = Study(recipe, run, reporter, cohort)
     units = study_units(recipe)
-    fingerprints = {u.name: unit_fingerprint(recipe, u.kind, u.arm, u.fraction, u.column, study.cohort_digest)
-                    for u in units}
+    # the cohort's content (rows, labels, patients, image bytes) is part of every fold's fingerprint
+    digest = cohort_digest(cohort.table, [c for c in cohort.table.columns if c != "path"])
+    fingerprints = {u.name: unit_fingerprint(recipe, u.kind, u.arm, u.fraction, u.column, digest) for u in units}
     run.check_folds({u.folder: fingerprints[u.name] for u in units})
     run.start(recipe)
     log.info("cohort %s: %d images, %d patients; %d splits; compute %s", Path(recipe.cohort.manifest).name,
