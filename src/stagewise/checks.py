@@ -62,6 +62,10 @@ def arm_problems(arm: ArmConfig) -> list[str]:
             problems.append(f"arm {arm.name!r}, stage {i} ({stage.kind}): {err}")
         if isinstance(stage, DualStage) and not hasattr(backbone, "forward_pair"):
             problems.append(f"arm {arm.name!r}, stage {i} (dual): needs a dual backbone (dual:<spec>), not {spec.name}")
+        planar = [k for k in ("crop", "blur") if getattr(stage.augment, k) is not None]
+        if planar and backbone.spatial_dims == 3:
+            problems.append(f"arm {arm.name!r}, stage {i} ({stage.kind}): augment.{planar[0]} is 2D only and "
+                            f"{spec.name} takes volumes; remove it (flip, rotate, scale, translate and mask work in 3D)")
     if arm.sites.mode == "federated":
         from stagewise.federated.simulation import FederatedError, make_strategy
 

@@ -98,6 +98,62 @@ class MixConfig(_Strict):
     """Fraction of batches that are mixed."""
 
 
+def _ordered_range(v: tuple[float, float], name: str) -> tuple[float, float]:
+    if v[0] > v[1]:
+        raise ValueError(f"{name} [{v[0]}, {v[1]}]: give [low, high] with low <= high")
+    return v
+
+
+class CropConfig(_Strict):
+    """torchvision's RandomResizedCrop on each image: a box of `scale` times the image area
+    with aspect ratio in `ratio`, resized back to the image size. A box that does not fit
+    (scale above 1 on a square image) falls back to torchvision's centre crop, as in the
+    BPD code (scale 0.95-1.05, default ratio)."""
+
+    scale: tuple[PositiveFloat, Annotated[float, Field(gt=0, le=2)]] = (0.95, 1.05)
+    ratio: tuple[PositiveFloat, PositiveFloat] = (3 / 4, 4 / 3)
+    """Aspect ratio (width / height) range of the box."""
+    p: float = Field(1.0, ge=0, le=1)
+    """Share of images cropped (torchvision's transform crops every image: 1)."""
+
+    @field_validator("scale", "ratio")
+    @classmethod
+    def _low_high(cls, v, info):
+        return _ordered_range(v, info.field_name)
+
+
+class BlurConfig(_Strict):
+    """torchvision's GaussianBlur on a share `p` of the images, sigma drawn per image."""
+
+    kernel: int = Field(9, ge=3)
+    """Kernel size in pixels (odd)."""
+    sigma: tuple[PositiveFloat, PositiveFloat] = (0.05, 2.0)
+    p: float = Field(0.5, ge=0, le=1)
+
+    @field_validator("kernel")
+    @classmethod
+    def _odd(cls, v: int) -> int:
+        if v % 2 == 0:
+            raise ValueError(f"kernel {v}: a Gaussian kernel size is odd (e.g. 9)")
+        return v
+
+    @field_validator("sigma")
+    @classmethod
+    def _low_high(cls, v):
+        return _ordered_range(v, "sigma")
+
+
+class MaskConfig(_Strict):
+    """Random pixel masking (the BPD code's RandomMasking): in a share `p` of the images,
+    each pixel is set to `value` with probability `fraction`."""
+
+    fraction: float = Field(0.25, gt=0, lt=1)
+    p: float = Field(0.1, ge=0, le=1)
+    value: float = Field(0.0, ge=0, le=1)
+    """Fill on the [0, 1] image scale. The BPD code zeroes pixels after normalising, which is
+    0.5 here for torchxrayvision inputs ([-1024, 1024]) and about the ImageNet mean for RGB."""
+
+
 class AugmentConfig(_Strict):
     flip: bool = False
     rotate: float = Field(0.0, ge=0, le=180)
@@ -108,10 +164,17 @@ class AugmentConfig(_Strict):
     """Maximum zoom in or out, as a fraction."""
     intensity: float = Field(0.0, ge=0, le=1)
     """Maximum brightness and contrast change, as a fraction."""
+    crop: CropConfig | None = None
+    """Random resized crop (2D), after flip and rotation."""
+    blur: BlurConfig | None = None
+    """Gaussian blur (2D), after the crop."""
+    mask: MaskConfig | None = None
+    """Random pixel masking, last."""
 
     @property
     def active(self) -> bool:
-        return bool(self.flip or self.rotate or self.translate or self.scale or self.intensity)
+        return bool(self.flip or self.rotate or self.translate or self.scale or self.intensity) or any(
+            c is not None for c in (self.crop, self.blur, self.mask))
 
 
 class SourceConfig(_Strict):
@@ -141,7 +204,9 @@ class Stage(_Strict):
     """One LR for the head (and all trainable groups), or one per group name (`head`, `layer4`, ...)."""
     lr_decay: float | None = Field(None, gt=0, le=1)
     """Discriminative LRs as a factor per group, counted down from the head."""
-    weight_decay: float = Field(1e-4, ge=0)
+    weight_decay: Annotated[float, Field(ge=0)] | dict[str, Annotated[float, Field(ge=0)]] = 1e-4
+    """AdamW weight decay: one value, or one per group name like `lr` (`head` required; groups
+    not listed take the head's), e.g. the BPD code's {head: 1e-5, layer4: 1e-4, ...}."""
     schedule: Literal["onecycle", "cosine", "constant"] = "constant"
     pct_start: float = Field(0.3, gt=0, lt=1)
     bn: Literal["adapt", "freeze"] = "freeze"
@@ -164,16 +229,23 @@ class Stage(_Strict):
             raise ValueError("a per-group `lr` needs a `head` entry")
         if isinstance(self.lr, dict) and self.lr_decay is not None:
             raise ValueError("give either per-group `lr` or `lr_decay`, not both")
+        if isinstance(self.weight_decay, dict) and "head" not in self.weight_decay:
+            raise ValueError("a per-group `weight_decay` needs a `head` entry")
         return self
 
     @property
     def head_lr(self) -> float:
         return float(self.lr["head"] if isinstance(self.lr, dict) else self.lr)
 
+    def group_weight_decay(self, group: str) -> float:
+        """The weight decay of one group (`head`, `layer4`, ...): its own entry, else the head's."""
+        wd = self.weight_decay
+        return float(wd.get(group, wd["head"]) if isinstance(wd, dict) else wd)
+
     @property
     def named_groups(self) -> set[str]:
         """Group names this stage refers to (checked against the backbone before training)."""
-        return set(self.lr) if isinstance(self.lr, dict) else set()
+        return {g for value in (self.lr, self.weight_decay) if isinstance(value, dict) for g in value}
 
     def members(self, group_names: list[str]) -> list[str]:
         """The groups (from `group_names`, input to head) that train in this stage."""

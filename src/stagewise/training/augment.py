@@ -1,10 +1,18 @@
-"""Batch augmentation on [0, 1] image tensors: geometric, intensity, CutMix and MixUp.
+"""Batch augmentation on [0, 1] image tensors: geometric, intensity, crop, blur, masking,
+CutMix and MixUp.
 
 Done on whole batches with an explicit generator, so that a seed fixes every draw and the
 cost stays small next to the network on a 2-core CPU. Images are (N, C, H, W); volumes
 (N, C, D, H, W) get the 3D counterparts (flips of each axis, rotation about the axial D
 axis, 3D shift and zoom, CutMix boxes in all three dimensions) from their own draws, so the
 2D results for a given generator state do not depend on the 3D code.
+
+The random resized crop and the Gaussian blur are torchvision.transforms.v2's own, so their
+parameters are drawn exactly as the BPD code's torchvision pipeline draws them. Those
+transforms take their draws from torch's global generator; each batch runs them under a
+forked global state seeded from the stage's generator, so a seed still fixes every draw and
+the global stream outside is left alone. Each is drawn per image (one v2 call per image: a
+call on a batch would give every image the same box and sigma).
 """
 
 from __future__ import annotations
@@ -14,7 +22,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from stagewise.recipe import AugmentConfig, MixConfig
+from stagewise.recipe import AugmentConfig, BlurConfig, CropConfig, MaskConfig, MixConfig
 
 
 def _uniform(n: int, bound: float, g: torch.Generator) -> torch.Tensor:
@@ -40,11 +48,73 @@ def augment_batch(x: torch.Tensor, cfg: AugmentConfig, g: torch.Generator) -> to
         theta[:, 0, 2], theta[:, 1, 2] = _uniform(n, 2 * cfg.translate, g), _uniform(n, 2 * cfg.translate, g)
         grid = F.affine_grid(theta.to(x.device), list(x.shape), align_corners=False)
         x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    if cfg.crop is not None:
+        x = random_resized_crop(x, cfg.crop, g)
+    if cfg.blur is not None:
+        x = gaussian_blur(x, cfg.blur, g)
     if cfg.intensity:
         contrast = (1 + _uniform(n, cfg.intensity, g)).view(-1, 1, 1, 1).to(x.device)
         brightness = _uniform(n, cfg.intensity / 2, g).view(-1, 1, 1, 1).to(x.device)
         mean = x.mean(dim=(1, 2, 3), keepdim=True)
         x = ((x - mean) * contrast + mean + brightness).clamp(0, 1)
+    if cfg.mask is not None:
+        x = pixel_mask(x, cfg.mask, g)
+    return x
+
+
+def _chosen(n: int, p: float, g: torch.Generator) -> list[int]:
+    """The images (indices) a transform with probability `p` applies to, one draw each."""
+    return torch.nonzero(torch.rand(n, generator=g) < p).flatten().tolist()
+
+
+def _per_image_v2(x: torch.Tensor, transform, chosen: list[int], g: torch.Generator) -> torch.Tensor:
+    """`transform` (a torchvision v2 transform) on images `chosen` of x, each with its own draw,
+    under torch's global generator forked and seeded from `g`."""
+    if not chosen:
+        return x
+    seed = int(torch.randint(2**62, (1,), generator=g))
+    x = x.clone()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for i in chosen:
+            x[i] = transform(x[i])
+    return x
+
+
+def _spatial_2d(x: torch.Tensor, what: str) -> None:
+    if x.dim() != 4:
+        raise ValueError(f"augment.{what} is a 2D augmentation; these inputs are volumes (N, C, D, H, W)")
+
+
+def random_resized_crop(x: torch.Tensor, cfg: CropConfig, g: torch.Generator) -> torch.Tensor:
+    """torchvision's RandomResizedCrop (bilinear, antialiased) back to the same size, per image."""
+    from torchvision.transforms import v2
+
+    _spatial_2d(x, "crop")
+    crop = v2.RandomResizedCrop(tuple(x.shape[-2:]), scale=cfg.scale, ratio=cfg.ratio,
+                                interpolation=v2.InterpolationMode.BILINEAR, antialias=True)
+    return _per_image_v2(x, crop, _chosen(x.shape[0], cfg.p, g), g)
+
+
+def gaussian_blur(x: torch.Tensor, cfg: BlurConfig, g: torch.Generator) -> torch.Tensor:
+    """torchvision's GaussianBlur with sigma drawn per image, on a share `p` of the images."""
+    from torchvision.transforms import v2
+
+    _spatial_2d(x, "blur")
+    blur = v2.GaussianBlur(cfg.kernel, sigma=cfg.sigma)
+    return _per_image_v2(x, blur, _chosen(x.shape[0], cfg.p, g), g)
+
+
+def pixel_mask(x: torch.Tensor, cfg: MaskConfig, g: torch.Generator) -> torch.Tensor:
+    """In a share `p` of the images (or volumes), each pixel becomes `value` with probability
+    `fraction` (drawn for every channel, as the BPD code's `rand_like` mask)."""
+    chosen = _chosen(x.shape[0], cfg.p, g)
+    if not chosen:
+        return x
+    idx = torch.as_tensor(chosen, device=x.device)
+    drop = (torch.rand((len(chosen), *x.shape[1:]), generator=g) < cfg.fraction).to(x.device)
+    x = x.clone()
+    x[idx] = torch.where(drop, torch.as_tensor(cfg.value, dtype=x.dtype, device=x.device), x[idx])
     return x
 
 
@@ -72,6 +142,10 @@ def _augment_volumes(x: torch.Tensor, cfg: AugmentConfig, g: torch.Generator) ->
         brightness = _uniform(n, cfg.intensity / 2, g).view(-1, 1, 1, 1, 1).to(x.device)
         mean = x.mean(dim=(1, 2, 3, 4), keepdim=True)
         x = ((x - mean) * contrast + mean + brightness).clamp(0, 1)
+    if cfg.crop is not None or cfg.blur is not None:
+        _spatial_2d(x, "crop" if cfg.crop is not None else "blur")
+    if cfg.mask is not None:
+        x = pixel_mask(x, cfg.mask, g)
     return x
 
 

@@ -39,6 +39,8 @@ class StagePlan:
     """Groups in the optimizer (from the first step) -> peak LR."""
     start_epoch: dict[str, int]
     """Group -> first epoch (0-based) in which it trains."""
+    weight_decay: dict[str, float] = field(default_factory=dict)
+    """Group -> AdamW weight decay (the stage's per-group values, else its one value)."""
 
     def trainable(self, epoch: int) -> list[str]:
         return [g for g in self.lrs if self.start_epoch[g] <= epoch]
@@ -63,7 +65,7 @@ def plan_stage(stage: Stage, group_names: list[str]) -> StagePlan:
         else:
             lrs[g] = stage.head_lr
     start = {g: 0 for g in lrs} | stage.start_epochs()
-    return StagePlan(lrs, start)
+    return StagePlan(lrs, start, {g: stage.group_weight_decay(g) for g in lrs})
 
 
 def masked_bce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -189,8 +191,7 @@ def fit_stage(
     for p in net.parameters():
         p.requires_grad_(False)
     optimizer = torch.optim.AdamW(
-        [{"params": groups[g], "lr": lr, "name": g} for g, lr in plan.lrs.items()],
-        weight_decay=stage.weight_decay,
+        [{"params": groups[g], "lr": lr, "weight_decay": plan.weight_decay[g], "name": g} for g, lr in plan.lrs.items()]
     )
     steps_per_epoch = len(batches(np.arange(len(train_idx)), stage.batch_size))
     total = steps_per_epoch * stage.epochs
@@ -233,6 +234,7 @@ def fit_stage(
             source = cache.get(net, k, images, compute) if reuse else images.x
             start = k if reuse else 0
             lrs_at_start = {pg["name"]: pg["lr"] for pg in optimizer.param_groups}
+            decay = {pg["name"]: pg["weight_decay"] for pg in optimizer.param_groups}
             losses = []
             for batch in batches(_epoch_order(train_idx, y_train, stage.balanced_sampling, g), stage.batch_size):
                 xb = compute.to_input(source[torch.as_tensor(batch)])
@@ -271,6 +273,7 @@ def fit_stage(
                 "loss": float(np.mean(losses)),
                 "trainable": trainable,
                 "lr": lrs_at_start,
+                "weight_decay": decay,
                 "resumed_after_groups": start,
                 "seconds": time.perf_counter() - t0,
             }
