@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 
 from conftest import small_recipe
-from stagewise.report.formatting import fmt_num, fmt_p
+from stagewise.report.formatting import fmt_mean_sd, fmt_num, fmt_p, fmt_point_ci
 from stagewise.report.html import TEMPLATE_NAME, environment, write_report
 from stagewise.study import run_study
 
@@ -145,6 +145,21 @@ def test_arms_table_numbers_are_metrics_json_values(run):
         assert cells["kind"] == arm["kind"]
         assert cells["backbone"] == arm["backbone"]
     assert rows["probe@0.5"]["labels"] == "50 %" and rows["probe"]["labels"] == "100 %"
+
+
+def test_clinical_metrics_table_shows_metrics_json_values(run):
+    """Sensitivity ... AUPRC as fold mean ± sd over pooled point [CI], and the pooled counts."""
+    m = run["metrics"]
+    rows = {r["attrs"]["data-unit"]: r["cells"] for r in run["doc"].tables["clinical-table"]}
+    assert set(rows) == set(m["arms"])
+    for name, arm in m["arms"].items():
+        ev = m["evidence"]["units"][name]
+        for metric in ("sensitivity", "specificity", "ppv", "npv", "accuracy", "auprc"):
+            s, b = arm["summary"][metric], ev["bootstrap_ci"][metric]
+            assert rows[name][metric] == fmt_mean_sd(s) + fmt_point_ci(b), (name, metric)
+        counts = ev["confusion"]
+        assert [int(rows[name][c]) for c in ("tp", "fp", "tn", "fn")] == [counts[c] for c in ("tp", "fp", "tn", "fn")]
+        assert counts["tp"] + counts["fn"] == ev["n_positive"] and sum(counts.values()) == ev["n_patients"]
 
 
 def test_comparison_numbers_and_p_values(run):

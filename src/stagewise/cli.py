@@ -65,11 +65,13 @@ def metrics_table(metrics: dict) -> Table:
     table.add_column("arm")
     table.add_column("backbone")
     table.add_column("stages")
-    for m in ("AUROC", "balanced acc.", "F1"):
+    columns = {"auroc": "AUROC", "balanced_accuracy": "balanced acc.", "f1": "F1",
+               "sensitivity": "sens.", "specificity": "spec."}  # PPV, NPV, AUPRC, counts: report
+    for m in columns.values():
         table.add_column(m, justify="right")
     for name, arm in metrics["arms"].items():
         s = arm["summary"]
-        cells = [f"{s[k]['mean']:.3f} ± {s[k]['sd']:.3f}" for k in ("auroc", "balanced_accuracy", "f1")]
+        cells = [f"{s[k]['mean']:.3f} ± {s[k]['sd']:.3f}" if k in s else "-" for k in columns]
         table.add_row(name, arm["backbone"], " -> ".join(arm["stages"]), *cells)
     return table
 

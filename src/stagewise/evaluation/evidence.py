@@ -10,10 +10,18 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import balanced_accuracy_score, f1_score, roc_auc_score, roc_curve
+from sklearn.metrics import average_precision_score, balanced_accuracy_score, f1_score, roc_auc_score, roc_curve
 
 from stagewise.evaluation.calibration import brier_score, calibration_curve, calibration_slope_intercept, decision_curve
-from stagewise.evaluation.statistics import bootstrap_ci, corrected_resampled_ttest, delong_ci, delong_test, wilcoxon_test
+from stagewise.evaluation.metrics import COUNTS, METRICS, decision_metrics
+from stagewise.evaluation.statistics import (
+    bootstrap_ci,
+    bootstrap_many,
+    corrected_resampled_ttest,
+    delong_ci,
+    delong_test,
+    wilcoxon_test,
+)
 from stagewise.recipe import Recipe
 
 FPR_GRID = np.linspace(0, 1, 51)
@@ -53,6 +61,19 @@ def _roc_band(y: np.ndarray, s: np.ndarray, n_boot: int, seed: int) -> dict:
             "tpr_low": np.round(low, 4).tolist(), "tpr_high": np.round(high, 4).tolist()}
 
 
+def pooled_metrics(y: np.ndarray, score_decision: np.ndarray) -> dict[str, float]:
+    """Every metric of pooled patients: AUROC and AUPRC of their scores (column 0), the
+    decision metrics and counts of their majority decisions (column 1, positive at >= 0.5)."""
+    s, pred = score_decision[:, 0], (score_decision[:, 1] >= 0.5).astype(int)
+    return {
+        "auroc": float(roc_auc_score(y, s)),
+        "balanced_accuracy": float(balanced_accuracy_score(y, pred)),
+        "f1": float(f1_score(y, pred, zero_division=0)),
+        "auprc": float(average_precision_score(y, s)),
+        **decision_metrics(y, pred),
+    }
+
+
 def unit_evidence(table: pd.DataFrame, kind: str, n_boot: int, seed: int) -> dict:
     y, s, d = table["y"].to_numpy(), table["score"].to_numpy(), table["decision"].to_numpy()
     patients = table["patient"].to_numpy()
@@ -61,16 +82,11 @@ def unit_evidence(table: pd.DataFrame, kind: str, n_boot: int, seed: int) -> dic
         return out
     auc, lo, hi = delong_ci(y, s)
     out["auroc_delong_ci"] = {"point": auc, "low": lo, "high": hi}
+    pooled = pooled_metrics(y, np.column_stack([s, d]))
+    out["confusion"] = {c: pooled[c] for c in COUNTS}
     if n_boot:
-        fns = {
-            "auroc": lambda yy, ss: roc_auc_score(yy, ss),
-            "balanced_accuracy": lambda yy, dd: balanced_accuracy_score(yy, dd >= 0.5),
-            "f1": lambda yy, dd: f1_score(yy, dd >= 0.5, zero_division=0),
-        }
-        out["bootstrap_ci"] = {}
-        for m, fn in fns.items():
-            point, low, high = bootstrap_ci(y, s if m == "auroc" else d, patients, fn, n_boot=n_boot, seed=seed)
-            out["bootstrap_ci"][m] = {"point": point, "low": low, "high": high}
+        out["bootstrap_ci"] = bootstrap_many(y, np.column_stack([s, d]), patients, pooled_metrics, METRICS,
+                                             n_boot=n_boot, seed=seed)
     out["roc"] = _roc_band(y, s, min(n_boot, 500), seed)
     if kind != "baseline":  # baseline scores are not probabilities: no calibration
         out["calibration"] = calibration_slope_intercept(y, s) | {"brier": brier_score(y, s)}
@@ -179,7 +195,8 @@ def compute_evidence(recipe: Recipe, metrics: dict, predictions: pd.DataFrame) -
             per_unit[name]["sites"] = site_evidence(table[table["arm"] == name], site_of, n_boot, recipe.seed)
     pairs = recipe.evaluation.compare if recipe.evaluation.compare is not None else default_comparisons(units)
     return {
-        "patient_level": "mean score over repeats; decision = majority of fold decisions",
+        "patient_level": "mean score over repeats; decision = majority of fold decisions (confusion counts, "
+                         "sensitivity, specificity, PPV, NPV, accuracy, balanced accuracy, F1)",
         "settings": {"bootstrap_resamples": n_boot, "roc_band_resamples": min(n_boot, 500), "level": 0.95,
                      "resampling": "patients"},
         "units": per_unit,

@@ -1,12 +1,17 @@
-"""Fold metrics: AUROC, balanced accuracy and F1 at a threshold chosen on training data."""
+"""Fold metrics at a threshold chosen on training data: AUROC, balanced accuracy and F1, and
+what clinicians read: sensitivity, specificity, PPV, NPV, accuracy, the confusion counts
+and the area under the precision-recall curve (AUPRC, as average precision)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import balanced_accuracy_score, f1_score, roc_auc_score, roc_curve
+from sklearn.metrics import average_precision_score, balanced_accuracy_score, confusion_matrix, f1_score, roc_auc_score, roc_curve
 
-METRICS = ("auroc", "balanced_accuracy", "f1")
+METRICS = ("auroc", "balanced_accuracy", "f1", "sensitivity", "specificity", "ppv", "npv", "accuracy", "auprc")
+"""Rates, summarised over folds (mean, sd) and given pooled with bootstrap CIs."""
+COUNTS = ("tp", "fp", "tn", "fn")
+"""Confusion counts at the fold's threshold (patients)."""
 
 
 def patient_scores(scores: np.ndarray, y: np.ndarray, patients: np.ndarray, how: str = "mean"):
@@ -33,21 +38,46 @@ def choose_threshold(y: np.ndarray, scores: np.ndarray, how) -> float:
     return float(min(thr[best], 1.0))
 
 
+def _ratio(num: int, den: int) -> float:
+    return num / den if den else float("nan")
+
+
+def decision_metrics(y: np.ndarray, pred: np.ndarray) -> dict[str, float]:
+    """Sensitivity, specificity, PPV, NPV, accuracy and the counts of 0/1 decisions, all from
+    one scikit-learn confusion matrix (one call, which the bootstrap repeats thousands of
+    times). A rate whose denominator is empty (PPV with no positive decision) is NaN, not 0."""
+    tn, fp, fn, tp = (int(v) for v in confusion_matrix(y, pred, labels=[0, 1]).ravel())
+    return {
+        "sensitivity": _ratio(tp, tp + fn),
+        "specificity": _ratio(tn, tn + fp),
+        "ppv": _ratio(tp, tp + fp),
+        "npv": _ratio(tn, tn + fn),
+        "accuracy": _ratio(tp + tn, tp + tn + fp + fn),
+        "tp": tp, "fp": fp, "tn": tn, "fn": fn,
+    }
+
+
 def binary_metrics(y: np.ndarray, scores: np.ndarray, threshold: float) -> dict[str, float]:
+    """Every metric of METRICS and COUNTS, deciding positive at scores >= threshold."""
     pred = (scores >= threshold).astype(int)
     both = len(np.unique(y)) == 2
     return {
         "auroc": float(roc_auc_score(y, scores)) if both else float("nan"),
         "balanced_accuracy": float(balanced_accuracy_score(y, pred)) if both else float("nan"),
         "f1": float(f1_score(y, pred, zero_division=0)),
+        "auprc": float(average_precision_score(y, scores)) if both else float("nan"),
+        **decision_metrics(y, pred),
     }
 
 
 def summarize(fold_metrics: list[dict[str, float]]) -> dict[str, dict[str, float]]:
-    """mean, sd (ddof=1, as papers report over folds), min, max and count per metric."""
+    """mean, sd (ddof=1, as papers report over folds), min, max and count per metric and per
+    confusion count; folds written before a metric existed are left out of its count."""
     out = {}
-    for m in METRICS:
-        v = np.array([f[m] for f in fold_metrics], dtype=float)
+    for m in METRICS + COUNTS:
+        if not any(m in f for f in fold_metrics):
+            continue
+        v = np.array([f.get(m, np.nan) for f in fold_metrics], dtype=float)
         v = v[np.isfinite(v)]
         out[m] = {
             "mean": float(v.mean()) if len(v) else float("nan"),

@@ -8,7 +8,7 @@ and an interval (METHODS.md, "Evaluation practice"):
 - `corrected_resampled_ttest`: fold-metric differences from repeated k-fold CV, with the
   Nadeau & Bengio variance correction for overlapping training sets.
 - `wilcoxon_test`: the rank-based counterpart on the same fold differences.
-- `bootstrap_ci` / `bootstrap_metrics`: percentile intervals resampling patients, so that
+- `bootstrap_ci` / `bootstrap_many` / `bootstrap_metrics`: percentile intervals resampling patients, so that
   images of one patient never count as independent evidence.
 """
 
@@ -273,27 +273,40 @@ def bootstrap_ci(
     return float(metric_fn(y, scores)), low, high
 
 
+def bootstrap_many(
+    y, values, patients, metric_fn: Callable[[np.ndarray, np.ndarray], dict[str, float]], names,
+    n_boot: int = 2000, seed: int = 0, level: float = 0.95,
+) -> dict[str, dict[str, float]]:
+    """`bootstrap_ci` for a function giving several metrics at once (`names` of them are kept):
+    one pass of patient resamples for all, the same resamples `bootstrap_ci` draws for the
+    seed, so each interval equals the one `bootstrap_ci` gives for that metric alone.
+    `values` may have one column per input the function reads (scores, decisions)."""
+    y, values, patients = _check_rows(y, values, patients)
+    point = metric_fn(y, values)
+    draws: dict[str, list[float]] = {m: [] for m in names}
+    for idx in _patient_resamples(patients, n_boot, seed):
+        yb = y[idx]
+        if len(np.unique(yb)) < 2:
+            continue
+        got = metric_fn(yb, values[idx])
+        for m in names:
+            draws[m].append(got[m])
+    out = {}
+    for m in names:
+        low, high = _percentiles(draws[m], level)
+        out[m] = {"point": float(point[m]), "low": low, "high": high}
+    return out
+
+
 def bootstrap_metrics(
     y, scores, patients, threshold: float, n_boot: int = 2000, seed: int = 0, level: float = 0.95
 ) -> dict[str, dict[str, float]]:
-    """AUROC, balanced accuracy and F1 (`binary_metrics` at a fixed `threshold`) with patient
-    bootstrap percentile intervals, all three from the same resamples.
+    """Every rate of METRICS (`binary_metrics` at a fixed `threshold`) with patient bootstrap
+    percentile intervals, all from the same resamples.
 
     The threshold stays fixed: it was chosen on training data, and re-choosing it inside each
     resample would describe a different procedure. Single-class resamples are skipped as in
     `bootstrap_ci`.
     """
-    y, scores, patients = _check_rows(y, scores, patients)
-    point = binary_metrics(y, scores, threshold)
-    draws: dict[str, list[float]] = {m: [] for m in METRICS}
-    for idx in _patient_resamples(patients, n_boot, seed):
-        yb = y[idx]
-        if len(np.unique(yb)) < 2:
-            continue
-        for m, v in binary_metrics(yb, scores[idx], threshold).items():
-            draws[m].append(v)
-    out = {}
-    for m in METRICS:
-        low, high = _percentiles(draws[m], level)
-        out[m] = {"point": point[m], "low": low, "high": high}
-    return out
+    return bootstrap_many(y, scores, patients, lambda yy, ss: binary_metrics(yy, ss, threshold), METRICS,
+                          n_boot=n_boot, seed=seed, level=level)

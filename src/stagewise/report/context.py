@@ -217,6 +217,8 @@ def build_context(run_dir: str | Path) -> dict:
             "cells": [pc(e.get("auroc_delong_ci")), pc(b.get("auroc")), pc(b.get("balanced_accuracy")), pc(b.get("f1"))],
         })
 
+    clinical = [_clinical_row(name, arms[name].get("summary", {}), ev.get(name, {})) for name in order]
+
     comparisons = []
     for c in evidence.get("comparisons", []):
         d, t, w = c.get("delong") or {}, c.get("corrected_t") or {}, c.get("wilcoxon") or {}
@@ -330,6 +332,7 @@ def build_context(run_dir: str | Path) -> dict:
         "patient_level": evidence.get("patient_level", ""),
         "units": units,
         "pooled": pooled,
+        "clinical": clinical if any(r["cells"][0]["folds"] != DASH for r in clinical) else [],
         "task_rows": task_rows,
         "resource_rows": resource_rows,
         "comparisons": comparisons,
@@ -358,3 +361,15 @@ def build_context(run_dir: str | Path) -> dict:
     ] if show]
     return ctx
 
+
+CLINICAL_METRICS = ("sensitivity", "specificity", "ppv", "npv", "accuracy", "auprc")
+
+
+def _clinical_row(name: str, summary: dict, evidence: dict) -> dict:
+    """One unit at its decision thresholds: each rate as fold mean ± sd and pooled point [CI],
+    and the pooled confusion counts (values of metrics.json, formatted)."""
+    counts = evidence.get("confusion") or {}
+    cells = [{"metric": m, "folds": fmt_mean_sd(summary.get(m)),
+              "pooled": fmt_point_ci((evidence.get("bootstrap_ci") or {}).get(m))} for m in CLINICAL_METRICS]
+    return {"name": name, "cells": cells,
+            "counts": [{"name": c, "value": counts.get(c, DASH)} for c in ("tp", "fp", "tn", "fn")]}
