@@ -17,6 +17,7 @@ from stagewise.data import Cohort, CohortError, check_images, load_cohort
 from stagewise.data.source import load_source
 from stagewise.evaluation.splits import SplitError, make_splits
 from stagewise.models import BackboneError, WeightsUnavailable, build_arch, create_backbone
+from stagewise.models.registry import get_source
 from stagewise.recipe import ArmConfig, DualStage, ProtocolConfig, Recipe
 from stagewise.training.engine import StageError, plan_stage
 from stagewise.units import study_units
@@ -55,6 +56,12 @@ def arm_problems(arm: ArmConfig) -> list[str]:
         return [f"arm {arm.name!r}: backbone {spec.name}: {err}"]
     groups = backbone.group_names + ["head"]
     problems = []
+    if arm.head.pretrained:
+        source = spec.name.split(":", 1)[0]
+        loaded = source in ("file", "run")  # read above, so its head is known; a named source declares it
+        if not (backbone.published_head is not None if loaded else get_source(source).with_head):
+            problems.append(f"arm {arm.name!r}: head.pretrained is set, but {spec.name} comes without a published "
+                            "head (bpd: models and their checkpoint files have one); remove head.pretrained")
     for i, stage in enumerate(arm.stages):
         try:
             plan_stage(stage, groups)

@@ -117,7 +117,9 @@ def train_fold(
     use (default `train`): at a label fraction, every training image without its label."""
     torch.manual_seed(seed)
     n_extra = 0 if clinical is None else clinical.shape[1]
-    net = prepare_network(Network.build(copy.deepcopy(pristine), targets.shape[1], n_extra, arm.head.dropout, arm.head.hidden), compute)
+    net = Network.build(copy.deepcopy(pristine), targets.shape[1], n_extra, arm.head.dropout, arm.head.hidden,
+                        pretrained_head=arm.head.pretrained)
+    net = prepare_network(net, compute)
     logs = []
     for i, stage in enumerate(arm.stages):
         if stage.external:  # ran once for the arm, before cross-validation (see Study.pristine)

@@ -78,7 +78,7 @@ class BackboneConfig(_Strict):
         if ":" not in v:
             raise ValueError(
                 f"backbone {v!r} has no source prefix; write e.g. 'torchvision:{v}' "
-                "(sources: xrv, torchvision, timm, monai, scratch, file, run, dual)"
+                "(sources: xrv, torchvision, timm, monai, scratch, bpd, file, run, dual)"
             )
         return v
 
@@ -90,6 +90,15 @@ class HeadConfig(_Strict):
     fusion: bool = False
     """Join image features with the cohort's clinical columns (imputed and standardised
     inside each training fold) before the head."""
+    pretrained: bool = False
+    """Start from the head published with the backbone's weights (`bpd:` models and their
+    checkpoint files) instead of a new one: a linear head for the one outcome."""
+
+    @model_validator(mode="after")
+    def _pretrained_is_linear(self) -> "HeadConfig":
+        if self.pretrained and (self.hidden or self.fusion):
+            raise ValueError("head.pretrained loads a published linear head: it takes no `hidden` layer and no `fusion`")
+        return self
 
 
 class MixConfig(_Strict):
@@ -583,13 +592,16 @@ class Recipe(_Strict):
             raise ValueError(f"arm names must be unique; repeated: {sorted(dup)}")
         if self.protocol.kind == "leave_one_site_out" and not self.cohort.site:
             raise ValueError("protocol.kind leave_one_site_out needs cohort.site")
-        multi = [a.name for a in self.arms if a.sites.mode != "pooled"]
-        if multi and not self.cohort.site:
-            raise ValueError(f"arms {multi} train per site (sites.mode) but cohort.site names no site column")
+        # A study's per-site arms need cohort.site: checks.site_column_problems (a deployed
+        # federated job runs on one site's manifest at each hospital, with no site column).
         local = [a.name for a in self.arms if a.sites.mode == "local"]
         if local and self.protocol.kind == "leave_one_site_out":
             raise ValueError(f"arms {local}: a held-out site has no local model; local arms need protocol group_kfold "
                              "(their cross-site figures score each site's model on the other sites)")
+        published = [a.name for a in self.arms if a.head.pretrained]
+        if published and self.cohort.extra_outcomes:
+            raise ValueError(f"arms {published} start from a published one-outcome head (head.pretrained), but "
+                             "cohort.extra_outcomes asks for more outcomes; remove one of them")
         fused = [a.name for a in self.arms if a.head.fusion]
         if fused and not self.cohort.clinical:
             raise ValueError(f"arms {fused} fuse clinical data (head.fusion) but cohort.clinical lists no columns")

@@ -12,6 +12,7 @@ from stagewise.models import (  # noqa: F401  (imported to register their source
     monai_source,
     tiny,
     scratch,
+    bpd,
     files,
 )
 from stagewise.models.base import Backbone, BackboneError, InputSpec, WeightsUnavailable, save_backbone

@@ -97,6 +97,9 @@ class Backbone(nn.Module):
         self._param_names = param_names
         self.checkpoint_groups = False
         """Recompute each group's activations in backward (set by a stage with checkpointing)."""
+        self.published_head: dict[str, torch.Tensor] | None = None
+        """The linear head published with these weights ({weight, bias}: the BPD models'), which
+        `Network.build(..., pretrained_head=True)` starts from; None for trunk-only weights."""
         self.register_buffer("_mean", torch.tensor(input_spec.mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("_std", torch.tensor(input_spec.std).view(1, -1, 1, 1), persistent=False)
 

@@ -3,9 +3,11 @@ and whole networks (backbone + head) saved and loaded the same way.
 
 A backbone saved by stagewise (`save_backbone`: safetensors with its `stagewise_arch` in the
 metadata; a study's pretrained/ folder; an exported bundle) is rebuilt from that
-architecture through the registry and its weights loaded strictly; a plain state dict
-(.pth/.pt, read with weights_only=True) needs `arch`. Weights that do not fit the
-architecture (missing, unexpected or differently shaped tensors) are an error naming the file.
+architecture through the registry and its weights loaded strictly; a checkpoint in a layout
+a source registered (`registry.register_checkpoint_format`: the BPD models') is mapped by that
+source, head included; a plain state dict (.pth/.pt, read with weights_only=True) needs
+`arch`. Weights that do not fit the architecture (missing, unexpected or differently shaped
+tensors) are an error naming the file.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from pathlib import Path
 
 from stagewise.models.base import Backbone, BackboneError, load_into, load_state_file
 from stagewise.models.heads import Network
-from stagewise.models.registry import build_arch, register_source
+from stagewise.models.registry import build_arch, checkpoint_formats, register_source
+from stagewise.models.safe_pickle import RefusedPickle, load_checkpoint
 
 
 def file_backbone(path: Path, arch: str | None = None) -> Backbone:
@@ -31,11 +34,33 @@ def file_backbone(path: Path, arch: str | None = None) -> Backbone:
         except Exception as err:
             raise BackboneError(f"{path}: not a readable safetensors file ({type(err).__name__}: {err})") from None
         arch = arch or meta.get("stagewise_arch")
+    else:
+        known = _registered_layout(path, arch)
+        if known is not None:
+            return known
     if arch is None:
         raise BackboneError(f"{path}: the architecture is unknown; set backbone.arch (e.g. 'torchvision:resnet50')")
     backbone = build_arch(arch)
     load_into(backbone, load_state_file(path), strict_head=True, source=str(path))
     return backbone
+
+
+def _registered_layout(path: Path, arch: str | None) -> Backbone | None:
+    """A torch checkpoint in a layout a source registered (the BPD models'), with its head;
+    None for anything else (a plain state dict is then read as one, a second read)."""
+    formats = checkpoint_formats()
+    try:
+        obj = load_checkpoint(path, [c for f in formats for c in f.data_classes])
+    except RefusedPickle:
+        return None  # load_state_file says why the file cannot be read
+    for fmt in formats:
+        backbone = fmt.convert(obj, str(path))
+        if backbone is not None:
+            if arch is not None and arch != backbone.arch:
+                raise BackboneError(f"{path}: a {fmt.name} checkpoint of {backbone.arch}, not {arch}; "
+                                    "remove backbone.arch (the file says what it is)")
+            return backbone
+    return None
 
 
 def pretrained_in_run(spec: str) -> Path:
@@ -110,7 +135,8 @@ register_source(
     "file",
     build_arch=None,
     load_pretrained=_from_file,
-    describe=[("file:<path>", "safetensors saved by stagewise, or a state dict with backbone.arch")],
+    describe=[("file:<path>", "safetensors saved by stagewise, a checkpoint in a registered layout (BPD models), "
+                               "or a state dict with backbone.arch")],
 )
 register_source(
     "run",

@@ -11,7 +11,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from stagewise.models.base import Backbone
+from stagewise.models.base import Backbone, BackboneError
 
 
 class Head(nn.Module):
@@ -53,10 +53,28 @@ class Network(nn.Module):
 
     @classmethod
     def build(
-        cls, backbone: Backbone, n_outputs: int = 1, n_extra: int = 0, dropout: float = 0.1, hidden: int | None = None
+        cls, backbone: Backbone, n_outputs: int = 1, n_extra: int = 0, dropout: float = 0.1, hidden: int | None = None,
+        pretrained_head: bool = False,
     ) -> "Network":
-        """`backbone` + a new head over its features and `n_extra` clinical values."""
+        """`backbone` + a new head over its features and `n_extra` clinical values; with
+        `pretrained_head`, the head published with the backbone's weights instead (a linear
+        head of the same shape: one outcome, no hidden layer, no clinical values)."""
         head = Head(backbone.feature_dim + n_extra, n_outputs, dropout, hidden)
+        if pretrained_head:
+            published = backbone.published_head
+            if published is None:
+                raise BackboneError(f"{backbone.arch}: head.pretrained is set, but these weights come without a head "
+                                    "(the bpd: models and their checkpoint files have one); remove head.pretrained")
+            last = head.layers[-1]
+            if hidden or n_extra or tuple(published["weight"].shape) != tuple(last.weight.shape):
+                raise BackboneError(
+                    f"{backbone.arch}: the published head maps {published['weight'].shape[1]} features to "
+                    f"{published['weight'].shape[0]} output(s); this arm's head has {n_outputs} output(s)"
+                    f"{', a hidden layer' if hidden else ''}{', clinical values' if n_extra else ''}. "
+                    "Remove head.pretrained to start from a new head")
+            with torch.no_grad():
+                last.weight.copy_(published["weight"])
+                last.bias.copy_(published["bias"])
         return cls(backbone, head, n_extra)
 
     @property

@@ -13,7 +13,13 @@ A source gives:
 - `load_pretrained(name, *, weights, cache_dir, arch)`: the backbone a recipe names, with
   its weights (`weights` a local file replacing the download, `cache_dir` the library cache,
   `arch` the architecture of a plain state dict);
-- `describe`: (spec, what it is) rows for `stagewise backbones`.
+- `describe`: (spec, what it is) rows for `stagewise backbones`;
+- `with_head`: its backbones carry a published head (`Backbone.published_head`), which an
+  arm can start from (`head.pretrained`).
+
+A source whose published files have a layout of their own (another project's checkpoint
+format) also registers that layout with `register_checkpoint_format`, so that `file:` reads
+such a file without knowing the source.
 """
 
 from __future__ import annotations
@@ -32,9 +38,23 @@ class Source:
     build_arch: Callable[[str], Backbone] | None
     load_pretrained: Callable[..., Backbone]
     describe: Sequence[tuple[str, str]]
+    with_head: bool = False
+
+
+@dataclass(frozen=True)
+class CheckpointFormat:
+    """A checkpoint layout `file:` recognises: `convert(obj, source)` turns what the file
+    holds (as `safe_pickle.load_checkpoint` reads it) into a Backbone with its weights, or
+    returns None when the file is not in this layout; `data_classes` are the classes such
+    files pickle beside their tensors, read as inert data."""
+
+    name: str
+    convert: Callable[[object, str], Backbone | None]
+    data_classes: Sequence[str] = ()
 
 
 _SOURCES: dict[str, Source] = {}
+_FORMATS: dict[str, CheckpointFormat] = {}
 
 
 def register_source(
@@ -44,15 +64,32 @@ def register_source(
     build_arch: Callable[[str], Backbone] | None,
     load_pretrained: Callable[..., Backbone],
     describe: Sequence[tuple[str, str]],
+    with_head: bool = False,
 ) -> Source:
     """Add a source; each name once (a second registration is a programming error)."""
     if name in _SOURCES:
         raise ValueError(f"backbone source {name!r} is registered twice")
     if ":" in name or not name:
         raise ValueError(f"backbone source name {name!r} must be non-empty and hold no ':'")
-    source = Source(name, tuple(archs), build_arch, load_pretrained, tuple(describe))
+    source = Source(name, tuple(archs), build_arch, load_pretrained, tuple(describe), with_head)
     _SOURCES[name] = source
     return source
+
+
+def register_checkpoint_format(
+    name: str, *, convert: Callable[[object, str], Backbone | None], data_classes: Sequence[str] = ()
+) -> CheckpointFormat:
+    """Add a checkpoint layout for `file:`; each name once."""
+    if name in _FORMATS:
+        raise ValueError(f"checkpoint format {name!r} is registered twice")
+    fmt = CheckpointFormat(name, convert, tuple(data_classes))
+    _FORMATS[name] = fmt
+    return fmt
+
+
+def checkpoint_formats() -> list[CheckpointFormat]:
+    """The registered checkpoint layouts, in registration order."""
+    return list(_FORMATS.values())
 
 
 def list_sources() -> list[str]:

@@ -36,7 +36,8 @@ class RefusedPickle(pickle.UnpicklingError):
 
 
 class _ModuleRecord:
-    """Stands in for an nn.Module class named in a pickle; keeps its attributes as data."""
+    """Stands in for a class named in a pickle (an nn.Module, or a training script's config
+    object); keeps its attributes as data."""
 
     dump_patches = False  # read by torch's legacy loader when it compares module sources
 
@@ -67,10 +68,8 @@ def load_tensors(path: str | Path, module_classes: Collection[str] = ()) -> dict
     Raises RefusedPickle, saying why, for anything else (including a file that would run code).
     """
     path = Path(path)
-    records = [(_ModuleRecord, name) for name in module_classes]
     try:
-        with torch.serialization.safe_globals(records):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = _weights_only(path, module_classes)
     except pickle.UnpicklingError as err:
         if zipfile.is_zipfile(path):
             raise RefusedPickle(refusal(err)) from None
@@ -78,6 +77,27 @@ def load_tensors(path: str | Path, module_classes: Collection[str] = ()) -> dict
     except Exception as err:  # truncated, empty, not a torch file at all
         raise RefusedPickle(f"not a readable weights file ({type(err).__name__}: {refusal(err)[:200]})") from None
     return _tensors(obj)
+
+
+def load_checkpoint(path: str | Path, data_classes: Collection[str] = ()) -> object:
+    """What a torch checkpoint file holds (a dict of state dicts, numbers, strings), read by
+    torch's weights-only unpickler. Objects of `data_classes` (full names, e.g. the
+    `__main__.ModelConfig` a training script pickled beside its weights) come back as inert
+    records of their attributes: the class is never imported or run. Anything else that is
+    not tensors or containers is refused (RefusedPickle, saying what)."""
+    path = Path(path)
+    try:
+        return _weights_only(path, data_classes)
+    except pickle.UnpicklingError as err:
+        raise RefusedPickle(refusal(err)) from None
+    except Exception as err:  # truncated, empty, not a torch file at all
+        raise RefusedPickle(f"not a readable weights file ({type(err).__name__}: {refusal(err)[:200]})") from None
+
+
+def _weights_only(path: Path, class_names: Collection[str]):
+    """torch.load(weights_only=True) with `class_names` allow-listed as `_ModuleRecord`s."""
+    with torch.serialization.safe_globals([(_ModuleRecord, name) for name in class_names]):
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def refusal(err: BaseException) -> str:
