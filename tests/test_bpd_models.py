@@ -240,3 +240,23 @@ def test_validate_names_an_arm_asking_for_a_head_its_backbone_lacks():
                                     "stages": [{"kind": "probe"}]})
     assert any("head.pretrained is set, but scratch:resnet18 comes without a published head" in p
                for p in arm_problems(arm))
+
+
+def test_a_zero_epoch_probe_scores_the_published_model_as_is(xrv_model, named):
+    from stagewise.fitting import SilentReporter, train_fold
+    from stagewise.training.engine import predict
+
+    arm = ArmConfig.model_validate({"name": "as-is", "backbone": "bpd:bpd_xrv_progfreeze", "head": {"pretrained": True},
+                                    "stages": [{"kind": "probe", "epochs": 0}]})
+    images = ImageSet(_images(4, size=32).half(), key="bpd-as-is")
+    targets = torch.tensor([[0.0], [1.0], [0.0], [1.0]])
+    net, logs = train_fold(arm, named, images, targets, np.arange(4), 0, FP32, None, SilentReporter())
+    assert logs[0]["epochs"] == []
+    p = predict(net, images, np.arange(4), FP32, None)
+    with torch.no_grad():
+        theirs = torch.sigmoid(xrv_model((images.x.float() - 0.5) * 2048)).numpy()
+    assert np.allclose(p, theirs, atol=1e-5)
+    with pytest.raises(RecipeError, match="epochs"):
+        recipe_from_dict({"name": "t", "cohort": {"manifest": "m.csv"},
+                          "arms": [{"name": "a", "backbone": "scratch:resnet18", "stages": [{"kind": "thaw", "epochs": 0,
+                                                                                             "unfreeze": {"layer4": 0.1}}]}]})

@@ -279,6 +279,9 @@ class ProbeStage(Stage):
     """Linear probing: the backbone stays frozen, only the head trains."""
 
     kind: Literal["probe"] = "probe"
+    epochs: int = Field(10, ge=0)
+    """0: nothing trains, the network is scored as it starts (with `head.pretrained`, a
+    published model evaluated as is on the same folds as the other arms)."""
 
     def members(self, group_names: list[str]) -> list[str]:
         return ["head"]
@@ -451,6 +454,8 @@ class ArmConfig(_Strict):
                 raise ValueError(f"stage {i} ({stage.kind}) of a federated arm needs `rounds` (epochs = local epochs per round)")
             elif not federated and stage.rounds is not None:
                 raise ValueError(f"stage {i} ({stage.kind}) has `rounds`, which only a federated arm (sites.mode) uses")
+            if federated and stage.epochs == 0:
+                raise ValueError(f"stage {i} ({stage.kind}): a federated stage needs epochs >= 1 (local epochs per round)")
             if federated and stage.kind in ("dynamic", "dual"):
                 raise ValueError(f"stage {i}: {stage.kind} stages are not federated; use probe, thaw or finetune")
         if federated and self.tune is not None:

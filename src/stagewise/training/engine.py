@@ -190,6 +190,8 @@ def fit_stage(
     groups = net.group_parameters()
     for p in net.parameters():
         p.requires_grad_(False)
+    if stage.epochs == 0:  # a probe of 0 epochs: the network is scored as it starts
+        return StageLog(stage.kind)
     optimizer = torch.optim.AdamW(
         [{"params": groups[g], "lr": lr, "weight_decay": plan.weight_decay[g], "name": g} for g, lr in plan.lrs.items()]
     )
