@@ -25,6 +25,7 @@ import yaml
 from stagewise import __version__
 from stagewise.data import ImageReadError, read_image
 from stagewise.data.preprocess import to_cube, to_square
+from stagewise.evaluation.calibration import apply_recalibration
 from stagewise.models import Backbone, Head, Network, create_backbone, load_network, save_backbone
 from stagewise.recipe import HeadConfig, Recipe, recipe_from_dict, recipe_to_dict, shareable_backbone, shareable_recipe
 from stagewise.runs import RunError, check_writable
@@ -232,6 +233,53 @@ def _task_threshold(unit: dict, outcome: str, refit: bool, run_dir: Path, arm: s
     return json.loads((run_dir / "folds" / arm / f"{fold}.json").read_text())["metrics"]["tasks"][outcome]["threshold"]
 
 
+def recalibrated_bundle(source: str | Path, out: str | Path, output: str, recalibration: dict) -> Path:
+    """A copy of bundle `source` in `out` whose `output` probabilities pass through a logistic
+    recalibration, p' = sigmoid(intercept + slope logit p), recorded in bundle.json (with what
+    it was fitted on), so that `predict` and `serve` apply it. Its threshold is mapped the same
+    way (the decisions stay those of the stored threshold) and its out-of-fold validation
+    probabilities too (their order, and so each new probability's place among them, stays).
+    A bundle already recalibrated composes the two maps into one."""
+    source, out = Path(source), Path(out)
+    info = json.loads((source / "bundle.json").read_text())
+    task = next(t for t in info["tasks"] if t["output"] == output)
+    a, b = float(recalibration["intercept"]), float(recalibration["slope"])
+    previous = task.get("recalibration")
+    if previous:  # sigmoid(a + b logit(sigmoid(a0 + b0 logit p))) = sigmoid(a + b a0 + b b0 logit p)
+        a, b = a + b * previous["intercept"], b * previous["slope"]
+    task.setdefault("threshold_before_recalibration", task["threshold"])
+    task["recalibration"] = {**recalibration, "intercept": a, "slope": b, "composed_with_earlier": bool(previous)}
+    task["threshold"] = float(apply_recalibration(task["threshold_before_recalibration"], a, b))
+    _prepare_target(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    try:
+        os.chmod(tmp, 0o755)
+        for f in source.iterdir():
+            if f.is_file() and f.name not in ("bundle.json", "MODEL_CARD.md", VALIDATION_FILE):
+                shutil.copyfile(f, tmp / f.name)
+        (tmp / "bundle.json").write_text(json.dumps(info, indent=2))
+        card = _model_card(info) + (
+            f"\nRecalibrated (`{output}`, logistic, {recalibration['method']}): p' = sigmoid({a:.4f} + {b:.4f} logit p), "
+            f"fitted on {recalibration['fitted_on']['n_patients']} patients of an external cohort "
+            f"({recalibration['fitted_on']['n_positive']} positive); the threshold maps to {task['threshold']:.4f}.\n")
+        (tmp / "MODEL_CARD.md").write_text(card)
+        if (source / VALIDATION_FILE).is_file():
+            oof = json.loads((source / VALIDATION_FILE).read_text())
+            v = oof.get("outputs", {}).get(output)
+            if v:
+                original = v.get("probability_before_recalibration", v["probability"])
+                v["probability_before_recalibration"] = original
+                v["probability"] = np.round(apply_recalibration(original, a, b), 6).tolist()
+            (tmp / VALIDATION_FILE).write_text(json.dumps(oof))
+        for path in tmp.iterdir():
+            os.chmod(path, 0o644)
+        _move_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
 def _save_heads(heads: dict[str, torch.nn.Module], configs: dict[str, HeadConfig], path: Path) -> None:
     from safetensors.torch import save_file
 
@@ -320,8 +368,18 @@ class Bundle:
                 import onnxruntime as ort
 
                 self._onnx = ort.InferenceSession(str(self.path / "model.onnx"), providers=["CPUExecutionProvider"])
-            return self._onnx.run(None, {"image": x.numpy()})[0]
-        return self.model(x).numpy()
+            return self.calibrate(self._onnx.run(None, {"image": x.numpy()})[0])
+        return self.calibrate(self.model(x).numpy())
+
+    def calibrate(self, prob: np.ndarray) -> np.ndarray:
+        """The network's (N, outputs) probabilities with each output's recorded logistic
+        recalibration applied (`stagewise evaluate --recalibrate`); unchanged without one."""
+        out = np.array(prob, copy=True)
+        for j, task in enumerate(self.info["tasks"]):
+            r = task.get("recalibration")
+            if r:
+                out[:, j] = apply_recalibration(out[:, j], r["intercept"], r["slope"]).astype(out.dtype)
+        return out
 
     def predict(self, files: list[str | Path], engine: str = "torch") -> pd.DataFrame:
         """Per file: a probability and a decision per output (the backbone run once), or,

@@ -299,7 +299,12 @@ class RunDir:
 
     def write_results(self, predictions: pd.DataFrame, metrics: dict) -> None:
         atomic_write(self.path / "predictions.csv", predictions.to_csv(index=False))
-        atomic_write(self.path / "metrics.json", json.dumps(_nan_to_null(metrics), indent=2, allow_nan=False))
+        atomic_write(self.path / "metrics.json", strict_json(metrics))
+
+
+def strict_json(data) -> str:
+    """JSON text as every results file is written: an undefined figure (NaN) is null."""
+    return json.dumps(_nan_to_null(data), indent=2, allow_nan=False)
 
 
 def _nan_to_null(value):

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import statsmodels.api as sm
 from statsmodels.tools.sm_exceptions import PerfectSeparationWarning
-from scipy.special import logit
+from scipy.special import expit, logit
 from sklearn.calibration import calibration_curve as _sk_calibration_curve
 from sklearn.metrics import brier_score_loss
 
@@ -46,14 +46,8 @@ def calibration_slope_intercept(y, p, level: float = 0.95) -> dict[str, float]:
     intervals at `level`).
     """
     y, p = _labels_and_probs(y, p)
-    lp = logit(np.clip(p, _EPS, 1 - _EPS))
     alpha = 1 - level
-    with warnings.catch_warnings():
-        # Perfectly separated predictions (common on small folds) give a huge slope, which is
-        # the honest answer; statsmodels' warning about it would only clutter the run log.
-        warnings.simplefilter("ignore", PerfectSeparationWarning)
-        slope_fit = sm.GLM(y, sm.add_constant(lp), family=sm.families.Binomial()).fit()
-        citl_fit = sm.GLM(y, np.ones((len(y), 1)), family=sm.families.Binomial(), offset=lp).fit()
+    slope_fit, citl_fit = _recalibration_glm(y, p, slope=True), _recalibration_glm(y, p, slope=False)
     slope_ci = slope_fit.conf_int(alpha)[1]
     citl_ci = citl_fit.conf_int(alpha)[0]
     return {
@@ -64,6 +58,41 @@ def calibration_slope_intercept(y, p, level: float = 0.95) -> dict[str, float]:
         "intercept_low": float(citl_ci[0]),
         "intercept_high": float(citl_ci[1]),
     }
+
+
+def _recalibration_glm(y: np.ndarray, p: np.ndarray, slope: bool):
+    """The binomial GLM of y on logit(p): with logit(p) as a covariate (slope) or as an offset
+    (intercept only, slope fixed at 1)."""
+    lp = logit(np.clip(p, _EPS, 1 - _EPS))
+    with warnings.catch_warnings():
+        # Perfectly separated predictions (common on small folds) give a huge slope, which is
+        # the honest answer; statsmodels' warning about it would only clutter the run log.
+        warnings.simplefilter("ignore", PerfectSeparationWarning)
+        if slope:
+            return sm.GLM(y, sm.add_constant(lp, has_constant="add"), family=sm.families.Binomial()).fit()
+        return sm.GLM(y, np.ones((len(y), 1)), family=sm.families.Binomial(), offset=lp).fit()
+
+
+def fit_recalibration(y, p, slope: bool = True) -> tuple[float, float]:
+    """Logistic recalibration (Cox 1958; Steyerberg's "model updating"): the (a, b) of
+    logit P(y = 1) = a + b logit(p) fitted on labelled data from the new setting.
+
+    A model moved to another hospital usually keeps its ranking but not its probabilities (a
+    different prevalence shifts them, a different case mix stretches them). slope=False
+    refits only the intercept (b = 1: calibration-in-the-large, the smallest update, for
+    small samples); slope=True refits both. Apply with `apply_recalibration`.
+    """
+    y, p = _labels_and_probs(y, p)
+    if len(np.unique(y)) < 2:
+        raise ValueError("recalibration needs positive and negative patients")
+    fit = _recalibration_glm(y, p, slope)
+    return (float(fit.params[0]), float(fit.params[1])) if slope else (float(fit.params[0]), 1.0)
+
+
+def apply_recalibration(p, a: float, b: float) -> np.ndarray:
+    """sigmoid(a + b logit(p)), p clipped as in the fit; b > 0 keeps the ranking (and AUROC)."""
+    p = np.asarray(p, dtype=float)
+    return expit(a + b * logit(np.clip(p, _EPS, 1 - _EPS)))
 
 
 def brier_score(y, p) -> float:

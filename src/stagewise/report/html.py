@@ -15,11 +15,13 @@ from pathlib import Path
 import jinja2
 
 from stagewise.report.context import build_context
+from stagewise.report.external import build_external_context
 
 REPORT_NAME = "report.html"
 TEMPLATE_PACKAGE = "stagewise.report"
 TEMPLATE_DIR = "templates"
 TEMPLATE_NAME = "report.html.j2"
+EXTERNAL_TEMPLATE = "external.html.j2"
 
 
 def environment() -> jinja2.Environment:
@@ -36,8 +38,18 @@ def render(ctx: dict) -> str:
 def write_report(run_dir: str | Path) -> Path:
     """Write `run_dir/report.html` (one self-contained file) and return its path."""
     run_dir = Path(run_dir)
-    text = render(build_context(run_dir))
-    out = run_dir / REPORT_NAME
+    return _write(run_dir / REPORT_NAME, render(build_context(run_dir)))
+
+
+def write_external_report(folder: str | Path) -> Path:
+    """Write the external-validation report `folder/report.html` from `folder/external.json`
+    (`stagewise evaluate`), in the study report's style."""
+    folder = Path(folder)
+    text = environment().get_template(EXTERNAL_TEMPLATE).render(**build_external_context(folder))
+    return _write(folder / REPORT_NAME, text)
+
+
+def _write(out: Path, text: str) -> Path:
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, out)

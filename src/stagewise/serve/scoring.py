@@ -106,7 +106,7 @@ class Scorer:
     def probabilities(self, x: torch.Tensor) -> np.ndarray:
         """(N, outputs), as `Bundle.probabilities` computes them (the same graph or module)."""
         if self._session is not None:
-            return self._session.run(None, {"image": x.numpy()})[0]
+            return self.bundle.calibrate(self._session.run(None, {"image": x.numpy()})[0])
         return self.bundle.probabilities(x, "torch")
 
     def score(self, scored: Scored) -> Scored:
