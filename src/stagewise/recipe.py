@@ -516,7 +516,12 @@ class ArmConfig(_Strict):
 
 
 class ProtocolConfig(_Strict):
-    kind: Literal["group_kfold", "leave_one_site_out"] = "group_kfold"
+    kind: Literal["group_kfold", "leave_one_site_out", "balanced_test"] = "group_kfold"
+    """group_kfold: repeated stratified group k-fold (recommended). leave_one_site_out.
+    balanced_test: the BPD code's folds, to compare like with like, NOT recommended: positive
+    patients shuffled into `folds` chunks, each test fold one chunk plus as many negative
+    patients taken in turn; negatives beyond the positives' number are never tested, and a
+    1:1 test fold reports PPV and NPV at a prevalence the clinic does not have."""
     folds: int = Field(5, ge=2)
     repeats: int = Field(1, ge=1)
     test_images: Literal["all", "first"] = "all"

@@ -31,13 +31,15 @@ class Split:
 def make_splits(
     y: np.ndarray, patients: np.ndarray, protocol: ProtocolConfig, seed: int, sites: np.ndarray | None = None
 ) -> list[Split]:
-    """Repeated stratified group k-fold (one StratifiedGroupKFold per repeat, seeded) or
-    leave-one-site-out; stratified on the outcome, grouped by patient."""
+    """Repeated stratified group k-fold (one StratifiedGroupKFold per repeat, seeded),
+    leave-one-site-out, or the BPD code's balanced test folds; always grouped by patient."""
     y, patients = np.asarray(y), np.asarray(patients)
     if protocol.kind == "leave_one_site_out":
         if sites is None:
             raise SplitError("leave_one_site_out needs a site column")
         iterators = [(0, LeaveOneGroupOut().split(y, y, groups=sites))]
+    elif protocol.kind == "balanced_test":
+        iterators = [(r, balanced_test_folds(y, patients, protocol.folds, seed + r)) for r in range(protocol.repeats)]
     else:
         per_class = {c: len(np.unique(patients[y == c])) for c in np.unique(y)}
         short = {int(c): n for c, n in per_class.items() if n < protocol.folds}
@@ -58,6 +60,29 @@ def make_splits(
                 test = test[np.sort(first)]
             splits.append(Split(repeat, fold, np.sort(train), np.sort(test)))
     return splits
+
+
+def balanced_test_folds(y: np.ndarray, patients: np.ndarray, k: int, seed: int):
+    """(train rows, test rows) of the BPD code's fold construction, for one repeat: positive
+    patients permuted and cut into k chunks (numpy's array_split), negatives permuted by the
+    same RandomState, and each chunk's test fold takes the next as many negatives; training
+    is every other patient. Surplus negatives are never tested (see ProtocolConfig.kind)."""
+    order = list(dict.fromkeys(patients.tolist()))  # patients in manifest order
+    label = dict(zip(patients.tolist(), y.tolist()))
+    pos = np.array([p for p in order if label[p] == 1], dtype=object)
+    neg = np.array([p for p in order if label[p] == 0], dtype=object)
+    if len(pos) < k or len(neg) < len(pos):
+        raise SplitError(
+            f"protocol.kind balanced_test needs at least {k} positive patients and as many negative as positive "
+            f"ones; the cohort has {len(pos)} positive and {len(neg)} negative. Use kind group_kfold."
+        )
+    rng = np.random.RandomState(seed)
+    pos, neg = rng.permutation(pos), rng.permutation(neg)
+    taken = 0
+    for chunk in np.array_split(pos, k):
+        tested = np.isin(patients, np.concatenate([chunk, neg[taken:taken + len(chunk)]]))
+        taken += len(chunk)
+        yield np.flatnonzero(~tested), np.flatnonzero(tested)
 
 
 def subsample_patients(idx: np.ndarray, y: np.ndarray, patients: np.ndarray, fraction: float, seed: int) -> np.ndarray:

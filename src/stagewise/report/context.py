@@ -85,6 +85,9 @@ def _protocol_text(protocol: dict, n_splits: Any, cohort: dict) -> str:
                 f"repeats = {n_splits} splits")
     elif kind == "leave_one_site_out":
         text = f"leave-one-site-out: {n_splits} splits ({len(cohort.get('sites', {}))} sites)"
+    elif kind == "balanced_test":
+        text = (f"the BPD code's balanced test folds (positives in {protocol.get('folds')} chunks, as many negatives "
+                f"each; surplus negatives untested) × {protocol.get('repeats')} repeats = {n_splits} splits")
     else:
         text = f"{kind}: {n_splits} splits"
     return text
