@@ -29,6 +29,7 @@ from stagewise.evaluation.calibration import apply_recalibration
 from stagewise.models import Backbone, Head, Network, create_backbone, load_network, save_backbone
 from stagewise.recipe import HeadConfig, Recipe, recipe_from_dict, recipe_to_dict, shareable_backbone, shareable_recipe
 from stagewise.runs import RunError, check_writable
+from stagewise.tracking import log_bundle
 
 
 class SharedHeads(torch.nn.Module):
@@ -151,6 +152,7 @@ def export_bundle(run_dir: str | Path, arms: str | list[str], out: str | Path, f
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    log_bundle(run_dir, out)  # into the study's MLflow run, when the run is tracked
     return out
 
 

@@ -584,6 +584,19 @@ class EvaluationConfig(_Strict):
     report: bool = True
 
 
+class TrackingConfig(_Strict):
+    """Experiment tracking in MLflow (stagewise.tracking): one MLflow run per study, nested
+    runs per unit and fold. `tracking: mlflow` (or `{}`) turns it on with the defaults."""
+
+    mlflow: bool = True
+    """false turns tracking off, even where MLFLOW_TRACKING_URI is set."""
+    uri: str | None = None
+    """The tracking server or store, e.g. http://127.0.0.1:5000; default: MLFLOW_TRACKING_URI,
+    else a local store inside the run directory (mlflow.db, artifacts in mlartifacts/)."""
+    experiment: str | None = None
+    """The MLflow experiment (default: the recipe's name)."""
+
+
 class Recipe(_Strict):
     name: str
     seed: int = 0
@@ -592,7 +605,17 @@ class Recipe(_Strict):
     protocol: ProtocolConfig = ProtocolConfig()
     compute: ComputeConfig = ComputeConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
+    tracking: TrackingConfig | None = None
+    """MLflow tracking; off unless given here or MLFLOW_TRACKING_URI is set."""
     arms: list[ArmConfig] = Field(min_length=1)
+
+    @field_validator("tracking", mode="before")
+    @classmethod
+    def _tracking_shorthand(cls, v):
+        """`tracking: mlflow` (or true) for the defaults, `tracking: false` for off."""
+        if v == "mlflow" or v is True:
+            return {}
+        return {"mlflow": False} if v is False else v
 
     @model_validator(mode="after")
     def _unique_arms(self) -> "Recipe":
@@ -723,6 +746,8 @@ def shareable_recipe(data: dict) -> dict:
     or a report: manifests and weight files reduced to their file names, roots and caches
     dropped, so that no local folder (which may name a patient) is shared."""
     data = copy.deepcopy(data)
+    if isinstance(data.get("tracking"), dict):  # a server address (or its credentials) stays at the site
+        data["tracking"]["uri"] = None
     cohort = data.get("cohort") or {}
     if "manifest" in cohort:
         cohort["manifest"] = _file_name(cohort["manifest"])

@@ -21,6 +21,7 @@ from stagewise.executors import open_executor
 from stagewise.fitting import FoldOutput, Reporter, SilentReporter, Study, fold_seed, refit  # noqa: F401 - refit: public here
 from stagewise.recipe import Recipe
 from stagewise.runs import RunDir, RunError, atomic_write, cohort_digest, unit_fingerprint
+from stagewise.tracking import StudyTracker, open_tracker
 from stagewise.summaries import unit_summary
 from stagewise.units import Unit, study_units
 
@@ -70,13 +71,16 @@ def run_study(recipe: Recipe, out_dir: str | Path, reporter: Reporter | None = N
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     log.addHandler(handler)
     log.setLevel(logging.INFO)
+    tracker = open_tracker(recipe, run.path)  # connects only after the study's checks
     try:
-        return _run(recipe, run, reporter)
+        return _run(recipe, run, reporter, tracker)
     except KeyboardInterrupt:
         log.error("interrupted; finished folds are kept and a rerun resumes from them")
+        tracker.stop("KILLED")
         raise
     except Exception as err:
         log.error("the run stopped: %s: %s", type(err).__name__, err)
+        tracker.stop("FAILED")
         raise
     finally:
         log.removeHandler(handler)
@@ -84,7 +88,7 @@ def run_study(recipe: Recipe, out_dir: str | Path, reporter: Reporter | None = N
         run.unlock()
 
 
-def _run(recipe: Recipe, run: RunDir, reporter: Reporter) -> StudyResult:
+def _run(recipe: Recipe, run: RunDir, reporter: Reporter, tracker: StudyTracker) -> StudyResult:
     t_start = time.perf_counter()
     cohort = check_study(recipe, source=recipe.name)  # every check before any training or writing
     for warning in cohort.warnings:
@@ -95,6 +99,7 @@ def _run(recipe: Recipe, run: RunDir, reporter: Reporter) -> StudyResult:
     digest = cohort_digest(cohort.table, [c for c in cohort.table.columns if c != "path"])
     fingerprints = {u.name: unit_fingerprint(recipe, u.kind, u.arm, u.fraction, u.column, digest) for u in units}
     run.check_folds({u.folder: fingerprints[u.name] for u in units})
+    tracker.start(study.compute.label, recipe.compute.threads)  # an unreachable server stops here, nothing written
     run.start(recipe)
     log.info("cohort %s: %d images, %d patients; %d splits; compute %s", Path(recipe.cohort.manifest).name,
              study.cohort.n_images, study.cohort.n_patients, len(study.splits), study.compute.label)
@@ -103,6 +108,7 @@ def _run(recipe: Recipe, run: RunDir, reporter: Reporter) -> StudyResult:
 
     def finished(unit: Unit, split: Split, out: FoldOutput) -> None:
         results[unit.name, split.name] = record_fold(run, recipe, unit, split, fingerprints[unit.name], out, reporter)
+        tracker.fold(unit, split.name, results[unit.name, split.name][0])
 
     # The local executor fits each fold as it is submitted (the order of a plain loop); a
     # remote one runs them as tasks and hands each result back here as it finishes.
@@ -116,6 +122,7 @@ def _run(recipe: Recipe, run: RunDir, reporter: Reporter) -> StudyResult:
                 if done is not None:
                     results[unit.name, split.name] = done
                     reporter.fold_done(unit.name, split, done[0]["metrics"], resumed=True)
+                    tracker.fold(unit, split.name, done[0])  # logged once: skipped if its MLflow run finished
                 else:
                     executor.submit(unit, split)
         executor.join()
@@ -146,4 +153,5 @@ def _run(recipe: Recipe, run: RunDir, reporter: Reporter) -> StudyResult:
         from stagewise.report.html import write_report
 
         write_report(run.path)
+    tracker.finish(units, metrics)
     return StudyResult(run.path, metrics, predictions)
