@@ -7,9 +7,12 @@ import pytest
 from sklearn.metrics import (
     accuracy_score,
     average_precision_score,
+    balanced_accuracy_score,
     confusion_matrix,
+    f1_score,
     precision_score,
     recall_score,
+    roc_auc_score,
 )
 
 from stagewise.evaluation.evidence import unit_evidence
@@ -35,7 +38,30 @@ def test_rates_and_counts_equal_scikit_learn_on_a_worked_example():
     assert m["auprc"] == pytest.approx(average_precision_score(Y, S))
     # average precision by hand: positives at ranks 1, 2, 4, 6 -> (1 + 1 + 3/4 + 4/6) / 4
     assert m["auprc"] == pytest.approx((1 + 1 + 3 / 4 + 4 / 6) / 4)
+    assert m["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(Y, pred))
+    assert m["f1"] == pytest.approx(f1_score(Y, pred))
+    assert m["auroc"] == pytest.approx(roc_auc_score(Y, S))
     assert set(METRICS) | set(COUNTS) <= set(m)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_every_decision_metric_equals_scikit_learns_on_random_cohorts(seed):
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(5, 40))
+    y = (rng.random(n) < rng.uniform(0.2, 0.8)).astype(int)
+    y[:2] = [0, 1]
+    s = rng.random(n)
+    t = float(rng.choice([0.0, 0.5, 0.9, 1.01]))  # includes "all positive" and "none positive"
+    m, pred = binary_metrics(y, s, t), (s >= t).astype(int)
+    assert m["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y, pred), abs=1e-12)
+    assert m["f1"] == pytest.approx(f1_score(y, pred, zero_division=0), abs=1e-12)
+    assert m["sensitivity"] == pytest.approx(recall_score(y, pred, zero_division=np.nan), abs=1e-12, nan_ok=True)
+    assert m["specificity"] == pytest.approx(recall_score(y, pred, pos_label=0, zero_division=np.nan), abs=1e-12,
+                                             nan_ok=True)
+    assert m["ppv"] == pytest.approx(precision_score(y, pred, zero_division=np.nan), abs=1e-12, nan_ok=True)
+    assert m["npv"] == pytest.approx(precision_score(y, pred, pos_label=0, zero_division=np.nan), abs=1e-12,
+                                     nan_ok=True)
+    assert m["accuracy"] == pytest.approx(accuracy_score(y, pred), abs=1e-12)
 
 
 def test_undefined_rates_are_nan_not_zero():

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import average_precision_score, balanced_accuracy_score, f1_score, roc_auc_score, roc_curve
+from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
 from stagewise.evaluation.calibration import brier_score, calibration_curve, calibration_slope_intercept, decision_curve
 from stagewise.evaluation.metrics import COUNTS, METRICS, decision_metrics
@@ -67,8 +67,6 @@ def pooled_metrics(y: np.ndarray, score_decision: np.ndarray) -> dict[str, float
     s, pred = score_decision[:, 0], (score_decision[:, 1] >= 0.5).astype(int)
     return {
         "auroc": float(roc_auc_score(y, s)),
-        "balanced_accuracy": float(balanced_accuracy_score(y, pred)),
-        "f1": float(f1_score(y, pred, zero_division=0)),
         "auprc": float(average_precision_score(y, s)),
         **decision_metrics(y, pred),
     }

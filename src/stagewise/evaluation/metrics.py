@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import average_precision_score, balanced_accuracy_score, confusion_matrix, f1_score, roc_auc_score, roc_curve
+from sklearn.metrics import average_precision_score, confusion_matrix, roc_auc_score, roc_curve
 
 METRICS = ("auroc", "balanced_accuracy", "f1", "sensitivity", "specificity", "ppv", "npv", "accuracy", "auprc")
 """Rates, summarised over folds (mean, sd) and given pooled with bootstrap CIs."""
@@ -43,13 +43,19 @@ def _ratio(num: int, den: int) -> float:
 
 
 def decision_metrics(y: np.ndarray, pred: np.ndarray) -> dict[str, float]:
-    """Sensitivity, specificity, PPV, NPV, accuracy and the counts of 0/1 decisions, all from
-    one scikit-learn confusion matrix (one call, which the bootstrap repeats thousands of
-    times). A rate whose denominator is empty (PPV with no positive decision) is NaN, not 0."""
+    """Balanced accuracy, F1, sensitivity, specificity, PPV, NPV, accuracy and the counts of
+    0/1 decisions, all from one scikit-learn confusion matrix: one library call instead of
+    one per metric, which matters in the bootstrap's thousands of resamples. The formulas
+    are scikit-learn's (balanced accuracy: mean recall of the two classes; F1: 2 TP / (2 TP +
+    FP + FN), 0 when undefined); a rate whose denominator is empty (PPV with no positive
+    decision) is NaN, not 0, and balanced accuracy needs both classes."""
     tn, fp, fn, tp = (int(v) for v in confusion_matrix(y, pred, labels=[0, 1]).ravel())
+    sens, spec = _ratio(tp, tp + fn), _ratio(tn, tn + fp)
     return {
-        "sensitivity": _ratio(tp, tp + fn),
-        "specificity": _ratio(tn, tn + fp),
+        "balanced_accuracy": (sens + spec) / 2,
+        "f1": 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0,
+        "sensitivity": sens,
+        "specificity": spec,
         "ppv": _ratio(tp, tp + fp),
         "npv": _ratio(tn, tn + fn),
         "accuracy": _ratio(tp + tn, tp + tn + fp + fn),
@@ -59,14 +65,11 @@ def decision_metrics(y: np.ndarray, pred: np.ndarray) -> dict[str, float]:
 
 def binary_metrics(y: np.ndarray, scores: np.ndarray, threshold: float) -> dict[str, float]:
     """Every metric of METRICS and COUNTS, deciding positive at scores >= threshold."""
-    pred = (scores >= threshold).astype(int)
     both = len(np.unique(y)) == 2
     return {
         "auroc": float(roc_auc_score(y, scores)) if both else float("nan"),
-        "balanced_accuracy": float(balanced_accuracy_score(y, pred)) if both else float("nan"),
-        "f1": float(f1_score(y, pred, zero_division=0)),
         "auprc": float(average_precision_score(y, scores)) if both else float("nan"),
-        **decision_metrics(y, pred),
+        **decision_metrics(y, (scores >= threshold).astype(int)),
     }
 
 
