@@ -1,4 +1,7 @@
 import os
+import socket
+import time
+import urllib.request
 
 import pytest
 import torch
@@ -32,3 +35,48 @@ def small_recipe(manifest, arms, **overrides):
     for key, value in overrides.items():
         data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
     return recipe_from_dict(data)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on (for a server a test starts)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(url: str, proc, log_path, seconds: float) -> None:
+    """Wait until `url`/health answers 200, at most `seconds`; fail with the server's log
+    when it exits or does not answer in time."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            pytest.fail(f"the server did not start:\n{open(log_path, errors='replace').read()[-3000:]}")
+        time.sleep(0.1)
+
+
+class StopAfter:
+    """A silent progress reporter that presses Ctrl-C after `n` folds finished in this session."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def start(self, total_folds):
+        pass
+
+    def fold_started(self, arm, split, n_epochs):
+        pass
+
+    def epoch_done(self, stage, epoch, entry):
+        pass
+
+    def fold_done(self, arm, split, metrics, resumed):
+        if not resumed:
+            self.n -= 1
+            if self.n == 0:
+                raise KeyboardInterrupt

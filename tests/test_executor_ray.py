@@ -20,8 +20,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import small_recipe
-from stagewise.fitting import SilentReporter
+from conftest import StopAfter, small_recipe
 from stagewise.study import run_study
 
 ray = pytest.importorskip("ray")
@@ -288,19 +287,6 @@ def test_a_worker_killed_mid_fit_is_retried_and_the_numbers_do_not_change(
     _assert_same_numbers(local_run, result)
 
 
-class _StopAfter(SilentReporter):
-    """Ctrl-C after n folds finished in this session."""
-
-    def __init__(self, n):
-        self.n = n
-
-    def fold_done(self, arm, split, metrics, resumed):
-        if not resumed:
-            self.n -= 1
-            if self.n == 0:
-                raise KeyboardInterrupt
-
-
 def test_resume_reads_finished_folds_back_and_submits_only_the_rest(
         cluster, local_run, digits_manifest, source_manifest, monkeypatch):
     from stagewise.executors.ray import RayExecutor
@@ -312,7 +298,7 @@ def test_resume_reads_finished_folds_back_and_submits_only_the_rest(
     recipe = _recipe(digits_manifest, source_manifest, "ray", cluster.address)
     out = cluster.runs / "resumed"
     with pytest.raises(KeyboardInterrupt):
-        run_study(recipe, out, _StopAfter(2))
+        run_study(recipe, out, StopAfter(2))
     assert len(submitted) == 6
     finished = {(p.parent.name, p.stem) for p in (out / "folds").glob("*/*.json")}
     assert len(finished) == 2

@@ -6,7 +6,6 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-from PIL import Image
 from sklearn.metrics import roc_auc_score
 from typer.testing import CliRunner
 

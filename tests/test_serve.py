@@ -13,7 +13,6 @@ import io
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,7 +28,7 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from conftest import small_recipe
+from conftest import free_port, small_recipe, wait_healthy
 from stagewise.cli import app as cli
 from stagewise.data.readers import read_image, read_image_bytes
 from stagewise.deploy import Bundle, export_bundle
@@ -98,12 +97,6 @@ def post(url: str, data: bytes, filename: str = FILE_NAME, timeout: float = 30) 
             return r.status, json.loads(r.read())
     except urllib.error.HTTPError as err:
         return err.code, json.loads(err.read())
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager
@@ -186,17 +179,7 @@ def server(bundle_dir, tmp_path_factory):
                                  "--max-upload-mb", str(LIMIT_MB)], stdout=sink, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(url + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"the server did not start:\n{log.read_text()}")
-            time.sleep(0.1)
+        wait_healthy(url, proc, log, 60)
         yield {"url": url, "pid": proc.pid, "log": log}
     finally:
         proc.terminate()

@@ -3,19 +3,15 @@ the default local store inside the run directory. The logged fold metrics equal 
 a resumed run continues the same MLflow run, and no fold is logged twice."""
 
 import json
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import small_recipe
-from stagewise.fitting import SilentReporter
+from conftest import StopAfter, free_port, small_recipe, wait_healthy
 from stagewise.recipe import recipe_from_dict, recipe_to_dict
 from stagewise.runs import RunError
 from stagewise.study import run_study
@@ -26,35 +22,19 @@ ARMS = [{"name": "probe+a", "backbone": "scratch:resnet18", "stages": [PROBE]}]
 SERVER_START_S = 90
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """`mlflow server` on 127.0.0.1 with a SQLite store and proxied artifacts in a temporary
     folder; waited for (bounded), always torn down."""
     folder = tmp_path_factory.mktemp("mlflow-server")
-    port = _free_port()
+    port = free_port()
     uri = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
          "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}", "--artifacts-destination", str(folder / "artifacts")],
         stdout=open(folder / "server.log", "wb"), stderr=subprocess.STDOUT, cwd=folder)
     try:
-        deadline = time.monotonic() + SERVER_START_S
-        while True:
-            try:
-                with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"mlflow server did not start: {(folder / 'server.log').read_text()[-2000:]}")
-            time.sleep(0.5)
+        wait_healthy(uri, proc, folder / "server.log", SERVER_START_S)
         yield uri
     finally:
         proc.terminate()
@@ -63,17 +43,6 @@ def server(tmp_path_factory):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-
-
-class _StopAfter(SilentReporter):
-    def __init__(self, n):
-        self.n = n
-
-    def fold_done(self, arm, split, metrics, resumed):
-        if not resumed:
-            self.n -= 1
-            if self.n == 0:
-                raise KeyboardInterrupt
 
 
 def _runs(client: MlflowClient, experiment: str) -> dict:
@@ -106,7 +75,7 @@ def test_server_tracking_resumes_the_same_mlflow_run_without_duplicate_folds(ser
                           tracking={"uri": server, "experiment": "resume"})
     run_dir = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
-        run_study(recipe, run_dir, _StopAfter(2))  # two folds finished and written, then Ctrl-C
+        run_study(recipe, run_dir, StopAfter(2))  # two folds finished and written, then Ctrl-C
     client = MlflowClient(tracking_uri=server)
     first = _runs(client, "resume")
     assert len(first["study"]) == 1 and first["study"][0].info.status == "KILLED"
@@ -172,6 +141,6 @@ def test_tracking_is_off_by_default_and_an_unreachable_server_stops_before_anyth
     off = recipe_from_dict(recipe_to_dict(plain) | {"tracking": False})
     assert tracking_uri(off, tmp_path) is None
     with pytest.raises(RunError, match="does not answer"):
-        run_study(small_recipe(digits_manifest, ARMS, tracking={"uri": f"http://127.0.0.1:{_free_port()}"}),
+        run_study(small_recipe(digits_manifest, ARMS, tracking={"uri": f"http://127.0.0.1:{free_port()}"}),
                   tmp_path / "run")
     assert not (tmp_path / "run" / "recipe.yaml").exists() and not (tmp_path / "run" / "folds").exists()
