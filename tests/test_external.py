@@ -92,6 +92,10 @@ def test_cli_evaluate_with_recalibration_writes_shareable_figures_and_a_bundle_t
     np.testing.assert_allclose(after["probability:probe"], expected, atol=1e-6)
     np.testing.assert_allclose(new.predict(files, engine="onnx")["probability:probe"], expected, atol=1e-4)
     assert (after["decision:probe"] == before["decision:probe"]).all()
+    from stagewise.serve.scoring import Scorer  # the bedside page scores through the same map
+
+    served = Scorer(new, engine="onnx").probabilities(new.images(files))[:, 0]
+    np.testing.assert_allclose(served, expected, atol=1e-4)
     assert "Recalibrated" in (out / "bundle-recalibrated" / "MODEL_CARD.md").read_text()
 
 
