@@ -56,7 +56,7 @@ def test_cli_evaluate_with_recalibration_writes_shareable_figures_and_a_bundle_t
     out = tmp_path / "eval"
     result = CliRunner().invoke(app, [
         "evaluate", str(bundle_dir), str(site_b), "-o", str(out), "--image", "scan", "--outcome", "icu", "--patient", "pid",
-        "--site", "hospital", "--positive", "admitted", "--negative", "ward", "--recalibrate", "slope", "--bootstrap", "50"])
+        "--site", "hospital", "--positive", "admitted", "--negative", "ward", "--recalibrate", "slope", "--bootstrap", "20"])
     assert result.exit_code == 0, result.output
     res = json.loads((out / "external.json").read_text())
     patients = pd.read_csv(out / "predictions-patients.csv")
@@ -204,3 +204,12 @@ def test_recalibration_that_cannot_be_fitted_says_which_option_to_change(bundle_
     with pytest.raises(EvaluateError, match="--fit-fraction"):
         evaluate_bundle(bundle_dir, site_b, tmp_path / "o", _options(recalibrate="intercept", fit_fraction=0.02,
                                                                        bootstrap=0))
+
+
+def test_a_model_ranking_the_new_patients_backwards_is_not_recalibrated():
+    rng = np.random.default_rng(0)
+    y = np.tile([0, 1], 40)
+    score = np.clip(0.7 - 0.4 * y + rng.normal(0, 0.1, 80), 0.01, 0.99)  # positives score lower
+    table = pd.DataFrame({"patient": [f"p{i}" for i in range(80)], "y": y, "score": score})
+    with pytest.raises(EvaluateError, match="ranks the wrong way round"):
+        recalibration(table, "slope", 0.5, 0.5, n_boot=0, seed=0)
