@@ -114,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", type=Path, default=None, help="folder holding covid-cxr-outcome/ (default: $STAGEWISE_DATA or <repo>/../shared/data)")
     ap.add_argument("--out", type=Path, default=REPO / "runs" / "cohorts" / "covid-outcome.csv", help="manifest to write")
+    ap.add_argument("--per-site", action="store_true", help="also write one manifest per site beside it "
+                    "(covid-outcome-<site>.csv), each hospital's own for `stagewise federation site`")
     args = ap.parse_args(argv)
 
     data = (args.data or default_data()).expanduser().resolve()
@@ -134,6 +136,10 @@ def main(argv: list[str] | None = None) -> int:
     for site, part in table.groupby("site"):
         labels = part.groupby("patient")["went_icu"].first()
         print(f"site {site}: {len(part)} images, {len(labels)} patients ({int((labels == 'Y').sum())} went to ICU)")
+        if args.per_site:
+            path = args.out.with_name(f"{args.out.stem}-{site}.csv")
+            part.to_csv(path, index=False)
+            print(f"wrote {path.resolve()}")
     print(f"wrote {args.out.resolve()}")
     return 0
 

@@ -74,7 +74,7 @@ def arm_problems(arm: ArmConfig) -> list[str]:
             problems.append(f"arm {arm.name!r}, stage {i} ({stage.kind}): augment.{planar[0]} is 2D only and "
                             f"{spec.name} takes volumes; remove it (flip, rotate, scale, translate and mask work in 3D)")
     if arm.sites.mode == "federated":
-        from stagewise.federated.simulation import FederatedError, make_strategy
+        from stagewise.federated.rounds import FederatedError, make_strategy
 
         try:
             make_strategy(arm.sites, 2)
@@ -121,10 +121,18 @@ def split_problems(recipe: Recipe, cohort: Cohort) -> list[str]:
     return problems
 
 
+def site_column_problems(recipe: Recipe) -> list[str]:
+    """Per-site arms in a study on one machine need the cohort's site column."""
+    multi = [a.name for a in recipe.arms if a.sites.mode != "pooled"]
+    if multi and not recipe.cohort.site:
+        return [f"arms {multi} train per site (sites.mode) but cohort.site names no site column"]
+    return []
+
+
 def check_study(recipe: Recipe, cohort: Cohort | None = None, source: str = "recipe") -> Cohort:
     """Run every check; return the checked cohort or raise one StudyCheckError listing all
     problems (cohort rows and files, arms and stages, source manifests, folds)."""
-    problems = []
+    problems = site_column_problems(recipe)
     if cohort is None:
         try:
             cohort = load_cohort(recipe.cohort, decode=True)

@@ -1,0 +1,97 @@
+"""The keys a federation needs, made with `cryptography` (what Flower itself uses).
+
+- The coordinating site's TLS certificates: a private certificate authority and a server
+  certificate for the addresses the hospitals connect to. Each hospital gets `ca.pem` only,
+  and its SuperNode refuses a server that cannot prove it holds the matching key.
+- Each hospital's node key: an elliptic-curve (P-384) key pair in OpenSSH format, the format
+  Flower's SuperNode authentication reads. The private key never leaves the hospital; the
+  public key is given to the coordinator, whose SuperLink then admits that node and no other.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+CA_FILE, SERVER_CERT, SERVER_KEY = "ca.pem", "server.pem", "server.key"
+
+
+def _write(path: Path, data: bytes, private: bool = False) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.chmod(tmp, 0o600 if private else 0o644)  # private keys readable by their owner only
+    os.replace(tmp, path)
+
+
+def _name(common: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "stagewise federation"),
+                      x509.NameAttribute(NameOID.COMMON_NAME, common)])
+
+
+def _san(host: str) -> x509.GeneralName:
+    try:
+        return x509.IPAddress(ipaddress.ip_address(host))
+    except ValueError:
+        return x509.DNSName(host)
+
+
+def make_certificates(folder: str | Path, hosts: list[str], days: int = 825) -> dict[str, Path]:
+    """A certificate authority and a server certificate valid for `hosts` (names or IPs).
+
+    Returns the paths of ca.pem (give it to every hospital), server.pem and server.key (they
+    stay with the coordinator). Existing files are never overwritten: rotating keys is a
+    decision, not a side effect."""
+    folder = Path(folder)
+    paths = {"ca": folder / CA_FILE, "cert": folder / SERVER_CERT, "key": folder / SERVER_KEY}
+    if present := [str(p) for p in paths.values() if p.exists()]:
+        raise FileExistsError(f"{', '.join(present)} already exist; choose another folder or remove them to make new keys")
+    if not hosts:
+        raise ValueError("name at least one host (name or IP address) the hospitals will connect to")
+    now = datetime.datetime.now(datetime.timezone.utc)
+    until = now + datetime.timedelta(days=days)
+    ca_key = ec.generate_private_key(ec.SECP384R1())
+    ca = (x509.CertificateBuilder().subject_name(_name("stagewise federation CA")).issuer_name(_name("stagewise federation CA"))
+          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+          .not_valid_before(now).not_valid_after(until)
+          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+          .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
+                                       key_encipherment=False, data_encipherment=False, key_agreement=False,
+                                       encipher_only=False, decipher_only=False), critical=True)
+          .sign(ca_key, hashes.SHA384()))
+    key = ec.generate_private_key(ec.SECP384R1())
+    cert = (x509.CertificateBuilder().subject_name(_name(hosts[0])).issuer_name(ca.subject)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now).not_valid_after(until)
+            .add_extension(x509.SubjectAlternativeName([_san(h) for h in hosts]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .sign(ca_key, hashes.SHA384()))
+    pem = serialization.Encoding.PEM
+    _write(paths["ca"], ca.public_bytes(pem))
+    _write(paths["cert"], cert.public_bytes(pem))
+    _write(paths["key"], key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
+           private=True)
+    return paths
+
+
+def make_site_key(folder: str | Path, site: str) -> dict[str, Path]:
+    """A hospital's node key pair: `<site>.key` (stays at the hospital) and `<site>.pub`
+    (sent to the coordinator, who admits it with `stagewise federation coordinate --site-key`)."""
+    folder = Path(folder)
+    paths = {"key": folder / f"{site}.key", "pub": folder / f"{site}.pub"}
+    if present := [str(p) for p in paths.values() if p.exists()]:
+        raise FileExistsError(f"{', '.join(present)} already exist; a site keeps its key (remove them to make a new one)")
+    key = ec.generate_private_key(ec.SECP384R1())
+    _write(paths["key"], key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                           serialization.NoEncryption()), private=True)
+    _write(paths["pub"], key.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                                       serialization.PublicFormat.OpenSSH) + f" {site}\n".encode())
+    return paths

@@ -1,0 +1,376 @@
+"""A federated job over the network: the Flower ServerApp and ClientApp of a deployment.
+
+The coordinating site runs a Flower SuperLink (TLS, SuperNode authentication) and submits this
+module's `server_app`; each hospital runs a SuperNode whose ClientApp is this module's
+`client_app`, on its own machine with its own manifest (see `federated.launch` and the
+`stagewise federation` commands). The Flower app that is submitted carries no code: both
+components are the stagewise installed at each site, so a hospital runs only what it installed.
+
+The server (`run_job`) greets every site (its name and the digest of the job it agreed to: a
+site running another recipe is refused), then runs each fit of the job with the round loop of
+`federated.rounds`, the same loop a study's simulation runs, checkpointing every round into
+the run directory so that a stopped coordinator continues from the last finished round;
+finished fits are never run again. Every message that crosses the wire is summarised in
+`federation/wire.jsonl` (tensor names and bytes, config and metric items), for the audit.
+
+`simulate_job` runs the same job in Flower's simulation engine on one machine.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from stagewise.federated.job import FINAL, FederatedJob, SiteConfig, SiteWork
+from stagewise.federated.rounds import (AuditedGrid, FederatedError, FederatedResult, round_plan, serve_rounds,
+                                        subset_of, wait_for_sites)
+from stagewise.models import save_network
+from stagewise.recipe import load_recipe
+from stagewise.runs import atomic_write, strict_json
+
+log = logging.getLogger("stagewise")
+
+RUN_DIR_ENV = "STAGEWISE_FEDERATION_DIR"
+"""Where the ServerApp finds its run directory: set by the coordinator in the SuperLink's
+environment (inherited by the ServerApp process), so that no path is in the run config,
+which Flower also gives to every site."""
+SITE_KEY = "stagewise-site"
+"""The node-config key naming a hospital's site file (node config never leaves the node)."""
+JOB_FILE = "job.json"
+
+
+# -- the run directory of a deployed job (written by the server side alone) ------------------
+
+
+class JobDir:
+    """`<run>/recipe.yaml`, `job.json`, `federation/` (rounds, fits, wire log, status), `model/`."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.fed = self.path / "federation"
+
+    def write_job(self, recipe_path: Path, arm: str, sites: int, cv: bool = True, final: bool = True,
+                  connect_timeout: float = 600.0) -> FederatedJob:
+        """Write (or, on a restart, check) the job: the recipe, the arm, how many sites take part."""
+        job = FederatedJob.of(load_recipe(recipe_path), arm, cv, final)
+        spec = {"recipe": "recipe.yaml", "arm": arm, "sites": sites, "cv": cv, "final": final, "digest": job.digest(),
+                "connect_timeout": connect_timeout}
+        if (self.path / JOB_FILE).is_file():
+            old = json.loads((self.path / JOB_FILE).read_text())
+            if any(old.get(k) != spec[k] for k in ("digest", "arm", "cv", "final")):
+                raise FederatedError(f"{self.path} holds job {old.get('digest')} (arm {old.get('arm')}); this is job "
+                                     f"{spec['digest']} (arm {arm}): use a new run directory")
+        self.path.mkdir(parents=True, exist_ok=True)
+        atomic_write(self.path / "recipe.yaml", recipe_path.read_text())
+        atomic_write(self.path / JOB_FILE, json.dumps(spec, indent=1))
+        return job
+
+    def spec(self) -> dict:
+        return json.loads((self.path / JOB_FILE).read_text())
+
+    def job(self) -> FederatedJob:
+        spec = self.spec()
+        return FederatedJob.of(load_recipe(self.path / spec["recipe"]), spec["arm"], spec["cv"], spec["final"])
+
+    def fit_file(self, fit: str) -> Path:
+        return self.fed / "fits" / f"{fit}.json"
+
+    def checkpoint(self, fit: str, t: int, out: FederatedResult) -> None:
+        """The server's state after round `t` of `fit`: aggregated tensors and the round log."""
+        from safetensors.torch import save_file
+
+        folder = self.fed / "rounds" / fit
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f".round-{t}.tmp"
+        save_file({k: v.contiguous() for k, v in out.global_state.items()}, str(tmp))
+        os.replace(tmp, folder / f"round-{t}.safetensors")
+        atomic_write(folder / f"round-{t}.json", strict_json({"round": t, "rounds": out.rounds, "shared": out.shared}))
+        for old in folder.glob("round-*.safetensors"):
+            if int(old.stem.split("-")[1]) < t:
+                old.unlink(missing_ok=True)
+
+    def last_checkpoint(self, fit: str, out: FederatedResult) -> int:
+        """Load the latest finished round of `fit` into `out`; its number (0: none)."""
+        from safetensors.torch import load_file
+
+        folder = self.fed / "rounds" / fit
+        done = sorted(int(p.stem.split("-")[1]) for p in folder.glob("round-*.safetensors")) if folder.is_dir() else []
+        for t in reversed(done):
+            meta = folder / f"round-{t}.json"
+            try:
+                state, info = load_file(str(folder / f"round-{t}.safetensors")), json.loads(meta.read_text())
+            except Exception as err:  # a checkpoint cut short by the stop: the one before it
+                log.warning("round checkpoint %s of %s is damaged (%s); using an earlier one", t, fit, type(err).__name__)
+                continue
+            out.global_state.update(state)
+            out.rounds, out.shared = info["rounds"], info["shared"]
+            return t
+        return 0
+
+    def status(self, **fields) -> None:
+        self.fed.mkdir(parents=True, exist_ok=True)
+        atomic_write(self.fed / "status.json", strict_json(fields | {"time": time.strftime("%Y-%m-%dT%H:%M:%S")}))
+
+
+class WireLog:
+    """Summaries of every message that crosses the wire, one JSON line each."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+    def __call__(self, direction: str, message) -> None:
+        entry = {"time": round(time.time(), 3), "direction": direction, "type": message.metadata.message_type, "node": int(
+            message.metadata.dst_node_id if direction == "down" else message.metadata.src_node_id)}
+        if message.has_error():
+            entry["error"] = str(message.error.reason)[:200]
+        else:
+            for name, record in message.content.items():
+                if hasattr(record, "count_bytes") and hasattr(record, "to_torch_state_dict"):
+                    entry[name] = {"tensors": list(record.keys()), "bytes": int(record.count_bytes())}
+                else:
+                    entry[name] = dict(record.items())
+        with self.path.open("a") as f:
+            f.write(json.dumps(entry, default=str) + "\n")
+
+
+# -- the server side -----------------------------------------------------------------------
+
+
+def _greet(grid, n: int, need: int, arm: str, digest: str, timeout: float, reply_timeout: float) -> dict[int, str]:
+    """Node id -> site name of every connected site, each checked to run this job. Waits up to
+    `timeout` for all `n` sites; goes on with fewer if at least `need` (sites.min_sites) came."""
+    from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+
+    try:
+        ids = wait_for_sites(grid, n, timeout)
+    except FederatedError:
+        ids = list(grid.get_node_ids())
+        if len(ids) < need:
+            raise
+        log.warning("%d of %d sites connected within %.0f s; going on with them (sites.min_sites %d)",
+                    len(ids), n, timeout, need)
+    msgs = [Message(RecordDict({"config": ConfigRecord({"arm": arm, "job": digest})}), message_type=MessageType.QUERY,
+                    dst_node_id=node) for node in ids]
+    names, problems = {}, []
+    for reply in grid.send_and_receive(msgs, timeout=reply_timeout):
+        node = reply.metadata.src_node_id
+        if reply.has_error():
+            problems.append(f"node {node}: {str(reply.error.reason)[:300]}")
+            continue
+        c = reply.content["config"]
+        if c["job"] != digest:
+            problems.append(f"site {c['site']} runs job {c['job']}, not {digest}: its recipe differs from the "
+                            "coordinator's (arm, data, protocol, seed or outcome)")
+        names[node] = str(c["site"])
+    if len(set(names.values())) < len(names):
+        problems.append(f"two sites share a name: {sorted(names.values())}")
+    if problems or len(names) < need:
+        raise FederatedError("; ".join(problems) or f"{len(names)} of {n} sites answered")
+    return names
+
+
+def run_job(grid, job_dir: JobDir, run_id: str = "") -> dict:
+    """Every fit of the job in `job_dir` that has not finished, then the summary."""
+    job, spec = job_dir.job(), job_dir.spec()
+    cfg, digest, n = job.arm.sites, spec["digest"], int(spec["sites"])
+    wire = AuditedGrid(grid, WireLog(job_dir.fed / "wire.jsonl"))
+    job_dir.status(state="running", run=run_id, digest=digest)
+    names = _greet(wire, n, min(cfg.min_sites or n, n), job.arm.name, digest,
+                   spec.get("connect_timeout", cfg.round_timeout), cfg.round_timeout)
+    order = lambda m: names.get(m.metadata.src_node_id, "")  # noqa: E731 - aggregation in site-name order
+    for fit in job.fits():
+        if job_dir.fit_file(fit).is_file():
+            continue  # finished before a restart: never recomputed
+        start = job.start(fit)
+        out = FederatedResult.starting_from(start)
+        resumed = job_dir.last_checkpoint(fit, out)
+        if resumed:
+            log.info("fit %s continues after round %d", fit, resumed)
+        serve_rounds(wire, cfg, round_plan(job.arm, start.group_names), start, out, n, order,
+                     extra_config={"arm": job.arm.name, "fit": fit, "job": digest}, resume=resumed,
+                     on_round=lambda t, o, fit=fit: job_dir.checkpoint(fit, t, o))
+        site_metrics = _evaluate(wire, names, out, {"arm": job.arm.name, "fit": fit, "job": digest}, cfg.round_timeout)
+        record = {"fit": fit, "resumed_after_round": resumed, "sites": site_metrics, "rounds": out.rounds,
+                  "full_model_bytes": out.full_model_bytes}
+        if fit == FINAL:
+            start.load_state_dict(out.global_state)
+            save_network(start, job_dir.path / "model" / f"{job.arm.name}.safetensors")
+        job_dir.fit_file(fit).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(job_dir.fit_file(fit), strict_json(record))
+    summary = summarize_job(job_dir)
+    atomic_write(job_dir.path / "results.json", strict_json(summary))
+    job_dir.status(state="finished", run=run_id, digest=digest)
+    return summary
+
+
+def _evaluate(grid, names: dict[int, str], out: FederatedResult, config: dict, timeout: float) -> dict:
+    from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+
+    down = ArrayRecord(torch_state_dict=subset_of(out.global_state, out.shared))
+    msgs = [Message(RecordDict({"arrays": down, "config": ConfigRecord(config)}),
+                    message_type=MessageType.EVALUATE, dst_node_id=node) for node in grid.get_node_ids()]
+    metrics = {}
+    for reply in grid.send_and_receive(msgs, timeout=timeout):
+        site = names.get(reply.metadata.src_node_id, str(reply.metadata.src_node_id))
+        metrics[site] = {"error": str(reply.error.reason)[:300]} if reply.has_error() else dict(reply.content["metrics"].items())
+    return dict(sorted(metrics.items()))
+
+
+def summarize_job(job_dir: JobDir) -> dict:
+    """Per site and across sites: fold metrics as mean and sd over folds; bytes on the wire."""
+    job = job_dir.job()
+    fits = {f: json.loads(job_dir.fit_file(f).read_text()) for f in job.fits() if job_dir.fit_file(f).is_file()}
+    folds = [r for f, r in fits.items() if f != FINAL]
+    sites = sorted({s for r in folds for s in r["sites"]})
+    per_site = {}
+    for s in sites:
+        values = [r["sites"][s] for r in folds if "auroc" in r["sites"].get(s, {})]
+        per_site[s] = {k: _mean_sd([v.get(k) for v in values]) for k in ("auroc", "balanced_accuracy", "f1", "sensitivity", "specificity")}
+        per_site[s]["n_test_patients"] = int(sum(v.get("n_test_patients", 0) for v in values))
+        per_site[s]["folds"] = len(values)
+    overall = []  # per fold: the sites' AUROC weighted by their test patients
+    for r in folds:
+        pairs = [(v["auroc"], v["n_test_patients"]) for v in r["sites"].values()
+                 if v.get("auroc") is not None and np.isfinite(v["auroc"])]
+        if pairs:
+            overall.append(float(np.average([a for a, _ in pairs], weights=[w for _, w in pairs])))
+    rounds = [x for r in fits.values() for x in r["rounds"]]
+    sent = sum(x["bytes_down_per_site"] * x["sites"] + sum(x["bytes_up"]) for x in rounds)
+    full = sum(2 * r["full_model_bytes"] * x["sites"] for r in fits.values() for x in r["rounds"])
+    return {
+        "digest": job_dir.spec()["digest"], "arm": job.arm.name, "strategy": job.arm.sites.strategy,
+        "fits_finished": list(fits), "sites": per_site,
+        "auroc_across_sites": _mean_sd(overall) | {"weighting": "test patients per site, per fold"},
+        "rounds_with_missing_sites": [{"fit": f, "round": x["round"], "sites_replied": x["sites_replied"],
+                                       "failures": x["failures"]} for f, r in fits.items() for x in r["rounds"]
+                                      if x["sites_replied"] < x["sites"]],
+        "bytes_total": int(sent), "bytes_full_model_fedavg": int(full),
+        "model": f"model/{job.arm.name}.safetensors" if FINAL in fits else None,
+    }
+
+
+def _mean_sd(values: list[float]) -> dict:
+    v = [x for x in values if x is not None and np.isfinite(x)]
+    return {"mean": float(np.mean(v)) if v else None, "sd": float(np.std(v, ddof=1)) if len(v) > 1 else None, "n": len(v)}
+
+
+def make_server_app(job_dir: str | Path | None = None):
+    """The ServerApp of a job; `job_dir` defaults to the directory the coordinator names in
+    the process environment."""
+    from flwr.serverapp import ServerApp
+
+    app = ServerApp()
+
+    @app.main()
+    def main(grid, context) -> None:
+        folder = JobDir(job_dir or os.environ[RUN_DIR_ENV])
+        logging.getLogger("flwr").setLevel(logging.ERROR)
+        run_id = str(context.run_id)
+        try:
+            run_job(grid, folder, run_id)
+        except (SystemExit, KeyboardInterrupt):  # the coordinator was stopped: resumable
+            folder.status(state="stopped", run=run_id)
+            raise
+        except BaseException as err:
+            folder.status(state="failed", run=run_id, error=f"{type(err).__name__}: {err}")
+            raise
+
+    return app
+
+
+# -- the site side -------------------------------------------------------------------------
+
+
+_WORK: dict[tuple[str, str], SiteWork] = {}
+
+
+def _site_work(site_file: str, arm: str) -> SiteWork:
+    """The site's work for `arm`, loaded once per process (a SuperNode may start a fresh
+    ClientApp process per message; the simulation engine keeps one)."""
+    key = (site_file, arm)
+    if key not in _WORK:
+        _WORK[key] = SiteWork(SiteConfig.load(site_file), arm)
+    return _WORK[key]
+
+
+def make_client_app(site_files: list[str] | None = None):
+    """The ClientApp of a job. In a deployment the site file is named by the node config
+    (`stagewise-site`); in a simulation by the node's partition id among `site_files`."""
+    from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+    from flwr.clientapp import ClientApp
+
+    app = ClientApp()
+
+    def work(context, arm: str) -> SiteWork:
+        site_file = (site_files[int(context.node_config["partition-id"])] if site_files
+                     else str(context.node_config[SITE_KEY]))
+        return _site_work(site_file, arm)
+
+    @app.query()
+    def greet(msg, context):
+        w = work(context, str(msg.content["config"]["arm"]))
+        return Message(RecordDict({"config": ConfigRecord({"site": w.config.site, "job": w.digest()})}), reply_to=msg)
+
+    @app.train()
+    def train(msg, context):
+        c = msg.content["config"]
+        w = work(context, str(c["arm"]))
+        _check_job(w, str(c["job"]))
+        sent, n, loss = w.train_round(str(c["job"]), str(c["fit"]), int(c["step"]), int(c["stage"]), int(c["round"]),
+                                      str(c["trainable"]).split(","), msg.content["arrays"].to_torch_state_dict(),
+                                      float(c.get("proximal-mu", 0.0)))
+        return Message(RecordDict({"arrays": ArrayRecord(torch_state_dict=sent),
+                                   "metrics": MetricRecord({"num-examples": int(n), "loss": float(loss)})}),
+                       reply_to=msg)
+
+    @app.evaluate()
+    def evaluate(msg, context):
+        c = msg.content["config"]
+        w = work(context, str(c["arm"]))
+        _check_job(w, str(c["job"]))
+        metrics = w.evaluate(str(c["job"]), str(c["fit"]), msg.content["arrays"].to_torch_state_dict())
+        return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+
+    return app
+
+
+def _check_job(work: SiteWork, digest: str) -> None:
+    if digest != work.digest():
+        raise FederatedError(f"the coordinator asks for job {digest}; this site's recipe makes job {work.digest()}")
+
+
+server_app = make_server_app()
+client_app = make_client_app()
+
+
+# -- the same job on one machine -----------------------------------------------------------
+
+
+def simulate_job(job_dir: str | Path, site_files: list[str], threads_per_site: int = 1) -> dict:
+    """Run the job in `job_dir` in Flower's simulation engine, one virtual SuperNode per
+    site file: the rehearsal of a deployment, with the same numbers."""
+    from flwr.simulation import run_simulation
+
+    folder = JobDir(job_dir)
+    logging.getLogger("flwr").setLevel(logging.ERROR)
+    os.environ.setdefault("RAY_DISABLE_USAGE_STATS", "1")
+    n = len(site_files)
+    run_simulation(make_server_app(folder.path), make_client_app([str(Path(f).resolve()) for f in site_files]),
+                   num_supernodes=n, backend_config={
+                       "client_resources": {"num_cpus": threads_per_site, "num_gpus": 0.0},
+                       "init_args": {"num_cpus": max(1, min(n * threads_per_site, os.cpu_count() or 1)),
+                                     "include_dashboard": False, "log_to_driver": False}})
+    status = json.loads((folder.fed / "status.json").read_text()) if (folder.fed / "status.json").is_file() else {}
+    if status.get("state") != "finished":
+        raise FederatedError(status.get("error") or "the simulated job did not finish")
+    return json.loads((folder.path / "results.json").read_text())
+
+
+__all__ = ["JobDir", "RUN_DIR_ENV", "SITE_KEY", "client_app", "make_client_app", "make_server_app", "run_job",
+           "server_app", "simulate_job", "summarize_job"]

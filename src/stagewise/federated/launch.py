@@ -1,0 +1,240 @@
+"""Starting the Flower processes of a deployment: the coordinator's SuperLink and job, a
+hospital's SuperNode. These are Flower's own programs (`flower-superlink`, `flower-supernode`,
+`flwr run`), started with TLS and SuperNode authentication; stagewise only prepares their
+settings and the Flower app they run.
+
+- `prepare_site`: check a hospital's manifest against the recipe (every problem at once) and
+  write its site file and resolved recipe into its work folder. Nothing there leaves the site.
+- `Coordinator`: a SuperLink (its state in the run directory, so a restart keeps the
+  registered sites), the sites' public keys registered, the job submitted, its end awaited.
+- `start_site`: a SuperNode that connects to the coordinator, verifies its certificate with
+  the CA file, proves its identity with the site's key, and runs stagewise's ClientApp.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from stagewise.data import load_cohort
+from stagewise.federated.deployment import RUN_DIR_ENV, SITE_KEY, JobDir
+from stagewise.federated.job import SITE_NAME, FederatedJob, SiteConfig
+from stagewise.federated.rounds import FederatedError
+from stagewise.recipe import load_recipe, recipe_to_dict
+
+APP_TOML = """[build-system]
+requires = ["setuptools>=68"]
+build-backend = "setuptools.build_meta"
+
+[project]
+name = "stagewise-federation"
+version = "1.0.0"
+description = "A stagewise federated job: the ServerApp and ClientApp of the stagewise each site installed"
+license = "Apache-2.0"
+dependencies = []
+
+[tool.flwr.app]
+publisher = "stagewise"
+
+[tool.flwr.app.components]
+serverapp = "stagewise.federated.deployment:server_app"
+clientapp = "stagewise.federated.deployment:client_app"
+"""
+
+
+def _flower_env(home: Path, extra: dict | None = None) -> dict:
+    env = dict(os.environ)
+    env.update({"FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0", "RAY_DISABLE_USAGE_STATS": "1",
+                "PYTHONUNBUFFERED": "1"})
+    env.update(extra or {})
+    return env
+
+
+def _program(name: str) -> str:
+    """A Flower program beside this Python (the environment stagewise is installed in)."""
+    here = Path(sys.executable).parent / name
+    found = str(here) if here.is_file() else shutil.which(name)
+    if not found:
+        raise FederatedError(f"{name} (part of Flower) is not installed beside {sys.executable}; reinstall stagewise")
+    return found
+
+
+def prepare_site(recipe: str | Path, manifest: str | Path, site: str, workdir: str | Path, threads: int = 1) -> Path:
+    """Check this hospital's data for the recipe and write its site file; returns its path."""
+    if not SITE_NAME.match(site):
+        raise FederatedError(f"site name {site!r}: use letters, digits, '_', '.', '-' (at most 64), no patient data")
+    manifest, workdir = Path(manifest).resolve(), Path(workdir).resolve()
+    r = load_recipe(recipe, [f"cohort.manifest={manifest}", "cohort.site=null"])  # this machine is one site
+    for arm in r.arms:
+        if arm.sites.mode == "federated":
+            FederatedJob.of(r, arm.name)  # a clear error if the arm cannot be deployed
+    if not any(a.sites.mode == "federated" for a in r.arms):
+        raise FederatedError(f"{recipe}: no arm has sites.mode federated")
+    load_cohort(r.cohort, decode=True)  # every row and image checked; all problems in one error
+    workdir.mkdir(parents=True, exist_ok=True)
+    data = recipe_to_dict(r)
+    (workdir / "recipe.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    return SiteConfig(workdir / "recipe.yaml", site, workdir, threads).save(workdir / "site.json")
+
+
+def _write_connection(home: Path, address: str, ca: Path | None) -> None:
+    home.mkdir(parents=True, exist_ok=True)
+    lines = ["[superlink]", 'default = "coordinator"', "", "[superlink.coordinator]", f'address = "{address}"']
+    lines.append(f'root-certificates = "{ca}"' if ca else "insecure = true")
+    (home / "config.toml").write_text("\n".join(lines) + "\n")
+
+
+@dataclass
+class Coordinator:
+    """The coordinating site's SuperLink and the job it runs (one run directory)."""
+
+    run_dir: Path
+    certs: Path | None
+    """Folder with ca.pem, server.pem, server.key (see credentials); None: no TLS (tests only)."""
+    host: str = "127.0.0.1"
+    port: int = 9093
+    site_keys: list[Path] = field(default_factory=list)
+    """The public keys of the admitted sites; with none, authentication is off (tests only)."""
+    log: Path | None = None
+    process: subprocess.Popen | None = None
+
+    @property
+    def home(self) -> Path:
+        return self.run_dir / "federation" / "flower"
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def _local_address(self) -> str:
+        return f"{'127.0.0.1' if self.host in ('0.0.0.0', '::') else self.host}:{self.port}"
+
+    def start(self, timeout: float = 60.0) -> None:
+        """Start the SuperLink and register the sites' keys."""
+        self.home.mkdir(parents=True, exist_ok=True)
+        cmd = [_program("flower-superlink"), "--host", self.host, "--port", str(self.port),
+               "--database", str(self.home / "superlink.db"), "--disable-runtime-dependency-installation"]
+        ca = None
+        if self.certs:
+            ca = self.certs / "ca.pem"
+            cmd += ["--ssl-ca-certfile", str(ca), "--ssl-certfile", str(self.certs / "server.pem"),
+                    "--ssl-keyfile", str(self.certs / "server.key")]
+        else:
+            cmd += ["--insecure"]
+        if self.site_keys:
+            cmd += ["--enable-supernode-auth"]
+        _write_connection(self.home, self._local_address(), ca)
+        self.log = self.home / "superlink.log"
+        out = self.log.open("ab")
+        self.process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                        env=_flower_env(self.home, {RUN_DIR_ENV: str(self.run_dir.resolve())}))
+        self._wait_ready(timeout)
+        registered = self._registered()
+        for key in self.site_keys:
+            self._register(key, registered)
+
+    def _flwr(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess:
+        return subprocess.run([_program("flwr"), *args], capture_output=True, text=True, timeout=timeout,
+                              env=_flower_env(self.home), cwd=self.home)
+
+    def _wait_ready(self, timeout: float) -> None:
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout:
+            if self.process.poll() is not None:
+                raise FederatedError(f"the SuperLink stopped at start (exit {self.process.returncode}); see {self.log}")
+            if b"Uvicorn running" in self.log.read_bytes():
+                return
+            time.sleep(0.3)
+        raise FederatedError(f"the SuperLink did not start within {timeout:.0f} s; see {self.log}")
+
+    def _registered(self) -> set[str]:
+        res = self._flwr("supernode", "list", "coordinator", "--format", "json")
+        try:
+            nodes = json.loads(res.stdout[res.stdout.index("{"):]).get("nodes", [])
+        except ValueError:
+            return set()
+        return {str(n.get("public-key") or n.get("public_key") or "") for n in nodes}
+
+    def _register(self, key: Path, registered: set[str]) -> None:
+        if not key.is_file():
+            raise FederatedError(f"{key}: no such site key (each hospital makes one with `stagewise federation key`)")
+        res = self._flwr("supernode", "register", str(key.resolve()), "coordinator", "--name", key.stem)
+        if res.returncode != 0 and "already" not in (res.stdout + res.stderr).lower():
+            raise FederatedError(f"could not admit site key {key.name}: {(res.stdout + res.stderr).strip()[-400:]}")
+
+    def submit(self) -> str:
+        """Submit the job (a Flower app with no code: stagewise's own components)."""
+        app = self.home / "app"
+        app.mkdir(parents=True, exist_ok=True)
+        (app / "pyproject.toml").write_text(APP_TOML)
+        res = self._flwr("run", str(app), "coordinator", "--format", "json")
+        if res.returncode != 0:
+            raise FederatedError(f"flwr run failed: {(res.stdout + res.stderr).strip()[-600:]}")
+        try:
+            return str(json.loads(res.stdout[res.stdout.index("{"):])["run-id"])
+        except (ValueError, KeyError):
+            raise FederatedError(f"flwr run gave no run id: {res.stdout.strip()[-400:]}") from None
+
+    def wait(self, run_id: str, timeout: float) -> dict:
+        """Wait for run `run_id` to finish or fail (status.json, written by its ServerApp)."""
+        status_file = JobDir(self.run_dir).fed / "status.json"
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout:
+            if status_file.is_file():
+                try:
+                    status = json.loads(status_file.read_text())
+                except ValueError:
+                    status = {}
+                if status.get("run") == run_id and status.get("state") in ("finished", "failed", "stopped"):
+                    return status
+            if self.process.poll() is not None:
+                raise FederatedError(f"the SuperLink stopped (exit {self.process.returncode}); see {self.log}")
+            time.sleep(0.5)
+        raise FederatedError(f"the job did not finish within {timeout:.0f} s")
+
+    def stop(self) -> None:
+        stop_process(self.process)
+
+
+def start_site(site_file: Path, superlink: str, ca: Path | None, key: Path | None, port: int = 9094,
+               log: Path | None = None, max_wait: float | None = None) -> subprocess.Popen:
+    """A hospital's SuperNode, connected to the coordinator at `superlink` (host:port)."""
+    config = SiteConfig.load(site_file)
+    home = config.workdir / "flower"
+    home.mkdir(parents=True, exist_ok=True)
+    cmd = [_program("flower-supernode"), "--superlink", superlink, "--port", str(port),
+           "--node-config", f'{SITE_KEY}="{Path(site_file).resolve()}"']
+    cmd += ["--root-certificates", str(ca)] if ca else ["--insecure"]
+    if key:
+        cmd += ["--auth-supernode-private-key", str(key)]
+    if max_wait:
+        cmd += ["--max-wait-time", str(max_wait)]
+    out = (log or home / "supernode.log").open("ab")
+    return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=_flower_env(home))
+
+
+def stop_process(process: subprocess.Popen | None, timeout: float = 10.0) -> None:
+    """Stop a Flower process and the processes it started (its own session)."""
+    if process is None or process.poll() is not None:
+        return
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        process.wait(timeout)
+
+
+__all__ = ["Coordinator", "JobDir", "prepare_site", "start_site", "stop_process"]

@@ -1,0 +1,154 @@
+"""The server side of a federated fit, whatever carries the messages.
+
+One loop (`serve_rounds`) walks an arm's stages round by round: for each round it works out
+which groups train (a thaw stage unfreezes at fractions of its rounds), sends those groups'
+tensors only through the Flower strategy's `configure_train`, and aggregates the replies with
+its `aggregate_train` (FedAvg, FedProx or FedAdam, Flower's own). The same loop runs inside
+Flower's simulation engine (`federated.simulation`, the embedded default of a study) and in a
+real deployment over the network (`federated.deployment`), so the two give the same numbers.
+
+Replies are aggregated in a fixed site order, not arrival order, so float sums repeat run to
+run. A round with fewer replies than `sites.min_sites` fails; fewer than all but enough
+completes and is recorded. `on_round` sees the state after every finished round (the
+deployment checkpoints it), and `resume` continues after the last finished one.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from stagewise.federated.sharing import shared_keys, tensor_bytes
+from stagewise.models import Network
+from stagewise.recipe import ArmConfig, SitesConfig
+from stagewise.training.engine import plan_stage
+
+log = logging.getLogger("stagewise")
+
+
+class FederatedError(RuntimeError):
+    """A federated fit that could not complete (too few sites replied, a bad strategy)."""
+
+
+def make_strategy(cfg: SitesConfig, n_sites: int):
+    """The Flower strategy named by the recipe. It samples every connected site in each round
+    and needs at least `sites.min_sites` of them (default: all)."""
+    from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
+
+    cls = {"fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam}[cfg.strategy]
+    need = min(cfg.min_sites or n_sites, n_sites)
+    try:
+        return cls(fraction_evaluate=0.0, min_train_nodes=need, min_available_nodes=need, **cfg.strategy_params)
+    except TypeError as err:
+        raise FederatedError(f"sites.strategy_params for {cfg.strategy}: {err}") from None
+
+
+def round_plan(arm: ArmConfig, group_names: list[str]) -> list[tuple[int, int, list[str]]]:
+    """(stage index among the fold stages, round in stage, trainable groups) for every round."""
+    plan = []
+    for i, stage in enumerate(s for s in arm.stages if not s.external):
+        by_round = plan_stage(stage.model_copy(update={"epochs": stage.rounds}), group_names)
+        plan += [(i, r, by_round.trainable(r)) for r in range(stage.rounds)]
+    return plan
+
+
+@dataclass
+class FederatedResult:
+    scores: dict[int, object] = field(default_factory=dict)
+    """Partition index -> what its site returned at the end (probabilities in a study's
+    simulation, scalar metrics in a deployment)."""
+    global_state: "OrderedDict[str, torch.Tensor]" = field(default_factory=OrderedDict)
+    """The server's model: starting weights with every aggregated tensor in place."""
+    rounds: list[dict] = field(default_factory=list)
+    """Per round: stage, groups, bytes down/up per site, sites that replied, mean loss."""
+    full_model_bytes: int = 0
+    shared: list[str] = field(default_factory=list)
+    """Every state-dict key that was aggregated in some round, in state-dict order."""
+
+    @classmethod
+    def starting_from(cls, start: Network) -> "FederatedResult":
+        state = start.state_dict()
+        return cls(global_state=OrderedDict((k, v.detach().cpu().clone()) for k, v in state.items()),
+                   full_model_bytes=tensor_bytes(state))
+
+
+class AuditedGrid:
+    """A Flower Grid that shows every message sent and received to `on_message`."""
+
+    def __init__(self, grid, on_message):
+        self.grid, self.on_message = grid, on_message
+
+    def get_node_ids(self):
+        return self.grid.get_node_ids()
+
+    def send_and_receive(self, messages, timeout):
+        messages = list(messages)
+        for m in messages:
+            self.on_message("down", m)
+        replies = list(self.grid.send_and_receive(messages, timeout=timeout))
+        for m in replies:
+            self.on_message("up", m)
+        return replies
+
+
+def wait_for_sites(grid, n: int, timeout: float) -> list[int]:
+    """Node ids once `n` sites are connected, or a FederatedError after `timeout` seconds."""
+    t0 = time.monotonic()
+    while len(ids := list(grid.get_node_ids())) < n:
+        if time.monotonic() - t0 > timeout:
+            raise FederatedError(f"{len(ids)} of {n} sites connected within {timeout:.0f} s")
+        time.sleep(0.2)
+    return ids
+
+
+def subset_of(state: dict[str, torch.Tensor], keys: list[str]) -> "OrderedDict[str, torch.Tensor]":
+    return OrderedDict((k, state[k]) for k in keys)
+
+
+def serve_rounds(grid, cfg: SitesConfig, plan, start: Network, out: FederatedResult, n: int,
+                 order: Callable, extra_config: dict | None = None, resume: int = 0,
+                 on_round: Callable[[int, FederatedResult], None] | None = None) -> None:
+    """Run the rounds of `plan` after round `resume` (0: from the start), aggregating into `out`.
+
+    `order(message)` gives the sort key of a reply (its site), `extra_config` goes into every
+    round's config (the deployment names the fit there)."""
+    from flwr.app import ArrayRecord, ConfigRecord
+
+    need = min(cfg.min_sites or n, n)
+    strategy, keys_before = None, None
+    for t, (stage_index, r, trainable) in enumerate(plan, start=1):
+        keys = shared_keys(start, trainable, cfg.bn_stats)
+        if keys != keys_before:  # a fresh server optimizer (FedAdam) whenever the shared set changes
+            strategy, keys_before = make_strategy(cfg, n), keys
+        if t <= resume:
+            continue
+        down = ArrayRecord(torch_state_dict=subset_of(out.global_state, keys))
+        config = ConfigRecord({"stage": stage_index, "round": r, "trainable": ",".join(trainable), "step": t,
+                               **(extra_config or {})})
+        replies = list(grid.send_and_receive(strategy.configure_train(t, down, config, grid), timeout=cfg.round_timeout))
+        ok = sorted((m for m in replies if not m.has_error()), key=order)
+        failed = [str(m.error.reason)[:200] for m in replies if m.has_error()]
+        if len(ok) < need:
+            raise FederatedError(f"round {t}: {len(ok)} of {n} sites replied (sites.min_sites is {need})"
+                                 + (f"; errors: {failed}" if failed else ""))
+        arrays, metrics = strategy.aggregate_train(t, ok)
+        for k, v in arrays.to_torch_state_dict().items():
+            out.global_state[k] = v.to(out.global_state[k].dtype)
+        out.shared = [k for k in out.global_state if k in set(out.shared) | set(keys)]
+        out.rounds.append({
+            "round": t, "stage": stage_index, "round_in_stage": r, "trainable": trainable,
+            "bytes_down_per_site": down.count_bytes(), "bytes_up": [m.content["arrays"].count_bytes() for m in ok],
+            "tensor_bytes_per_site": tensor_bytes(subset_of(out.global_state, keys)),
+            "sites_replied": len(ok), "sites": n, "failures": failed + ["no reply"] * max(0, n - len(replies)),
+            "loss": float(metrics["loss"]) if metrics is not None and "loss" in metrics else None,
+        })
+        if len(ok) < n:
+            log.warning("federated round %d completed with %d of %d sites: %s", t, len(ok), n,
+                        out.rounds[-1]["failures"])
+        if on_round is not None:
+            on_round(t, out)

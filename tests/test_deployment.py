@@ -1,0 +1,187 @@
+"""A federated job deployed over the network: Flower's own SuperLink and SuperNodes as separate
+OS processes on 127.0.0.1, with TLS certificates and site keys made by the test.
+
+- the deployment gives the same numbers as the same job in Flower's simulation engine;
+- a node whose key the coordinator did not admit is refused;
+- only the trainable groups' tensors and scalars cross the wire (the wire log of every message);
+- a site killed mid-round is survived when sites.min_sites allows, and said so;
+- a coordinator stopped mid-job continues from its last finished round.
+"""
+
+import json
+import re
+import socket
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from stagewise.federated.credentials import make_certificates, make_site_key
+from stagewise.federated.deployment import JobDir, simulate_job
+from stagewise.federated.launch import Coordinator, prepare_site, start_site, stop_process
+from stagewise.models import Network, build_arch, load_network
+
+pytestmark = pytest.mark.slow
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def hospitals(digits_manifest, tmp_path_factory):
+    """The digits cohort split by patient between two hospitals, each with its own manifest."""
+    root = tmp_path_factory.mktemp("hospitals")
+    table = pd.read_csv(digits_manifest)
+    table["path"] = [str(digits_manifest.parent / p) for p in table["path"]]
+    patients = table["patient"].unique()
+    out = {}
+    for i, site in enumerate("AB"):
+        (root / site).mkdir()
+        table[table["patient"].isin(patients[i::2])].to_csv(root / site / "manifest.csv", index=False)
+        out[site] = root / site / "manifest.csv"
+    return root, out, table
+
+
+def _recipe(folder: Path, stages: list[dict], **sites) -> Path:
+    recipe = {"name": "fed", "seed": 0, "cohort": {"manifest": "site.csv"}, "data": {"image_size": 32},
+              "protocol": {"folds": 2, "repeats": 1},
+              "compute": {"device": "cpu", "precision": "fp32", "channels_last": False},
+              "arms": [{"name": "fed", "backbone": "scratch:resnet18", "stages": stages,
+                        "sites": {"mode": "federated", "round_timeout": 120, **sites}}]}
+    path = folder / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def _sites(root: Path, recipe: Path, manifests: dict, names: str = "AB") -> dict:
+    out = {}
+    for site in names:
+        work = root / f"work-{site}"
+        out[site] = {"file": prepare_site(recipe, manifests[site if site in manifests else "A"], site, work),
+                     **make_site_key(work / "keys", site)}
+    return out
+
+
+def _wait_for(condition, timeout: float, what: str):
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if value := condition():
+            return value
+        time.sleep(0.3)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_a_deployment_over_tls_equals_the_simulation_and_admits_only_known_sites(hospitals, tmp_path):
+    root, manifests, table = hospitals
+    recipe = _recipe(tmp_path, [{"kind": "probe", "rounds": 1, "epochs": 1, "batch_size": 16, "lr": 1e-3}])
+    sites = _sites(tmp_path, recipe, manifests, "ABC")  # C makes a key the coordinator never admits
+    certs = make_certificates(tmp_path / "certs", ["127.0.0.1", "localhost"])
+
+    simulated = JobDir(tmp_path / "simulated")
+    simulated.write_job(recipe, "fed", sites=2, cv=True, final=False)
+    simulate_job(simulated.path, [sites["A"]["file"], sites["B"]["file"]])
+
+    deployed = JobDir(tmp_path / "deployed")
+    deployed.write_job(recipe, "fed", sites=2, cv=True, final=False, connect_timeout=120)
+    port = _port()
+    coordinator = Coordinator(deployed.path, certs["ca"].parent, port=port,
+                              site_keys=[sites["A"]["pub"], sites["B"]["pub"]])
+    processes = []
+    try:
+        coordinator.start()
+        for i, s in enumerate("ABC"):
+            processes.append(start_site(sites[s]["file"], f"127.0.0.1:{port}", certs["ca"], sites[s]["key"],
+                                        port=_port(), log=tmp_path / f"site-{s}.log", max_wait=20))
+        unknown = processes[2]
+        assert unknown.wait(90) != 0  # an unknown node is refused and gives up
+        assert re.search(r"could not establish|Failed to (activate|initialize)", (tmp_path / "site-C.log").read_text())
+        status = coordinator.wait(coordinator.submit(), 420)
+        assert status["state"] == "finished", status
+    finally:
+        for p in processes:
+            stop_process(p)
+        coordinator.stop()
+
+    for fit in ("r0-f0", "r0-f1"):
+        sim = json.loads(simulated.fit_file(fit).read_text())["sites"]
+        dep = json.loads(deployed.fit_file(fit).read_text())["sites"]
+        assert sorted(dep) == ["A", "B"]  # C never took part
+        for site in "AB":
+            assert dep[site]["n_test_patients"] == sim[site]["n_test_patients"] > 0
+            for k, v in sim[site].items():
+                assert dep[site][k] == pytest.approx(v, abs=1e-6), (fit, site, k)
+    summary = json.loads((deployed.path / "results.json").read_text())
+    assert summary["sites"]["A"]["folds"] == 2 and summary["auroc_across_sites"]["n"] == 2
+
+    # What crossed the wire: a probe round sends the head only, replies scalars only.
+    net = Network.build(build_arch("scratch:resnet18"), 1)
+    head = {k for k in net.state_dict() if k.startswith("head.")}
+    wire = [json.loads(line) for line in (deployed.fed / "wire.jsonl").read_text().splitlines()]
+    assert {m["type"] for m in wire} == {"query", "train", "evaluate"}
+    arrays = [m["arrays"] for m in wire if "arrays" in m]
+    assert arrays and all(set(a["tensors"]) == head for a in arrays)
+    assert all(a["bytes"] < 3000 for a in arrays)  # 513 float32 values, a few bytes of framing
+    for m in wire:
+        for record in ("config", "metrics"):
+            assert all(isinstance(v, (int, float, str)) for v in m.get(record, {}).values())
+    shared = (deployed.fed / "wire.jsonl").read_text() + (deployed.path / "results.json").read_text() + "".join(
+        p.read_text() for p in (deployed.fed / "fits").glob("*.json"))
+    for secret in [str(tmp_path), str(root), *table["patient"].astype(str).unique()[:20],
+                   *(Path(p).name for p in table["path"][:20])]:
+        assert not re.search(rf"(?<![\w.-]){re.escape(secret)}(?![\w.-])", shared), secret
+
+
+def test_a_site_lost_mid_round_is_survived_and_a_stopped_coordinator_resumes(hospitals, tmp_path):
+    root, manifests, _ = hospitals
+    recipe = _recipe(tmp_path, [{"kind": "probe", "rounds": 2, "epochs": 1, "batch_size": 16, "lr": 1e-3}],
+                     min_sites=1, round_timeout=60)
+    sites = _sites(tmp_path, recipe, manifests)
+    job = JobDir(tmp_path / "job")
+    job.write_job(recipe, "fed", sites=2, cv=False, final=True, connect_timeout=15)
+    certs = make_certificates(tmp_path / "certs", ["127.0.0.1"])
+    port = _port()
+
+    def coordinator():
+        c = Coordinator(job.path, certs["ca"].parent, port=port, site_keys=[sites["A"]["pub"], sites["B"]["pub"]])
+        c.start()
+        return c
+
+    first = coordinator()
+    a = start_site(sites["A"]["file"], f"127.0.0.1:{port}", certs["ca"], sites["A"]["key"], port=_port())
+    b_log = tmp_path / "site-B.log"
+    b = start_site(sites["B"]["file"], f"127.0.0.1:{port}", certs["ca"], sites["B"]["key"], port=_port(), log=b_log)
+    second = None
+    try:
+        first.submit()
+        # B is killed while it trains round 1 (its second ClientApp process: after the greeting)
+        _wait_for(lambda: b_log.read_text().count("Start `flwr-clientapp` process") >= 2, 180, "site B in round 1")
+        stop_process(b)  # B disconnects mid-round (its SuperNode leaves; a crash is noticed by Flower's heartbeat)
+        rounds = job.fed / "rounds" / "final"
+        _wait_for(lambda: (rounds / "round-1.json").is_file(), 180, "round 1 to finish without site B")
+        stop_process(first.process)  # the coordinator stops mid-job
+        second = coordinator()
+        status = second.wait(second.submit(), 300)
+        assert status["state"] == "finished", status
+    finally:
+        for p in (a, b):
+            stop_process(p)
+        for c in (first, second):
+            if c is not None:
+                c.stop()
+
+    fit = json.loads(job.fit_file("final").read_text())
+    assert fit["resumed_after_round"] >= 1  # finished rounds were not run again
+    assert [r["round"] for r in fit["rounds"]] == [1, 2]
+    assert fit["rounds"][0]["sites_replied"] == 1 and fit["rounds"][0]["failures"]
+    summary = json.loads((job.path / "results.json").read_text())
+    assert summary["rounds_with_missing_sites"] and summary["rounds_with_missing_sites"][0]["round"] == 1
+    model = load_network(job.path / summary["model"])
+    start = Network.build(build_arch("scratch:resnet18"), 1)
+    trained = {k: v for k, v in model.state_dict().items() if k.startswith("head.")}
+    assert not all(np.allclose(v.numpy(), start.state_dict()[k].numpy()) for k, v in trained.items())
