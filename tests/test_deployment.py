@@ -10,7 +10,6 @@ OS processes on 127.0.0.1, with TLS certificates and site keys made by the test.
 
 import json
 import re
-import socket
 import time
 from pathlib import Path
 
@@ -19,18 +18,13 @@ import pandas as pd
 import pytest
 import yaml
 
+from conftest import free_port
 from stagewise.federated.credentials import make_certificates, make_site_key
 from stagewise.federated.deployment import JobDir, simulate_job
 from stagewise.federated.launch import Coordinator, prepare_site, start_site, stop_process
 from stagewise.models import Network, build_arch, load_network
 
 pytestmark = pytest.mark.slow
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +83,7 @@ def test_a_deployment_over_tls_equals_the_simulation_and_admits_only_known_sites
 
     deployed = JobDir(tmp_path / "deployed")
     deployed.write_job(recipe, "fed", sites=2, cv=True, final=False, connect_timeout=120)
-    port = _port()
+    port = free_port()
     coordinator = Coordinator(deployed.path, certs["ca"].parent, port=port,
                               site_keys=[sites["A"]["pub"], sites["B"]["pub"]])
     processes = []
@@ -97,7 +91,7 @@ def test_a_deployment_over_tls_equals_the_simulation_and_admits_only_known_sites
         coordinator.start()
         for i, s in enumerate("ABC"):
             processes.append(start_site(sites[s]["file"], f"127.0.0.1:{port}", certs["ca"], sites[s]["key"],
-                                        port=_port(), log=tmp_path / f"site-{s}.log", max_wait=20))
+                                        port=free_port(), log=tmp_path / f"site-{s}.log", max_wait=20))
         unknown = processes[2]
         assert unknown.wait(90) != 0  # an unknown node is refused and gives up
         assert re.search(r"could not establish|Failed to (activate|initialize)", (tmp_path / "site-C.log").read_text())
@@ -145,7 +139,7 @@ def test_a_site_lost_mid_round_is_survived_and_a_stopped_coordinator_resumes(hos
     job = JobDir(tmp_path / "job")
     job.write_job(recipe, "fed", sites=2, cv=False, final=True, connect_timeout=15)
     certs = make_certificates(tmp_path / "certs", ["127.0.0.1"])
-    port = _port()
+    port = free_port()
 
     def coordinator():
         c = Coordinator(job.path, certs["ca"].parent, port=port, site_keys=[sites["A"]["pub"], sites["B"]["pub"]])
@@ -153,9 +147,9 @@ def test_a_site_lost_mid_round_is_survived_and_a_stopped_coordinator_resumes(hos
         return c
 
     first = coordinator()
-    a = start_site(sites["A"]["file"], f"127.0.0.1:{port}", certs["ca"], sites["A"]["key"], port=_port())
+    a = start_site(sites["A"]["file"], f"127.0.0.1:{port}", certs["ca"], sites["A"]["key"], port=free_port())
     b_log = tmp_path / "site-B.log"
-    b = start_site(sites["B"]["file"], f"127.0.0.1:{port}", certs["ca"], sites["B"]["key"], port=_port(), log=b_log)
+    b = start_site(sites["B"]["file"], f"127.0.0.1:{port}", certs["ca"], sites["B"]["key"], port=free_port(), log=b_log)
     second = None
     try:
         first.submit()
@@ -185,3 +179,42 @@ def test_a_site_lost_mid_round_is_survived_and_a_stopped_coordinator_resumes(hos
     start = Network.build(build_arch("scratch:resnet18"), 1)
     trained = {k: v for k, v in model.state_dict().items() if k.startswith("head.")}
     assert not all(np.allclose(v.numpy(), start.state_dict()[k].numpy()) for k, v in trained.items())
+
+
+def test_a_job_that_cannot_be_deployed_and_bad_site_input_get_clear_errors(hospitals, tmp_path):
+    from stagewise.federated.job import FederatedJob, SiteConfig, SiteWork
+    from stagewise.federated.rounds import FederatedError
+    from stagewise.recipe import RecipeError, load_recipe
+
+    _, manifests, table = hospitals
+    recipe = _recipe(tmp_path, [{"kind": "probe", "rounds": 1, "epochs": 1}])
+    with pytest.raises(RecipeError, match="leave_one_site_out is for studies on one machine"):
+        FederatedJob.of(load_recipe(recipe, ["protocol.kind=leave_one_site_out", "cohort.site=hospital"]), "fed")
+    with pytest.raises(RecipeError, match="no arm 'nope'; its arms are fed"):
+        FederatedJob.of(load_recipe(recipe), "nope")
+    with pytest.raises(FederatedError, match="site name 'St Mary/ICU'"):
+        prepare_site(recipe, manifests["A"], "St Mary/ICU", tmp_path / "w")
+    broken = tmp_path / "broken.csv"
+    table.head(6).assign(path=lambda t: t["path"].where(t.index != 2, "missing.png")).to_csv(broken, index=False)
+    with pytest.raises(Exception, match=r"row 4: missing.png: image file not found"):
+        prepare_site(recipe, broken, "A", tmp_path / "w")
+    assert not (tmp_path / "w" / "site.json").exists()  # nothing written for a site whose data is wrong
+
+    # a site whose recipe differs (another seed) makes another job and refuses the coordinator's
+    site_file = prepare_site(recipe, manifests["A"], "A", tmp_path / "a")
+    other = tmp_path / "other"
+    other.mkdir()
+    changed = _recipe(other, [{"kind": "probe", "rounds": 1, "epochs": 1}])
+    changed.write_text(changed.read_text().replace("seed: 0", "seed: 1"))
+    theirs = JobDir(tmp_path / "job")
+    theirs.write_job(changed, "fed", sites=1)
+    work = SiteWork(SiteConfig.load(site_file), "fed")
+    assert work.digest() != theirs.spec()["digest"]
+    # and a coordinator refuses to continue a run directory made for another job
+    with pytest.raises(FederatedError, match="use a new run directory"):
+        theirs.write_job(recipe, "fed", sites=1)
+    # the site's folds are its own patients, grouped: no patient on both sides of a fold
+    for fit in ("r0-f0", "r0-f1"):
+        train, test = work.rows(fit)
+        assert not set(work.patients[train]) & set(work.patients[test])
+        assert set(work.patients[train]) | set(work.patients[test]) == set(work.patients)
