@@ -22,20 +22,20 @@ ARMS = [{"name": "probe+a", "backbone": "scratch:resnet18", "stages": [PROBE]}]
 SERVER_START_S = 90
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
+@pytest.fixture(scope="module", autouse=True)
+def server_process(tmp_path_factory):
     """`mlflow server` on 127.0.0.1 with a SQLite store and proxied artifacts in a temporary
-    folder; waited for (bounded), always torn down."""
+    folder, started when the module starts (it boots while the tests without it run) and
+    always torn down."""
     folder = tmp_path_factory.mktemp("mlflow-server")
     port = free_port()
-    uri = f"http://127.0.0.1:{port}"
+    log = folder / "server.log"
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
          "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}", "--artifacts-destination", str(folder / "artifacts")],
-        stdout=open(folder / "server.log", "wb"), stderr=subprocess.STDOUT, cwd=folder)
+        stdout=open(log, "wb"), stderr=subprocess.STDOUT, cwd=folder)
     try:
-        wait_healthy(uri, proc, folder / "server.log", SERVER_START_S)
-        yield uri
+        yield f"http://127.0.0.1:{port}", proc, log
     finally:
         proc.terminate()
         try:
@@ -43,6 +43,14 @@ def server(tmp_path_factory):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server(server_process):
+    """The server's URI, once it answers (bounded in time)."""
+    uri, proc, log = server_process
+    wait_healthy(uri, proc, log, SERVER_START_S)
+    return uri
 
 
 def _runs(client: MlflowClient, experiment: str) -> dict:
@@ -70,8 +78,38 @@ def _assert_folds_equal_metrics_json(client: MlflowClient, runs: dict, run_dir: 
     assert n >= 3 * 10
 
 
+def test_local_store_in_the_run_directory_by_default(digits_manifest, tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    recipe = small_recipe(digits_manifest, ARMS, evaluation={"saliency": 0, "bootstrap": 0, "report": False},
+                          tracking="mlflow")
+    run_dir = tmp_path / "run"
+    run_study(recipe, run_dir)
+    uri = json.loads((run_dir / "tracking.json").read_text())["uri"]
+    assert uri == f"sqlite:///{(run_dir / 'mlflow.db').resolve()}"
+    client = MlflowClient(tracking_uri=uri)
+    runs = _runs(client, "test")
+    assert len(runs["study"]) == 1 and len(runs["fold"]) == 3
+    _assert_folds_equal_metrics_json(client, runs, run_dir)
+    assert (run_dir / "mlartifacts" / runs["study"][0].info.run_id / "artifacts" / "metrics.json").is_file()
+
+
+def test_tracking_is_off_by_default_and_an_unreachable_server_stops_before_anything_is_written(
+        digits_manifest, tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    plain = small_recipe(digits_manifest, ARMS)
+    assert tracking_uri(plain, tmp_path) is None
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
+    assert tracking_uri(plain, tmp_path) == "http://127.0.0.1:5999"
+    off = recipe_from_dict(recipe_to_dict(plain) | {"tracking": False})
+    assert tracking_uri(off, tmp_path) is None
+    with pytest.raises(RunError, match="does not answer"):
+        run_study(small_recipe(digits_manifest, ARMS, tracking={"uri": f"http://127.0.0.1:{free_port()}"}),
+                  tmp_path / "run")
+    assert not (tmp_path / "run" / "recipe.yaml").exists() and not (tmp_path / "run" / "folds").exists()
+
+
 def test_server_tracking_resumes_the_same_mlflow_run_without_duplicate_folds(server, digits_manifest, tmp_path):
-    recipe = small_recipe(digits_manifest, ARMS, evaluation={"saliency": 0, "bootstrap": 50},
+    recipe = small_recipe(digits_manifest, ARMS, evaluation={"saliency": 0, "bootstrap": 0},
                           tracking={"uri": server, "experiment": "resume"})
     run_dir = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
@@ -113,34 +151,3 @@ def test_server_tracking_resumes_the_same_mlflow_run_without_duplicate_folds(ser
     (bundle / "bundle.json").write_text("{}")
     assert log_bundle(run_dir, bundle)
     assert [a.path for a in client.list_artifacts(study_id, "bundles/bundle")] == ["bundles/bundle/bundle.json"]
-
-
-def test_local_store_in_the_run_directory_by_default(digits_manifest, tmp_path, monkeypatch):
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    recipe = small_recipe(digits_manifest, ARMS, evaluation={"saliency": 0, "bootstrap": 0, "report": False},
-                          tracking="mlflow")
-    run_dir = tmp_path / "run"
-    run_study(recipe, run_dir)
-    run_study(recipe, run_dir)  # everything read back: nothing logged twice
-    uri = json.loads((run_dir / "tracking.json").read_text())["uri"]
-    assert uri == f"sqlite:///{(run_dir / 'mlflow.db').resolve()}"
-    client = MlflowClient(tracking_uri=uri)
-    runs = _runs(client, "test")
-    assert len(runs["study"]) == 1 and len(runs["fold"]) == 3
-    _assert_folds_equal_metrics_json(client, runs, run_dir)
-    assert (run_dir / "mlartifacts" / runs["study"][0].info.run_id / "artifacts" / "metrics.json").is_file()
-
-
-def test_tracking_is_off_by_default_and_an_unreachable_server_stops_before_anything_is_written(
-        digits_manifest, tmp_path, monkeypatch):
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    plain = small_recipe(digits_manifest, ARMS)
-    assert tracking_uri(plain, tmp_path) is None
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
-    assert tracking_uri(plain, tmp_path) == "http://127.0.0.1:5999"
-    off = recipe_from_dict(recipe_to_dict(plain) | {"tracking": False})
-    assert tracking_uri(off, tmp_path) is None
-    with pytest.raises(RunError, match="does not answer"):
-        run_study(small_recipe(digits_manifest, ARMS, tracking={"uri": f"http://127.0.0.1:{free_port()}"}),
-                  tmp_path / "run")
-    assert not (tmp_path / "run" / "recipe.yaml").exists() and not (tmp_path / "run" / "folds").exists()
