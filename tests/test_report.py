@@ -163,13 +163,19 @@ def test_clinical_metrics_table_shows_metrics_json_values(run):
 
 
 def test_comparison_numbers_and_p_values(run):
-    rows = {(r["attrs"]["data-a"], r["attrs"]["data-b"]): r["cells"] for r in run["doc"].tables["comparisons-table"]}
+    rows = {(r["attrs"]["data-a"], r["attrs"]["data-b"]): r["cells"] for r in run["doc"].tables["comparisons-table"]
+            if "data-a" in r["attrs"]}
     for c in run["metrics"]["evidence"]["comparisons"]:
         cells = rows[(c["a"], c["b"])]
         assert cells["delong_diff"] == f"{c['delong']['diff']:.3f}".replace("-", "\u2212")
         assert cells["delong_p"] == ("< 0.001" if c["delong"]["p"] < 0.001 else f"{c['delong']['p']:.3f}")
         assert cells["t_p"] == fmt_p(c["corrected_t"]["p"])
-        assert cells["w_p"] == (fmt_p(c["wilcoxon"]["p"]) if "wilcoxon" in c else "\u2014")
+        assert cells["t_holm"] == ("" if c["primary"] else fmt_p(c["corrected_t"]["p_holm"]))
+        # 3 folds: the signed-rank test cannot reach 0.05 (smallest p 0.25), so it is not shown
+        assert not c["wilcoxon_can_reach"] and cells["w_p"] == "\u2014"
+    primary = run["metrics"]["evidence"]["primary"]
+    assert f"Primary comparison: {primary['a']} vs {primary['b']}" in run["html"]
+    assert "the smallest p this test can give is 0.250" in run["html"]
 
 
 def test_formatters():

@@ -40,7 +40,15 @@ def comparison_problems(recipe: Recipe) -> list[str]:
     pairs = recipe.evaluation.compare or []
     names = [u.name for u in study_units(recipe)]
     unknown = sorted({n for pair in pairs for n in pair} - set(names))
-    return [f"evaluation.compare names unknown arm(s) {unknown}; this study has {names}"] if unknown else []
+    problems = [f"evaluation.compare names unknown arm(s) {unknown}; this study has {names}"] if unknown else []
+    primary = recipe.evaluation.primary
+    if primary is not None:
+        missing = [n for n in (primary.a, primary.b) if n not in names]
+        if missing:
+            problems.append(f"evaluation.primary names unknown unit(s) {missing}; this study has {names}")
+        elif primary.a == primary.b:
+            problems.append(f"evaluation.primary compares {primary.a!r} with itself; name two different units")
+    return problems
 
 
 def arm_problems(arm: ArmConfig) -> list[str]:

@@ -569,12 +569,26 @@ class ComputeConfig(_Strict):
         return self
 
 
+class PrimaryComparison(_Strict):
+    """`evaluation.primary`: which pair (A vs B) and which test carry the study's claim. The
+    corrected resampled t-test on fold AUROCs is the default because a claim about the
+    training procedure is a claim across folds (DeLong is conditional on the pooled patients)."""
+
+    a: str
+    b: str
+    test: Literal["corrected_t", "delong", "wilcoxon"] = "corrected_t"
+
+
 class EvaluationConfig(_Strict):
     """What turns fold results into evidence: comparisons, intervals, baselines, saliency."""
 
     compare: list[tuple[str, str]] | None = None
     """Pairs of arm names (`baseline:<column>` and `clinical` included); default: every arm
     against the first arm, and every model arm against every baseline."""
+    primary: PrimaryComparison | None = None
+    """The study's primary comparison and its test, stated before the results: only its p is
+    read as a test of the study's claim (coloured in the report); the other comparisons' p are
+    Holm-adjusted for multiplicity. Default: the first comparison, corrected resampled t."""
     bootstrap: int = Field(2000, ge=0)
     """Bootstrap resamples of patients for 95 % CIs; 0 turns them off."""
     clinical_model: bool = True

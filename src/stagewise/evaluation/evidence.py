@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
+from stagewise.evaluation.interpretation import interpret_comparisons, primary_choice, unit_flags
 from stagewise.evaluation.calibration import brier_score, calibration_curve, calibration_slope_intercept, decision_curve
 from stagewise.evaluation.metrics import COUNTS, METRICS, decision_metrics
 from stagewise.evaluation.statistics import (
@@ -142,6 +143,7 @@ def compare(units: dict, table: pd.DataFrame, a: str, b: str) -> dict:
     fb = {(f["repeat"], f["fold"]): f for f in units[b]["folds"]}
     keys = sorted(set(fa) & set(fb))
     diffs = np.array([fa[k]["auroc"] - fb[k]["auroc"] for k in keys], dtype=float)
+    out["n_fold_pairs"] = int((np.isfinite(diffs) & (diffs != 0)).sum())  # what the signed-rank test uses
     if np.isfinite(diffs).sum() >= 2:
         n_train = float(np.mean([fa[k]["n_train_patients"] for k in keys]))
         n_test = float(np.mean([fa[k]["n_test_patients"] for k in keys]))
@@ -191,14 +193,24 @@ def compute_evidence(recipe: Recipe, metrics: dict, predictions: pd.DataFrame) -
         site_of = predictions.groupby("patient", sort=False)["site"].first()
         for name in units:
             per_unit[name]["sites"] = site_evidence(table[table["arm"] == name], site_of, n_boot, recipe.seed)
-    pairs = recipe.evaluation.compare if recipe.evaluation.compare is not None else default_comparisons(units)
+    for e in per_unit.values():
+        e["flags"] = unit_flags(e)
+    pairs = list(recipe.evaluation.compare if recipe.evaluation.compare is not None else default_comparisons(units))
+    primary = primary_choice(pairs, recipe.evaluation.primary)
+    if primary and (primary["a"], primary["b"]) not in pairs:
+        pairs.insert(0, (primary["a"], primary["b"]))
+    comparisons = [compare(units, table, a, b) for a, b in pairs]
+    interpret_comparisons(comparisons, per_unit, primary)
     return {
         "patient_level": "mean score over repeats; decision = majority of fold decisions (confusion counts, "
                          "sensitivity, specificity, PPV, NPV, accuracy, balanced accuracy, F1)",
         "settings": {"bootstrap_resamples": n_boot, "roc_band_resamples": min(n_boot, 500), "level": 0.95,
                      "resampling": "patients"},
         "units": per_unit,
-        "comparisons": [compare(units, table, a, b) for a, b in pairs],
+        "primary": primary,
+        "multiplicity": "Holm, within each test, over every comparison's p except the primary test of the primary "
+                        "comparison",
+        "comparisons": comparisons,
         "label_efficiency": label_efficiency(units),
     }
 

@@ -109,6 +109,10 @@ def checklist(metrics: dict, recipe: dict, ctx: dict) -> tuple[list[dict], list[
         f"patient-level 95 % bootstrap CIs ({n_boot} resamples of patients)" if n_boot else "bootstrap CIs off",
         "AUROC: DeLong 95 % CI; paired DeLong test on the same patients",
         "fold AUROC differences: Nadeau–Bengio corrected resampled t-test and Wilcoxon signed-rank test",
+        (f"{len(evidence.get('comparisons', []))} comparisons; primary: {evidence['primary']['a']} vs "
+         f"{evidence['primary']['b']} ({evidence['primary']['test']}"
+         f"{', stated in the recipe' if evidence['primary'].get('stated') else ', the default'}); the other p-values "
+         "Holm-adjusted") if evidence.get("primary") else
         f"{len(evidence.get('comparisons', []))} comparisons, reported without multiplicity correction",
         f"patient level: {evidence.get('patient_level')}" if evidence.get("patient_level") else "",
     ]

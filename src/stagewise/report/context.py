@@ -41,6 +41,7 @@ from stagewise.report.formatting import (
     fmt_setting,
 )
 from stagewise.recipe import shareable_recipe
+from stagewise.report.interpretation import comparison_rows, primary_text, unit_flag_notes
 from stagewise.report.units import is_full_label, ordered_units, recipe_arms
 
 # ---------------------------------------------------------------------------------------------
@@ -222,19 +223,7 @@ def build_context(run_dir: str | Path) -> dict:
 
     clinical = [_clinical_row(name, arms[name].get("summary", {}), ev.get(name, {})) for name in order]
 
-    comparisons = []
-    for c in evidence.get("comparisons", []):
-        d, t, w = c.get("delong") or {}, c.get("corrected_t") or {}, c.get("wilcoxon") or {}
-        comparisons.append({
-            "a": c.get("a"), "b": c.get("b"), "n": c.get("n_patients", DASH),
-            "delong_diff": fmt_num(d.get("diff")), "delong_ci": fmt_ci(d.get("ci_low"), d.get("ci_high")),
-            "delong_p": fmt_p(d.get("p")),
-            "t_diff": fmt_num(t.get("mean_diff")), "t_ci": fmt_ci(t.get("ci_low"), t.get("ci_high")),
-            "t_p": fmt_p(t.get("p")), "t_df": t.get("df", DASH),
-            "w_p": fmt_p(w.get("p")),
-            "w_note": "" if w else "not computed: identical fold AUROCs or too few folds",
-            "sig": {k: finite(x.get("p")) and x["p"] < 0.05 for k, x in (("delong", d), ("t", t), ("w", w))},
-        })
+    comparisons = comparison_rows(evidence.get("comparisons", []), evidence.get("primary"))
 
     calibration = []
     for name in order:
@@ -339,6 +328,9 @@ def build_context(run_dir: str | Path) -> dict:
         "task_rows": task_rows,
         "resource_rows": resource_rows,
         "comparisons": comparisons,
+        "primary_text": primary_text(evidence.get("primary")),
+        "multiplicity": evidence.get("multiplicity", ""),
+        "flag_notes": unit_flag_notes(ev, order),
         "calibration": calibration,
         "label_rows": label_rows,
         "site_training": _site_training_rows(arms, order),

@@ -1,0 +1,79 @@
+"""The report's reading of the comparisons: which test is primary, which comparators failed.
+
+evaluation/interpretation.py decides (in metrics.json) the primary comparison and test, the
+Holm-adjusted p-values, whether a Wilcoxon test can reach p < 0.05 with the folds it has, and
+which units rank patients the wrong way round. This module puts those values into words and
+table cells; only the primary test of the primary comparison is coloured, because it alone
+was named before the results (the others are read through their adjusted p).
+"""
+
+from __future__ import annotations
+
+from stagewise.report.formatting import DASH, finite, fmt_ci, fmt_num, fmt_p
+
+TEST_NAMES = {"corrected_t": "corrected resampled t-test on fold AUROCs", "delong": "DeLong test on pooled patients",
+              "wilcoxon": "Wilcoxon signed-rank test on fold AUROCs"}
+FLAG_MEANING = ("its out-of-fold scores rank patients the wrong way round: what it learned on the training folds "
+                "reverses on the test folds (a relation unstable across folds, or no signal and overfitting). "
+                "A comparison against it shows only that this comparator failed, not that the other unit works.")
+
+
+def flag_text(flag: dict) -> str:
+    """One flag of evaluation.interpretation.unit_flags in words, with its numbers."""
+    if flag.get("code") == "auroc_below_chance":
+        return (f"AUROC {fmt_num(flag.get('point'))}, 95 % CI {fmt_ci(flag.get('low'), flag.get('high'))} "
+                "lies below 0.5 (worse than chance)")
+    if flag.get("code") == "negative_calibration_slope":
+        return f"calibration slope {fmt_num(flag.get('slope'), 2)} is negative"
+    return str(flag.get("code", DASH))
+
+
+def unit_flag_notes(units_evidence: dict, order: list[str]) -> list[dict]:
+    """Every flagged unit: {unit, reasons, meaning}."""
+    return [{"unit": n, "reasons": "; ".join(flag_text(f) for f in units_evidence[n]["flags"]), "meaning": FLAG_MEANING}
+            for n in order if (units_evidence.get(n) or {}).get("flags")]
+
+
+def _p_cell(result: dict, coloured: bool) -> dict:
+    """A p-value cell: the raw p, the Holm-adjusted p beside it (absent for the primary test)."""
+    p, holm = result.get("p"), result.get("p_holm")
+    return {"p": fmt_p(p), "holm": fmt_p(holm) if finite(holm) else "",
+            "sig": coloured and finite(p) and p < 0.05}
+
+
+def comparison_rows(comparisons: list[dict], primary: dict | None) -> list[dict]:
+    """The comparisons table: per row the DeLong, corrected t and Wilcoxon cells, the primary
+    mark and the flagged comparators."""
+    rows = []
+    for c in comparisons:
+        d, t, w = c.get("delong") or {}, c.get("corrected_t") or {}, c.get("wilcoxon") or {}
+        main = primary["test"] if c.get("primary") and primary else None
+        reach = c.get("wilcoxon_can_reach", True)
+        if not w:
+            w_note = "not computed: identical fold AUROCs or too few folds"
+        elif not reach:
+            w_note = (f"not shown: with {c.get('n_fold_pairs')} paired folds the smallest p this test can give is "
+                      f"{fmt_p(c.get('wilcoxon_smallest_p'))}, so it can never reach p < 0.05")
+        else:
+            w_note = ""
+        rows.append({
+            "a": c.get("a"), "b": c.get("b"), "n": c.get("n_patients", DASH), "primary": bool(c.get("primary")),
+            "delong_diff": fmt_num(d.get("diff")), "delong_ci": fmt_ci(d.get("ci_low"), d.get("ci_high")),
+            "delong": _p_cell(d, main == "delong"),
+            "t_diff": fmt_num(t.get("mean_diff")), "t_ci": fmt_ci(t.get("ci_low"), t.get("ci_high")),
+            "t": _p_cell(t, main == "corrected_t"), "t_df": t.get("df", DASH),
+            "w": _p_cell(w, main == "wilcoxon") if w and reach else {"p": DASH, "holm": "", "sig": False},
+            "w_note": w_note,
+            "flags": [{"unit": u, "text": "; ".join(flag_text(f) for f in fl)} for u, fl in (c.get("flagged") or {}).items()],
+        })
+    return rows
+
+
+def primary_text(primary: dict | None) -> str:
+    """The sentence that names the primary comparison and test, and where it was stated."""
+    if not primary:
+        return ""
+    where = "as the recipe states (evaluation.primary)" if primary.get("stated") else \
+        "by default: the first comparison (set evaluation.primary in the recipe to state another)"
+    return (f"Primary comparison: {primary['a']} vs {primary['b']}, {TEST_NAMES.get(primary['test'], primary['test'])}, "
+            f"{where}. Only its p is coloured (green when < 0.05).")
