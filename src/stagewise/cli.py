@@ -374,6 +374,16 @@ def federation_key(
     _guard_files(go)
 
 
+def _stop_on_sigterm() -> None:
+    """SIGTERM (a service manager, `kill`) stops like Ctrl-C, so Flower's processes are stopped too."""
+    import signal
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 def _guard_files(fn):
     try:
         return _guard(fn)
@@ -410,6 +420,7 @@ def federation_coordinate(
     def go():
         from stagewise.recipe import load_recipe
 
+        _stop_on_sigterm()
         target = out_dir or Path("runs") / f"{load_recipe(recipe).name}-{arm}"
         JobDir(target).write_job(recipe, arm, sites or len(site_key), cv, final, connect_timeout)
         coordinator = Coordinator(target, certs, host=host, port=port, site_keys=list(site_key))
@@ -461,6 +472,8 @@ def federation_site(
                                  "between rounds, its predictions, logs"),
     threads: int = typer.Option(None, help="torch threads (default: all cores)"),
     port: int = typer.Option(9094, help="local port of the SuperNode's own API"),
+    wait: float = typer.Option(3600.0, help="seconds to keep trying while the coordinator is not reachable or has "
+                               "not admitted this site's key yet"),
 ) -> None:
     """Take part in a federated job as one hospital: checks the manifest, then a Flower
     SuperNode trains on this hospital's rows only and sends only the trainable groups' tensors.
@@ -469,18 +482,18 @@ def federation_site(
     """
     import os
 
-    from stagewise.federated.launch import prepare_site, start_site, stop_process
+    from stagewise.federated.launch import prepare_site, run_site
 
     def go():
+        _stop_on_sigterm()
         site_file = prepare_site(recipe, manifest, site, workdir, threads or os.cpu_count() or 1)
         out.print(f"{site}: manifest checked; connecting to {server} (Ctrl-C to leave)")
-        process = start_site(site_file, server, ca, key, port=port, log=workdir / "supernode.log")
+        note = lambda s: out.print(f"{site}: coordinator not reachable, or this site not admitted yet "  # noqa: E731
+                                   f"({s:.0f} s); trying again")
         try:
-            code = process.wait()
+            code = run_site(site_file, server, ca, key, port, workdir / "supernode.log", wait, on_retry=note)
         except KeyboardInterrupt:
             code = 130
-        finally:
-            stop_process(process)
         if code not in (0, 130, -15):
             console.print(f"[bold red]the site stopped (exit {code}):[/bold red] see {workdir / 'supernode.log'}")
             raise typer.Exit(2)

@@ -138,9 +138,8 @@ class Coordinator:
         self.process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
                                         env=_flower_env(self.home, {RUN_DIR_ENV: str(self.run_dir.resolve())}))
         self._wait_ready(timeout)
-        registered = self._registered()
         for key in self.site_keys:
-            self._register(key, registered)
+            self._register(key)
 
     def _flwr(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess:
         return subprocess.run([_program("flwr"), *args], capture_output=True, text=True, timeout=timeout,
@@ -156,15 +155,8 @@ class Coordinator:
             time.sleep(0.3)
         raise FederatedError(f"the SuperLink did not start within {timeout:.0f} s; see {self.log}")
 
-    def _registered(self) -> set[str]:
-        res = self._flwr("supernode", "list", "coordinator", "--format", "json")
-        try:
-            nodes = json.loads(res.stdout[res.stdout.index("{"):]).get("nodes", [])
-        except ValueError:
-            return set()
-        return {str(n.get("public-key") or n.get("public_key") or "") for n in nodes}
-
-    def _register(self, key: Path, registered: set[str]) -> None:
+    def _register(self, key: Path) -> None:
+        """Admit a site's public key (again, on a restart: the SuperLink's database keeps it)."""
         if not key.is_file():
             raise FederatedError(f"{key}: no such site key (each hospital makes one with `stagewise federation key`)")
         res = self._flwr("supernode", "register", str(key.resolve()), "coordinator", "--name", key.stem)
@@ -222,19 +214,73 @@ def start_site(site_file: Path, superlink: str, ca: Path | None, key: Path | Non
     return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=_flower_env(home))
 
 
-def stop_process(process: subprocess.Popen | None, timeout: float = 10.0) -> None:
-    """Stop a Flower process and the processes it started (its own session)."""
-    if process is None or process.poll() is not None:
-        return
-    try:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
+def run_site(site_file: Path, superlink: str, ca: Path | None, key: Path | None, port: int, log: Path,
+             wait: float = 3600.0, retry_every: float = 15.0, on_retry=None) -> int:
+    """Run a hospital's SuperNode until it ends; its exit code. While the coordinator cannot be
+    reached, or has not admitted this site's key yet, start it again every `retry_every`
+    seconds for up to `wait` seconds, so a hospital may start before the coordinator."""
+    t0 = time.monotonic()
+    while True:
+        start = log.stat().st_size if log.exists() else 0
+        process = start_site(site_file, superlink, ca, key, port=port, log=log)
         try:
-            os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        process.wait(timeout)
+            code = process.wait()
+        finally:
+            stop_process(process)
+        text = log.read_bytes()[start:].decode(errors="replace")
+        refused = "could not establish a connection" in text or "Failed to activate" in text
+        if code == 0 or not refused or time.monotonic() - t0 + retry_every > wait:
+            return code
+        if on_retry is not None:
+            on_retry(time.monotonic() - t0)
+        time.sleep(retry_every)
 
 
-__all__ = ["Coordinator", "JobDir", "prepare_site", "start_site", "stop_process"]
+def _descendants(pid: int) -> list[int]:
+    """Every process below `pid` (Linux /proc): Flower's SuperLink and SuperNode start their
+    apps in sessions of their own, which a signal to the process group would miss."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def stop_process(process: subprocess.Popen | None, timeout: float = 10.0) -> None:
+    """Stop a Flower process and every process it started."""
+    if process is None:
+        return
+    tree = _descendants(process.pid)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in [process.pid, *tree]:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            continue
+        deadline = time.monotonic() + timeout
+        while any(Path(f"/proc/{p}").exists() and not _zombie(p) for p in tree) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if not any(Path(f"/proc/{p}").exists() and not _zombie(p) for p in tree):
+            return
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return True
+
+
+__all__ = ["Coordinator", "prepare_site", "run_site", "start_site", "stop_process"]
