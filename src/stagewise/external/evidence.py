@@ -75,6 +75,7 @@ def development_figures(task: dict, oof: dict | None, seed: int) -> dict:
         out["roc"], out["calibration_curve"] = curves["roc"], curves["calibration_curve"]
         out["decision_curve"], out["calibration"] = curves["decision_curve"], curves["calibration"]
         out["auroc_oof_images"] = curves["auroc_delong_ci"]["point"]
+        out["auroc_delong_ci"] = {"point": out["auroc_oof_images"]}  # the point only: images are not independent
         out["mean_predicted"], out["observed_rate"] = float(prob.mean()), float(label.mean())
     return out
 

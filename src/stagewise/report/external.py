@@ -56,8 +56,7 @@ def _threshold_row(name: str, ev: dict) -> dict:
     cell = lambda m: fmt_point_ci(ci[m]) if m in ci else fmt_num(at.get(m))  # noqa: E731
     return {"name": name, "n": ev.get("n_patients", DASH), "positive": ev.get("n_positive", DASH),
             "threshold": fmt_num(at.get("threshold"), 4), "decisions": at.get("positive_decisions", DASH),
-            **{m: cell(m) for m in ("sensitivity", "specificity", "ppv", "npv", "balanced_accuracy", "f1")},
-            "auroc": fmt_point_ci(ci.get("auroc") or ev.get("auroc_delong_ci"))}
+            **{m: cell(m) for m in ("sensitivity", "specificity", "ppv", "npv", "balanced_accuracy", "f1")}}
 
 
 def build_external_context(folder: str | Path) -> dict:
