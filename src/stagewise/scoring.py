@@ -30,6 +30,8 @@ def _task_metrics(recipe: Recipe, y: np.ndarray, patients: np.ndarray, train: np
     metrics["train_auroc"] = binary_metrics(y_train.astype(int), s_train, threshold)["auroc"]
     metrics["n_test_patients"] = int(len(s_test))
     metrics["n_train_patients"] = int(len(s_train))
+    # what a class-balanced sampler reweighted away: the prior-shift correction needs it (evaluation/prior_shift.py)
+    metrics["train_prevalence_images"] = float(np.mean(y[train][ok_train])) if ok_train.any() else float("nan")
     return metrics
 
 

@@ -12,9 +12,10 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
-from stagewise.evaluation.interpretation import interpret_comparisons, primary_choice, unit_flags
 from stagewise.evaluation.calibration import brier_score, calibration_curve, calibration_slope_intercept, decision_curve
+from stagewise.evaluation.interpretation import interpret_comparisons, primary_choice, unit_flags
 from stagewise.evaluation.metrics import COUNTS, METRICS, decision_metrics
+from stagewise.evaluation.prior_shift import SAMPLED_PRIOR, sampling_of, shifted_predictions
 from stagewise.evaluation.statistics import (
     bootstrap_ci,
     bootstrap_many,
@@ -88,10 +89,40 @@ def unit_evidence(table: pd.DataFrame, kind: str, n_boot: int, seed: int) -> dic
                                              n_boot=n_boot, seed=seed)
     out["roc"] = _roc_band(y, s, min(n_boot, 500), seed)
     if kind != "baseline":  # baseline scores are not probabilities: no calibration
-        out["calibration"] = calibration_slope_intercept(y, s) | {"brier": brier_score(y, s)}
-        out["calibration_curve"] = calibration_curve(y, s, n_bins=min(10, max(2, len(y) // 10)))
-        dc = decision_curve(y, s, thresholds=np.round(np.arange(0.02, 0.81, 0.02), 2))
-        out["decision_curve"] = {c: dc[c].round(5).tolist() for c in dc.columns}
+        out |= calibration_evidence(y, s)
+    return out
+
+
+def calibration_evidence(y: np.ndarray, s: np.ndarray) -> dict:
+    """Slope, intercept and Brier, the calibration curve and the decision curve of patient scores."""
+    dc = decision_curve(y, s, thresholds=np.round(np.arange(0.02, 0.81, 0.02), 2))
+    return {"calibration": calibration_slope_intercept(y, s) | {"brier": brier_score(y, s)},
+            "calibration_curve": calibration_curve(y, s, n_bins=min(10, max(2, len(y) // 10))),
+            "decision_curve": {c: dc[c].round(5).tolist() for c in dc.columns}}
+
+
+def sampling_evidence(recipe: Recipe, metrics: dict, predictions: pd.DataFrame) -> dict:
+    """Per model unit trained with class-balanced sampling or CutMix / MixUp: which stages did,
+    and (balanced sampling in the final stage) its calibration after the prior-shift correction."""
+    arms = {a.name: a for a in recipe.arms}
+    cohort = metrics.get("cohort", {})
+    cohort_prior = cohort.get("positive_images", 0) / cohort["images"] if cohort.get("images") else 0.5
+    out = {}
+    for name, u in metrics["arms"].items():
+        arm = arms.get(u.get("base_arm")) if u["kind"] == "model" else None
+        if arm is None:
+            continue
+        how = sampling_of(arm)
+        if not (how["balanced_sampling_stages"] or how["mixing_stages"]):
+            continue
+        out[name] = how
+        if how["final_balanced"] and 0 < cohort_prior < 1:
+            shifted, source = shifted_predictions(predictions[predictions["arm"] == name], u["folds"], cohort_prior)
+            table = patient_table(shifted, {name: u}, recipe.protocol.patient_aggregate)
+            y, s = table["y"].to_numpy(), table["score"].to_numpy()
+            if len(np.unique(y)) == 2:
+                out[name]["prior_shift"] = {"train_prevalence": source, "sampled_prior": SAMPLED_PRIOR,
+                                            **calibration_evidence(y, s)}
     return out
 
 
@@ -211,6 +242,7 @@ def compute_evidence(recipe: Recipe, metrics: dict, predictions: pd.DataFrame) -
         "multiplicity": "Holm, within each test, over every comparison's p except the primary test of the primary "
                         "comparison",
         "comparisons": comparisons,
+        "sampling": sampling_evidence(recipe, metrics, predictions),
         "label_efficiency": label_efficiency(units),
     }
 

@@ -41,7 +41,13 @@ from stagewise.report.formatting import (
     fmt_setting,
 )
 from stagewise.recipe import shareable_recipe
-from stagewise.report.interpretation import comparison_rows, primary_text, unit_flag_notes
+from stagewise.report.interpretation import (
+    comparison_rows,
+    corrected_calibration_rows,
+    primary_text,
+    sampling_notes,
+    unit_flag_notes,
+)
 from stagewise.report.units import is_full_label, ordered_units, recipe_arms
 
 # ---------------------------------------------------------------------------------------------
@@ -301,6 +307,11 @@ def build_context(run_dir: str | Path) -> dict:
         "label_efficiency": label_efficiency_figure(curves, colors),
         "sites": site_forest_figure([n for n in order if is_full_label(arms[n])], ev, colors),
     }
+    sampling = evidence.get("sampling") or {}
+    shifted = {n: s["prior_shift"] for n, s in sampling.items() if s.get("prior_shift")}
+    corrected = [n for n in order if n in shifted]
+    figures["calibration_corrected"] = calibration_figure(corrected, shifted, colors, "Calibration, prior-shift corrected")
+    figures["decision_corrected"] = decision_figure(corrected, shifted, colors, "Decision curves, prior-shift corrected")
 
     ctx = {
         "title": metrics.get("recipe", run_dir.name),
@@ -332,6 +343,8 @@ def build_context(run_dir: str | Path) -> dict:
         "multiplicity": evidence.get("multiplicity", ""),
         "flag_notes": unit_flag_notes(ev, order),
         "calibration": calibration,
+        "calibration_corrected": corrected_calibration_rows(sampling, order),
+        "sampling_notes": sampling_notes(sampling, order),
         "label_rows": label_rows,
         "site_training": _site_training_rows(arms, order),
         "tuning": tuning,

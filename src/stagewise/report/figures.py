@@ -98,7 +98,8 @@ def roc_figure(units: list[str], ev: dict, colors: dict) -> str | None:
     return _curves_png(units, ev, "roc", draw)
 
 
-def calibration_figure(units: list[str], ev: dict, colors: dict) -> str | None:
+def calibration_figure(units: list[str], ev: dict, colors: dict,
+                       title: str = "Calibration (quantile bins of patients)") -> str | None:
     """Calibration curves (quantile bins of patients); None when no unit has one."""
 
     def draw(ax, shown: list[str]) -> None:
@@ -107,12 +108,12 @@ def calibration_figure(units: list[str], ev: dict, colors: dict) -> str | None:
             c = ev[u]["calibration_curve"]
             ax.plot(c["prob_pred"], c["prob_true"], marker="o", ms=3.5, lw=1.3, color=colors[u], label=_mpl_text(u))
         _unit_square(ax, "upper left", xlabel="mean predicted probability", ylabel="observed fraction positive",
-                     title="Calibration (quantile bins of patients)")
+                     title=title)
 
     return _curves_png(units, ev, "calibration_curve", draw)
 
 
-def decision_figure(units: list[str], ev: dict, colors: dict) -> str | None:
+def decision_figure(units: list[str], ev: dict, colors: dict, title: str = "Decision curves") -> str | None:
     """Decision curves with treat-all and treat-none (from the first unit shown); None without curves."""
 
     def draw(ax, shown: list[str]) -> None:
@@ -127,7 +128,7 @@ def decision_figure(units: list[str], ev: dict, colors: dict) -> str | None:
         top = max(max(tops), 0.01)
         ax.set_ylim(-0.15 * top, 1.08 * top)
         ax.set_xlim(min(ref["threshold"]), max(ref["threshold"]))
-        ax.set(xlabel="threshold probability", ylabel="net benefit", title="Decision curves")
+        ax.set(xlabel="threshold probability", ylabel="net benefit", title=title)
         ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
 
     return _curves_png(units, ev, "decision_curve", draw)

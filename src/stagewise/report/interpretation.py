@@ -77,3 +77,47 @@ def primary_text(primary: dict | None) -> str:
         "by default: the first comparison (set evaluation.primary in the recipe to state another)"
     return (f"Primary comparison: {primary['a']} vs {primary['b']}, {TEST_NAMES.get(primary['test'], primary['test'])}, "
             f"{where}. Only its p is coloured (green when < 0.05).")
+
+
+def sampling_notes(sampling: dict, order: list[str]) -> list[dict]:
+    """Per unit trained with class-balanced sampling or CutMix / MixUp: what that does to its
+    predicted risks, and which correction the report shows beside the raw curves."""
+    notes = []
+    for name in order:
+        how = sampling.get(name)
+        if not how:
+            continue
+        parts = []
+        if how.get("balanced_sampling_stages"):
+            parts.append(f"class-balanced sampling (stage {', '.join(map(str, how['balanced_sampling_stages']))}) "
+                         "trains at a prevalence of 0.5, so predicted risks are shifted towards it")
+        if how.get("mixing_stages"):
+            parts.append(f"mixing (stage {', '.join(how['mixing_stages'])}) trains on soft labels, which pulls "
+                         "predictions towards the middle")
+        ps = how.get("prior_shift")
+        if ps:
+            source = ("each fold's training prevalence" if ps.get("train_prevalence") == "fold"
+                      else "the cohort's image prevalence (these folds did not record their own)")
+            fix = (f"prior-shift corrected (logit p + logit(π) − logit({fmt_num(ps.get('sampled_prior'), 1)}), π = "
+                   f"{source}) beside the raw curves below; AUROC and decisions are unchanged by it")
+        elif how.get("balanced_sampling_stages"):
+            fix = "no prior-shift correction: the final stage did not sample classes evenly"
+        else:
+            fix = ("no closed-form correction exists for mixing: recalibrate on held-out patients "
+                   "(stagewise evaluate --recalibrate) before reading these risks")
+        notes.append({"unit": name, "text": "; ".join(parts), "fix": fix})
+    return notes
+
+
+def corrected_calibration_rows(sampling: dict, order: list[str]) -> list[dict]:
+    """Calibration of the prior-shift corrected scores, in the calibration table's cells."""
+    rows = []
+    for name in order:
+        cal = ((sampling.get(name) or {}).get("prior_shift") or {}).get("calibration")
+        if cal:
+            rows.append({"name": f"{name} (prior-shift corrected)", "unit": name,
+                         "slope": fmt_num(cal.get("slope"), 2), "slope_ci": fmt_ci(cal.get("slope_low"), cal.get("slope_high"), 2),
+                         "intercept": fmt_num(cal.get("intercept"), 2),
+                         "intercept_ci": fmt_ci(cal.get("intercept_low"), cal.get("intercept_high"), 2),
+                         "brier": fmt_num(cal.get("brier"))})
+    return rows
