@@ -196,7 +196,26 @@ def test_figures_are_embedded_with_names(run):
     saliency = [img for img in run["doc"].images if img.get("class") == "saliency"]
     expected = sum(len(a.get("saliency", [])) for a in run["metrics"]["arms"].values())
     assert expected and len(saliency) == expected
-    assert all(img["alt"].startswith("saliency map") for img in saliency)
+    assert all(img["alt"].startswith("Grad-CAM map") for img in saliency)
+    assert "saliency-colorbar" in by_id
+    # captions and alt texts name the fold and its threshold, never an image file
+    for arm in run["metrics"]["arms"].values():
+        for item in arm.get("saliency", []):
+            assert Path(item["file"]).name not in run["html"]
+    folds = {f"r{f['repeat']}-f{f['fold']}": f["threshold"] for f in run["metrics"]["arms"]["probe"]["folds"]}
+    for split, threshold in folds.items():
+        if f"fold {split}" in run["html"]:
+            assert f"fold threshold {fmt_num(threshold)}" in run["html"]
+
+
+def test_training_curves_per_unit_are_the_logged_losses(run):
+    curves = run["metrics"]["arms"]["probe"]["training_curves"]
+    assert len(curves) == run["metrics"]["n_splits"]
+    fold = json.loads((run["dir"] / "folds" / "probe" / "r0-f0.json").read_text())
+    assert curves[0]["stages"][0]["loss"] == [e["loss"] for e in fold["stages"][0]["epochs"]]
+    shown = [img for img in run["doc"].images if img.get("class") == "training-curve"]
+    assert {img["data-unit"] for img in shown} == {n for n, a in run["metrics"]["arms"].items() if a.get("training_curves")}
+    assert "training-curves" in run["doc"].ids
 
 
 def test_sections_checklist_and_tuning(run):
@@ -360,3 +379,16 @@ def test_fixed_run_renders_every_section_repeatably_and_without_local_paths(tmp_
         assert f'<section id="{section}">' in page, section
     again = write_report(d).read_text(encoding="utf-8")
     assert _without_time(again) == _without_time(first)  # figures included: same curves, same PNG bytes
+
+
+def test_missing_data_item_is_filled_from_the_run(run, digits_manifest):
+    """age is missing in every 7th row of the fixture's cohort: counted per column, imputation stated."""
+    table = pd.read_csv(digits_manifest.with_name("report_cohort.csv"))
+    missing = run["metrics"]["cohort"]["missing"]
+    assert missing["age"] == {"rows": int(table["age"].isna().sum()), "of_rows": len(table),
+                              "patients": int(table.loc[table["age"].isna(), "patient"].nunique())}
+    assert missing["age"]["rows"] > 0 and missing["grade"]["rows"] == 0
+    text = run["html"]
+    assert (f"age: missing in {missing['age']['rows']} of {missing['age']['of_rows']} rows "
+            f"({missing['age']['patients']} patients); median-imputed inside each fold") in text
+    assert "grade: missing in 0 of" in text and "Missing data: why" in text

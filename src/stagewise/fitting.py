@@ -230,7 +230,7 @@ class Study:
         if self.recipe.compute.save_models:
             save_network(net, folder / f"{split.name}.safetensors")
         if self.recipe.evaluation.saliency and split.repeat == 0 and unit.fraction == 1.0 and clinical is None:
-            extra["saliency"] = self._saliency(net, split, preds, folder / "saliency")
+            extra["saliency"] = self._saliency(net, split, preds, folder / "saliency", metrics["threshold"])
         return metrics, preds, extra
 
     def _fit_sites(self, unit: Unit, split: Split, train: np.ndarray, seed: int, extra: dict):
@@ -271,7 +271,7 @@ class Study:
 
         return choose_by_inner_cv(arm, inner, score)
 
-    def _saliency(self, net: Network, split: Split, preds: pd.DataFrame, folder: Path) -> list[dict]:
+    def _saliency(self, net: Network, split: Split, preds: pd.DataFrame, folder: Path, threshold: float) -> list[dict]:
         from stagewise.report.saliency import gradcam, pick_examples, save_overlay
 
         per_fold = math.ceil(self.recipe.evaluation.saliency / self.recipe.protocol.folds)
@@ -287,7 +287,7 @@ class Study:
         for i, p in enumerate(pos):
             rec = preds.iloc[p]
             correct = bool(rec["pred"] == rec["y"])
-            title = f"{'correct' if correct else 'WRONG'}: y={int(rec['y'])} p={rec['prob']:.2f}\nmanifest row {int(rec['row'])}"
+            title = f"{'correct' if correct else 'wrong'} call: y = {int(rec['y'])}\np = {rec['prob']:.3f}, threshold {threshold:.3f}"
             path = save_overlay(x[i, 0].float().numpy(), maps[i], folder / f"{split.name}-row{int(rec['row'])}.png", title)
             out.append({"file": str(path.relative_to(self.run.path)), "row": int(rec["row"]), "y": int(rec["y"]),
                         "prob": float(rec["prob"]), "correct": correct})

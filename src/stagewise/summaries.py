@@ -51,6 +51,15 @@ def _sites_training(fold_results: list[dict]) -> dict:
     return out
 
 
+def _training_curves(fold_results: list[dict]) -> list[dict]:
+    """Per fold and stage the training loss of each epoch (the report's training-curve figure:
+    a loss that never falls, or falls in one fold only, is visible before any metric is read)."""
+    return [{"repeat": m["repeat"], "fold": m["fold"],
+             "stages": [{"kind": st["kind"], "loss": [float(e["loss"]) for e in st.get("epochs", []) if "loss" in e]}
+                        for st in m.get("stages", [])]}
+            for m in fold_results]
+
+
 def unit_summary(unit: Unit, fold_results: list[dict]) -> dict:
     out = {
         "kind": unit.kind,
@@ -69,6 +78,7 @@ def unit_summary(unit: Unit, fold_results: list[dict]) -> dict:
         if unit.arm.sites.mode != "pooled":
             out["sites_training"] = _sites_training(fold_results)
         out["resources"] = _resources(fold_results)
+        out["training_curves"] = _training_curves(fold_results)
         if unit.arm.tune is not None:
             out["tuning"] = [{"repeat": m["repeat"], "fold": m["fold"], "chosen": m["tuning"]["chosen"]} for m in fold_results]
         out["saliency"] = [s for m in fold_results for s in m.get("saliency", [])]

@@ -85,9 +85,16 @@ class Cohort:
         return float(self.patient_labels().mean())
 
     def summary(self) -> dict:
+        """Counts of images, patients and outcomes (per site too), and per clinical or baseline
+        column how many rows lack a value (the report's missing-data item states them)."""
         out = _counts(self.table)
         if "site" in self.table:
             out["sites"] = {str(s): _counts(t) for s, t in self.table.groupby("site", sort=False)}
+        columns = list(dict.fromkeys([*self.config.clinical, *self.config.baselines]))
+        if columns:
+            out["missing"] = {c: {"rows": int(self.table[c].isna().sum()), "of_rows": int(len(self.table)),
+                                  "patients": int(self.table.loc[self.table[c].isna(), "patient"].nunique())}
+                              for c in columns if c in self.table}
         return out
 
 

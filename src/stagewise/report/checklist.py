@@ -124,6 +124,9 @@ def checklist(metrics: dict, recipe: dict, ctx: dict) -> tuple[list[dict], list[
         "decision curves (net benefit vs treat-all / treat-none)" if any(ev.get(n, {}).get("decision_curve") for n in order) else "",
         "baseline scores are not probabilities: no calibration for them" if baselines else "",
     ])
+    missing = cohort.get("missing")
+    if missing is not None:
+        item("Missing data", "TRIPOD+AI", _missing_lines(missing, r_cohort))
     sal = {n: arms[n].get("saliency") or [] for n in models}
     item("Failure analysis", "CLAIM", [
         f"Grad-CAM maps for {sum(bool(s.get('correct')) for s in v)} correct and "
@@ -139,10 +142,30 @@ def checklist(metrics: dict, recipe: dict, ctx: dict) -> tuple[list[dict], list[
         {"topic": "Outcome definition and timing", "guide": "TRIPOD+AI, CLAIM",
          "hint": f"what “{r_cohort.get('outcome', 'outcome')}” means, how and when it was assessed, by whom, blinded to the images?"},
         {"topic": "Data source and dates", "guide": "TRIPOD+AI, CLAIM", "hint": "institutions, scanners, acquisition period, image selection"},
-        {"topic": "Missing data", "guide": "TRIPOD+AI", "hint": "how many values were missing and why; handling beyond median imputation"},
         {"topic": "Sample-size justification", "guide": "TRIPOD+AI", "hint": "why this number of patients and events suffices"},
         {"topic": "External validation", "guide": "TRIPOD+AI, CLAIM", "hint": "performance on data from another site or period, or why none"},
         {"topic": "Intended use", "guide": "TRIPOD+AI, CLAIM", "hint": "target population, clinical setting, the decision the model informs"},
     ]
+    if missing is None:
+        user.append({"topic": "Missing data", "guide": "TRIPOD+AI",
+                     "hint": "how many values were missing and why (this run used no clinical or baseline columns)"})
+    else:
+        user.append({"topic": "Missing data: why", "guide": "TRIPOD+AI",
+                     "hint": "why the values counted above are missing (not recorded, not measured, not applicable) "
+                             "and whether missingness may relate to the outcome"})
     return auto, user
 
+
+def _missing_lines(missing: dict, r_cohort: dict) -> list[str]:
+    """Per column the rows (and patients) without a value, and how the run handled them."""
+    clinical_cols = set(r_cohort.get("clinical") or [])
+    lines = []
+    for col, m in missing.items():
+        if not m["rows"]:
+            how = "complete"
+        elif col in clinical_cols:
+            how = "median-imputed inside each fold (the median of its training part), wherever the column is used"
+        else:
+            how = "baseline score: rows without a value are left out of that baseline's figures"
+        lines.append(f"{col}: missing in {m['rows']} of {m['of_rows']} rows ({m['patients']} patients); {how}")
+    return lines or ["no clinical or baseline columns"]

@@ -28,6 +28,8 @@ from stagewise.report.figures import (
     palette,
     png_data_uri,
     roc_figure,
+    saliency_colorbar,
+    training_curve_figure,
 )
 from stagewise.report.formatting import (
     DASH,
@@ -269,22 +271,27 @@ def build_context(run_dir: str | Path) -> dict:
         items = arms[name].get("saliency") or []
         if not items:
             continue
+        thresholds = {f"r{f.get('repeat')}-f{f.get('fold')}": f.get("threshold") for f in arms[name].get("folds", [])}
         groups = []
         for correct, label in ((True, "correct calls"), (False, "wrong calls")):
             shown = []
             for s in items:
                 if bool(s.get("correct")) != correct:
                     continue
-                src = _embed_png(run_dir, s.get("file", ""))
                 split = _split_name(s.get("file", ""))
-                shown.append({
-                    "src": src, "file": s.get("file", ""),
-                    "alt": f"saliency map, {name}, {split} row {s.get('row')}, {'correct' if correct else 'wrong'}",
-                    "where": f"{split} · row {s.get('row')}",
-                    "caption": f"y = {s.get('y')} · p = {fmt_num(s.get('prob'))}",
+                call = "correct" if correct else "wrong"
+                shown.append({  # captions name the fold, never the image file
+                    "src": _embed_png(run_dir, s.get("file", "")),
+                    "alt": f"Grad-CAM map, {name}, fold {split}, {call} call",
+                    "where": f"fold {split}",
+                    "caption": f"y = {s.get('y')} · p = {fmt_num(s.get('prob'))} · "
+                               f"fold threshold {fmt_num(thresholds.get(split))}",
                 })
             groups.append({"label": label, "items": shown, "correct": correct})
         saliency.append({"unit": name, "groups": groups})
+    training_curves = [{"unit": n, "src": training_curve_figure(n, arms[n]["training_curves"], colors[n])}
+                       for n in order if arms[n].get("training_curves")]
+    training_curves = [t for t in training_curves if t["src"]]
 
     splits = []
     for name in order:
@@ -349,6 +356,8 @@ def build_context(run_dir: str | Path) -> dict:
         "site_training": _site_training_rows(arms, order),
         "tuning": tuning,
         "saliency": saliency,
+        "saliency_colorbar": saliency_colorbar() if saliency else None,
+        "training_curves": training_curves,
         "fold_units": order,
         "fold_rows": fold_rows,
         "figures": figures,
@@ -364,7 +373,8 @@ def build_context(run_dir: str | Path) -> dict:
         ("calibration", "Calibration & utility", bool(figures["calibration"] or figures["decision"])),
         ("label-efficiency", "Label efficiency", bool(figures["label_efficiency"])),
         ("sites", "Sites", bool(figures["sites"])),
-        ("tuning", "Nested CV", bool(tuning)), ("saliency", "Saliency", bool(saliency)),
+        ("tuning", "Nested CV", bool(tuning)), ("training-curves", "Training curves", bool(training_curves)),
+        ("saliency", "Saliency", bool(saliency)),
         ("checklist", "TRIPOD+AI / CLAIM", True), ("recipe", "Recipe & versions", True),
     ] if show]
     return ctx

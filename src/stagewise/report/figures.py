@@ -187,3 +187,47 @@ def site_forest_figure(units: list[str], ev: dict, colors: dict) -> str | None:
         ax.legend(loc="lower left", frameon=False)
 
     return _draw_png(draw, 5.6, 1.2 + 0.9 * len(sites))
+
+
+def training_curve_figure(unit: str, curves: list[dict], color: str) -> str | None:
+    """Training loss per epoch of one unit, one line per fold, its stages one after another
+    (dotted lines where a stage begins); None when no fold logged epochs."""
+    folds = [c for c in curves if any(st.get("loss") for st in c.get("stages", []))]
+    if not folds:
+        return None
+
+    def draw(ax) -> None:
+        bounds: list[tuple[int, str]] = []
+        for i, c in enumerate(folds):
+            losses, start = [], 0
+            for st in c["stages"]:
+                if i == 0:
+                    bounds.append((start, st["kind"]))
+                losses += st.get("loss", [])
+                start += len(st.get("loss", []))
+            ax.plot(range(1, len(losses) + 1), losses, color=color, lw=1.0, alpha=0.55,
+                    label="one line per fold" if i == 0 else None)
+        top = ax.get_ylim()[1]
+        for start, kind in bounds:
+            if start:
+                ax.axvline(start + 0.5, color=_REFERENCE, lw=0.8, ls=":")
+            ax.text(start + 0.7, top, _mpl_text(kind), fontsize=7, va="top", color="#4d5866")
+        ax.set(xlabel="epoch", ylabel="training loss", title=_mpl_text(f"{unit}: training loss per epoch"))
+        ax.legend(loc="upper right", frameon=False)
+
+    return _draw_png(draw, width=4.2, height=2.8)
+
+
+def saliency_colorbar() -> str:
+    """The colour scale of the Grad-CAM overlays (jet, 0 to 1), drawn once for the section."""
+    import matplotlib
+    from matplotlib.figure import Figure
+
+    with matplotlib.rc_context(_STYLE):
+        fig = Figure(figsize=(4.2, 0.55), dpi=DPI)
+        ax = fig.add_axes((0.05, 0.55, 0.9, 0.3))
+        fig.colorbar(matplotlib.cm.ScalarMappable(norm=matplotlib.colors.Normalize(0, 1), cmap="jet"), cax=ax,
+                     orientation="horizontal", label="Grad-CAM weight (0 = no influence, 1 = strongest)")
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight", pad_inches=0.04, metadata={"Software": None})
+    return png_data_uri(buf.getvalue())
