@@ -8,9 +8,10 @@ from pathlib import Path
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from stagewise.progress import LineReporter
 from stagewise.runs import RunError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Staged transfer learning on small clinical imaging cohorts.")
@@ -27,8 +28,14 @@ class RichReporter:
         self.epochs = None
 
     def start(self, total_folds: int) -> None:
+        self.trained = None
         self.folds = self.progress.add_task("folds", total=total_folds)
         self.epochs = self.progress.add_task("epochs", total=1, visible=False)
+
+    def plan(self, trained_units: list[str], n_splits: int) -> None:
+        """Count (and time, for the ETA) only the folds that train a network."""
+        self.trained = set(trained_units)
+        self.progress.reset(self.folds, total=len(trained_units) * n_splits, description="folds trained")
 
     def fold_started(self, arm, split, n_epochs) -> None:
         self.progress.update(self.folds, description=f"{arm} {split.name}")
@@ -38,7 +45,12 @@ class RichReporter:
         self.progress.update(self.epochs, advance=1, description=f"  {stage} loss {entry['loss']:.3f}")
 
     def fold_done(self, arm, split, metrics, resumed) -> None:
-        self.progress.advance(self.folds)
+        if self.trained is not None and arm not in self.trained:
+            return  # baseline scores and the clinical model train nothing
+        if resumed:  # not trained in this session: it counts, but leaves the ETA to the folds trained now
+            self.progress.update(self.folds, total=next(t.total for t in self.progress.tasks if t.id == self.folds) - 1)
+        else:
+            self.progress.advance(self.folds)
         if resumed:
             self.progress.console.print(f"[dim]{arm} {split.name}: finished earlier, read back[/dim]")
 
@@ -80,10 +92,14 @@ def metrics_table(metrics: dict) -> Table:
 def _run_recipe(recipe, out_dir: Path) -> None:
     from stagewise.study import run_study
 
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("ETA"), TimeRemainingColumn()]
     try:
-        with Progress(*columns, console=console, transient=False, disable=not console.is_terminal) as progress:
-            result = run_study(recipe, out_dir, RichReporter(progress))
+        if console.is_terminal:
+            with Progress(*columns, console=console, transient=False) as progress:
+                result = run_study(recipe, out_dir, RichReporter(progress))
+        else:  # a pipe, a log file, a batch job: plain lines (fold done, metrics, ETA)
+            result = run_study(recipe, out_dir, LineReporter())
     except KeyboardInterrupt:
         console.print(f"[yellow]interrupted.[/yellow] Finished folds are saved in {out_dir}; run the same command to resume.")
         raise typer.Exit(130)

@@ -28,6 +28,7 @@ from stagewise.evaluation.baselines import baseline_scores, clinical_model_score
 from stagewise.evaluation.metrics import binary_metrics, patient_scores
 from stagewise.evaluation.splits import Split, make_splits, subsample_patients
 from stagewise.models import Network, create_backbone, save_backbone, save_network
+from stagewise.progress import LineReporter
 from stagewise.recipe import ArmConfig, ProtocolConfig, Recipe, RecipeError, SslStage
 from stagewise.runs import RunDir, atomic_write, pretrain_fingerprint
 from stagewise.scoring import score_fold
@@ -360,8 +361,10 @@ def refit(recipe: Recipe, arm: str, run_dir: str | Path, reporter: Reporter | No
     configs = {a.name: a for a in recipe.arms}
     if arm not in configs:
         raise RecipeError(f"no model arm {arm!r}; arms: {sorted(configs)}")
-    study = Study(recipe, RunDir(Path(run_dir)), reporter or SilentReporter())
+    study = Study(recipe, RunDir(Path(run_dir)), reporter or LineReporter(epochs=True))
     everything = np.arange(study.cohort.n_images)
+    study.reporter.fold_started(f"refit {arm} on every image", Split(-1, -1, np.arange(0), np.arange(0)),
+                                sum(s.epochs for s in configs[arm].stages))
     net, _ = train_fold(configs[arm], study.pristine(configs[arm]), study.images, study.targets, everything,
                         recipe.seed, study.compute, study.cache, study.reporter)
     return net.cpu()

@@ -19,6 +19,7 @@ from stagewise.evaluation.evidence import compute_evidence
 from stagewise.evaluation.splits import Split
 from stagewise.executors import open_executor
 from stagewise.fitting import FoldOutput, Reporter, SilentReporter, Study, fold_seed, refit  # noqa: F401 - refit: public here
+from stagewise.progress import LineReporter
 from stagewise.recipe import Recipe
 from stagewise.runs import RunDir, RunError, atomic_write, cohort_digest, unit_fingerprint
 from stagewise.tracking import StudyTracker, open_tracker
@@ -58,12 +59,14 @@ def record_fold(run: RunDir, recipe: Recipe, unit: Unit, split: Split, fingerpri
 
 
 def run_study(recipe: Recipe, out_dir: str | Path, reporter: Reporter | None = None) -> StudyResult:
-    """Run every unit on the same folds; resume from finished folds in `out_dir`.
+    """Run every unit on the same folds; resume from finished folds in `out_dir`. Without a
+    `reporter`, progress goes to stderr as plain lines (`stagewise.progress.LineReporter`);
+    pass `SilentReporter()` for none.
 
     Nothing is written before the run has been checked against the directory: its lock is
     free, no foreign file would be overwritten, and finished folds there come from this very
     recipe and cohort. The error that stops a run is recorded in log.txt."""
-    reporter = reporter or SilentReporter()
+    reporter = reporter or LineReporter()  # from Python or a notebook: plain progress lines on stderr
     run = RunDir(Path(out_dir))
     run.check_owned()
     run.lock()
@@ -104,6 +107,9 @@ def _run(recipe: Recipe, run: RunDir, reporter: Reporter, tracker: StudyTracker)
     log.info("cohort %s: %d images, %d patients; %d splits; compute %s", Path(recipe.cohort.manifest).name,
              study.cohort.n_images, study.cohort.n_patients, len(study.splits), study.compute.label)
     reporter.start(len(units) * len(study.splits))
+    plan = getattr(reporter, "plan", None)  # optional, like `message`: which units train (counted, timed)
+    if plan is not None:
+        plan([u.name for u in units if u.kind == "model"], len(study.splits))
     results: dict[tuple[str, str], tuple[dict, pd.DataFrame]] = {}
 
     def finished(unit: Unit, split: Split, out: FoldOutput) -> None:
