@@ -11,6 +11,8 @@ naming units that exist.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from stagewise.data import Cohort, CohortError, check_images, load_cohort
@@ -34,6 +36,20 @@ class StudyCheckError(ValueError):
 
     def __reduce__(self):  # whole across processes (an executor's worker), like CohortError
         return (type(self), (self.problems, self.source))
+
+
+def missing_manifest_hint(recipe_file: str | Path, manifest: str | Path) -> str | None:
+    """When a recipe's manifest does not exist yet and a `prepare_*.py` script beside the
+    recipe names that manifest's file (the examples build theirs from ../shared/data), the
+    sentence that says which script to run; None otherwise."""
+    recipe_file, manifest = Path(recipe_file), Path(manifest)
+    if manifest.is_file():
+        return None
+    for script in sorted(recipe_file.parent.glob("prepare_*.py")):
+        if manifest.name in script.read_text(encoding="utf-8", errors="ignore"):
+            return (f"{recipe_file}: its manifest {manifest.name} does not exist yet; this example builds it with "
+                    f"`python {script}` (run it once, then validate again)")
+    return None
 
 
 def comparison_problems(recipe: Recipe) -> list[str]:

@@ -15,6 +15,23 @@ from stagewise.progress import LineReporter
 from stagewise.runs import RunError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Staged transfer learning on small clinical imaging cohorts.")
+
+
+def _version(value: bool) -> None:
+    if value:
+        from stagewise import __version__
+
+        print(f"stagewise {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="print the version and exit")) -> None:
+    """Staged transfer learning on small clinical imaging cohorts.
+
+    Example: stagewise validate examples/covid-outcome.yaml && stagewise run examples/covid-outcome.yaml
+    """
 console = Console(stderr=True)
 out = Console(width=None if Console().is_terminal else 140)  # logs and pipes: no 80-column wrap
 
@@ -131,6 +148,7 @@ def run(
 
     Example: stagewise run recipe.yaml --executor ray --address auto
     """
+    from stagewise.checks import missing_manifest_hint
     from stagewise.recipe import RecipeError, load_recipe
 
     def go():
@@ -144,6 +162,9 @@ def run(
         if address is not None or executor == "local":
             extra.append(f"compute.address={json.dumps(address)}")  # quoted: HOST:PORT stays a string
         r = load_recipe(recipe, [*overrides, *extra])
+        hint = missing_manifest_hint(recipe, r.cohort.manifest)
+        if hint:
+            raise RunError(hint.replace("then validate again", "then run again"))
         _run_recipe(r, out_dir or Path("runs") / r.name)
 
     _guard(go)
@@ -159,11 +180,14 @@ def validate(
 
     Example: stagewise validate examples/covid-outcome.yaml --set protocol.repeats=1
     """
-    from stagewise.checks import check_study
+    from stagewise.checks import check_study, missing_manifest_hint
     from stagewise.recipe import load_recipe
 
     def go():
         r = load_recipe(recipe, overrides)
+        hint = missing_manifest_hint(recipe, r.cohort.manifest)
+        if hint:
+            raise RunError(hint)
         cohort = check_study(r, source=str(recipe))
         for warning in cohort.warnings:
             console.print(f"[yellow]warning:[/yellow] {escape(warning)}")
@@ -176,7 +200,10 @@ def validate(
 
 @app.command()
 def demo(out_dir: Path = typer.Option(Path("runs/demo"), "--out", "-o", help="run directory")) -> None:
-    """An offline two-arm study on scikit-learn's digits (real scans), in about a minute or two."""
+    """An offline two-arm study on scikit-learn's digits (real scans), in about a minute or two.
+
+    Example: stagewise demo --out runs/demo 2>&1 | tee demo.log
+    """
     from stagewise.demo import demo_recipe, make_demo_cohort
 
     def go():
@@ -188,7 +215,10 @@ def demo(out_dir: Path = typer.Option(Path("runs/demo"), "--out", "-o", help="ru
 
 @app.command()
 def report(run_dir: Path = typer.Argument(..., help="a finished run directory")) -> None:
-    """Write RUN_DIR/report.html: one self-contained file that opens offline."""
+    """Write RUN_DIR/report.html: one self-contained file that opens offline.
+
+    Example: stagewise report runs/covid-outcome-icu
+    """
     from stagewise.report.html import write_report
 
     def go():
@@ -207,7 +237,10 @@ def export(
     refit: bool = typer.Option(False, "--refit", help="train the arm on every image instead"),
     out_dir: Path = typer.Option(None, "--out", "-o", help="bundle folder (default: RUN_DIR/bundles/ARM)"),
 ) -> None:
-    """Write a deployable bundle: safetensors + ONNX, preprocessing, threshold, model card."""
+    """Write a deployable bundle: safetensors + ONNX, preprocessing, threshold, model card.
+
+    Example: stagewise export runs/covid-outcome-icu --arm probe-thaw --refit
+    """
     from stagewise.deploy import export_bundle
 
     target = out_dir or run_dir / "bundles" / "+".join(arm)
@@ -340,7 +373,10 @@ def serve(
 
 @app.command()
 def backbones() -> None:
-    """List the backbone sources a recipe can name (every source in the registry)."""
+    """List the backbone sources a recipe can name (every source in the registry).
+
+    Example: stagewise backbones
+    """
     from stagewise.models import describe_sources
 
     table = Table("spec", "what it is")

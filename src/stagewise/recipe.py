@@ -711,17 +711,20 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         if not sep or not path:
             raise RecipeError(f"--set {item!r}: write FIELD=VALUE, e.g. protocol.repeats=1")
         node, parts = data, path.split(".")
-        for part in parts[:-1]:
+        for i, part in enumerate(parts):
             key = int(part) if isinstance(node, list) and part.isdigit() else part
-            try:
+            where = ".".join(parts[:i]) or "the recipe"
+            if isinstance(node, list) and isinstance(key, int) and not -len(node) <= key < len(node):
+                raise RecipeError(f"--set {item!r}: index {key} out of range: {where} has {len(node)} "
+                                  f"entr{'y' if len(node) == 1 else 'ies'} (0 to {len(node) - 1})")
+            if isinstance(node, list) and not isinstance(key, int):
+                raise RecipeError(f"--set {item!r}: {where} is a list; write an index (0 to {len(node) - 1}), not {part!r}")
+            if not isinstance(node, (list, dict)):
+                raise RecipeError(f"--set {item!r}: {where} is a value ({node!r}), it has no field {part!r}")
+            if i == len(parts) - 1:
+                node[key] = yaml.safe_load(raw)
+            else:
                 node = node[key] if isinstance(node, list) else node.setdefault(key, {})
-            except (IndexError, TypeError, AttributeError):
-                raise RecipeError(f"--set {item!r}: {part!r} is not a field of the recipe") from None
-        last = int(parts[-1]) if isinstance(node, list) and parts[-1].isdigit() else parts[-1]
-        try:
-            node[last] = yaml.safe_load(raw)
-        except (IndexError, TypeError) as err:
-            raise RecipeError(f"--set {item!r}: {err}") from None
     return data
 
 
