@@ -68,8 +68,8 @@ def test_cli_evaluate_with_recalibration_writes_shareable_figures_and_a_bundle_t
     y, d = patients["y"].to_numpy(), patients["score"].to_numpy() >= threshold
     assert ext["at_threshold"]["sensitivity"] == pytest.approx(d[y == 1].mean())
     assert ext["at_threshold"]["specificity"] == pytest.approx((~d[y == 0]).mean())
-    low, high = ext["bootstrap_ci"]["sensitivity"]["low"], ext["bootstrap_ci"]["sensitivity"]["high"]
-    assert low <= ext["at_threshold"]["sensitivity"] <= high
+    ci = ext["bootstrap_ci"]["sensitivity"]
+    assert ci["point"] == ext["at_threshold"]["sensitivity"] and 0 <= ci["low"] <= ci["high"] <= 1
     assert set(ext["sites"]) == {"north", "south"} and res["cohort"]["patients"] == len(patients)
     assert {r["metric"] for r in res["comparison"]} >= {"auroc", "sensitivity", "brier", "calibration_intercept"}
     assert res["development"]["available"] and res["development"]["cv"]["auroc"]["n"] == 3

@@ -19,7 +19,7 @@ from stagewise.tracking import STUDY_TAG, log_bundle, tracking_uri
 
 PROBE = {"kind": "probe", "epochs": 2, "batch_size": 16, "lr": 1e-2}
 ARMS = [{"name": "probe+a", "backbone": "scratch:resnet18", "stages": [PROBE]}]
-SERVER_START_S = 90
+SERVER_START_S = 120
 
 
 @pytest.fixture(scope="module", autouse=True)
