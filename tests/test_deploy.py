@@ -69,6 +69,14 @@ def test_refit_bundle_and_cli_predict(run_dir, tmp_path, digits_manifest):
     info = json.loads((tmp_path / "b" / "bundle.json").read_text())
     thresholds = [f["threshold"] for f in json.loads((run_dir / "metrics.json").read_text())["arms"]["net"]["folds"]]
     assert info["tasks"][0]["threshold"] == pytest.approx(float(np.median(thresholds)))
+    assert "[stagewise] epoch 1/" in result.output and "ETA" in result.output  # export --refit shows progress
+    card = (tmp_path / "b" / "MODEL_CARD.md").read_text()
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    for fact in ("Intended use: research", "randomly initialised (no pretrained weights)",
+                 f"the median of the {len(thresholds)} fold thresholds", "a refit has no held-out patients",
+                 f"{metrics['cohort']['patients']} patients, {metrics['cohort']['positive_patients']} positive (prevalence"):
+        assert fact in card, fact
+    assert "Calibration" in card and "held out" not in card
     images = sorted((digits_manifest.parent / "images").glob("*.png"))[:3]
     result = runner.invoke(app, ["predict", str(tmp_path / "b"), *map(str, images), "--csv", str(tmp_path / "p.csv")])
     assert result.exit_code == 0, result.output
@@ -85,6 +93,12 @@ def test_export_of_a_missing_fold_lists_the_folds_that_exist(run_dir, tmp_path):
 def test_bundle_carries_no_paths_or_file_names_and_ordinary_permissions(run_dir, tmp_path, digits_manifest):
     bundle = export_bundle(run_dir, "net", tmp_path / "bundle", fold="r0-f0")
     images = {p.name for p in (digits_manifest.parent / "images").glob("*.png")}
+    fold = next(f for f in json.loads((run_dir / "metrics.json").read_text())["arms"]["net"]["folds"]
+                if (f["repeat"], f["fold"]) == (0, 0))
+    card = (bundle / "MODEL_CARD.md").read_text()  # this fold's held-out figures, not the study mean
+    assert (f"This model (fold r0-f0), on the {fold['n_test_patients']} patients its fold held out: "
+            f"AUROC {fold['auroc']:.3f}, balanced accuracy {fold['balanced_accuracy']:.3f}") in card
+    assert "chosen on the training part of fold r0-f0" in card
     for f in bundle.iterdir():
         assert f.stat().st_mode & 0o777 == 0o644, f.name
         if f.suffix in (".json", ".yaml", ".md"):

@@ -26,6 +26,7 @@ from stagewise import __version__
 from stagewise.data import ImageReadError, read_image
 from stagewise.data.preprocess import to_cube, to_square
 from stagewise.evaluation.calibration import apply_recalibration
+from stagewise.model_card import card_facts, render_model_card
 from stagewise.models import Backbone, Head, Network, create_backbone, load_network, save_backbone
 from stagewise.recipe import HeadConfig, Recipe, recipe_from_dict, recipe_to_dict, shareable_backbone, shareable_recipe
 from stagewise.runs import RunError, check_writable
@@ -59,22 +60,10 @@ def export_onnx(model: torch.nn.Module, path: Path, image_size: int) -> Path:
     return path
 
 
-def _model_card(info: dict) -> str:
-    lines = [f"# {info['recipe']}: {', '.join(t['arm'] for t in info['tasks'])}", ""]
-    lines.append(f"- Backbone: `{info['backbone']}`, shared by {len(info['tasks'])} head(s); trained on {info['source']}")
-    lines.append(f"- Input: one-channel image, resized ({info['resize']}) to {info['image_size']} px, intensities in [0, 1]")
-    for t in info["tasks"]:
-        s = t["metrics"]
-        lines.append(
-            f"- `{t['output']}` (arm {t['arm']}, stages {' -> '.join(t['stages'])}): probability of "
-            f"{t['outcome']}; decision threshold {t['threshold']:.4f} (chosen on training data). "
-            f"Cross-validated ({t['n_folds']} folds): AUROC {s['auroc']['mean']:.3f} ± {s['auroc']['sd']:.3f}, "
-            f"balanced accuracy {s['balanced_accuracy']['mean']:.3f} ± {s['balanced_accuracy']['sd']:.3f}, "
-            f"F1 {s['f1']['mean']:.3f} ± {s['f1']['sd']:.3f}"
-        )
-    lines += ["", f"stagewise {info['stagewise']}. Research use only. Validate on local data before any clinical",
-              "use; the cross-validated figures describe the development cohort, not another site."]
-    return "\n".join(lines) + "\n"
+def fmt_threshold_rule(recipe: Recipe) -> str:
+    """The protocol's threshold rule in words (`youden`, or a fixed value)."""
+    t = recipe.protocol.threshold
+    return f"fixed at {t}" if isinstance(t, (int, float)) else f"the {t} rule"
 
 
 def _fold_network(run_dir: Path, arm: str, fold: str) -> tuple[Network, float]:
@@ -173,14 +162,17 @@ def _write_bundle(folder: Path, recipe: Recipe, metrics: dict, configs: dict, ar
                 "stages": [st.kind for st in configs[arm].stages], "n_folds": len(unit["folds"]),
                 "threshold": thresholds[arm] if j == 0 else _task_threshold(unit, outcome, refit, run_dir, arm, fold),
                 "metrics": unit["summary"] if j == 0 else unit["tasks"][outcome],
+                "card": card_facts(metrics, arm, configs[arm].backbone.name, fmt_threshold_rule(recipe), refit, fold)
+                if j == 0 else {},
             })
     info = {
         "stagewise": __version__, "recipe": recipe.name, "backbone": shareable_backbone(configs[arms[0]].backbone.name),
         "image_size": recipe.data.image_size, "resize": recipe.data.resize, "tasks": tasks,
         "source": "every image of the cohort (refit after cross-validation)" if refit else f"the training part of fold {fold}",
+        "refit": bool(refit),
     }
     (folder / "bundle.json").write_text(json.dumps(info, indent=2))
-    (folder / "MODEL_CARD.md").write_text(_model_card(info))
+    (folder / "MODEL_CARD.md").write_text(render_model_card(info))
     _write_validation(folder, run_dir, metrics, tasks)
     for path in folder.iterdir():  # ordinary permissions: a bundle copied to another account must load
         os.chmod(path, 0o644)
@@ -260,7 +252,7 @@ def recalibrated_bundle(source: str | Path, out: str | Path, output: str, recali
             if f.is_file() and f.name not in ("bundle.json", "MODEL_CARD.md", VALIDATION_FILE):
                 shutil.copyfile(f, tmp / f.name)
         (tmp / "bundle.json").write_text(json.dumps(info, indent=2))
-        card = _model_card(info) + (
+        card = render_model_card(info) + (
             f"\nRecalibrated (`{output}`, logistic, {recalibration['method']}): p' = sigmoid({a:.4f} + {b:.4f} logit p), "
             f"fitted on {recalibration['fitted_on']['n_patients']} patients of an external cohort "
             f"({recalibration['fitted_on']['n_positive']} positive); the threshold maps to {task['threshold']:.4f}.\n")

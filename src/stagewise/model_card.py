@@ -1,0 +1,92 @@
+"""What a bundle's model card states, and the card itself (MODEL_CARD.md).
+
+A card travels with the model to people who never saw the report, so it states what they
+need to read one prediction: what the model is for, the cohort's prevalence (PPV and NPV
+depend on it), how well its risks were calibrated, whether its backbone started from
+pretrained weights or at random, how its threshold was set, and the figures of *this* model:
+a fold bundle quotes the metrics of the patients its fold held out (not the study mean), a
+refit bundle, which has no held-out patients, says that its figures are the arm's
+cross-validated ones and its threshold the median of the fold thresholds. The facts are
+values of metrics.json, copied into bundle.json (`card_facts`); nothing here names a
+patient, a file or a folder.
+"""
+
+from __future__ import annotations
+
+HELD_OUT = ("auroc", "balanced_accuracy", "f1", "sensitivity", "specificity", "n_test_patients")
+INTENDED_USE = ("research: an estimate of the probability of the outcome from one image of a patient like those of "
+                "the development cohort; not a diagnosis, and not for clinical decisions without local validation")
+
+
+def _fold_metrics(unit: dict, fold: str) -> dict | None:
+    for f in unit.get("folds", []):
+        if f"r{f.get('repeat')}-f{f.get('fold')}" == fold:
+            return {k: f[k] for k in (*HELD_OUT, "threshold") if k in f}
+    return None
+
+
+def card_facts(metrics: dict, arm: str, backbone_spec: str, threshold_rule: str, refit: bool, fold: str | None) -> dict:
+    """The facts of one arm's card: intended use, prevalence, calibration, initialisation,
+    the threshold rule and (fold bundles) the held-out metrics of that fold."""
+    cohort = metrics.get("cohort", {})
+    unit = metrics["arms"][arm]
+    calibration = (metrics.get("evidence", {}).get("units", {}).get(arm) or {}).get("calibration")
+    facts = {
+        "intended_use": INTENDED_USE,
+        "cohort": {k: cohort[k] for k in ("patients", "positive_patients", "images", "positive_images") if k in cohort},
+        "calibration": {k: calibration[k] for k in ("slope", "intercept", "brier") if k in calibration} if calibration else None,
+        "backbone_init": "random" if backbone_spec.startswith("scratch:") else "pretrained",
+        "threshold_rule": threshold_rule,
+    }
+    if refit:
+        facts["threshold_rule"] = (f"the median of the {len(unit.get('folds', []))} fold thresholds ({threshold_rule}, "
+                                   "each chosen on its fold's training part): a refit has no patients left to choose one on")
+    elif fold is not None:
+        facts["held_out"] = {"fold": fold, **(_fold_metrics(unit, fold) or {})}
+        facts["threshold_rule"] = f"{threshold_rule}, chosen on the training part of fold {fold}"
+    return facts
+
+
+def _num(x, digits: int = 3) -> str:
+    return "n/a" if x is None else f"{x:.{digits}f}"
+
+
+def render_model_card(info: dict) -> str:
+    """MODEL_CARD.md from bundle.json's `info`."""
+    lines = [f"# {info['recipe']}: {', '.join(t['arm'] for t in info['tasks'])}", ""]
+    init = {"random": "randomly initialised (no pretrained weights)", "pretrained": "started from pretrained weights"}
+    first = info["tasks"][0].get("card", {})
+    lines.append(f"- Intended use: {first.get('intended_use', INTENDED_USE)}")
+    lines.append(f"- Backbone: `{info['backbone']}`, {init.get(first.get('backbone_init'), 'initialisation not recorded')}, "
+                 f"shared by {len(info['tasks'])} head(s); trained on {info['source']}")
+    lines.append(f"- Input: one-channel image, resized ({info['resize']}) to {info['image_size']} px, "
+                 f"{info.get('intensity', 'intensities in [0, 1]')}")
+    c = first.get("cohort") or {}
+    if c.get("patients"):
+        lines.append(f"- Development cohort: {c['patients']} patients, {c.get('positive_patients')} positive "
+                     f"(prevalence {c.get('positive_patients', 0) / c['patients']:.1%}); {c.get('images')} images. "
+                     "PPV and NPV at another prevalence differ.")
+    for t in info["tasks"]:
+        s, card = t["metrics"], t.get("card", {})
+        lines.append(
+            f"- `{t['output']}` (arm {t['arm']}, stages {' -> '.join(t['stages'])}): probability of "
+            f"{t['outcome']}; decision threshold {t['threshold']:.4f}: {card.get('threshold_rule', 'chosen on training data')}.")
+        held = card.get("held_out")
+        if held:
+            lines.append(f"  - This model (fold {held['fold']}), on the {held.get('n_test_patients', 'n/a')} patients its "
+                         f"fold held out: AUROC {_num(held.get('auroc'))}, balanced accuracy "
+                         f"{_num(held.get('balanced_accuracy'))}, F1 {_num(held.get('f1'))}, sensitivity "
+                         f"{_num(held.get('sensitivity'))}, specificity {_num(held.get('specificity'))}")
+        lines.append(f"  - The arm across {t['n_folds']} folds (cross-validated, mean ± sd): AUROC "
+                     f"{s['auroc']['mean']:.3f} ± {s['auroc']['sd']:.3f}, balanced accuracy "
+                     f"{s['balanced_accuracy']['mean']:.3f} ± {s['balanced_accuracy']['sd']:.3f}, "
+                     f"F1 {s['f1']['mean']:.3f} ± {s['f1']['sd']:.3f}"
+                     + ("; a refit has no held-out patients, so these are the figures to quote" if "held_out" not in card
+                        and info.get("refit") else ""))
+        cal = card.get("calibration")
+        lines.append(f"  - Calibration of the arm's out-of-fold risks: slope {_num(cal.get('slope'), 2)}, intercept "
+                     f"{_num(cal.get('intercept'), 2)}, Brier {_num(cal.get('brier'))} (slope 1 and intercept 0 ideal)"
+                     if cal else "  - Calibration: not computed in this run")
+    lines += ["", f"stagewise {info['stagewise']}. Research use only. Validate on local data before any clinical",
+              "use; the cross-validated figures describe the development cohort, not another site."]
+    return "\n".join(lines) + "\n"
