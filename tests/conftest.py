@@ -1,5 +1,6 @@
 import os
 import socket
+import subprocess
 import time
 import urllib.request
 
@@ -9,6 +10,8 @@ import torch
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(int(os.environ.get("STAGEWISE_TEST_THREADS", min(2, os.cpu_count() or 1))))
+
+from stagewise.fitting import SilentReporter  # noqa: E402 - after the environment above is set
 
 
 @pytest.fixture(scope="session")
@@ -60,23 +63,28 @@ def wait_healthy(url: str, proc, log_path, seconds: float) -> None:
         time.sleep(0.1)
 
 
-class StopAfter:
-    """A silent progress reporter that presses Ctrl-C after `n` folds finished in this session."""
+class StopAfter(SilentReporter):
+    """A silent progress reporter that presses Ctrl-C after `n` folds finished in this
+    session; `started` counts the folds that began."""
 
     def __init__(self, n):
-        self.n = n
-
-    def start(self, total_folds):
-        pass
+        self.n, self.started = n, 0
 
     def fold_started(self, arm, split, n_epochs):
-        pass
-
-    def epoch_done(self, stage, epoch, entry):
-        pass
+        self.started += 1
 
     def fold_done(self, arm, split, metrics, resumed):
         if not resumed:
             self.n -= 1
             if self.n == 0:
                 raise KeyboardInterrupt
+
+
+def stop_process(proc, timeout: float = 15) -> None:
+    """Terminate a server a test started; kill it when it does not exit in time."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=5)

@@ -28,7 +28,7 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from conftest import free_port, small_recipe, wait_healthy
+from conftest import free_port, small_recipe, stop_process, wait_healthy
 from stagewise.cli import app as cli
 from stagewise.data.readers import read_image, read_image_bytes
 from stagewise.deploy import Bundle, export_bundle
@@ -182,12 +182,7 @@ def server(bundle_dir, tmp_path_factory):
         wait_healthy(url, proc, log, 60)
         yield {"url": url, "pid": proc.pid, "log": log}
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
+        stop_process(proc)
 
 
 # ------------------------------------------------------------------------------ reading in memory

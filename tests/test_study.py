@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from conftest import small_recipe
+from conftest import StopAfter, small_recipe
 from stagewise.cli import app
 from stagewise.evaluation.splits import SplitError, make_splits
 from stagewise.recipe import ProtocolConfig
@@ -78,28 +78,6 @@ def test_real_signal_scores_well_and_outputs_are_complete(digits_manifest, tmp_p
         assert (tmp_path / "run" / name).is_file()
 
 
-class _StopAfter:
-    """A progress reporter that interrupts the study like Ctrl-C after n finished folds."""
-
-    def __init__(self, n):
-        self.n, self.started = n, 0
-
-    def start(self, total):
-        pass
-
-    def fold_started(self, arm, split, n_epochs):
-        self.started += 1
-
-    def epoch_done(self, stage, epoch, entry):
-        pass
-
-    def fold_done(self, arm, split, metrics, resumed):
-        if not resumed:
-            self.n -= 1
-            if self.n == 0:
-                raise KeyboardInterrupt
-
-
 def test_interrupted_study_resumes_and_matches_an_uninterrupted_one(digits_manifest, tmp_path):
     arms = [{"name": "a", "backbone": "scratch:resnet18", "stages": [PROBE]},
             {"name": "b", "backbone": "scratch:resnet18", "stages": [PROBE, THAW]}]
@@ -107,8 +85,8 @@ def test_interrupted_study_resumes_and_matches_an_uninterrupted_one(digits_manif
     full = run_study(recipe, tmp_path / "full")
 
     with pytest.raises(KeyboardInterrupt):
-        run_study(recipe, tmp_path / "resumed", _StopAfter(4))
-    counter = _StopAfter(10**6)
+        run_study(recipe, tmp_path / "resumed", StopAfter(4))
+    counter = StopAfter(10**6)
     resumed = run_study(recipe, tmp_path / "resumed", counter)
     assert counter.started == 2  # 6 folds in all, 4 finished before the interruption
     for arm in ("a", "b"):  # the numbers match; timings and memory of course do not

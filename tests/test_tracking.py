@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import StopAfter, free_port, small_recipe, wait_healthy
+from conftest import StopAfter, free_port, small_recipe, stop_process, wait_healthy
 from stagewise.recipe import recipe_from_dict, recipe_to_dict
 from stagewise.runs import RunError
 from stagewise.study import run_study
@@ -37,12 +37,7 @@ def server_process(tmp_path_factory):
     try:
         yield f"http://127.0.0.1:{port}", proc, log
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
 
 
 @pytest.fixture(scope="module")
