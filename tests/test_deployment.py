@@ -137,7 +137,7 @@ def test_a_site_lost_mid_round_is_survived_and_a_stopped_coordinator_resumes(hos
                      min_sites=1, round_timeout=60)
     sites = _sites(tmp_path, recipe, manifests)
     job = JobDir(tmp_path / "job")
-    job.write_job(recipe, "fed", sites=2, cv=False, final=True, connect_timeout=15)
+    job.write_job(recipe, "fed", sites=2, cv=False, final=True, connect_timeout=8)
     certs = make_certificates(tmp_path / "certs", ["127.0.0.1"])
     port = free_port()
 

@@ -134,6 +134,7 @@ class Coordinator:
             cmd += ["--enable-supernode-auth"]
         _write_connection(self.home, self._local_address(), ca)
         self.log = self.home / "superlink.log"
+        self._log_start = self.log.stat().st_size if self.log.is_file() else 0  # the log of earlier starts is kept
         out = self.log.open("ab")
         self.process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
                                         env=_flower_env(self.home, {RUN_DIR_ENV: str(self.run_dir.resolve())}))
@@ -150,7 +151,7 @@ class Coordinator:
         while time.monotonic() - t0 < timeout:
             if self.process.poll() is not None:
                 raise FederatedError(f"the SuperLink stopped at start (exit {self.process.returncode}); see {self.log}")
-            if b"Uvicorn running" in self.log.read_bytes():
+            if b"Uvicorn running" in self.log.read_bytes()[self._log_start:]:
                 return
             time.sleep(0.3)
         raise FederatedError(f"the SuperLink did not start within {timeout:.0f} s; see {self.log}")
@@ -159,7 +160,11 @@ class Coordinator:
         """Admit a site's public key (again, on a restart: the SuperLink's database keeps it)."""
         if not key.is_file():
             raise FederatedError(f"{key}: no such site key (each hospital makes one with `stagewise federation key`)")
-        res = self._flwr("supernode", "register", str(key.resolve()), "coordinator", "--name", key.stem)
+        for _ in range(5):  # the HTTP API may come up a moment after the server says it runs
+            res = self._flwr("supernode", "register", str(key.resolve()), "coordinator", "--name", key.stem)
+            if res.returncode == 0 or "unavailable" not in (res.stdout + res.stderr).lower():
+                break
+            time.sleep(1.0)
         if res.returncode != 0 and "already" not in (res.stdout + res.stderr).lower():
             raise FederatedError(f"could not admit site key {key.name}: {(res.stdout + res.stderr).strip()[-400:]}")
 
