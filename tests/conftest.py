@@ -88,3 +88,11 @@ def stop_process(proc, timeout: float = 15) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait(timeout=5)
+
+
+def same_numbers(a, b) -> bool:
+    """Equal nested numbers, NaN equal to NaN (undefined metrics such as PPV with no positive
+    call are NaN, and NaN != NaN in plain comparison)."""
+    import json
+
+    return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)

@@ -20,7 +20,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import StopAfter, small_recipe
+from conftest import StopAfter, same_numbers, small_recipe
 from stagewise.study import run_study
 
 ray = pytest.importorskip("ray")
@@ -189,7 +189,7 @@ def _assert_same_numbers(a, b, read_back=False):
     a resumed local run (test_study): then those two are compared to 1e-9."""
     for arm in ("a", "b"):
         for key in ("summary", "folds"):
-            assert a.metrics["arms"][arm][key] == b.metrics["arms"][arm][key], (arm, key)
+            assert same_numbers(a.metrics["arms"][arm][key], b.metrics["arms"][arm][key]), (arm, key)
     if read_back:
         _assert_close(a.metrics["evidence"], b.metrics["evidence"])
         pd.testing.assert_frame_equal(a.predictions, b.predictions, check_exact=False, rtol=1e-12)
