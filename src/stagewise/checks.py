@@ -97,6 +97,9 @@ def arm_problems(arm: ArmConfig) -> list[str]:
         if planar and backbone.spatial_dims == 3:
             problems.append(f"arm {arm.name!r}, stage {i} ({stage.kind}): augment.{planar[0]} is 2D only and "
                             f"{spec.name} takes volumes; remove it (flip, rotate, scale, translate and mask work in 3D)")
+        if stage.augment_on == "features" and backbone.spatial_dims == 3:
+            problems.append(f"arm {arm.name!r}, stage {i} ({stage.kind}): augment_on: features is for 2D feature maps "
+                            f"and {spec.name} takes volumes; use augment_on: images")
     if arm.sites.mode == "federated":
         from stagewise.federated.rounds import FederatedError, make_strategy
 

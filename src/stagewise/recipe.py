@@ -218,11 +218,26 @@ class Stage(_Strict):
     not listed take the head's), e.g. the BPD code's {head: 1e-5, layer4: 1e-4, ...}."""
     schedule: Literal["onecycle", "cosine", "constant"] = "constant"
     pct_start: float = Field(0.3, gt=0, lt=1)
-    bn: Literal["adapt", "freeze"] = "freeze"
-    """adapt: running statistics of frozen blocks still update (train mode); freeze: eval mode."""
+    bn: Literal["adapt", "adapt_once", "freeze"] = "freeze"
+    """BatchNorm of the frozen groups. freeze: eval mode, the pretrained statistics. adapt:
+    train mode, statistics of every batch (the BPD code's `model.train()`); each forward then
+    depends on its batch, so the frozen groups cannot be cached. adapt_once: re-estimated once
+    at the start of the stage on the fold's training images (AdaBN, Li et al. 2016), then
+    fixed: the same domain adaptation without batch-dependent forwards, so the frozen prefix
+    is computed once per fold again (a deviation from `adapt`; its cost is measured in
+    benchmarks/RESULTS.md)."""
     augment: AugmentConfig = AugmentConfig()
     cutmix: MixConfig | None = None
     mixup: MixConfig | None = None
+    augment_on: Literal["images", "features"] = "images"
+    """images: augmentation and CutMix/MixUp on every training batch's images (the published
+    protocols). features: on the output of the groups that are frozen in that epoch (the
+    geometric warp, crop and masking with their sizes as fractions of the side, so they scale
+    to the feature map; CutMix boxes cut from the map), so that output is computed once per
+    fold and reused, not recomputed for every batch. Where nothing is frozen, or a backbone
+    cannot be cut between groups, it acts on the images. Blur and intensity act on pixel
+    values and are refused here. A deviation from augmenting images (manifold-style
+    augmentation); its cost in AUROC is measured in benchmarks/RESULTS.md."""
     balanced_sampling: bool = False
     activation_bits: Literal[8] | None = None
     """Store activations saved for backward in 8 bits (less memory, approximate gradients)."""
@@ -240,6 +255,14 @@ class Stage(_Strict):
             raise ValueError("give either per-group `lr` or `lr_decay`, not both")
         if isinstance(self.weight_decay, dict) and "head" not in self.weight_decay:
             raise ValueError("a per-group `weight_decay` needs a `head` entry")
+        if self.augment_on == "features":
+            pixel = [k for k in ("blur", "intensity") if getattr(self.augment, k)]
+            if pixel:
+                raise ValueError(f"augment_on: features cannot apply augment.{' or augment.'.join(pixel)} (they act on "
+                                 "pixel values, not on feature maps): remove them or use augment_on: images")
+            if self.bn == "adapt":
+                raise ValueError("augment_on: features needs frozen groups that compute a fixed function of the image: "
+                                 "use bn: freeze or bn: adapt_once, not adapt")
         return self
 
     @property
@@ -271,7 +294,7 @@ class Stage(_Strict):
 
     @property
     def random_input(self) -> bool:
-        """True when the stage changes its input images at random (no frozen-prefix reuse)."""
+        """True when the stage changes its input at random (augmentation, CutMix, MixUp)."""
         return self.augment.active or self.cutmix is not None or self.mixup is not None
 
 
@@ -340,6 +363,8 @@ class DualStage(Stage):
     def _needs_stream(self) -> "DualStage":
         if not self.augment.active or self.cutmix or self.mixup:
             raise ValueError("a dual stage needs `augment` (the second stream) and no cutmix/mixup")
+        if self.augment_on == "features":
+            raise ValueError("a dual stage's `augment` is its second input stream: augment_on must be images")
         return self
 
 

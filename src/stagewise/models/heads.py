@@ -41,7 +41,8 @@ class Network(nn.Module):
     """Backbone + head.
 
     `forward(x, start=k)` resumes after k backbone groups from a cached prefix output;
-    k equal to the number of groups means `x` already holds pooled features.
+    k equal to the number of groups means `x` holds pooled features (N, C), or the last
+    group's feature maps (augmented on them), which are pooled here.
     """
 
     def __init__(self, backbone: Backbone, head: Head, n_extra: int = 0):
@@ -88,7 +89,7 @@ class Network(nn.Module):
         return out
 
     def forward(self, x: torch.Tensor, start: int = 0, extra: torch.Tensor | None = None) -> torch.Tensor:
-        if start < len(self.backbone.group_names):
+        if start < len(self.backbone.group_names) or x.dim() > 2:
             x = self.backbone(x, start=start)
         if self.n_extra:
             if extra is None or extra.shape[1] != self.n_extra:

@@ -36,18 +36,7 @@ def augment_batch(x: torch.Tensor, cfg: AugmentConfig, g: torch.Generator) -> to
     if x.dim() == 5:
         return _augment_volumes(x, cfg, g)
     n = x.shape[0]
-    x = x.float()
-    if cfg.rotate or cfg.translate or cfg.scale or cfg.flip:
-        angle = _uniform(n, math.radians(cfg.rotate), g)
-        scale = 1 + _uniform(n, cfg.scale, g)
-        flip = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0) if cfg.flip else torch.ones(n)
-        cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
-        theta = torch.zeros(n, 2, 3)
-        theta[:, 0, 0], theta[:, 0, 1] = cos * flip, -sin
-        theta[:, 1, 0], theta[:, 1, 1] = sin * flip, cos
-        theta[:, 0, 2], theta[:, 1, 2] = _uniform(n, 2 * cfg.translate, g), _uniform(n, 2 * cfg.translate, g)
-        grid = F.affine_grid(theta.to(x.device), list(x.shape), align_corners=False)
-        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    x = _warp(x.float(), cfg, g)
     if cfg.crop is not None:
         x = random_resized_crop(x, cfg.crop, g)
     if cfg.blur is not None:
@@ -60,6 +49,39 @@ def augment_batch(x: torch.Tensor, cfg: AugmentConfig, g: torch.Generator) -> to
     if cfg.mask is not None:
         x = pixel_mask(x, cfg.mask, g)
     return x
+
+
+def augment_features(x: torch.Tensor, cfg: AugmentConfig, g: torch.Generator) -> torch.Tensor:
+    """The stage's augmentation on feature maps (N, C, h, w), the cached output of the frozen
+    groups (`augment_on: features`): the same flip/rotation/shift/zoom warp and resized crop,
+    whose sizes are fractions of the side and so scale to the map, and masking, whose masked
+    activations become 0 (a dropout of feature-map cells). Blur and intensity act on pixel
+    values; the recipe refuses them here. Drawn in the same order as `augment_batch`."""
+    if not cfg.active:
+        return x
+    x = _warp(x.float(), cfg, g)
+    if cfg.crop is not None:
+        x = random_resized_crop(x, cfg.crop, g)
+    if cfg.mask is not None:
+        x = pixel_mask(x, cfg.mask.model_copy(update={"value": 0.0}), g)
+    return x
+
+
+def _warp(x: torch.Tensor, cfg: AugmentConfig, g: torch.Generator) -> torch.Tensor:
+    """Flip, rotation, zoom and shift of (N, C, H, W) as one affine warp, one draw per image."""
+    if not (cfg.rotate or cfg.translate or cfg.scale or cfg.flip):
+        return x
+    n = x.shape[0]
+    angle = _uniform(n, math.radians(cfg.rotate), g)
+    scale = 1 + _uniform(n, cfg.scale, g)
+    flip = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0) if cfg.flip else torch.ones(n)
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0], theta[:, 0, 1] = cos * flip, -sin
+    theta[:, 1, 0], theta[:, 1, 1] = sin * flip, cos
+    theta[:, 0, 2], theta[:, 1, 2] = _uniform(n, 2 * cfg.translate, g), _uniform(n, 2 * cfg.translate, g)
+    grid = F.affine_grid(theta.to(x.device), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
 def _chosen(n: int, p: float, g: torch.Generator) -> list[int]:

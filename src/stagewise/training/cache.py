@@ -74,6 +74,12 @@ def prefix_fingerprints(net: Network, upto: int | None = None) -> list[str]:
     return out
 
 
+def resumable_depths(net: Network) -> list[int]:
+    """Prefix depths this backbone can resume from: any for sequential ones, else whole."""
+    n = len(net.backbone.group_names)
+    return list(range(1, n + 1)) if net.backbone.sequential else [n]
+
+
 class PrefixCache:
     """Prefix outputs for every image, least recently used first out beyond `max_bytes`."""
 
@@ -83,25 +89,23 @@ class PrefixCache:
         self.hits = 0
         self.misses = 0
 
-    def _key(self, images: ImageSet, k: int, fingerprint: str, compute: Compute) -> tuple:
-        return (images.key, k, fingerprint, compute.label)
+    def _key(self, images: ImageSet, k: int, fingerprint: str, compute: Compute, maps: bool = False) -> tuple:
+        return (images.key, k, fingerprint, compute.label) + (("maps",) if maps else ())
 
-    def valid_depths(self, net: Network) -> list[int]:
-        """Prefix depths this backbone can resume from: any for sequential ones, else whole."""
-        n = len(net.backbone.group_names)
-        return list(range(1, n + 1)) if net.backbone.sequential else [n]
-
-    def get(self, net: Network, k: int, images: ImageSet, compute: Compute) -> torch.Tensor:
-        """Outputs of the first k groups (eval mode) for all images, computed at most once."""
-        if k not in self.valid_depths(net):
+    def get(self, net: Network, k: int, images: ImageSet, compute: Compute, maps: bool = False) -> torch.Tensor:
+        """Outputs of the first k groups (eval mode) for all images, computed at most once.
+        After the last group they are the pooled features, unless `maps` asks for the
+        feature maps before pooling (for augmentation on them)."""
+        if k not in resumable_depths(net):
             raise ValueError(f"cannot resume {net.backbone.arch} after {k} groups")
-        key = self._key(images, k, prefix_fingerprints(net, upto=k)[k - 1], compute)
+        maps = maps and k == len(net.backbone.group_names)  # before the last group, outputs are maps anyway
+        key = self._key(images, k, prefix_fingerprints(net, upto=k)[k - 1], compute, maps)
         if key in self._store:
             self.hits += 1
             self._store.move_to_end(key)
             return self._store[key]
         self.misses += 1
-        out = self._compute(net, k, images, compute)
+        out = self._compute(net, k, images, compute, maps)
         self._store[key] = out
         while sum(t.numel() * t.element_size() for t in self._store.values()) > self.max_bytes and len(self._store) > 1:
             self._store.popitem(last=False)
@@ -110,17 +114,17 @@ class PrefixCache:
     def deepest_cached(self, net: Network, images: ImageSet, compute: Compute) -> int:
         """The largest k with a stored entry for the current weights, 0 if none."""
         fps = prefix_fingerprints(net)
-        for k in sorted(self.valid_depths(net), reverse=True):
+        for k in sorted(resumable_depths(net), reverse=True):
             if self._key(images, k, fps[k - 1], compute) in self._store:
                 return k
         return 0
 
     @torch.no_grad()
-    def _compute(self, net: Network, k: int, images: ImageSet, compute: Compute) -> torch.Tensor:
+    def _compute(self, net: Network, k: int, images: ImageSet, compute: Compute, maps: bool) -> torch.Tensor:
         backbone = net.backbone
         was_training = [m.training for m in backbone.modules()]
         backbone.eval()
-        stop = None if k == len(backbone.group_names) else k
+        stop = None if k == len(backbone.group_names) and not maps else k
         chunks = []
         try:
             for i in range(0, len(images), compute.eval_batch_size):

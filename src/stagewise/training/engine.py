@@ -20,8 +20,9 @@ import torch.nn.functional as F
 
 from stagewise.models.heads import Network
 from stagewise.recipe import Stage
-from stagewise.training.augment import augment_batch, mix_batch
-from stagewise.training.cache import ImageSet, PrefixCache
+from stagewise.training.adabn import adapt_batchnorm
+from stagewise.training.augment import augment_batch, augment_features, mix_batch
+from stagewise.training.cache import ImageSet, PrefixCache, resumable_depths
 from stagewise.training.compute import Compute
 from stagewise.training.hooks import hooks_for
 from stagewise.training.memory import SavedActivations, peak_memory, reset_peak
@@ -136,9 +137,10 @@ def _epoch_order(idx: np.ndarray, y: np.ndarray, balanced: bool, g: torch.Genera
 
 
 def _set_bn_policy(net: Network, frozen_groups: list[str], bn: str) -> None:
-    """`freeze`: frozen groups run in eval mode, so their BatchNorm statistics stay fixed."""
+    """`freeze` and `adapt_once` (after its one re-estimate): frozen groups run in eval mode,
+    so their BatchNorm statistics stay fixed; `adapt`: they run in train mode."""
     net.train()
-    if bn == "freeze":
+    if bn != "adapt":
         for g in frozen_groups:
             for m in net.backbone.group_modules(g):
                 m.eval()
@@ -159,6 +161,8 @@ class StageLog:
     epochs: list[dict] = field(default_factory=list)
     memory: dict = field(default_factory=dict)
     """Peak RSS (and CUDA peak) over the stage, and the peak bytes saved for backward in a step."""
+    adapted_batchnorm: int = 0
+    """BatchNorm layers whose statistics `bn: adapt_once` re-estimated at the stage's start."""
 
     @property
     def seconds(self) -> float:
@@ -214,6 +218,8 @@ def fit_stage(
     net.backbone.checkpoint_groups = stage.checkpointing
     log = StageLog(stage.kind)
     reset_peak(compute.device)
+    if stage.bn == "adapt_once":  # AdaBN on this fold's training images, before the first step
+        log.adapted_batchnorm = adapt_batchnorm(net, _frozen_prefix(net, plan.trainable(0)), images, train_idx, compute)
 
     with hooks.context():
         for epoch in range(stage.epochs):
@@ -226,14 +232,12 @@ def fit_stage(
             frozen = [n for n in net.backbone.group_names if n not in trainable]
             _set_bn_policy(net, frozen, stage.bn)
             k = _frozen_prefix(net, trainable)
-            reuse = (
-                cache is not None
-                and compute.reuse_frozen
-                and not stage.random_input
-                and stage.bn == "freeze"
-                and k in cache.valid_depths(net)
-            )
-            source = cache.get(net, k, images, compute) if reuse else images.x
+            cut = k in resumable_depths(net)
+            # augment_on: features -> the frozen groups' output as feature maps, augmented per batch
+            on_features = stage.augment_on == "features" and hooks.augments_input and cut and net.backbone.sequential
+            fixed = stage.bn != "adapt" and (on_features or not stage.random_input)
+            reuse = cache is not None and compute.reuse_frozen and fixed and cut
+            source = cache.get(net, k, images, compute, maps=on_features) if reuse else images.x
             start = k if reuse else 0
             lrs_at_start = {pg["name"]: pg["lr"] for pg in optimizer.param_groups}
             decay = {pg["name"]: pg["weight_decay"] for pg in optimizer.param_groups}
@@ -242,8 +246,11 @@ def fit_stage(
                 xb = compute.to_input(source[torch.as_tensor(batch)])
                 yb = targets[batch].to(compute.device)
                 eb = None if extra is None else extra[batch].to(compute.device)
-                if start == 0 and hooks.augments_input:
-                    xb = augment_batch(xb, stage.augment, g)
+                step_start = start
+                if on_features and start == 0:  # no cache: the frozen groups run here, as the cache would
+                    xb, step_start = _frozen_output(net, xb, k, compute), k
+                if hooks.augments_input and (step_start == 0 or on_features):
+                    xb = augment_features(xb, stage.augment, g) if on_features else augment_batch(xb, stage.augment, g)
                     if eb is None:
                         xb, yb = mix_batch(xb, yb, stage.cutmix, stage.mixup, g)
                     else:  # a mixed image gets the same mix of clinical values as of labels
@@ -252,7 +259,7 @@ def fit_stage(
                 hooks.before_step()
                 with meter.step():
                     with compute.autocast():
-                        logits = hooks.forward(xb, start, g, eb)
+                        logits = hooks.forward(xb, step_start, g, eb)
                     loss = objective.loss(logits, yb)
                     if penalty is not None:
                         loss = loss + penalty()
@@ -277,6 +284,7 @@ def fit_stage(
                 "lr": lrs_at_start,
                 "weight_decay": decay,
                 "resumed_after_groups": start,
+                "augmented": ("features" if on_features else "images") if stage.random_input else None,
                 "seconds": time.perf_counter() - t0,
             }
             entry |= hooks.epoch_entry()
@@ -292,6 +300,14 @@ def fit_stage(
     for p in net.parameters():
         p.requires_grad_(False)
     return log
+
+
+@torch.no_grad()
+def _frozen_output(net: Network, xb: torch.Tensor, k: int, compute: Compute) -> torch.Tensor:
+    """Groups 0..k-1 (frozen, in eval mode) on one batch as feature maps (not pooled): what the
+    prefix cache holds for it under `augment_on: features`."""
+    with compute.autocast():
+        return net.backbone(xb, start=0, stop=k)
 
 
 @torch.no_grad()
