@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, PngImagePlugin
 from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
@@ -21,6 +21,7 @@ from stagewise.data import (
     read_image,
     to_square,
 )
+from stagewise.data.readers import read_image_bytes
 from stagewise.recipe import CohortConfig
 
 
@@ -33,11 +34,12 @@ def write_dicom(path: Path, pixels: np.ndarray, **elements) -> Path:
     ds.SOPClassUID = meta.MediaStorageSOPClassUID
     ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
     ds.Modality = "DX"
-    pixels = np.asarray(pixels, dtype=np.uint16)
+    allocated = elements.get("BitsAllocated", 16)
+    pixels = np.asarray(pixels, dtype=np.uint8 if allocated == 8 else np.uint16)
     ds.Rows, ds.Columns = pixels.shape
-    ds.BitsAllocated = 16
-    ds.BitsStored = 16
-    ds.HighBit = 15
+    ds.BitsAllocated = allocated
+    ds.BitsStored = allocated
+    ds.HighBit = allocated - 1
     ds.PixelRepresentation = 0
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
@@ -91,11 +93,15 @@ def test_rgba_png_drops_alpha(tmp_path):
     np.testing.assert_allclose(read_image(tmp_path / "a.png"), 1.0)
 
 
-def test_dicom_minmax_when_no_window(tmp_path):
+def test_dicom_scaled_by_bits_stored_when_no_window(tmp_path):
+    # storable-range-v1: stored values over what BitsStored can hold, not min-max of the image
     img = read_image(write_dicom(tmp_path / "a.dcm", RAMP))
     assert img.dtype == np.float32 and img.shape == RAMP.shape
-    assert img.min() == 0.0 and img.max() == 1.0
-    assert img[0, 50] == pytest.approx(0.5)
+    np.testing.assert_allclose(img, RAMP / 65535.0, atol=1e-7)
+    img12 = read_image(write_dicom(tmp_path / "b.dcm", RAMP, BitsStored=12, HighBit=11))
+    np.testing.assert_allclose(img12, RAMP / 4095.0, atol=1e-7)
+    signed = read_image(write_dicom(tmp_path / "s.dcm", RAMP, BitsStored=12, HighBit=11, PixelRepresentation=1))
+    np.testing.assert_allclose(signed, (RAMP + 2048.0) / 4095.0, atol=1e-7)  # -2048 .. 2047
 
 
 def test_dicom_window_center_width(tmp_path):
@@ -122,9 +128,23 @@ def test_dicom_rescale_applied_before_window(tmp_path):
     assert img[0, 50] == pytest.approx(0.5, abs=0.01)  # stored 500 = HU 0
 
 
+def test_dicom_voi_lut_output_range_is_the_range_scaled_by(tmp_path):
+    # a VOI LUT of 10-bit entries: its output 0..1023 is the range, not the stored 16 bits
+    item = Dataset()
+    item.LUTDescriptor = [1001, 0, 10]
+    item.LUTData = [min(1023, v) for v in range(1001)]
+    item["LUTData"].VR = "US"
+    seq_path = write_dicom(tmp_path / "a.dcm", RAMP, VOILUTSequence=[item])
+    img = read_image(seq_path)
+    np.testing.assert_allclose(img, RAMP / 1023.0, atol=1e-7)
+    mono1 = read_image(write_dicom(tmp_path / "m1.dcm", RAMP, VOILUTSequence=[item], PhotometricInterpretation="MONOCHROME1"))
+    np.testing.assert_allclose(mono1, 1 - RAMP / 1023.0, atol=1e-6)  # inverted within the LUT's range
+
+
 def test_dicom_negative_slope_inverts(tmp_path):
+    # the rescaled range is -65535 .. 0: stored 0 is its brightest value
     img = read_image(write_dicom(tmp_path / "a.dcm", RAMP, RescaleSlope=-1, RescaleIntercept=0))
-    assert img[0, 0] == 1.0 and img[0, -1] == 0.0
+    assert img[0, 0] == 1.0 and img[0, -1] == pytest.approx(1 - 1000 / 65535)
 
 
 def test_dicom_monochrome1_is_inverted(tmp_path):
@@ -136,7 +156,7 @@ def test_dicom_monochrome1_is_inverted(tmp_path):
 def test_dicom_without_extension_and_constant_image(tmp_path):
     img = read_image(write_dicom(tmp_path / "IM0001", np.full((3, 5), 7)))
     assert img.shape == (3, 5)
-    assert np.all(img == 0.0)
+    np.testing.assert_allclose(img, 7 / 65535)
 
 
 def test_dicom_multiframe_takes_first_frame(tmp_path):
@@ -144,7 +164,45 @@ def test_dicom_multiframe_takes_first_frame(tmp_path):
     path = write_dicom(tmp_path / "a.dcm", frames.reshape(-1, RAMP.shape[1]), NumberOfFrames=2, Rows=4)
     img = read_image(path)
     assert img.shape == RAMP.shape
-    assert img[0, 0] == 0.0 and img[0, -1] == 1.0
+    assert img[0, 0] == 0.0 and img[0, -1] == pytest.approx(1000 / 65535)
+
+
+def _png(path: Path, pixels: np.ndarray, sbit: int | None = None) -> Path:
+    info = None
+    if sbit is not None:
+        info = PngImagePlugin.PngInfo()
+        info.add(b"sBIT", bytes([sbit]))
+    Image.fromarray(pixels).save(path, pnginfo=info)
+    return path
+
+
+def test_same_stored_values_give_the_same_input_as_png_and_dicom(tmp_path):
+    """storable-range-v1: one stored integer array gives one network input, PNG or DICOM."""
+    rng = np.random.default_rng(3)
+    a8 = rng.integers(0, 256, (24, 40)).astype(np.uint8)
+    a8[0, :2] = (0, 255)
+    a16 = a8.astype(np.uint16) << 8  # fills 16 bits
+    a12 = rng.integers(0, 4096, (24, 40)).astype(np.uint16)  # raw 12-bit values, low bits in use
+    cases = {
+        "8-bit": (a8 / 255.0, [
+            _png(tmp_path / "a8.png", a8),
+            _png(tmp_path / "a8x257.png", a8.astype(np.uint16) * 257),  # 8 bits replicated to 16, as PNG scales
+            write_dicom(tmp_path / "a8.dcm", a8, BitsAllocated=8),
+            write_dicom(tmp_path / "a8in16.dcm", a8, BitsStored=8, HighBit=7),
+        ]),
+        "16-bit": (a16 / 65535.0, [_png(tmp_path / "a16.png", a16), write_dicom(tmp_path / "a16.dcm", a16)]),
+        "12-bit": (a12 / 4095.0, [
+            _png(tmp_path / "a12.png", a12, sbit=12),
+            write_dicom(tmp_path / "a12.dcm", a12, BitsStored=12, HighBit=11),
+        ]),
+    }
+    for name, (expected, paths) in cases.items():
+        tensors = load_images(paths, 32, "pad")
+        for path, tensor in zip(paths, tensors):
+            img = read_image(path)
+            np.testing.assert_allclose(img, expected, atol=1e-6, rtol=0, err_msg=f"{name}: {path.name}")
+            assert np.array_equal(read_image_bytes(path.read_bytes(), path.name), img)
+            torch.testing.assert_close(tensor, tensors[0], atol=1e-6, rtol=0, msg=f"{name}: {path.name}")
 
 
 @pytest.mark.parametrize("name", ["a.png", "a.jpg", "a.dcm", "noext"])

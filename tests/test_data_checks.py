@@ -112,7 +112,7 @@ def test_check_images_public_api(tmp_path):
 
 def test_decode_valid_cohort_has_no_problems_or_warnings(tmp_path):
     png(tmp_path / "a.png", texture(4))
-    write_dicom(tmp_path / "b.dcm", RAMP.repeat(3, axis=0))
+    write_dicom(tmp_path / "b.dcm", RAMP.repeat(3, axis=0), BitsStored=10, HighBit=9)  # 0..1000 of 1023
     png(tmp_path / "c.png", (texture(5).astype(np.uint16) * 257))
     cohort = load_cohort(
         cohort_cfg(tmp_path, [("a.png", "1", "p1"), ("b.dcm", "0", "p2"), ("c.png", "0", "p3")]), decode=True
@@ -183,8 +183,8 @@ def test_valid_images_read_bit_for_bit_as_before(tmp_path):
     low = (a16 >> 4).astype(np.uint16)  # 12-bit data without sBIT: still by bit depth (warned about)
     plow = png(tmp_path / "low.png", low)
     np.testing.assert_array_equal(read_image(plow), low.astype(np.float32) / np.float32(65535.0))
-    img = read_image(write_dicom(tmp_path / "a.dcm", RAMP))
-    np.testing.assert_array_equal(img, ((RAMP - 0.0) / 1000.0).astype(np.float32))
+    img = read_image(write_dicom(tmp_path / "a.dcm", RAMP))  # storable-range-v1: by BitsStored (16)
+    np.testing.assert_array_equal(img, (RAMP / 65535.0).astype(np.float32))
 
 
 def test_nearly_black_images_warned_once_listing_rows(tmp_path):

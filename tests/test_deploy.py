@@ -163,3 +163,28 @@ def test_predict_scores_the_readable_files_and_names_the_others(run_dir, tmp_pat
     assert "broken.png" in result.output and "vol.nii.gz" in result.output and "cohort" not in result.output
     folder = CliRunner().invoke(app, ["predict", str(bundle), str(good[0].parent), "--csv", str(tmp_path / "all.csv")])
     assert folder.exit_code == 0 and len(pd.read_csv(tmp_path / "all.csv")) == len(list(good[0].parent.glob("*.png")))
+
+
+def test_bundle_records_the_intensity_convention_and_an_old_bundle_says_it_is_older(run_dir, tmp_path, digits_manifest):
+    from stagewise.data.readers import INTENSITY_CONVENTION
+
+    bundle_dir = export_bundle(run_dir, "net", tmp_path / "bundle", fold="r0-f0")
+    info = json.loads((bundle_dir / "bundle.json").read_text())
+    assert info["intensity"]["convention"] == INTENSITY_CONVENTION == "storable-range-v1"
+    assert "BitsStored" in info["intensity"]["description"]
+    assert f"intensities in [0, 1] by `{INTENSITY_CONVENTION}`: integer pixels" in (bundle_dir / "MODEL_CARD.md").read_text()
+    assert Bundle.load(bundle_dir).intensity_notice is None
+    images = sorted((digits_manifest.parent / "images").glob("*.png"))[:2]
+    runner = CliRunner()
+    result = runner.invoke(app, ["predict", str(bundle_dir), *map(str, images)])
+    assert result.exit_code == 0 and "intensity convention" not in result.output
+    # a bundle from before the field: loads, scores, and says in a sentence that it is older
+    del info["intensity"]
+    (bundle_dir / "bundle.json").write_text(json.dumps(info))
+    old = Bundle.load(bundle_dir)
+    assert old.intensity_notice.startswith("This bundle was made with the earlier intensity convention (DICOM scaled by "
+                                           "each image's own minimum and maximum)")
+    assert old.predict(images)["error"].isna().all()
+    result = runner.invoke(app, ["predict", str(bundle_dir), *map(str, images)])
+    assert result.exit_code == 0, result.output
+    assert "earlier intensity convention" in " ".join(result.output.split())

@@ -144,10 +144,13 @@ def bundle_dir(run_dir):
 
 @pytest.fixture(scope="module")
 def old_bundle(bundle_dir):
-    """A bundle as exported before oof.json existed."""
+    """A bundle as exported before oof.json existed (and before bundle.json named its intensity convention)."""
     old = bundle_dir.parent / "old-bundle"
     shutil.copytree(bundle_dir, old)
     (old / "oof.json").unlink()
+    info = json.loads((old / "bundle.json").read_text())
+    del info["intensity"]
+    (old / "bundle.json").write_text(json.dumps(info))
     return old
 
 
@@ -222,6 +225,7 @@ def test_health_model_card_and_validation(client, bundle, run_dir):
     assert card["cohort"]["prevalence_patients"] == pytest.approx(0.5)
     assert card["stagewise"] and card["bundle_stagewise"] == bundle.info["stagewise"]
     assert card["validation_distribution"] and "outcome" in card["intended_use"]
+    assert card["intensity_notice"] is None and "by storable-range-v1: integer pixels" in card["input"]["intensities"]
     for out, task in zip(card["outputs"], bundle.info["tasks"]):
         assert out["threshold"] == task["threshold"] and out["cross_validated"]["auroc"] == task["metrics"]["auroc"]
         ci = out["patient_level_ci"]["bootstrap_ci"]["auroc"]
@@ -394,6 +398,8 @@ def test_old_bundle_without_validation_distribution(old_bundle, pngs):
     assert card["validation_distribution"] is False and card["cohort"] is None
     assert all(o["patient_level_ci"] is None for o in card["outputs"])
     assert c.get("/validation").json() == {"available": False, "outputs": {}}
+    assert card["intensity_notice"].startswith("This bundle was made with the earlier intensity convention")
+    assert "earlier convention" in card["input"]["intensities"]
 
 
 def test_page_docs_and_assets_are_served_locally(client):

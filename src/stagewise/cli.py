@@ -279,7 +279,10 @@ def predict_cmd(
         files = _image_files(images)
         if not files:
             raise RunError(f"no image files in {', '.join(map(str, images))} (looked for {', '.join(IMAGE_SUFFIXES)})")
-        table = Bundle.load(bundle).predict(files, engine=engine)
+        loaded = Bundle.load(bundle)
+        if loaded.intensity_notice:
+            console.print(f"[yellow]note:[/yellow] {escape(loaded.intensity_notice)}")
+        table = loaded.predict(files, engine=engine)
         scored = table[table["error"].isna()].drop(columns="error")
         view = Table(*scored.columns)
         for row in scored.itertuples(index=False):

@@ -24,6 +24,7 @@ import yaml
 
 from stagewise import __version__
 from stagewise.data import ImageReadError, read_image
+from stagewise.data.readers import INTENSITY_CONVENTION, INTENSITY_DESCRIPTION
 from stagewise.data.preprocess import to_cube, to_square
 from stagewise.evaluation.calibration import apply_recalibration
 from stagewise.model_card import card_facts, render_model_card
@@ -170,6 +171,7 @@ def _write_bundle(folder: Path, recipe: Recipe, metrics: dict, configs: dict, ar
         "image_size": recipe.data.image_size, "resize": recipe.data.resize, "tasks": tasks,
         "source": "every image of the cohort (refit after cross-validation)" if refit else f"the training part of fold {fold}",
         "refit": bool(refit),
+        "intensity": {"convention": INTENSITY_CONVENTION, "description": INTENSITY_DESCRIPTION},
     }
     (folder / "bundle.json").write_text(json.dumps(info, indent=2))
     (folder / "MODEL_CARD.md").write_text(render_model_card(info))
@@ -327,6 +329,21 @@ class Bundle:
         backbone = create_backbone(f"file:{path / 'backbone.safetensors'}")
         model = SharedHeads(backbone, _load_heads(path / "heads.safetensors")).float().eval()
         return cls(path, json.loads((path / "bundle.json").read_text()), model)
+
+    @property
+    def intensity_notice(self) -> str | None:
+        """A plain sentence when the bundle was made under another intensity convention than the
+        one this stagewise reads images with (`stagewise.data.readers`), else None. Such a bundle
+        still loads and scores: its DICOM inputs may now reach the network on another scale
+        than in its training, so its probabilities can differ from those it was validated with."""
+        made = (self.info.get("intensity") or {}).get("convention")
+        if made == INTENSITY_CONVENTION:
+            return None
+        how = (f"the {made} intensity convention" if made else
+               "the earlier intensity convention (DICOM scaled by each image's own minimum and maximum)")
+        return (f"This bundle was made with {how}; this stagewise reads images by {INTENSITY_CONVENTION} (integer "
+                "pixels over their stored bit depth), so its probabilities for DICOM files can differ from those it "
+                "was validated with: export it again from its run to match.")
 
     @property
     def spatial_dims(self) -> int:

@@ -59,8 +59,10 @@ def render_model_card(info: dict) -> str:
     lines.append(f"- Intended use: {first.get('intended_use', INTENDED_USE)}")
     lines.append(f"- Backbone: `{info['backbone']}`, {init.get(first.get('backbone_init'), 'initialisation not recorded')}, "
                  f"shared by {len(info['tasks'])} head(s); trained on {info['source']}")
-    lines.append(f"- Input: one-channel image, resized ({info['resize']}) to {info['image_size']} px, "
-                 f"{info.get('intensity', 'intensities in [0, 1]')}")
+    intensity = info.get("intensity") or {}
+    lines.append(f"- Input: one-channel image, resized ({info['resize']}) to {info['image_size']} px, intensities in "
+                 "[0, 1] by " + (f"`{intensity['convention']}`: {intensity.get('description', '')}" if intensity
+                                 else "the earlier convention (DICOM by each image's minimum and maximum)"))
     c = first.get("cohort") or {}
     if c.get("patients"):
         lines.append(f"- Development cohort: {c['patients']} patients, {c.get('positive_patients')} positive "

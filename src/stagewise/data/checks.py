@@ -158,9 +158,9 @@ def inspect_images(
         warnings.append(
             f"{len(low)} image{'s' if len(low) > 1 else ''} use{'' if len(low) > 1 else 's'} less than "
             f"1/{round(1 / LOW_RANGE)} of {'their' if len(low) > 1 else 'its'} intensity range and will look "
-            f"nearly black to the network: {shown}. Often 12-bit data saved unscaled in a 16-bit PNG: "
-            "re-export scaled to the full range, or add a PNG sBIT chunk giving the bit depth "
-            "(stagewise then scales by it)"
+            f"nearly black to the network: {shown}. Often 12-bit data saved unscaled in a 16-bit PNG, or "
+            "a DICOM whose BitsStored is larger than its values need: re-export scaled to the full range, "
+            "or add a PNG sBIT chunk giving the bit depth, or correct BitsStored (stagewise then scales by it)"
         )
 
     for group in by_digest.values():

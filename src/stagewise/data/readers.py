@@ -2,7 +2,18 @@
 
 Clinical cohorts mix 8-bit PNG exports, 16-bit PNGs, JPEGs and raw DICOM; every reader
 must agree on what "brighter" and "[0, 1]" mean, or one site's images would differ from
-another's for reasons that have nothing to do with the patient.
+another's for reasons that have nothing to do with the patient. The convention
+(`INTENSITY_CONVENTION`, recorded in every bundle) is the storable range: integer pixels are
+divided by the range their stored type can hold, never by the image's own minimum and
+maximum, so the same stored values give the same array whether they come as PNG or DICOM,
+and a dark image stays dark. 8-bit data is divided by 255; 16-bit data by 65535, or by
+2**n - 1 where a PNG's sBIT chunk says n bits are significant (`_scale_16bit`); DICOM by the
+range of BitsStored (signed or not) carried through its Modality LUT or rescale, or, where
+the file has a VOI LUT or window and it is applied, by that transform's output range;
+MONOCHROME1 is inverted within that range. Float data keeps its values when they lie in
+[0, 1] (float TIFF) and NIfTI volumes are scaled robustly (below). Min-max scaling remains
+only where no storable range is known: float images outside [0, 1], 32-bit integer images
+beyond the 16-bit range, and DICOM float pixel data.
 
 NIfTI files (`.nii`, `.nii.gz`) are 3D volumes, e.g. brain MRI: they are read with nibabel
 into one canonical orientation, so that scanners storing the voxels in different orders
@@ -27,6 +38,16 @@ _NIFTI_SUFFIXES = (".nii", ".nii.gz")
 _VOLUME_PERCENTILES = (0.5, 99.5)
 # ITU-R BT.601 luma, the weights PIL's convert("L") uses, so RGB PNG and RGB DICOM agree.
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float64)
+
+INTENSITY_CONVENTION = "storable-range-v1"
+"""The name and version of how pixels become [0, 1] (see the module docstring); a bundle
+records it, so that one made under another convention can say so when it is used."""
+INTENSITY_DESCRIPTION = (
+    "integer pixels divided by the range their stored type can hold (8-bit /255, 16-bit by its significant bits, "
+    "DICOM by BitsStored after the Modality LUT or rescale, or by the output range of its VOI LUT or window when "
+    "one is applied; MONOCHROME1 inverted within that range); float data kept in [0, 1], NIfTI volumes clipped "
+    "to their 0.5-99.5 percentiles; min-max only where no storable range is known"
+)
 
 
 class ImageReadError(Exception):
@@ -150,6 +171,7 @@ def _is_nifti_header(head: bytes) -> bool:
 
 
 def _minmax(arr: np.ndarray) -> np.ndarray:
+    """The image's own minimum to 0 and maximum to 1: only for data without a storable range."""
     arr = arr.astype(np.float64, copy=False)
     lo, hi = float(arr.min()), float(arr.max())
     if hi <= lo:  # a constant image carries no contrast; zeros rather than 0/0 = NaN
@@ -325,7 +347,10 @@ def _read_pil(path: Path, content: io.BytesIO | None = None) -> np.ndarray:
 
 
 def _read_dicom(path: Path, content: io.BytesIO | None = None) -> np.ndarray:
-    """`path` names the file in errors; `content`, when given, is read instead of it."""
+    """`path` names the file in errors; `content`, when given, is read instead of it.
+
+    Scaled by `_dicom_range`, the storable range after the file's own transforms; float
+    pixel data, which has no such range, by min-max."""
     import pydicom
     from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
 
@@ -358,19 +383,61 @@ def _read_dicom(path: Path, content: io.BytesIO | None = None) -> np.ndarray:
         if photometric == "PALETTE COLOR":
             arr = apply_color_lut(arr, ds)
         if arr.ndim == 3:
+            # the palette's entries are 8 or 16 bits (its descriptor), whatever the indices hold
+            span = (0.0, float(np.iinfo(arr.dtype).max)) if photometric == "PALETTE COLOR" else _stored_range(ds)
             # pixel_array already converts YBR to RGB; modality/VOI LUTs are grayscale only.
-            return _minmax(arr[..., :3] @ _LUMA)
-        with warnings.catch_warnings():
-            # pydicom warns whenever a VOI LUT is indexed by rescaled floats; with the usual
-            # integer slope and intercept that is exact, and one warning per image floods logs.
-            warnings.simplefilter("ignore")
-            arr = apply_voi_lut(apply_modality_lut(arr, ds), ds)
+            arr = arr[..., :3] @ _LUMA
+        else:
+            span = _dicom_range(ds)
+            with warnings.catch_warnings():
+                # pydicom warns whenever a VOI LUT is indexed by rescaled floats; with the usual
+                # integer slope and intercept that is exact, and one warning per image floods logs.
+                warnings.simplefilter("ignore")
+                arr = apply_voi_lut(apply_modality_lut(arr, ds), ds)
     except Exception as err:
         raise ImageReadError(
             path,
             f"the DICOM lookup tables or window settings cannot be applied ({type(err).__name__}: "
             f"{err}); fix or remove the file's LUT/WindowCenter/WindowWidth elements",
         ) from None
+    lo, hi = span
+    if "PixelData" not in ds or hi <= lo:  # float pixel data (no storable range), or a rescale slope of 0
+        img = _minmax(arr)
+    else:
+        img = np.clip((np.asarray(arr, dtype=np.float64) - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
     if photometric == "MONOCHROME1":
-        arr = -np.asarray(arr, dtype=np.float64)  # MONOCHROME1 stores low = bright
-    return _minmax(arr)
+        img = np.float32(1.0) - img  # MONOCHROME1 stores low = bright
+    return img
+
+
+def _stored_range(ds) -> tuple[float, float]:
+    """What BitsStored bits can hold: 0 .. 2**n - 1, or -2**(n-1) .. 2**(n-1) - 1 when signed."""
+    bits = int(ds.get("BitsStored") or ds.get("BitsAllocated") or 16)
+    if int(ds.get("PixelRepresentation", 0) or 0) == 1:
+        return -(2.0 ** (bits - 1)), 2.0 ** (bits - 1) - 1
+    return 0.0, 2.0**bits - 1
+
+
+def _lut_range(item) -> tuple[float, float]:
+    """A LUT's output range, from the bits per entry of its descriptor (third value)."""
+    return 0.0, 2.0 ** int(item.LUTDescriptor[2]) - 1
+
+
+def _dicom_range(ds) -> tuple[float, float]:
+    """The range a grayscale DICOM's values can take after `apply_voi_lut(apply_modality_lut())`.
+
+    Mirrors pydicom's choices (pydicom.pixels.processing): a VOI LUT Sequence with descriptor
+    and data is preferred to a window, and gives its entries' range; a window gives the
+    modality output range (pydicom's y_min .. y_max); without either, the modality output
+    range itself: the Modality LUT's entries, or the stored range through the rescale (sorted,
+    so that a negative slope keeps the order)."""
+    voi = ds.get("VOILUTSequence")
+    if voi and voi[0].get("LUTDescriptor") is not None and voi[0].get("LUTData") is not None:
+        return _lut_range(voi[0])
+    windowed = ds.get("WindowCenter") is not None and ds.get("WindowWidth") is not None
+    modality = ds.get("ModalityLUTSequence")
+    lo, hi = _lut_range(modality[0]) if modality else _stored_range(ds)
+    if (windowed or not modality) and ds.get("RescaleSlope") is not None and ds.get("RescaleIntercept") is not None:
+        slope, intercept = float(ds.RescaleSlope), float(ds.RescaleIntercept)
+        lo, hi = sorted((lo * slope + intercept, hi * slope + intercept))
+    return lo, hi

@@ -99,7 +99,8 @@ def create_app(bundle: Bundle | str | Path, max_upload_mb: float = DEFAULT_MAX_U
     bundle = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
     scorer = Scorer(bundle, engine)
     max_upload = int(max_upload_mb * 2**20)
-    card = model_card(bundle.info, scorer.validation, bundle.spatial_dims, scorer.engine, max_upload)
+    card = model_card(bundle.info, scorer.validation, bundle.spatial_dims, scorer.engine, max_upload,
+                      bundle.intensity_notice)
     limiter = anyio.CapacityLimiter(max(1, concurrency))
     app = FastAPI(
         title=f"stagewise serve: {bundle.info['recipe']}", version=__version__,

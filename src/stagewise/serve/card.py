@@ -19,7 +19,11 @@ def intended_use(info: dict, dims: int) -> str:
             f"no clinical data, no earlier images.")
 
 
-def model_card(info: dict, validation: dict | None, dims: int, engine: str, max_upload: int) -> dict:
+def model_card(info: dict, validation: dict | None, dims: int, engine: str, max_upload: int,
+               intensity_notice: str | None = None) -> dict:
+    """The card's fields; `intensity_notice` (`Bundle.intensity_notice`) says, for a bundle made
+    under an earlier intensity convention, that its probabilities can differ from its validation."""
+    intensity = info.get("intensity") or {}
     outputs = []
     for t in info["tasks"]:
         v = (validation or {}).get("outputs", {}).get(t["output"], {})
@@ -42,7 +46,10 @@ def model_card(info: dict, validation: dict | None, dims: int, engine: str, max_
         "validation_distribution": validation is not None and bool(validation.get("outputs")),
         "backbone": info["backbone"],
         "input": {"dimensions": dims, "image_size": info["image_size"], "resize": info["resize"],
-                  "intensities": "one channel, scaled to [0, 1] after the DICOM rescale, window and MONOCHROME1 inversion"},
+                  "intensities": f"one channel in [0, 1] by {intensity['convention']}: {intensity.get('description', '')}"
+                  if intensity else "one channel in [0, 1] by the earlier convention (DICOM by each image's minimum "
+                                    "and maximum)"},
+        "intensity_notice": intensity_notice,
         "outputs": outputs,
         "bundle_stagewise": info["stagewise"],
         "stagewise": __version__,

@@ -193,7 +193,7 @@ def _describe_dicom(data: bytes) -> dict:
     if photometric == "MONOCHROME1":
         out["notes"].append("stored inverted (MONOCHROME1): shown here with dense structures bright")
     out["notes"].append("the window stored in the file was applied" if windowed
-                        else "no window in the file: the full intensity range is shown")
+                        else "no window in the file: scaled by its stored bit depth (BitsStored)")
     return out
 
 

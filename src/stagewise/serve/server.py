@@ -51,6 +51,8 @@ def run_server(bundle_path: str | Path, host: str = "127.0.0.1", port: int = 800
     print(f"stagewise serve: {bundle.info['recipe']} ({', '.join(t['output'] for t in bundle.info['tasks'])}), "
           f"engine {app.state.scorer.engine}; page at http://{shown}:{port}/ , API docs at /docs. Research use only. "
           f"Uploads up to {max_upload_mb:g} MB, kept in memory, never stored.", file=sys.stderr, flush=True)
+    if bundle.intensity_notice:
+        print(f"note: {bundle.intensity_notice}", file=sys.stderr, flush=True)
     if not loopback:
         print(f"warning: listening on {host}: other computers on the network can reach this server, and it has no "
               "login. Use the default --host 127.0.0.1 unless a firewall or proxy protects it.", file=sys.stderr, flush=True)

@@ -64,6 +64,7 @@ function cohortText(c, outcome) {
 function renderCard(card) {
   const body = [];
   body.push(el("p", { class: "warning", text: card.warning }));
+  if (card.intensity_notice) body.push(el("p", { class: "warning", text: card.intensity_notice }));
   const dl = el("dl");
   const item = (k, v) => { if (v) dl.append(el("dt", { text: k }), el("dd", { text: v })); };
   item("Intended use", card.intended_use);
