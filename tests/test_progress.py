@@ -10,7 +10,7 @@ from conftest import small_recipe
 from stagewise.cli import app
 from stagewise.evaluation.splits import Split
 from stagewise.fitting import refit
-from stagewise.progress import LineReporter, fmt_duration
+from stagewise.progress import LineReporter, fmt_duration, fmt_fold_metrics
 from stagewise.recipe import load_recipe
 from stagewise.study import run_study
 
@@ -68,3 +68,11 @@ def test_run_from_a_pipe_prints_lines_python_and_refit_report_progress(digits_ma
     err = capsys.readouterr().err
     assert "[stagewise] refit a on every image: training, 1 epochs" in err
     assert "[stagewise] epoch 1/1 (probe) loss" in err and "ETA 0 s" in err
+
+
+def test_fold_metrics_are_a_readable_line_not_a_dict():
+    metrics = {"auroc": 0.91234, "balanced_accuracy": 0.85, "ppv": float("nan"), "tp": 12, "threshold": 0.4321,
+               "n_test_patients": 14, "sites": {"a": {"auroc": 0.9}}, "tasks": {}, "flag": True}
+    line = fmt_fold_metrics(metrics)
+    assert line == "AUROC 0.9123, balanced accuracy 0.8500, PPV n/a, TP 12, threshold 0.4321, test patients 14"
+    assert "{" not in line and "'" not in line

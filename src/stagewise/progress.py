@@ -25,6 +25,29 @@ def fmt_duration(seconds: float) -> str:
     return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
 
 
+_METRIC_LABELS = {
+    "auroc": "AUROC", "auprc": "AUPRC", "balanced_accuracy": "balanced accuracy", "f1": "F1", "ppv": "PPV",
+    "npv": "NPV", "tp": "TP", "fp": "FP", "tn": "TN", "fn": "FN", "train_auroc": "training AUROC",
+    "n_test_patients": "test patients", "n_train_patients": "training patients",
+    "train_prevalence_images": "training prevalence (images)",
+}
+
+
+def fmt_fold_metrics(metrics: dict) -> str:
+    """A fold's scalar metrics as one line a person reads in log.txt, e.g. `AUROC 0.9120,
+    balanced accuracy 0.8500, ..., TP 12, test patients 14`: named, four decimals, counts as
+    integers, an undefined rate (NaN) as n/a. Nested figures (per site, per extra outcome)
+    are left to the fold's json."""
+    parts = []
+    for key, value in metrics.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        label = _METRIC_LABELS.get(key, key.replace("_", " "))
+        shown = str(value) if isinstance(value, int) else "n/a" if value != value else f"{value:.4f}"
+        parts.append(f"{label} {shown}")
+    return ", ".join(parts)
+
+
 class LineReporter:
     """A study's progress as plain lines on `stream` (default: stderr)."""
 

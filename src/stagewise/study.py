@@ -19,7 +19,7 @@ from stagewise.evaluation.evidence import compute_evidence
 from stagewise.evaluation.splits import Split
 from stagewise.executors import open_executor
 from stagewise.fitting import FoldOutput, Reporter, SilentReporter, Study, fold_seed, refit  # noqa: F401 - refit: public here
-from stagewise.progress import LineReporter
+from stagewise.progress import LineReporter, fmt_fold_metrics
 from stagewise.recipe import Recipe
 from stagewise.runs import RunDir, RunError, atomic_write, cohort_digest, unit_fingerprint
 from stagewise.tracking import StudyTracker, open_tracker
@@ -52,8 +52,7 @@ def record_fold(run: RunDir, recipe: Recipe, unit: Unit, split: Split, fingerpri
     preds = out.predictions
     preds.insert(0, "arm", unit.name)
     run.write_fold(unit.folder, split.name, meta, preds)
-    log.info("%s %s: %s", unit.name, split.name,
-             {k: round(v, 4) for k, v in out.metrics.items() if isinstance(v, float)})
+    log.info("%s %s: %s", unit.name, split.name, fmt_fold_metrics(out.metrics))
     reporter.fold_done(unit.name, split, out.metrics, resumed=False)
     return meta, preds
 
