@@ -224,7 +224,7 @@ class Study:
                                      self.compute, self.cache, self.reporter, clinical, unlabeled=split.train)
         p_train = predict(net, self.images, train, self.compute, self.cache, extra=clinical)
         p_test = predict(net, self.images, split.test, self.compute, self.cache, extra=clinical)
-        metrics, preds = score_fold(self.recipe, self.cohort, split, train, p_train, p_test)
+        metrics, preds = score_fold(self.recipe, self.cohort, split, train, p_train, p_test, recalibrate=True)
         extra["stages"] = stage_logs
         extra["n_train_images"] = int(len(train))
         folder = self.run.folds_dir / unit.folder
@@ -245,7 +245,8 @@ class Study:
                             self.y, self.patients, split.test, self.recipe.protocol.patient_aggregate)
         else:
             fit = fit_federated(arm, start, self.images, self.targets, sites, train, rows, self.compute, seed)
-        metrics, preds = score_fold(self.recipe, self.cohort, split, train, fit.prob[: len(train)], fit.prob[len(train):])
+        metrics, preds = score_fold(self.recipe, self.cohort, split, train, fit.prob[: len(train)], fit.prob[len(train):],
+                                    recalibrate=True)
         extra["sites_training"] = fit.info
         extra["stages"] = [{"kind": "+".join(s.kind for s in arm.stages if not s.external),
                             "seconds": time.perf_counter() - t0, "memory": {}, "epochs": []}]

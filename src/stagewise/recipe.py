@@ -620,6 +620,12 @@ class EvaluationConfig(_Strict):
     """Fit a clinical-only logistic regression on `cohort.clinical` as an arm of its own."""
     saliency: int = Field(4, ge=0)
     """Grad-CAM maps for this many correct and this many wrong test images per arm."""
+    recalibrate: Literal["none", "intercept", "slope"] = "none"
+    """In-study logistic recalibration of every model unit, per fold: fitted on the patient
+    scores of the fold's training part (`intercept`: calibration-in-the-large only; `slope`:
+    intercept and slope), applied to its test patients' scores; the report shows the recalibrated calibration
+    and decision curves beside the raw ones (meant for CutMix/MixUp arms, whose mixed labels
+    pull predictions to the middle). AUROC is unchanged by it. Off (`none`) by default."""
     report: bool = True
 
 

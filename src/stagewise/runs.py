@@ -86,7 +86,8 @@ def unit_fingerprint(recipe: Recipe, kind: str, arm: ArmConfig | None, fraction:
                      cohort: str = "") -> str:
     """Hash of what decides a unit's fold results: cohort settings and content (`cohort`, a
     `cohort_digest`), data, protocol, seed, precision and the unit itself (arm and label
-    fraction, baseline column, or clinical columns)."""
+    fraction, baseline column, or clinical columns); for model units also
+    `evaluation.recalibrate` when set, since its fit needs the training predictions."""
     protocol = recipe.protocol.model_dump(mode="json")
     protocol.pop("label_fractions")  # adding a fraction must not invalidate finished arms
     relevant = {
@@ -103,6 +104,8 @@ def unit_fingerprint(recipe: Recipe, kind: str, arm: ArmConfig | None, fraction:
             "arm": arm.model_dump(mode="json"),
             "fraction": fraction,
         }
+        if recipe.evaluation.recalibrate != "none":  # fitted on training predictions, which folds do not keep
+            relevant["recalibrate"] = recipe.evaluation.recalibrate
     else:
         relevant["column"] = column
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]

@@ -1,5 +1,6 @@
 """Scoring one fold: the decision threshold from the training part, patient-level metrics
-on the test part (overall, per extra outcome and per site), and the fold's prediction table."""
+on the test part (overall, per extra outcome and per site), the in-study recalibration fitted
+on the training part when the recipe asks for it, and the fold's prediction table."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import pandas as pd
 
 from stagewise.data import Cohort
 from stagewise.evaluation.metrics import binary_metrics, choose_threshold, patient_scores
+from stagewise.evaluation.recalibration import fold_recalibration
 from stagewise.evaluation.splits import Split
 from stagewise.recipe import Recipe
 
@@ -36,15 +38,23 @@ def _task_metrics(recipe: Recipe, y: np.ndarray, patients: np.ndarray, train: np
 
 
 def score_fold(recipe: Recipe, cohort: Cohort, split: Split, train: np.ndarray,
-               p_train: np.ndarray, p_test: np.ndarray) -> tuple[dict, pd.DataFrame]:
+               p_train: np.ndarray, p_test: np.ndarray, recalibrate: bool = False) -> tuple[dict, pd.DataFrame]:
     """Metrics of the primary outcome (top level) and of each extra outcome (`tasks`), and
-    the test predictions. `p_train`/`p_test` have one column per outcome the unit predicts."""
+    the test predictions. `p_train`/`p_test` have one column per outcome the unit predicts.
+    `recalibrate` (model units, whose scores are probabilities): with `evaluation.recalibrate`
+    set, `recalibration` holds the primary outcome's logistic recalibration fitted on the
+    training rows' patient scores (evaluation/recalibration.py); the test predictions stay raw."""
     t = cohort.table
     patients, test = t["patient"].to_numpy(), split.test
     labels = cohort.targets()
     p_train, p_test = p_train.reshape(len(train), -1), p_test.reshape(len(test), -1)
     metrics = _task_metrics(recipe, labels[:, 0], patients, train, test, p_train[:, 0], p_test[:, 0])
     threshold = metrics["threshold"]
+    if recalibrate and recipe.evaluation.recalibrate != "none":
+        ok = ~np.isnan(p_train[:, 0]) & ~np.isnan(labels[train, 0])
+        s_train, y_train = patient_scores(p_train[ok, 0], labels[train, 0][ok], patients[train][ok],
+                                          recipe.protocol.patient_aggregate)
+        metrics["recalibration"] = fold_recalibration(y_train, s_train, recipe.evaluation.recalibrate)
     preds = pd.DataFrame({
         "repeat": split.repeat,
         "fold": split.fold,

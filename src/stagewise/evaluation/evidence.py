@@ -16,6 +16,7 @@ from stagewise.evaluation.calibration import brier_score, calibration_curve, cal
 from stagewise.evaluation.interpretation import interpret_comparisons, primary_choice, unit_flags
 from stagewise.evaluation.metrics import COUNTS, METRICS, decision_metrics
 from stagewise.evaluation.prior_shift import SAMPLED_PRIOR, sampling_of, shifted_predictions
+from stagewise.evaluation.recalibration import recalibrated, recalibrated_scores
 from stagewise.evaluation.statistics import (
     bootstrap_ci,
     bootstrap_many,
@@ -29,8 +30,11 @@ from stagewise.recipe import Recipe
 FPR_GRID = np.linspace(0, 1, 51)
 
 
-def patient_table(predictions: pd.DataFrame, units: dict, how: str) -> pd.DataFrame:
-    """One row per (unit, patient): y, mean score over repeats, majority decision."""
+def patient_table(predictions: pd.DataFrame, units: dict, how: str, recalibrate: bool = False) -> pd.DataFrame:
+    """One row per (unit, patient): y, mean score over repeats, majority decision. With
+    `recalibrate`, each fold's patient scores pass through the recalibration the fold fitted
+    on its training part (evaluation/recalibration.py) before the mean over repeats; the
+    decisions stay those of the raw scores at the fold's threshold, which the map preserves."""
     p = predictions.dropna(subset=["prob"])
     agg = {"mean": "mean", "max": "max", "first": "first"}[how]
     per_fold = p.groupby(["arm", "repeat", "fold", "patient"], sort=False).agg(y=("y", "first"), score=("prob", agg)).reset_index()
@@ -40,6 +44,8 @@ def patient_table(predictions: pd.DataFrame, units: dict, how: str) -> pd.DataFr
     )
     per_fold = per_fold.merge(thresholds, on=["arm", "repeat", "fold"], how="left")
     per_fold["decision"] = (per_fold["score"] >= per_fold["threshold"]).astype(float)
+    if recalibrate:
+        per_fold["score"] = recalibrated_scores(per_fold, units)
     return per_fold.groupby(["arm", "patient"], sort=False).agg(
         y=("y", "first"), score=("score", "mean"), decision=("decision", "mean")
     ).reset_index()
@@ -102,8 +108,10 @@ def calibration_evidence(y: np.ndarray, s: np.ndarray) -> dict:
 
 
 def sampling_evidence(recipe: Recipe, metrics: dict, predictions: pd.DataFrame) -> dict:
-    """Per model unit trained with class-balanced sampling or CutMix / MixUp: which stages did,
-    and (balanced sampling in the final stage) its calibration after the prior-shift correction."""
+    """Per model unit trained with class-balanced sampling or CutMix / MixUp, or recalibrated
+    in-study (`evaluation.recalibrate`): which stages sampled or mixed, and the calibration
+    after each correction that applies, beside the raw one: `prior_shift` (balanced sampling
+    in the final stage) and `recalibrated` (each fold's logistic recalibration)."""
     arms = {a.name: a for a in recipe.arms}
     cohort = metrics.get("cohort", {})
     cohort_prior = cohort.get("positive_images", 0) / cohort["images"] if cohort.get("images") else 0.5
@@ -113,7 +121,10 @@ def sampling_evidence(recipe: Recipe, metrics: dict, predictions: pd.DataFrame) 
         if arm is None:
             continue
         how = sampling_of(arm)
-        if not (how["balanced_sampling_stages"] or how["mixing_stages"]):
+        fixed = _recalibrated_evidence(recipe, predictions[predictions["arm"] == name], name, u) if recalibrated(u) else None
+        if fixed:
+            how["recalibrated"] = fixed
+        if not (how["balanced_sampling_stages"] or how["mixing_stages"] or fixed):
             continue
         out[name] = how
         if how["final_balanced"] and 0 < cohort_prior < 1:
@@ -124,6 +135,22 @@ def sampling_evidence(recipe: Recipe, metrics: dict, predictions: pd.DataFrame) 
                 out[name]["prior_shift"] = {"train_prevalence": source, "sampled_prior": SAMPLED_PRIOR,
                                             **calibration_evidence(y, s)}
     return out
+
+
+def _recalibrated_evidence(recipe: Recipe, predictions: pd.DataFrame, name: str, unit: dict) -> dict | None:
+    """Calibration, calibration curve and decision curve of a unit's patient scores after each
+    fold's recalibration, with the fold fits and the pooled AUROC (raw and recalibrated: each
+    fold's is unchanged, the pooled one can move a little as the folds' maps differ)."""
+    how = recipe.protocol.patient_aggregate
+    table = patient_table(predictions, {name: unit}, how, recalibrate=True)
+    raw = patient_table(predictions, {name: unit}, how)
+    y, s = table["y"].to_numpy(), table["score"].to_numpy()
+    if len(np.unique(y)) < 2:
+        return None
+    fits = [{"repeat": f["repeat"], "fold": f["fold"], **f["recalibration"]} for f in unit["folds"]]
+    return {"method": fits[0]["method"], "fitted_on": "each fold's training patients", "folds": fits,
+            "pooled_auroc": float(roc_auc_score(y, s)), "pooled_auroc_raw": float(roc_auc_score(raw["y"], raw["score"])),
+            **calibration_evidence(y, s)}
 
 
 def site_evidence(table: pd.DataFrame, site_of: pd.Series, n_boot: int, seed: int) -> dict:

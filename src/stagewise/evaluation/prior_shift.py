@@ -13,7 +13,8 @@ prevalence for folds written before it was recorded), to each image before its p
 scores are aggregated. Being monotone it leaves every AUROC and every decision at the mapped
 threshold unchanged: only calibration and net benefit move. CutMix and MixUp train on mixed
 soft labels, which pulls predictions towards the middle; no closed-form correction exists for
-that, so the report says so and points to logistic recalibration (`stagewise evaluate
+that, so the report says so and points to logistic recalibration: per fold in the study
+(`evaluation.recalibrate`, `recalibration.py`) or on an external cohort (`stagewise evaluate
 --recalibrate`).
 """
 

@@ -319,6 +319,10 @@ def build_context(run_dir: str | Path) -> dict:
     corrected = [n for n in order if n in shifted]
     figures["calibration_corrected"] = calibration_figure(corrected, shifted, colors, "Calibration, prior-shift corrected")
     figures["decision_corrected"] = decision_figure(corrected, shifted, colors, "Decision curves, prior-shift corrected")
+    refitted = {n: s["recalibrated"] for n, s in sampling.items() if s.get("recalibrated")}
+    shown = [n for n in order if n in refitted]
+    figures["calibration_recalibrated"] = calibration_figure(shown, refitted, colors, "Calibration, recalibrated in-study")
+    figures["decision_recalibrated"] = decision_figure(shown, refitted, colors, "Decision curves, recalibrated in-study")
 
     ctx = {
         "title": metrics.get("recipe", run_dir.name),

@@ -80,8 +80,8 @@ def primary_text(primary: dict | None) -> str:
 
 
 def sampling_notes(sampling: dict, order: list[str]) -> list[dict]:
-    """Per unit trained with class-balanced sampling or CutMix / MixUp: what that does to its
-    predicted risks, and which correction the report shows beside the raw curves."""
+    """Per unit trained with class-balanced sampling or CutMix / MixUp, or recalibrated in-study:
+    what that does to its predicted risks, and which correction the report shows beside the raw curves."""
     notes = []
     for name in order:
         how = sampling.get(name)
@@ -94,30 +94,46 @@ def sampling_notes(sampling: dict, order: list[str]) -> list[dict]:
         if how.get("mixing_stages"):
             parts.append(f"mixing (stage {', '.join(how['mixing_stages'])}) trains on soft labels, which pulls "
                          "predictions towards the middle")
-        ps = how.get("prior_shift")
+        if not parts:
+            parts.append("its predicted risks were recalibrated in-study, as the recipe asks (evaluation.recalibrate)")
+        fixes = []
+        ps, rc = how.get("prior_shift"), how.get("recalibrated")
         if ps:
             source = ("each fold's training prevalence" if ps.get("train_prevalence") == "fold"
                       else "the cohort's image prevalence (these folds did not record their own)")
-            fix = (f"prior-shift corrected (logit p + logit(π) − logit({fmt_num(ps.get('sampled_prior'), 1)}), π = "
-                   f"{source}) beside the raw curves below; AUROC and decisions are unchanged by it")
+            fixes.append(f"prior-shift corrected (logit p + logit(π) − logit({fmt_num(ps.get('sampled_prior'), 1)}), π = "
+                         f"{source}) beside the raw curves below; AUROC and decisions are unchanged by it")
         elif how.get("balanced_sampling_stages"):
-            fix = "no prior-shift correction: the final stage did not sample classes evenly"
-        else:
-            fix = ("no closed-form correction exists for mixing: recalibrate on held-out patients "
-                   "(stagewise evaluate --recalibrate) before reading these risks")
-        notes.append({"unit": name, "text": "; ".join(parts), "fix": fix})
+            fixes.append("no prior-shift correction: the final stage did not sample classes evenly")
+        if rc:
+            what = "intercept only" if rc.get("method") == "intercept" else "intercept and slope"
+            fixes.append(f"logistic recalibration (p′ = sigmoid(a + b logit p), {what}), fitted on each fold's training "
+                         "patients and applied to its test patients, beside the raw curves below; each fold's AUROC "
+                         f"and decisions are unchanged by it (pooled AUROC {fmt_num(rc.get('pooled_auroc_raw'))} raw, "
+                         f"{fmt_num(rc.get('pooled_auroc'))} recalibrated, as the folds' maps differ); fitted on patients "
+                         "the network trained on, it does not correct over-fitting")
+        elif how.get("mixing_stages"):
+            fixes.append("no closed-form correction exists for mixing: recalibrate on held-out patients "
+                         "(stagewise evaluate --recalibrate), or in-study per fold (evaluation.recalibrate), "
+                         "before reading these risks")
+        notes.append({"unit": name, "text": "; ".join(parts), "fix": "; ".join(fixes)})
     return notes
 
 
+_CORRECTIONS = (("prior_shift", "prior-shift", "prior-shift corrected"), ("recalibrated", "recalibrated", "recalibrated in-study"))
+"""evidence.sampling key, the table row's data-corrected value, and the words after the unit's name."""
+
+
 def corrected_calibration_rows(sampling: dict, order: list[str]) -> list[dict]:
-    """Calibration of the prior-shift corrected scores, in the calibration table's cells."""
+    """Calibration of the corrected scores (prior shift, in-study recalibration), in the calibration table's cells."""
     rows = []
-    for name in order:
-        cal = ((sampling.get(name) or {}).get("prior_shift") or {}).get("calibration")
-        if cal:
-            rows.append({"name": f"{name} (prior-shift corrected)", "unit": name,
-                         "slope": fmt_num(cal.get("slope"), 2), "slope_ci": fmt_ci(cal.get("slope_low"), cal.get("slope_high"), 2),
-                         "intercept": fmt_num(cal.get("intercept"), 2),
-                         "intercept_ci": fmt_ci(cal.get("intercept_low"), cal.get("intercept_high"), 2),
-                         "brier": fmt_num(cal.get("brier"))})
+    for key, kind, words in _CORRECTIONS:
+        for name in order:
+            cal = ((sampling.get(name) or {}).get(key) or {}).get("calibration")
+            if cal:
+                rows.append({"name": f"{name} ({words})", "unit": name, "kind": kind,
+                             "slope": fmt_num(cal.get("slope"), 2), "slope_ci": fmt_ci(cal.get("slope_low"), cal.get("slope_high"), 2),
+                             "intercept": fmt_num(cal.get("intercept"), 2),
+                             "intercept_ci": fmt_ci(cal.get("intercept_low"), cal.get("intercept_high"), 2),
+                             "brier": fmt_num(cal.get("brier"))})
     return rows
