@@ -9,9 +9,54 @@ import torch
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-torch.set_num_threads(int(os.environ.get("STAGEWISE_TEST_THREADS", min(2, os.cpu_count() or 1))))
+
+
+def _cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))  # the CPUs this process may use (containers, taskset)
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def _test_threads() -> int:
+    """Torch threads per test process: STAGEWISE_TEST_THREADS, else the CPUs shared out among
+    pytest-xdist's workers (at most 2 each: these tensors are small)."""
+    if os.environ.get("STAGEWISE_TEST_THREADS"):
+        return int(os.environ["STAGEWISE_TEST_THREADS"])
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    return max(1, min(2, _cpus() // max(1, workers)))
+
+
+torch.set_num_threads(_test_threads())
 
 from stagewise.fitting import SilentReporter  # noqa: E402 - after the environment above is set
+
+
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto` (pyproject's addopts): one worker per CPU this process may use (xdist's own
+    default counts the machine's cores, more than a container or taskset allows)."""
+    return _cpus()
+
+
+SLOWEST_FIRST = ("test_deployment.py", "test_federated.py", "test_executor_ray.py", "test_evidence_units.py",
+                 "test_study.py", "test_pretrain.py", "test_executor.py", "test_serve.py")
+"""Modules of minutes, handed to the xdist workers first so that no long one starts last."""
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups (--dist loadgroup)
+def pytest_collection_modifyitems(config, items):
+    """Keep a module's tests on one xdist worker where they share a module-scoped fixture of
+    that module (a trained run, a server, a Ray cluster): a fixture is made once per worker,
+    so spreading such a module would build it once on every worker. Other tests are spread
+    one by one, the slowest modules first (the order within a module is kept)."""
+    rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+    for item in items:
+        info = getattr(item, "_fixtureinfo", None)
+        module = item.nodeid.split("::")[0]
+        defs = getattr(info, "name2fixturedefs", {}) or {}
+        if any(d.scope == "module" and d.baseid == module for fixturedefs in defs.values() for d in fixturedefs):
+            item.add_marker(pytest.mark.xdist_group(module))
 
 
 @pytest.fixture(scope="session")
@@ -23,7 +68,8 @@ def digits_manifest(tmp_path_factory):
 
 
 def small_recipe(manifest, arms, **overrides):
-    """A recipe dict for fast tests: 32 px, float32 on CPU, 3 folds."""
+    """A recipe dict for fast tests: 32 px, float32 on CPU, 3 folds, 200 bootstrap resamples
+    (the default 2000 cost more than the training: each resample scores every metric again)."""
     from stagewise.recipe import recipe_from_dict
 
     data = {
@@ -33,6 +79,7 @@ def small_recipe(manifest, arms, **overrides):
         "data": {"image_size": 32},
         "protocol": {"folds": 3, "repeats": 1},
         "compute": {"device": "cpu", "precision": "fp32", "channels_last": False},
+        "evaluation": {"bootstrap": 200},
         "arms": arms,
     }
     for key, value in overrides.items():

@@ -76,11 +76,11 @@ def test_a_deployment_over_tls_equals_the_simulation_and_admits_only_known_sites
     recipe = _recipe(tmp_path, [{"kind": "probe", "rounds": 1, "epochs": 1, "batch_size": 16, "lr": 1e-3}])
     sites = _sites(tmp_path, recipe, manifests, "ABC")  # C makes a key the coordinator never admits
     certs = make_certificates(tmp_path / "certs", ["127.0.0.1", "localhost"])
+    # the rehearsal's sites keep their state in folders of their own: it runs while the deployment does
+    rehearsal = {s: prepare_site(recipe, manifests[s], s, tmp_path / f"sim-{s}") for s in "AB"}
 
     simulated = JobDir(tmp_path / "simulated")
     simulated.write_job(recipe, "fed", sites=2, cv=True, final=False)
-    simulate_job(simulated.path, [sites["A"]["file"], sites["B"]["file"]])
-
     deployed = JobDir(tmp_path / "deployed")
     deployed.write_job(recipe, "fed", sites=2, cv=True, final=False, connect_timeout=120)
     port = free_port()
@@ -92,11 +92,14 @@ def test_a_deployment_over_tls_equals_the_simulation_and_admits_only_known_sites
         for i, s in enumerate("ABC"):
             processes.append(start_site(sites[s]["file"], f"127.0.0.1:{port}", certs["ca"], sites[s]["key"],
                                         port=free_port(), log=tmp_path / f"site-{s}.log", max_wait=20))
+        run_id = coordinator.submit()
+        # the same job in Flower's simulation engine, while the deployment's processes work
+        simulate_job(simulated.path, [rehearsal["A"], rehearsal["B"]])
+        status = coordinator.wait(run_id, 420)
+        assert status["state"] == "finished", status
         unknown = processes[2]
         assert unknown.wait(90) != 0  # an unknown node is refused and gives up
         assert re.search(r"could not establish|Failed to (activate|initialize)", (tmp_path / "site-C.log").read_text())
-        status = coordinator.wait(coordinator.submit(), 420)
-        assert status["state"] == "finished", status
     finally:
         for p in processes:
             stop_process(p)

@@ -28,7 +28,7 @@ def clinical_manifest(digits_manifest):
 
 def test_baselines_and_clinical_model_are_units_on_the_same_folds(clinical_manifest, tmp_path):
     recipe = small_recipe(
-        clinical_manifest, [{"name": "probe", "backbone": "scratch:resnet18", "stages": [PROBE]}],
+        clinical_manifest, [{"name": "probe", "backbone": "scratch:tinycnn", "stages": [PROBE]}],
         cohort={"manifest": str(clinical_manifest), "baselines": ["perfect", "noise"], "clinical": ["age"]},
         protocol={"folds": 4, "repeats": 2}, evaluation={"saliency": 0},
     )
@@ -68,7 +68,7 @@ def test_label_fraction_keeps_whole_patients_and_both_classes():
 
 
 def test_label_fractions_and_nested_tuning_units(digits_manifest, tmp_path):
-    arm = {"name": "probe", "backbone": "scratch:resnet18", "stages": [PROBE],
+    arm = {"name": "probe", "backbone": "scratch:tinycnn", "stages": [PROBE],
            "tune": {"grid": {"stages.0.lr": [1e-4, 3e-3]}, "inner_folds": 2}}
     recipe = small_recipe(digits_manifest, [arm], protocol={"folds": 3, "label_fractions": [0.25]},
                           evaluation={"saliency": 2})

@@ -57,39 +57,44 @@ def test_permuted_outcomes_score_chance_auroc(digits_manifest, tmp_path):
     assert abs(auroc - 0.5) < 0.1
 
 
-def test_real_signal_scores_well_and_outputs_are_complete(digits_manifest, tmp_path):
-    recipe = small_recipe(digits_manifest, [
-        {"name": "probe", "backbone": "scratch:resnet18", "stages": [PROBE]},
-        {"name": "probe-thaw", "backbone": "scratch:resnet18", "stages": [PROBE, THAW]},
-    ])
-    result = run_study(recipe, tmp_path / "run")
+TWO_ARMS = [{"name": "probe", "backbone": "scratch:resnet18", "stages": [PROBE]},
+            {"name": "probe-thaw", "backbone": "scratch:resnet18", "stages": [PROBE, THAW]}]
+
+
+@pytest.fixture(scope="module")
+def two_arm_study(digits_manifest, tmp_path_factory):
+    """One uninterrupted two-arm study (6 folds), read by several tests."""
+    recipe = small_recipe(digits_manifest, TWO_ARMS)
+    return recipe, run_study(recipe, tmp_path_factory.mktemp("two-arm") / "run")
+
+
+def test_real_signal_scores_well_and_outputs_are_complete(two_arm_study):
+    _, result = two_arm_study
+    run = result.run_dir
     for arm in ("probe", "probe-thaw"):
         assert result.metrics["arms"][arm]["summary"]["auroc"]["mean"] > 0.8
-    preds = pd.read_csv(tmp_path / "run" / "predictions.csv")
+    preds = pd.read_csv(run / "predictions.csv")
     # every image is predicted once per arm and repeat, with its patient, fold and arm
     assert set(preds.columns) >= {"arm", "repeat", "fold", "image", "patient", "y", "prob"}
     assert preds.groupby("arm")["image"].nunique().tolist() == [80, 80]
     # both arms ran on identical folds
     folds = preds.pivot_table(index="image", columns="arm", values="fold")
     assert (folds["probe"] == folds["probe-thaw"]).all()
-    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    metrics = json.loads((run / "metrics.json").read_text())
     assert len(metrics["arms"]["probe"]["folds"]) == 3
     for name in ("recipe.yaml", "environment.json", "log.txt"):
-        assert (tmp_path / "run" / name).is_file()
+        assert (run / name).is_file()
 
 
-def test_interrupted_study_resumes_and_matches_an_uninterrupted_one(digits_manifest, tmp_path):
-    arms = [{"name": "a", "backbone": "scratch:resnet18", "stages": [PROBE]},
-            {"name": "b", "backbone": "scratch:resnet18", "stages": [PROBE, THAW]}]
-    recipe = small_recipe(digits_manifest, arms)
-    full = run_study(recipe, tmp_path / "full")
+def test_interrupted_study_resumes_and_matches_an_uninterrupted_one(two_arm_study, tmp_path):
+    recipe, full = two_arm_study  # the same recipe, run without interruption
 
     with pytest.raises(KeyboardInterrupt):
         run_study(recipe, tmp_path / "resumed", StopAfter(4))
     counter = StopAfter(10**6)
     resumed = run_study(recipe, tmp_path / "resumed", counter)
     assert counter.started == 2  # 6 folds in all, 4 finished before the interruption
-    for arm in ("a", "b"):  # the numbers match; timings and memory of course do not
+    for arm in ("probe", "probe-thaw"):  # the numbers match; timings and memory of course do not
         for key in ("summary", "folds"):
             assert resumed.metrics["arms"][arm][key] == full.metrics["arms"][arm][key]
     # exactly: predictions read back from the fold files round-trip every float
