@@ -1,6 +1,7 @@
 import os
 import socket
 import subprocess
+import tempfile
 import time
 import urllib.request
 
@@ -9,6 +10,8 @@ import torch
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# compute: auto caches its measured choices; tests keep theirs out of the user's cache directory
+os.environ.setdefault("STAGEWISE_CACHE_DIR", tempfile.mkdtemp(prefix="stagewise-test-cache-"))
 
 
 def _cpus() -> int:

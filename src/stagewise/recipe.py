@@ -563,7 +563,11 @@ class ProtocolConfig(_Strict):
 class ComputeConfig(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    channels_last: bool = True
+    """auto: measured at the start of a run, per arm (architecture, image size, batch size):
+    the fastest of fp32 and the low precisions the hardware runs natively (bf16; fp16 on
+    CUDA), fp32 unless another is 5 % faster; cached per machine (see training/autotune.py)."""
+    channels_last: bool | Literal["auto"] = "auto"
+    """Memory layout of 2D convolutions; auto: measured with the precision."""
     reuse_frozen: bool = True
     """Compute a frozen, un-augmented network prefix once per image and reuse it."""
     eval_batch_size: int = Field(64, ge=1)

@@ -231,11 +231,13 @@ class RunDir:
                 "to recompute."
             )
 
-    def start(self, recipe: Recipe) -> None:
+    def start(self, recipe: Recipe, facts: dict | None = None) -> None:
+        """Write the recipe and environment.json (this machine, libraries, seed, and `facts`
+        of this run such as how compute settings were chosen)."""
         self.path.mkdir(parents=True, exist_ok=True)
         self.folds_dir.mkdir(exist_ok=True)
         atomic_write(self.path / "recipe.yaml", yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
-        env = environment() | {"seed": recipe.seed}
+        env = environment() | {"seed": recipe.seed} | (facts or {})
         atomic_write(self.path / "environment.json", json.dumps(env, indent=2))
 
     def pretrained_path(self, arm: str, fingerprint: str) -> Path:

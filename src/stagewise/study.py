@@ -101,10 +101,11 @@ def _run(recipe: Recipe, run: RunDir, reporter: Reporter, tracker: StudyTracker)
     digest = cohort_digest(cohort.table, [c for c in cohort.table.columns if c != "path"])
     fingerprints = {u.name: unit_fingerprint(recipe, u.kind, u.arm, u.fraction, u.column, digest) for u in units}
     run.check_folds({u.folder: fingerprints[u.name] for u in units})
-    tracker.start(study.compute.label, recipe.compute.threads)  # an unreachable server stops here, nothing written
-    run.start(recipe)
+    compute = study.compute_label([u.arm for u in units if u.kind == "model"])  # `auto`: measured here
+    tracker.start(compute, recipe.compute.threads)  # an unreachable server stops here, nothing written
+    run.start(recipe, {"compute_choice": study.compute_choices} if study.compute_choices else {})
     log.info("cohort %s: %d images, %d patients; %d splits; compute %s", Path(recipe.cohort.manifest).name,
-             study.cohort.n_images, study.cohort.n_patients, len(study.splits), study.compute.label)
+             study.cohort.n_images, study.cohort.n_patients, len(study.splits), compute)
     reporter.start(len(units) * len(study.splits))
     plan = getattr(reporter, "plan", None)  # optional, like `message`: which units train (counted, timed)
     if plan is not None:
@@ -147,7 +148,8 @@ def _run(recipe: Recipe, run: RunDir, reporter: Reporter, tracker: StudyTracker)
         "cohort": study.cohort.summary(),
         "protocol": recipe.protocol.model_dump(mode="json"),
         "n_splits": len(study.splits),
-        "compute": study.compute.label,
+        "compute": compute,
+        "compute_choice": study.compute_choices,
         "arms": units_out,
         "wall_seconds_this_session": time.perf_counter() - t_start,
     }

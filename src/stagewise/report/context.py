@@ -63,6 +63,25 @@ def _read_json(path: Path) -> dict:
         return {}
 
 
+def _compute_rows(choices: dict) -> list[dict]:
+    """One row per arm whose precision/layout was measured (`compute: auto`): the seconds per
+    training step of each candidate and the one chosen."""
+    rows = []
+    for arm, c in choices.items():
+        seconds = c.get("seconds_per_step") or {}
+        if not seconds:
+            continue
+        load = c.get("load_average")
+        rows.append({
+            "arm": arm,
+            "chosen": c.get("chosen", DASH),
+            "timings": " · ".join(f"{label} {fmt_num(v * 1000, 0)} ms" for label, v in seconds.items()),
+            "how": (f"measured {c.get('measured_at', '')}" + (f", load {load[0]:.1f}" if load else "")
+                    + ("; read from this machine's cache" if c.get("cached") else "")),
+        })
+    return rows
+
+
 def _run_date(run_dir: Path) -> str:
     """When the run started: the first timestamp of log.txt, else metrics.json's mtime."""
     try:
@@ -366,7 +385,8 @@ def build_context(run_dir: str | Path) -> dict:
         "fold_rows": fold_rows,
         "figures": figures,
         "recipe_text": recipe_text,
-        "environment": [(k, fmt_setting(v)) for k, v in env.items()],
+        "environment": [(k, fmt_setting(v)) for k, v in env.items() if k != "compute_choice"],
+        "compute_choices": _compute_rows(metrics.get("compute_choice") or {}),
         "wall_seconds": fmt_num(metrics.get("wall_seconds_this_session"), 0),
         "train_seconds": [(n, fmt_num(arms[n].get("train_seconds"), 1)) for n in order],
     }

@@ -37,12 +37,16 @@ class Compute:
         return x
 
     @property
+    def precision(self) -> str:
+        return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.amp_dtype]
+
+    @property
     def label(self) -> str:
-        dtype = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.amp_dtype]
-        return f"{self.device.type} {dtype}{' channels_last' if self.channels_last else ''}"
+        return f"{self.device.type} {self.precision}{' channels_last' if self.channels_last else ''}"
 
 
-def _cpu_has_fast_bf16() -> bool:
+def cpu_has_fast_bf16() -> bool:
+    """AVX-512 BF16 or AMX: bfloat16 runs natively (torch's own capability checks)."""
     try:
         return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
     except AttributeError:  # private helpers moved: stay in float32
@@ -50,7 +54,10 @@ def _cpu_has_fast_bf16() -> bool:
 
 
 def resolve_compute(cfg: ComputeConfig) -> Compute:
-    """`auto` picks CUDA when present, bfloat16 where the hardware runs it fast, else fp16/fp32."""
+    """The recipe's device and settings without measuring: `auto` precision is bfloat16 where
+    the hardware runs it natively (else fp16 on CUDA, fp32 on a CPU) and `auto` channels_last
+    is off. A study measures instead (`autotune.choose_compute`); this is the answer where
+    nothing is measured (a federated site's round)."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     if cfg.device == "cuda" and not torch.cuda.is_available():
@@ -61,8 +68,8 @@ def resolve_compute(cfg: ComputeConfig) -> Compute:
         if device.type == "cuda":
             precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
         else:
-            precision = "bf16" if _cpu_has_fast_bf16() else "fp32"
+            precision = "bf16" if cpu_has_fast_bf16() else "fp32"
     if precision == "fp16" and device.type == "cpu":
         raise RuntimeError("compute.precision fp16 is for CUDA; on a CPU use bf16 or fp32")
     amp = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    return Compute(device, amp, cfg.channels_last, cfg.reuse_frozen, cfg.eval_batch_size)
+    return Compute(device, amp, cfg.channels_last is True, cfg.reuse_frozen, cfg.eval_batch_size)

@@ -1,0 +1,94 @@
+"""compute: auto chooses precision and layout by timing training steps, within its guard."""
+
+import json
+import math
+
+import pytest
+
+from stagewise.models import build_arch
+from stagewise.recipe import ComputeConfig
+from stagewise.training import autotune
+from stagewise.training.autotune import candidates, choose_compute, pick
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("STAGEWISE_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache" / "compute-choices.json"
+
+
+def _labels(cfg):
+    return [c.label for c in candidates(cfg)]
+
+
+def test_candidates_are_what_the_recipe_leaves_open_and_bf16_only_where_native(monkeypatch):
+    assert _labels(ComputeConfig(device="cpu", precision="fp32", channels_last=False)) == ["cpu fp32"]
+    monkeypatch.setattr(autotune, "cpu_has_fast_bf16", lambda: False)
+    assert _labels(ComputeConfig(device="cpu")) == ["cpu fp32", "cpu fp32 channels_last"]
+    monkeypatch.setattr(autotune, "cpu_has_fast_bf16", lambda: True)
+    assert _labels(ComputeConfig(device="cpu")) == ["cpu fp32", "cpu fp32 channels_last", "cpu bf16",
+                                                    "cpu bf16 channels_last"]
+    assert _labels(ComputeConfig(device="cpu", precision="bf16")) == ["cpu bf16", "cpu bf16 channels_last"]
+    assert _labels(ComputeConfig(device="cpu", channels_last=True)) == ["cpu fp32 channels_last", "cpu bf16 channels_last"]
+
+
+def test_pick_keeps_the_most_exact_setting_unless_another_is_clearly_faster():
+    opts = candidates(ComputeConfig(device="cpu", precision="fp32"))  # fp32, fp32 channels_last
+    a, b = (c.label for c in opts)
+    assert pick(opts, {a: 1.0, b: 0.97}).label == a  # 3 % is within the margin
+    assert pick(opts, {a: 1.0, b: 0.80}).label == b
+    assert pick(opts, {a: math.inf, b: 2.0}).label == b  # a non-finite loss drops fp32 too
+    assert pick(opts, {a: 0.5, b: math.inf}).label == a
+
+
+def test_explicit_settings_are_never_measured(cache):
+    compute, record = choose_compute(ComputeConfig(device="cpu", precision="fp32", channels_last=False),
+                                     build_arch("scratch:tinycnn"), 32, 8)
+    assert compute.label == "cpu fp32" and record["measured"] is False and not cache.exists()
+
+
+def test_choice_is_measured_once_then_read_from_the_cache(cache, monkeypatch):
+    cfg = ComputeConfig(device="cpu", precision="fp32")  # channels_last: auto -> two candidates
+    backbone = build_arch("scratch:tinycnn")
+    compute, first = choose_compute(cfg, backbone, 32, 8)
+    assert first["cached"] is False and set(first["seconds_per_step"]) == {"cpu fp32", "cpu fp32 channels_last"}
+    assert all(0 < s < 60 for s in first["seconds_per_step"].values())
+    assert compute.label == first["chosen"] and first["precision"] == "fp32"
+    assert json.loads(cache.read_text())  # one entry on disk
+
+    def no_timing(*args):
+        raise AssertionError("measured again")
+
+    monkeypatch.setattr(autotune, "time_steps", no_timing)
+    again, second = choose_compute(cfg, backbone, 32, 8)
+    assert second["cached"] is True and again.label == compute.label
+    assert second["seconds_per_step"] == first["seconds_per_step"]
+    with pytest.raises(AssertionError, match="measured again"):  # another image size is another entry
+        choose_compute(cfg, backbone, 48, 8)
+
+
+def test_a_damaged_cache_is_measured_again_and_rewritten(cache, caplog):
+    cache.parent.mkdir(parents=True)
+    cache.write_text("{not json")
+    _, record = choose_compute(ComputeConfig(device="cpu", precision="fp32"), build_arch("scratch:tinycnn"), 32, 4)
+    assert record["cached"] is False and "unreadable" in caplog.text
+    assert len(json.loads(cache.read_text())) == 1
+
+
+def test_a_study_with_compute_auto_records_the_choice(digits_manifest, tmp_path, cache):
+    from conftest import small_recipe
+
+    from stagewise.study import run_study
+
+    arms = [{"name": "probe", "backbone": "scratch:tinycnn", "stages": [{"kind": "probe", "epochs": 1}]}]
+    recipe = small_recipe(digits_manifest, arms, compute={"precision": "fp32", "channels_last": "auto"},
+                          protocol={"folds": 2})
+    result = run_study(recipe, tmp_path / "run")
+    env = json.loads((result.run_dir / "environment.json").read_text())
+    choice = env["compute_choice"]["probe"]
+    assert choice["chosen"] == result.metrics["compute"] and set(choice["seconds_per_step"]) == {
+        "cpu fp32", "cpu fp32 channels_last"}
+    fold = json.loads(next((result.run_dir / "folds").rglob("r0-f0.json")).read_text())
+    assert fold["compute"] == choice["chosen"]
+    html = (result.run_dir / "report.html").read_text()
+    assert 'id="compute-choice"' in html and "per training step" in html
