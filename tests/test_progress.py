@@ -6,7 +6,6 @@ import io
 import numpy as np
 from typer.testing import CliRunner
 
-from conftest import small_recipe
 from stagewise.cli import app
 from stagewise.evaluation.splits import Split
 from stagewise.fitting import refit

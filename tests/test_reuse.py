@@ -118,3 +118,21 @@ def test_thaw_on_features_resumes_from_the_deepest_frozen_group_each_epoch():
 def test_recipe_refuses_augmentation_on_features_that_cannot_be_done(stage, message):
     with pytest.raises(RecipeError, match=message):
         parse_stage(stage)
+
+
+def test_deeper_prefix_continues_from_a_stored_shallower_one_with_the_same_outputs():
+    images, y = _data()
+    net = _net()
+    shared, fresh = PrefixCache(), PrefixCache()
+    shallow = shared.get(net, 2, images, FP32)
+    calls = []
+    hook = net.backbone.net.layer1.register_forward_hook(lambda *a: calls.append(1))
+    deep = shared.get(net, 4, images, FP32)
+    assert not calls  # layer1 (group 2) did not run again: continued from the stored depth-2 output
+    hook.remove()
+    assert torch.allclose(deep, fresh.get(net, 4, images, FP32), atol=1e-6)
+    assert torch.equal(shallow, fresh.get(net, 2, images, FP32))
+    # pooled features from the stored last-group maps (what predict asks for after augment_on: features)
+    maps = shared.get(net, 5, images, FP32, maps=True)
+    assert maps.dim() == 4
+    assert torch.allclose(shared.get(net, 5, images, FP32), fresh.get(net, 5, images, FP32), atol=1e-6)

@@ -38,7 +38,6 @@ from stagewise.report.formatting import (
     fmt_fraction,
     fmt_mean_sd,
     fmt_num,
-    fmt_p,
     fmt_point_ci,
     fmt_setting,
 )

@@ -119,18 +119,36 @@ class PrefixCache:
                 return k
         return 0
 
+    def _resume_point(self, net: Network, k: int, images: ImageSet, compute: Compute, maps: bool):
+        """The deepest stored entry below depth k for the same weights (or the last group's
+        maps, when pooled features are asked for), to continue from instead of the images:
+        (depth, outputs), or (0, None)."""
+        n = len(net.backbone.group_names)
+        fps = prefix_fingerprints(net, upto=k)
+        if k == n and not maps:
+            stored = self._store.get(self._key(images, n, fps[n - 1], compute, maps=True))
+            if stored is not None:
+                return n, stored
+        for j in sorted((d for d in resumable_depths(net) if d < k), reverse=True):
+            stored = self._store.get(self._key(images, j, fps[j - 1], compute))
+            if stored is not None:
+                return j, stored
+        return 0, None
+
     @torch.no_grad()
     def _compute(self, net: Network, k: int, images: ImageSet, compute: Compute, maps: bool) -> torch.Tensor:
         backbone = net.backbone
         was_training = [m.training for m in backbone.modules()]
         backbone.eval()
         stop = None if k == len(backbone.group_names) and not maps else k
+        start, source = self._resume_point(net, k, images, compute, maps)
+        source = images.x if source is None else source
         chunks = []
         try:
             for i in range(0, len(images), compute.eval_batch_size):
-                xb = compute.to_input(images.x[i : i + compute.eval_batch_size])
+                xb = compute.to_input(source[i : i + compute.eval_batch_size])
                 with compute.autocast():
-                    chunks.append(backbone(xb, start=0, stop=stop))
+                    chunks.append(backbone(xb, start=start, stop=stop))
         finally:
             for m, t in zip(backbone.modules(), was_training):
                 m.training = t
