@@ -117,7 +117,7 @@ def time_steps(backbone: Backbone, shape: tuple[int, ...], options: list[Compute
         for p in net.parameters():
             p.requires_grad_(True)
         nets.append(net)
-        optims.append(torch.optim.AdamW(net.parameters(), lr=1e-4))
+        optims.append(torch.optim.AdamW(net.parameters(), lr=1e-4, **c.optimizer_options))
     g = torch.Generator().manual_seed(0)
     x = torch.rand(shape, generator=g).half()
     y = (torch.arange(shape[0]) % 2).float().unsqueeze(1)

@@ -123,7 +123,8 @@ def batches(order: np.ndarray, batch_size: int) -> list[np.ndarray]:
     """Consecutive batches; a last batch of one image joins the previous (BatchNorm needs two)."""
     chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     if len(chunks) > 1 and len(chunks[-1]) < 2:
-        chunks[-2] = np.concatenate([chunks[-2], chunks.pop()])
+        last = chunks.pop()  # popped first: `chunks[-2] = concat(chunks[-2], chunks.pop())` wrote one slot too far
+        chunks[-1] = np.concatenate([chunks[-1], last])
     return chunks
 
 
@@ -197,7 +198,8 @@ def fit_stage(
     if stage.epochs == 0:  # a probe of 0 epochs: the network is scored as it starts
         return StageLog(stage.kind)
     optimizer = torch.optim.AdamW(
-        [{"params": groups[g], "lr": lr, "weight_decay": plan.weight_decay[g], "name": g} for g, lr in plan.lrs.items()]
+        [{"params": groups[g], "lr": lr, "weight_decay": plan.weight_decay[g], "name": g} for g, lr in plan.lrs.items()],
+        **compute.optimizer_options,
     )
     steps_per_epoch = len(batches(np.arange(len(train_idx)), stage.batch_size))
     total = steps_per_epoch * stage.epochs

@@ -110,7 +110,7 @@ def fit_ssl(
         p.requires_grad_(True)
     lr = stage.lr["head"] if isinstance(stage.lr, dict) else stage.lr
     optimizer = torch.optim.AdamW([*backbone.parameters(), *heads.parameters()], lr=lr,
-                                  weight_decay=stage.group_weight_decay("head"))
+                                  weight_decay=stage.group_weight_decay("head"), **compute.optimizer_options)
     if stage.method == "byol":  # the target network: an exponential moving average of the online one
         target = nn.ModuleDict({"backbone": copy.deepcopy(backbone), "projection": copy.deepcopy(heads["projection"])})
         deactivate_requires_grad(target)
