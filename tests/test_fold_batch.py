@@ -18,8 +18,7 @@ from stagewise.training.fold_batch import FoldBatchError, fit_folds
 
 FP32 = resolve_compute(ComputeConfig(device="cpu", precision="fp32", channels_last=False))
 # Uneven folds on purpose: 12 -> batches 8, 4; 6 -> one batch of 6; so a step mixes sizes,
-# groups non-adjacent folds (0 and 2) and leaves fold 1 out. (No size of 8n + 1: see the
-# xfail below.)
+# groups non-adjacent folds (0 and 2) and leaves fold 1 out. (8n + 1 is tested below.)
 FOLDS = [np.arange(0, 12), np.arange(12, 18), np.arange(18, 30)]
 SEEDS = [11, 12, 13]
 
@@ -136,9 +135,6 @@ def test_mismatched_inputs_are_refused():
         fit_folds([nets[0], nets[0]], ProbeStage(epochs=1), images, FOLDS[:2], y, FP32, None, SEEDS[:2])
 
 
-@pytest.mark.xfail(reason="engine.batches: `chunks[-2] = concat([chunks[-2], chunks.pop()])` assigns after the pop, "
-                          "so 8n + 1 images lose a batch and repeat another (2 chunks: IndexError); reported, "
-                          "engine.py is not this module's to edit", raises=(AssertionError, IndexError))
 def test_a_last_batch_of_one_image_joins_the_previous_and_every_image_is_used_once():
     from stagewise.training.engine import batches
 

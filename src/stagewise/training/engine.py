@@ -128,7 +128,9 @@ def batches(order: np.ndarray, batch_size: int) -> list[np.ndarray]:
     return chunks
 
 
-def _epoch_order(idx: np.ndarray, y: np.ndarray, balanced: bool, g: torch.Generator) -> np.ndarray:
+def epoch_order(idx: np.ndarray, y: np.ndarray, balanced: bool, g: torch.Generator) -> np.ndarray:
+    """One epoch's order of the training rows: a permutation, or with `balanced` an
+    inverse-class-frequency draw with replacement (the BPD code's sampler)."""
     if not balanced:
         return idx[torch.randperm(len(idx), generator=g).numpy()]
     classes, counts = np.unique(y, return_counts=True)
@@ -137,7 +139,7 @@ def _epoch_order(idx: np.ndarray, y: np.ndarray, balanced: bool, g: torch.Genera
     return idx[pick.numpy()]
 
 
-def _set_bn_policy(net: Network, frozen_groups: list[str], bn: str) -> None:
+def set_bn_policy(net: Network, frozen_groups: list[str], bn: str) -> None:
     """`freeze` and `adapt_once` (after its one re-estimate): frozen groups run in eval mode,
     so their BatchNorm statistics stay fixed; `adapt`: they run in train mode."""
     net.train()
@@ -147,7 +149,8 @@ def _set_bn_policy(net: Network, frozen_groups: list[str], bn: str) -> None:
                 m.eval()
 
 
-def _frozen_prefix(net: Network, trainable: list[str]) -> int:
+def frozen_prefix(net: Network, trainable: list[str]) -> int:
+    """Number of leading backbone groups that do not train this epoch."""
     k = 0
     for g in net.backbone.group_names:
         if g in trainable:
@@ -221,7 +224,7 @@ def fit_stage(
     log = StageLog(stage.kind)
     reset_peak(compute.device)
     if stage.bn == "adapt_once":  # AdaBN on this fold's training images, before the first step
-        log.adapted_batchnorm = adapt_batchnorm(net, _frozen_prefix(net, plan.trainable(0)), images, train_idx, compute)
+        log.adapted_batchnorm = adapt_batchnorm(net, frozen_prefix(net, plan.trainable(0)), images, train_idx, compute)
 
     with hooks.context():
         for epoch in range(stage.epochs):
@@ -232,8 +235,8 @@ def fit_stage(
                     p.requires_grad_(name in trainable)
             hooks.before_epoch()
             frozen = [n for n in net.backbone.group_names if n not in trainable]
-            _set_bn_policy(net, frozen, stage.bn)
-            k = _frozen_prefix(net, trainable)
+            set_bn_policy(net, frozen, stage.bn)
+            k = frozen_prefix(net, trainable)
             cut = k in resumable_depths(net)
             # augment_on: features -> the frozen groups' output as feature maps, augmented per batch
             on_features = stage.augment_on == "features" and hooks.augments_input and cut and net.backbone.sequential
@@ -244,7 +247,7 @@ def fit_stage(
             lrs_at_start = {pg["name"]: pg["lr"] for pg in optimizer.param_groups}
             decay = {pg["name"]: pg["weight_decay"] for pg in optimizer.param_groups}
             losses = []
-            for batch in batches(_epoch_order(train_idx, y_train, stage.balanced_sampling, g), stage.batch_size):
+            for batch in batches(epoch_order(train_idx, y_train, stage.balanced_sampling, g), stage.batch_size):
                 xb = compute.to_input(source[torch.as_tensor(batch)])
                 yb = targets[batch].to(compute.device)
                 eb = None if extra is None else extra[batch].to(compute.device)

@@ -42,9 +42,11 @@ from torch.func import functional_call, stack_module_state, vmap
 
 from stagewise.models.heads import Network
 from stagewise.recipe import FinetuneStage, ProbeStage, Stage, ThawStage
-from stagewise.training.cache import ImageSet, PrefixCache
+from stagewise.training.cache import ImageSet, PrefixCache, resumable_depths
 from stagewise.training.compute import Compute
-from stagewise.training.engine import BINARY, Objective, StageError, StageLog, batches, plan_stage
+from stagewise.training.engine import (
+    BINARY, Objective, StageError, StageLog, batches, epoch_order, frozen_prefix, plan_stage, set_bn_policy,
+)
 from stagewise.training.memory import peak_memory, reset_peak
 
 BATCHABLE = (ProbeStage, ThawStage, FinetuneStage)
@@ -77,44 +79,6 @@ def check_batchable(stage: Stage, compute: Compute | None = None) -> None:
         raise FoldBatchError(
             f"fold batching does not support {', '.join(reasons)} (the {stage.kind} stage would draw or store "
             "per-fold state it cannot reproduce); run its folds one by one with fit_stage")
-
-
-def epoch_order(idx: np.ndarray, y: np.ndarray, balanced: bool, g: torch.Generator) -> np.ndarray:
-    """One epoch's image order, exactly as the engine draws it (a copy of the private
-    `engine._epoch_order`, which the fold-batch test holds equal to fit_stage's batches;
-    to be replaced by the engine's own once it is public)."""
-    if not balanced:
-        return idx[torch.randperm(len(idx), generator=g).numpy()]
-    classes, counts = np.unique(y, return_counts=True)
-    weight = 1.0 / counts[np.searchsorted(classes, y)]
-    pick = torch.multinomial(torch.as_tensor(weight, dtype=torch.float64), len(idx), replacement=True, generator=g)
-    return idx[pick.numpy()]
-
-
-def set_bn_policy(net: Network, frozen_groups: list[str], bn: str) -> None:
-    """Train mode; frozen groups in eval mode unless `bn: adapt` (the engine's policy)."""
-    net.train()
-    if bn != "adapt":
-        for g in frozen_groups:
-            for m in net.backbone.group_modules(g):
-                m.eval()
-
-
-def resumable_depths(net: Network) -> list[int]:
-    """Prefix depths a backbone can resume from: any for a sequential one, else only whole
-    (the cache's rule, restated so this module follows the cache's public API only)."""
-    n = len(net.backbone.group_names)
-    return list(range(1, n + 1)) if net.backbone.sequential else [n]
-
-
-def frozen_prefix(net: Network, trainable: list[str]) -> int:
-    """Number of leading backbone groups that do not train this epoch."""
-    k = 0
-    for g in net.backbone.group_names:
-        if g in trainable:
-            break
-        k += 1
-    return k
 
 
 class _FoldRng:
@@ -213,7 +177,7 @@ def fit_folds(
     for k in range(n_folds):
         opt = torch.optim.AdamW([
             {"params": [views[k][n] for n in group_names[g]], "lr": lr, "weight_decay": plan.weight_decay[g], "name": g}
-            for g, lr in plan.lrs.items()])
+            for g, lr in plan.lrs.items()], **compute.optimizer_options)
         n_steps = len(batches(np.arange(len(train_idx[k])), stage.batch_size))
         total = n_steps * stage.epochs
         sched = None
