@@ -38,7 +38,7 @@ def source_manifest(tmp_path_factory):
 
 
 def test_pretrained_backbone_is_saved_once_and_loads_bit_identically(digits_manifest, source_manifest, tmp_path):
-    pretrain = {"kind": "pretrain", "epochs": 2, "batch_size": 32, "lr": 3e-3,
+    pretrain = {"kind": "pretrain", "epochs": 1, "batch_size": 32, "lr": 3e-3,
                 "source": {"manifest": str(source_manifest), "targets": ["ink"], "task": "regression"}}
     refine = {"kind": "probe", "epochs": 2, "batch_size": 16, "lr": 3e-3}
     finetune = {"kind": "finetune", "epochs": 1, "batch_size": 16, "lr": 1e-4}
