@@ -61,15 +61,16 @@ def matmul_peak(dtype: torch.dtype, n: int, repeats: int) -> float:
     return 2 * n**3 / statistics.median(times) / 1e9
 
 
-def train_step_fn(arch: str, amp: torch.dtype | None, channels_last: bool, batch: int, size: int):
+def train_step_fn(arch: str, amp: torch.dtype | None, channels_last: bool, batch: int, size: int, fused: bool = True):
     """A closure running one forward + backward + AdamW step of a stagewise Network, as the
-    engine does it (float16 images -> device input -> autocast forward -> fp32 loss)."""
+    engine does it (float16 images -> device input -> autocast forward -> fp32 loss; AdamW's
+    fused kernel, or with fused=False torch's CPU default, a Python loop over parameters)."""
     torch.manual_seed(0)
     net = Network.build(build_arch(arch), dropout=0.1)
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
     net.train()
-    opt = torch.optim.AdamW(net.parameters(), lr=1e-4, weight_decay=1e-4)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-4, weight_decay=1e-4, **({"fused": True} if fused else {}))
     x16 = torch.rand(batch, 1, size, size).half()
     y = (torch.arange(batch) % 2).float().unsqueeze(1)
 
@@ -141,6 +142,8 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--no-profile", action="store_true")
+    parser.add_argument("--optimizer", choices=["fused", "loop", "both"], default="fused",
+                        help="AdamW kernel: fused (stagewise's since issue 13), loop (torch's CPU default before), both")
     parser.add_argument("--rows", nargs="*", default=None, metavar="ARCH/DTYPE/LAYOUT",
                         help="only these rows, e.g. torchvision:resnet50/bf16/contiguous (default: all 8)")
     args = parser.parse_args()
@@ -164,13 +167,20 @@ def main() -> None:
                 layout = "channels_last" if channels_last else "contiguous"
                 if args.rows is not None and f"{arch}/{name}/{layout}" not in args.rows:
                     continue
-                step = train_step_fn(arch, amp, channels_last, args.batch, args.size)
-                flops = step_flops(step)
-                sec = time_steps(step, args.steps)
-                achieved = flops / sec / 1e9
-                limit = peak[name] * 1e9 / flops * args.batch
-                print(f"{arch:22s} {name:5s} {layout:13s} {flops / 1e9:10.1f} {sec:7.2f} {args.batch / sec:7.1f} "
-                      f"{achieved:8.1f} {limit:11.1f} {100 * achieved / peak[name]:7.1f}%", flush=True)
+                kernels = {"fused": [True], "loop": [False], "both": [False, True]}[args.optimizer]
+                steps = {fused: train_step_fn(arch, amp, channels_last, args.batch, args.size, fused) for fused in kernels}
+                flops = step_flops(steps[kernels[0]])
+                secs = {fused: [] for fused in kernels}
+                for _ in range(args.steps):  # kernels in turn, so a load change hits both alike
+                    for fused, step in steps.items():
+                        secs[fused].append(time_steps(step, 1))
+                for fused in kernels:
+                    sec = statistics.median(secs[fused])
+                    achieved = flops / sec / 1e9
+                    limit = peak[name] * 1e9 / flops * args.batch
+                    tag = layout + ("" if args.optimizer == "fused" else (" fused" if fused else " loop"))
+                    print(f"{arch:22s} {name:5s} {tag:13s} {flops / 1e9:10.1f} {sec:7.2f} {args.batch / sec:7.1f} "
+                          f"{achieved:8.1f} {limit:11.1f} {100 * achieved / peak[name]:7.1f}%", flush=True)
     if not args.no_profile:
         profile_fit_stage(args.threads)
     print(f"\nload average at end: {load()}")

@@ -89,6 +89,7 @@ def lus_manifest(tmp: Path, per_video: int) -> tuple[Path, dict]:
 
 def bench(name: str, manifest: Path, cohort: dict, args, tmp: Path) -> None:
     backbone = f"scratch:{args.backbone}"
+    probe, thaw = (PROBE | {"epochs": 2}, THAW | {"epochs": 4}) if args.quick else (PROBE, THAW)
     recipe = recipe_from_dict({
         "name": f"reuse-{name}", "seed": 0,
         "cohort": {"manifest": str(manifest), **cohort},
@@ -98,8 +99,8 @@ def bench(name: str, manifest: Path, cohort: dict, args, tmp: Path) -> None:
         "evaluation": {"saliency": 0, "bootstrap": 1000, "report": False, "clinical_model": False,
                        "compare": [["fast", "exact"]], "primary": {"a": "fast", "b": "exact", "test": "corrected_t"}},
         "arms": [
-            {"name": "exact", "backbone": backbone, "stages": [PROBE, THAW]},
-            {"name": "fast", "backbone": backbone, "stages": [fast(PROBE), fast(THAW)]},
+            {"name": "exact", "backbone": backbone, "stages": [probe, thaw]},
+            {"name": "fast", "backbone": backbone, "stages": [fast(probe), fast(thaw)]},
         ],
     })
     load0 = os.getloadavg()
@@ -110,13 +111,14 @@ def bench(name: str, manifest: Path, cohort: dict, args, tmp: Path) -> None:
     m = result.metrics
     units, ev = m["arms"], m["evidence"]
     n = m["cohort"]
-    print(f"\n== {name}: {n.get('n_images')} images, {n.get('n_patients')} patients, {args.size} px {backbone}, "
+    print(f"\n== {name}: {n.get('images')} images, {n.get('patients')} patients ({n.get('positive_patients')} positive), "
+          f"{args.size} px {backbone}, "
           f"{args.repeats}x{args.folds} folds, {m['compute']}; wall {wall:.0f} s; load {load0[0]:.2f} -> {load1[0]:.2f} ==")
     secs = {}
     for arm in ("exact", "fast"):
         s, e = units[arm]["summary"]["auroc"], ev["units"][arm]
         secs[arm] = units[arm]["train_seconds"]
-        ci = e.get("auroc_bootstrap_ci", {})
+        ci = e.get("bootstrap_ci", {}).get("auroc", e.get("auroc_delong_ci", {}))
         print(f"  {arm:6s} train {secs[arm]:7.1f} s | fold AUROC {s['mean']:.3f} ± {s['sd']:.3f} | pooled "
               f"{ci.get('point', float('nan')):.3f} [{ci.get('low', float('nan')):.3f}, {ci.get('high', float('nan')):.3f}]")
     comp = next(c for c in ev["comparisons"] if c["a"] == "fast" and c["b"] == "exact")
@@ -137,6 +139,7 @@ def main() -> None:
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--lus-frames", type=int, default=2, help="frames per lung-ultrasound video")
+    parser.add_argument("--quick", action="store_true", help="2 probe + 4 thaw epochs: checks the script, not a result")
     args = parser.parse_args()
     cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
                 if l.startswith("model name")), platform.processor())

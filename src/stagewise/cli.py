@@ -32,8 +32,14 @@ def _main(version: bool = typer.Option(False, "--version", callback=_version, is
 
     Example: stagewise validate examples/covid-outcome.yaml && stagewise run examples/covid-outcome.yaml
     """
-console = Console(stderr=True)
-out = Console(width=None if Console().is_terminal else 140)  # logs and pipes: no 80-column wrap
+def _console(stderr: bool) -> Console:
+    """A terminal's own width; in logs and pipes (and test runners) a wide one, so a message
+    naming a long file path is not cut across lines at Rich's default 80 columns."""
+    return Console(stderr=stderr, width=None if Console(stderr=stderr).is_terminal else 200)
+
+
+console = _console(stderr=True)
+out = _console(stderr=False)
 
 
 class RichReporter:

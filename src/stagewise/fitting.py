@@ -394,6 +394,7 @@ def study_from_state(state: dict, run: RunDir, images: ImageSet | None, pristine
     study = Study.__new__(Study)
     vars(study).update(state)
     study.run, study.reporter, study._images, study._pristine = run, reporter, images, dict(pristine)
+    study._computes = {}  # chosen here from the driver's compute_choices (same kind of device) or measured
     study.compute = resolve_compute(study.recipe.compute)  # this worker's device, not the driver's
     study.cache = cache if study.compute.reuse_frozen else None
     return study
