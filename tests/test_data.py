@@ -167,7 +167,9 @@ def test_dicom_multiframe_takes_first_frame(tmp_path):
     assert img[0, 0] == 0.0 and img[0, -1] == pytest.approx(1000 / 65535)
 
 
-def _png(path: Path, pixels: np.ndarray, sbit: int | None = None) -> Path:
+def png(path: Path, pixels: np.ndarray, sbit: int | None = None) -> Path:
+    """Save `pixels` as a PNG (with an sBIT chunk when given), making its folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     info = None
     if sbit is not None:
         info = PngImagePlugin.PngInfo()
@@ -185,14 +187,14 @@ def test_same_stored_values_give_the_same_input_as_png_and_dicom(tmp_path):
     a12 = rng.integers(0, 4096, (24, 40)).astype(np.uint16)  # raw 12-bit values, low bits in use
     cases = {
         "8-bit": (a8 / 255.0, [
-            _png(tmp_path / "a8.png", a8),
-            _png(tmp_path / "a8x257.png", a8.astype(np.uint16) * 257),  # 8 bits replicated to 16, as PNG scales
+            png(tmp_path / "a8.png", a8),
+            png(tmp_path / "a8x257.png", a8.astype(np.uint16) * 257),  # 8 bits replicated to 16, as PNG scales
             write_dicom(tmp_path / "a8.dcm", a8, BitsAllocated=8),
             write_dicom(tmp_path / "a8in16.dcm", a8, BitsStored=8, HighBit=7),
         ]),
-        "16-bit": (a16 / 65535.0, [_png(tmp_path / "a16.png", a16), write_dicom(tmp_path / "a16.dcm", a16)]),
+        "16-bit": (a16 / 65535.0, [png(tmp_path / "a16.png", a16), write_dicom(tmp_path / "a16.dcm", a16)]),
         "12-bit": (a12 / 4095.0, [
-            _png(tmp_path / "a12.png", a12, sbit=12),
+            png(tmp_path / "a12.png", a12, sbit=12),
             write_dicom(tmp_path / "a12.dcm", a12, BitsStored=12, HighBit=11),
         ]),
     }

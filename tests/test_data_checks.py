@@ -14,21 +14,12 @@ from stagewise.data import CohortError, check_images, load_cohort, read_image
 from stagewise.data.checks import MIN_SIDE, inspect_images
 from stagewise.data.readers import png_significant_bits
 from stagewise.recipe import CohortConfig
-from test_data import RAMP, write_dicom
+from test_data import RAMP, png, write_dicom
 
 
 def texture(seed: int, shape=(32, 32)) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
 
-
-def png(path: Path, pixels: np.ndarray, sbit: int | None = None) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    info = None
-    if sbit is not None:
-        info = PngImagePlugin.PngInfo()
-        info.add(b"sBIT", bytes([sbit]))
-    Image.fromarray(pixels).save(path, pnginfo=info)
-    return path
 
 
 def cohort_cfg(tmp_path: Path, rows: list[tuple[str, str, str]], sep: str = ",", **cfg) -> CohortConfig:
