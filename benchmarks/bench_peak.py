@@ -21,10 +21,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -33,14 +31,13 @@ from torch.utils.flop_counter import FlopCounterMode
 from stagewise.models import Network, build_arch
 from stagewise.recipe import ComputeConfig, FinetuneStage
 from stagewise.training.cache import ImageSet
+from stagewise.training.autotune import cpu_model
 from stagewise.training.compute import resolve_compute
 from stagewise.training.engine import BINARY, fit_stage
 
 
 def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    return f"{cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
 def load() -> str:
@@ -94,8 +91,9 @@ def step_flops(step) -> int:
     return counter.get_total_flops()
 
 
-def time_steps(step, steps: int) -> float:
-    step()  # warm-up: oneDNN primitive creation, allocator
+def time_steps(step, steps: int, warmup: bool = True) -> float:
+    if warmup:
+        step()  # warm-up: oneDNN primitive creation, allocator
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
@@ -171,9 +169,11 @@ def main() -> None:
                 steps = {fused: train_step_fn(arch, amp, channels_last, args.batch, args.size, fused) for fused in kernels}
                 flops = step_flops(steps[kernels[0]])
                 secs = {fused: [] for fused in kernels}
+                for step in steps.values():
+                    step()  # warm-up, once per kernel
                 for _ in range(args.steps):  # kernels in turn, so a load change hits both alike
                     for fused, step in steps.items():
-                        secs[fused].append(time_steps(step, 1))
+                        secs[fused].append(time_steps(step, 1, warmup=False))
                 for fused in kernels:
                     sec = statistics.median(secs[fused])
                     achieved = flops / sec / 1e9

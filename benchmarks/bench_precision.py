@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -25,6 +24,7 @@ import torch
 
 from stagewise.demo import demo_recipe, make_demo_cohort
 from stagewise.study import run_study
+from stagewise.training.autotune import cpu_model
 from stagewise.training.compute import cpu_has_fast_bf16
 
 EXPLICIT = {
@@ -40,8 +40,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="times each setting runs (in turn)")
     parser.add_argument("--repeats", type=int, default=1, help="CV repeats per study")
     args = parser.parse_args()
-    cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
-                if l.startswith("model name")), platform.processor())
+    cpu = cpu_model()
     print(f"machine: {cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}, native bf16: {cpu_has_fast_bf16()}")
     settings = {"defaults (auto)": {}} | {k: v for k, v in EXPLICIT.items() if "bf16" not in k or cpu_has_fast_bf16()}
     walls: dict[str, list[float]] = {name: [] for name in settings}

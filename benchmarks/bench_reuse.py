@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -39,6 +38,7 @@ import torch
 
 from stagewise.recipe import recipe_from_dict
 from stagewise.study import run_study
+from stagewise.training.autotune import cpu_model
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("STAGEWISE_DATA", REPO.parent / "shared" / "data"))
@@ -141,8 +141,7 @@ def main() -> None:
     parser.add_argument("--lus-frames", type=int, default=2, help="frames per lung-ultrasound video")
     parser.add_argument("--quick", action="store_true", help="2 probe + 4 thaw epochs: checks the script, not a result")
     args = parser.parse_args()
-    cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
-                if l.startswith("model name")), platform.processor())
+    cpu = cpu_model()
     print(f"machine: {cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}; load {os.getloadavg()}")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -74,14 +74,17 @@ def candidates(cfg: ComputeConfig) -> list[Compute]:
     return [Compute(base.device, p, cl, base.reuse_frozen, base.eval_batch_size) for p in precisions for cl in layouts]
 
 
-def _machine() -> dict:
-    cpu = platform.processor() or platform.machine()
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux, else what `platform` knows)."""
     try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
+        return next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name"))
     except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "threads": torch.get_num_threads(),
+        return platform.processor() or platform.machine()
+
+
+def _machine() -> dict:
+    return {"cpu": cpu_model(), "threads": torch.get_num_threads(),
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
