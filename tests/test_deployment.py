@@ -27,7 +27,7 @@ from stagewise.models import Network, build_arch, load_network
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # a CSV, cheap per xdist worker: the module's tests may spread
 def hospitals(digits_manifest, tmp_path_factory):
     """The digits cohort split by patient between two hospitals, each with its own manifest."""
     root = tmp_path_factory.mktemp("hospitals")

@@ -20,7 +20,7 @@ FP32 = resolve_compute(ComputeConfig(device="cpu", precision="fp32", channels_la
 QUIET = {"saliency": 0, "bootstrap": 50, "report": False}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # a CSV, cheap per xdist worker: the module's tests may spread
 def sites_manifest(digits_manifest, tmp_path_factory):
     """The digits cohort spread over three hospitals (whole patients, both classes at each)."""
     table = pd.read_csv(digits_manifest)

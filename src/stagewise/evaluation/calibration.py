@@ -9,11 +9,8 @@ from __future__ import annotations
 
 import warnings
 
-import dcurves
 import numpy as np
 import pandas as pd
-import statsmodels.api as sm
-from statsmodels.tools.sm_exceptions import PerfectSeparationWarning
 from scipy.special import expit, logit
 from sklearn.calibration import calibration_curve as _sk_calibration_curve
 from sklearn.metrics import brier_score_loss
@@ -63,6 +60,11 @@ def calibration_slope_intercept(y, p, level: float = 0.95) -> dict[str, float]:
 def _recalibration_glm(y: np.ndarray, p: np.ndarray, slope: bool):
     """The binomial GLM of y on logit(p): with logit(p) as a covariate (slope) or as an offset
     (intercept only, slope fixed at 1)."""
+    # statsmodels and dcurves are imported where used: they cost ~1 s at import, and every
+    # process of a federated deployment (one per Flower message) imports this module
+    import statsmodels.api as sm
+    from statsmodels.tools.sm_exceptions import PerfectSeparationWarning
+
     lp = logit(np.clip(p, _EPS, 1 - _EPS))
     with warnings.catch_warnings():
         # Perfectly separated predictions (common on small folds) give a huge slope, which is
@@ -124,6 +126,8 @@ def decision_curve(y, p, thresholds=np.arange(0.01, 1.0, 0.01)) -> pd.DataFrame:
     [0, 1). Returns one row per threshold with columns threshold, net_benefit_model,
     net_benefit_all, net_benefit_none.
     """
+    import dcurves
+
     y, p = _labels_and_probs(y, p)
     thresholds = [float(t) for t in thresholds]
     if any(t < 0 or t >= 1 for t in thresholds):

@@ -181,8 +181,12 @@ def run_job(grid, job_dir: JobDir, run_id: str = "") -> dict:
     cfg, digest, n = job.arm.sites, spec["digest"], int(spec["sites"])
     wire = AuditedGrid(grid, WireLog(job_dir.fed / "wire.jsonl"))
     job_dir.status(state="running", run=run_id, digest=digest)
-    names = _greet(wire, n, min(cfg.min_sites or n, n), job.arm.name, digest,
-                   spec.get("connect_timeout", cfg.round_timeout), cfg.round_timeout)
+    # The greeting is each site's first message: its answer waits for the site's app to start
+    # (a Ray actor in the simulation, a fresh ClientApp process in a deployment), which on a
+    # busy machine takes longer than a round may; it gets the connection timeout as well.
+    connect = float(spec.get("connect_timeout", cfg.round_timeout))
+    names = _greet(wire, n, min(cfg.min_sites or n, n), job.arm.name, digest, connect,
+                   max(connect, cfg.round_timeout))
     order = lambda m: names.get(m.metadata.src_node_id, "")  # noqa: E731 - aggregation in site-name order
     for fit in job.fits():
         if job_dir.fit_file(fit).is_file():
