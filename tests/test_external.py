@@ -99,6 +99,28 @@ def test_cli_evaluate_with_recalibration_writes_shareable_figures_and_a_bundle_t
     assert "Recalibrated" in (out / "bundle-recalibrated" / "MODEL_CARD.md").read_text()
 
 
+def test_an_older_bundle_says_its_intensity_convention_in_the_evaluation(bundle_dir, site_b, tmp_path):
+    """A bundle made before the intensity convention was recorded still validates; the CLI,
+    external.json and the report say its DICOM inputs may be on another scale than in training."""
+    import shutil
+
+    old = tmp_path / "old-bundle"
+    shutil.copytree(bundle_dir, old)
+    info = json.loads((old / "bundle.json").read_text())
+    assert info.pop("intensity")["convention"] == "storable-range-v1"
+    (old / "bundle.json").write_text(json.dumps(info))
+    args = ["--image", "scan", "--outcome", "icu", "--patient", "pid", "--positive", "admitted", "--negative", "ward",
+            "--bootstrap", "0"]
+    for bundle, out, said in ((bundle_dir, tmp_path / "new", False), (old, tmp_path / "old", True)):
+        result = CliRunner().invoke(app, ["evaluate", str(bundle), str(site_b), "-o", str(out), *args])
+        assert result.exit_code == 0, result.output
+        assert ("earlier intensity convention" in " ".join(result.output.split())) is said
+        notice = json.loads((out / "external.json").read_text())["bundle"]["intensity_notice"]
+        assert (notice is not None) is said
+        assert ('id="intensity-notice"' in (out / "report.html").read_text()) is said
+    assert "export it again from its run" in notice
+
+
 def test_recalibration_makes_a_miscalibrated_score_calibrated_on_held_out_patients():
     # 600 patients whose true risk is p; the model says sigmoid(1.5 + 2 logit p): too high and too extreme
     rng = np.random.default_rng(3)

@@ -343,6 +343,8 @@ def evaluate(
                                   fit_fraction=fit_fraction, seed=seed, bootstrap=bootstrap)
         target = out_dir or Path("evaluations") / manifest.stem
         res = evaluate_bundle(bundle, manifest, target, options, engine)
+        if res["bundle"].get("intensity_notice"):
+            out.print(f"[yellow]note:[/yellow] {escape(res['bundle']['intensity_notice'])}")
         table = Table("metric", "development (CV, pooled)", "external [95 % CI]", "Δ")
         for r in res["comparison"]:
             e, dev = r["external"], r["reference"]
