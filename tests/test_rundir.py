@@ -9,6 +9,7 @@ import time
 
 import pandas as pd
 import pytest
+import yaml
 
 from conftest import same_numbers, small_recipe
 from stagewise.runs import RunError
@@ -41,7 +42,7 @@ def test_changed_data_is_refused_not_mixed_with_old_folds(manifest, tmp_path):
     flip = table["patient"].isin(table["patient"].unique()[:5])
     table.loc[flip, "outcome"] = 1 - table.loc[flip, "outcome"]
     table.drop(index=range(len(table) - 6, len(table))).to_csv(manifest, index=False)
-    with pytest.raises(RunError, match="different data"):
+    with pytest.raises(RunError, match="the same recipe as its recipe.yaml but different data"):
         run_study(_recipe(manifest), run)
     assert (run / "metrics.json").read_bytes() == before  # the old results stay as they were
     fresh = run_study(_recipe(manifest), tmp_path / "fresh")
@@ -53,9 +54,21 @@ def test_refused_rerun_leaves_the_recipe_copy_untouched(manifest, tmp_path):
     run_study(_recipe(manifest), run)
     saved = (run / "recipe.yaml").read_bytes()
     changed = [{**ARMS[0], "stages": [{**PROBE, "lr": 1e-2}]}]
-    with pytest.raises(RunError, match="different recipe"):
-        run_study(_recipe(manifest, changed), run)
+    with pytest.raises(RunError, match="different recipe") as refused:  # and other bootstrap resamples
+        run_study(small_recipe(manifest, changed, protocol={"folds": 2}, evaluation={**QUIET, "bootstrap": 10}), run)
+    message = " ".join(str(refused.value).split())
+    # the refusal names the setting that changed, with both values; settings that do not enter the fold's
+    # fingerprint (here bootstrap resamples) are not blamed
+    assert "arms[a].stages.0.lr (run: 0.003, now: 0.01)" in message and "bootstrap" not in message
     assert (run / "recipe.yaml").read_bytes() == saved
+    # a run made by an earlier stagewise, whose recipes lacked a setting, is named as such
+    older = yaml.safe_load(saved)
+    del older["arms"][0]["stages"][0]["augment_on"]
+    (run / "recipe.yaml").write_text(yaml.safe_dump(older))
+    with pytest.raises(RunError, match="an earlier stagewise") as refused:
+        run_study(_recipe(manifest, changed), run)
+    assert "arms[a].stages.0.augment_on (run: not set, now: " in " ".join(str(refused.value).split())
+    (run / "recipe.yaml").write_bytes(saved)
     assert "stopped" in (run / "log.txt").read_text()  # the log records why the run stopped
 
 

@@ -82,6 +82,40 @@ def _file_hash(path: str) -> bytes:
     return h.digest()
 
 
+FINGERPRINTED = ("seed", "cohort.", "data.", "protocol.", "compute.device", "compute.precision",
+                 "compute.channels_last", "evaluation.recalibrate")
+"""Recipe keys (prefixes) that enter `unit_fingerprint` besides the unit's own arm."""
+
+
+def recipe_differences(old: dict, new: dict, keys: tuple[str, ...] = (), limit: int = 8) -> list[str]:
+    """The settings that differ between two recipe dicts, as 'key (run: old, now: new)' with
+    dotted keys (arms by name: `arms[probe].stages.0.lr`), at most `limit` of them; with
+    `keys`, only keys starting with one of them (`protocol.label_fractions` never counts:
+    adding a fraction keeps the finished arms)."""
+
+    def flat(value, prefix: str, out: dict) -> dict:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                flat(v, f"{prefix}.{k}" if prefix else str(k), out)
+        elif isinstance(value, list) and value and all(isinstance(v, dict) and "name" in v for v in value):
+            for v in value:
+                flat(v, f"{prefix}[{v['name']}]", out)
+        elif isinstance(value, list) and value and any(isinstance(v, (dict, list)) for v in value):
+            for i, v in enumerate(value):
+                flat(v, f"{prefix}.{i}", out)
+        else:
+            out[prefix] = value
+        return out
+
+    a, b = flat(old, "", {}), flat(new, "", {})
+    absent = object()
+    show = lambda v: "not set" if v is absent else json.dumps(v)  # noqa: E731
+    wanted = lambda k: (not keys or k.startswith(keys)) and not k.startswith("protocol.label_fractions")  # noqa: E731
+    diffs = [f"{k} (run: {show(a.get(k, absent))}, now: {show(b.get(k, absent))})"
+             for k in sorted(set(a) | set(b)) if wanted(k) and a.get(k, absent) != b.get(k, absent)]
+    return diffs[:limit] + ([f"and {len(diffs) - limit} more"] if len(diffs) > limit else [])
+
+
 def unit_fingerprint(recipe: Recipe, kind: str, arm: ArmConfig | None, fraction: float, column: str | None,
                      cohort: str = "") -> str:
     """Hash of what decides a unit's fold results: cohort settings and content (`cohort`, a
@@ -213,9 +247,10 @@ class RunDir:
 
     # -- writing -------------------------------------------------------------------------
 
-    def check_folds(self, expected: dict[str, str]) -> None:
+    def check_folds(self, expected: dict[str, str], recipe: Recipe | None = None) -> None:
         """Refuse before writing anything when a unit's finished folds were made by another
-        recipe or other data. `expected` maps unit folder -> fingerprint."""
+        recipe or other data. `expected` maps unit folder -> fingerprint. With `recipe`, the
+        refusal names the settings that differ from the run's recipe.yaml (its last start)."""
         changed = []
         for folder, fingerprint in expected.items():
             for meta_path in sorted((self.folds_dir / folder).glob("*.json")):
@@ -223,13 +258,35 @@ class RunDir:
                 if meta is not None and meta.get("fingerprint") != fingerprint:
                     changed.append(folder)
                     break
-        if changed:
-            raise RunError(
-                f"{self.path}: unit(s) {changed} were run with a different recipe or different data (cohort rows, "
-                "labels or images, data, protocol, seed, precision or the arm itself changed). Nothing was written. "
-                f"Choose a new output directory, or delete {', '.join(str(self.folds_dir / c) for c in changed)} "
-                "to recompute."
-            )
+        if not changed:
+            return
+        what = ("a different recipe or different data (cohort rows, labels or images, data, protocol, seed, "
+                "precision or the arm itself changed)")
+        stored = self._stored_recipe()
+        if recipe is not None and stored is not None:
+            arms = {a.name for a in recipe.arms if any(c == a.name or c.startswith(f"{a.name}@") for c in changed)}
+            diffs = recipe_differences(stored, recipe_to_dict(recipe), FINGERPRINTED + tuple(f"arms[{a}]." for a in arms))
+            if any("(run: not set," in d for d in diffs):
+                what = (f"an earlier stagewise, whose recipes lack settings this one has: {'; '.join(diffs)}. "
+                        f"This version cannot continue its finished folds (stagewise {__version__})")
+            elif diffs:
+                what = (f"a different recipe: {'; '.join(diffs)}. To continue the finished folds, give these "
+                        "settings the run's values again (e.g. `--set key=value`)")
+            else:
+                what = ("the same recipe as its recipe.yaml but different data: the cohort's rows, labels, patients "
+                        "or image files changed")
+        raise RunError(
+            f"{self.path}: unit(s) {changed} were run with {what}. Nothing was written. "
+            f"Choose a new output directory, or delete {', '.join(str(self.folds_dir / c) for c in changed)} "
+            "to recompute."
+        )
+
+    def _stored_recipe(self) -> dict | None:
+        try:
+            stored = yaml.safe_load((self.path / "recipe.yaml").read_text())
+        except (OSError, yaml.YAMLError):
+            return None
+        return stored if isinstance(stored, dict) else None
 
     def start(self, recipe: Recipe, facts: dict | None = None) -> None:
         """Write the recipe and environment.json (this machine, libraries, seed, and `facts`

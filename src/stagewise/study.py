@@ -100,7 +100,7 @@ def _run(recipe: Recipe, run: RunDir, reporter: Reporter, tracker: StudyTracker)
     # the cohort's content (rows, labels, patients, image bytes) is part of every fold's fingerprint
     digest = cohort_digest(cohort.table, [c for c in cohort.table.columns if c != "path"])
     fingerprints = {u.name: unit_fingerprint(recipe, u.kind, u.arm, u.fraction, u.column, digest) for u in units}
-    run.check_folds({u.folder: fingerprints[u.name] for u in units})
+    run.check_folds({u.folder: fingerprints[u.name] for u in units}, recipe)
     compute = study.compute_label([u.arm for u in units if u.kind == "model"])  # `auto`: measured here
     tracker.start(compute, recipe.compute.threads)  # an unreachable server stops here, nothing written
     run.start(recipe, {"compute_choice": study.compute_choices} if study.compute_choices else {})
