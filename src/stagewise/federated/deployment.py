@@ -29,6 +29,7 @@ import numpy as np
 from stagewise.federated.job import FINAL, FederatedJob, SiteConfig, SiteWork
 from stagewise.federated.rounds import (AuditedGrid, FederatedError, FederatedResult, round_plan, serve_rounds,
                                         subset_of, wait_for_sites)
+from stagewise.federated.simulation import simulation_backend
 from stagewise.models import save_network
 from stagewise.recipe import load_recipe
 from stagewise.runs import atomic_write, strict_json
@@ -363,13 +364,8 @@ def simulate_job(job_dir: str | Path, site_files: list[str], threads_per_site: i
 
     folder = JobDir(job_dir)
     logging.getLogger("flwr").setLevel(logging.ERROR)
-    os.environ.setdefault("RAY_DISABLE_USAGE_STATS", "1")
-    n = len(site_files)
     run_simulation(make_server_app(folder.path), make_client_app([str(Path(f).resolve()) for f in site_files]),
-                   num_supernodes=n, backend_config={
-                       "client_resources": {"num_cpus": threads_per_site, "num_gpus": 0.0},
-                       "init_args": {"num_cpus": max(1, min(n * threads_per_site, os.cpu_count() or 1)),
-                                     "include_dashboard": False, "log_to_driver": False}})
+                   num_supernodes=len(site_files), backend_config=simulation_backend(len(site_files), threads_per_site))
     status = json.loads((folder.fed / "status.json").read_text()) if (folder.fed / "status.json").is_file() else {}
     if status.get("state") != "finished":
         raise FederatedError(status.get("error") or "the simulated job did not finish")

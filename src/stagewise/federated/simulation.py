@@ -25,7 +25,7 @@ from stagewise.models import Network
 from stagewise.recipe import ArmConfig
 from stagewise.training.compute import Compute
 
-__all__ = ["FederatedError", "FederatedResult", "run_federated"]
+__all__ = ["FederatedError", "FederatedResult", "run_federated", "simulation_backend"]
 
 
 def run_federated(arm: ArmConfig, start: Network, partitions: list[SitePartition], compute: Compute,
@@ -91,17 +91,26 @@ def run_federated(arm: ArmConfig, start: Network, partitions: list[SitePartition
             errors.append(err)
 
     logging.getLogger("flwr").setLevel(logging.ERROR)  # its per-round INFO and deprecation notes
-    os.environ.setdefault("RAY_DISABLE_USAGE_STATS", "1")
-    run_simulation(server, client, num_supernodes=n, backend_config={
-        "client_resources": {"num_cpus": threads_per_site, "num_gpus": 0.0},
-        "init_args": {"num_cpus": max(1, min(n * threads_per_site, os.cpu_count() or 1)),
-                      "include_dashboard": False, "log_to_driver": False},
-    })
+    run_simulation(server, client, num_supernodes=n, backend_config=simulation_backend(n, threads_per_site))
     if errors:
         raise errors[0]
     if len(out.scores) != n:
         raise FederatedError(f"only {len(out.scores)} of {n} sites returned their final scores")
     return out
+
+
+def simulation_backend(n_sites: int, threads_per_site: int = 1) -> dict:
+    """Flower's Ray backend settings for `n_sites` virtual SuperNodes on this machine.
+
+    Ray is told to start a private local instance (`address: local`): without it `ray.init`
+    joins a cluster named by RAY_ADDRESS or the last `ray start` on this machine (e.g. one
+    that runs stagewise's Ray executor), whose CPUs other work holds, and the sites' actors
+    may never be scheduled; Flower shuts Ray down after each simulation, so nothing of it
+    outlives the fold."""
+    os.environ.setdefault("RAY_DISABLE_USAGE_STATS", "1")
+    return {"client_resources": {"num_cpus": threads_per_site, "num_gpus": 0.0},
+            "init_args": {"address": "local", "num_cpus": max(1, min(n_sites * threads_per_site, os.cpu_count() or 1)),
+                          "include_dashboard": False, "log_to_driver": False}}
 
 
 def _collect_scores(grid, out: FederatedResult, n: int, timeout: float) -> None:
