@@ -468,7 +468,7 @@ def federation_coordinate(
     sites: int = typer.Option(None, help="sites expected (default: one per --site-key)"),
     cv: bool = typer.Option(True, "--cv/--no-cv", help="cross-validate on each site's own folds"),
     final: bool = typer.Option(True, "--final/--no-final", help="then train the model to deploy on every row"),
-    connect_timeout: float = typer.Option(600.0, help="seconds to wait for the sites to connect"),
+    connect_timeout: float = typer.Option(600.0, help="seconds to wait for the sites to connect and answer their first message (their app starting)"),
     timeout: float = typer.Option(7 * 24 * 3600.0, help="seconds to wait for the job"),
 ) -> None:
     """Run a federated job as the coordinating site: a Flower SuperLink with TLS that admits the
