@@ -92,3 +92,33 @@ def test_a_study_with_compute_auto_records_the_choice(digits_manifest, tmp_path,
     assert fold["compute"] == choice["chosen"]
     html = (result.run_dir / "report.html").read_text()
     assert 'id="compute-choice"' in html and "per training step" in html
+
+
+def test_a_busy_machine_is_named_before_training_with_the_thread_setting_to_change(digits_manifest, tmp_path,
+                                                                                   monkeypatch, caplog):
+    from conftest import small_recipe
+
+    from stagewise.study import run_study
+    from stagewise.training.compute import busy_machine_note
+
+    assert busy_machine_note(2, load=0.4, cpus=2) is None  # idle
+    assert busy_machine_note(1, load=12.0, cpus=2) is None  # one thread: nothing to wait for
+    assert busy_machine_note(2, load=2.5, cpus=2) is None  # this job's own share
+    note = busy_machine_note(2, load=9.7, cpus=2)
+    assert "load average 9.7 on 2 CPUs" in note and "compute.threads: 1" in note
+
+    monkeypatch.setattr("os.getloadavg", lambda: (9.7, 8.0, 6.0))  # the machine's reading, as under other jobs
+    arms = [{"name": "probe", "backbone": "scratch:tinycnn", "stages": [{"kind": "probe", "epochs": 1}]}]
+    recipe = small_recipe(digits_manifest, arms, protocol={"folds": 2}, compute={"threads": 2},
+                          evaluation={"report": False, "saliency": 0})
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        with caplog.at_level("WARNING", logger="stagewise"):
+            run_study(recipe, tmp_path / "run")
+    finally:
+        torch.set_num_threads(threads)  # compute.threads sets the process's; the worker's next tests keep theirs
+    assert any("this machine is busy" in r.getMessage() and "compute.threads: 1" in r.getMessage()
+               for r in caplog.records)
+    assert "this machine is busy" in (tmp_path / "run" / "log.txt").read_text()

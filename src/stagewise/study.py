@@ -23,6 +23,7 @@ from stagewise.progress import LineReporter, fmt_fold_metrics
 from stagewise.recipe import Recipe
 from stagewise.runs import RunDir, RunError, atomic_write, cohort_digest, unit_fingerprint
 from stagewise.tracking import StudyTracker, open_tracker
+from stagewise.training.compute import busy_machine_note
 from stagewise.summaries import unit_summary
 from stagewise.units import Unit, study_units
 
@@ -95,6 +96,8 @@ def _run(recipe: Recipe, run: RunDir, reporter: Reporter, tracker: StudyTracker)
     cohort = check_study(recipe, source=recipe.name)  # every check before any training or writing
     for warning in cohort.warnings:
         log.warning("cohort: %s", warning)
+    if recipe.compute.executor == "local" and (busy := busy_machine_note(recipe.compute.threads)):
+        log.warning("compute: %s", busy)
     study = Study(recipe, run, reporter, cohort)
     units = study_units(recipe)
     # the cohort's content (rows, labels, patients, image bytes) is part of every fold's fingerprint

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass
 
 import torch
@@ -57,6 +58,28 @@ def cpu_has_fast_bf16() -> bool:
         return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
     except AttributeError:  # private helpers moved: stay in float32
         return False
+
+
+def busy_machine_note(threads: int | None, load: float | None = None, cpus: int | None = None) -> str | None:
+    """A sentence when other work already keeps this machine's CPUs busy and torch would run
+    more than one thread, else None.
+
+    OpenMP threads wait for each other at every operation; on cores other processes hold they
+    spin instead of working: on a 2-core machine at load 10, a fold trained with 2 threads took
+    27-38 s against 3-4 s with 1 (benchmarks/RESULTS.md). `load` (default: the 1-minute load
+    average) and `cpus` (default: the CPUs this process may use) are the machine's."""
+    if load is None:
+        if not hasattr(os, "getloadavg"):
+            return None
+        load = os.getloadavg()[0]
+    if cpus is None:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    n = threads or torch.get_num_threads()
+    if n <= 1 or load < cpus + 1:
+        return None
+    return (f"this machine is busy before training starts (load average {load:.1f} on {cpus} CPUs) and torch would "
+            f"run {n} threads, which then wait on each other; `compute.threads: 1` (or fewer jobs at once) can be "
+            "several times faster here")
 
 
 def resolve_compute(cfg: ComputeConfig) -> Compute:
