@@ -61,13 +61,15 @@ def cpu_has_fast_bf16() -> bool:
 
 
 def busy_machine_note(threads: int | None, load: float | None = None, cpus: int | None = None) -> str | None:
-    """A sentence when other work already keeps this machine's CPUs busy and torch would run
-    more than one thread, else None.
+    """A sentence when other work already holds CPUs that torch's threads need (more than one
+    thread, and a load average of at least one core more than the CPUs those threads leave
+    free), else None.
 
-    OpenMP threads wait for each other at every operation; on cores other processes hold they
-    spin instead of working: on a 2-core machine at load 10, a fold trained with 2 threads took
-    27-38 s against 3-4 s with 1 (benchmarks/RESULTS.md). `load` (default: the 1-minute load
-    average) and `cpus` (default: the CPUs this process may use) are the machine's."""
+    OpenMP threads wait for each other at the end of every parallel operation, so one thread
+    sharing its core with another job holds up all of them: on 2 cores, one fold with 2 threads
+    took 1.8x as long as with 1 thread beside one busy process, 3.5x beside two
+    (benchmarks/bench_threads.py). `load` (default: the 1-minute load average) and `cpus`
+    (default: the CPUs this process may use) are the machine's."""
     if load is None:
         if not hasattr(os, "getloadavg"):
             return None
@@ -75,9 +77,9 @@ def busy_machine_note(threads: int | None, load: float | None = None, cpus: int 
     if cpus is None:
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     n = threads or torch.get_num_threads()
-    if n <= 1 or load < cpus + 1:
+    if n <= 1 or load < cpus - min(n, cpus) + 1:
         return None
-    return (f"this machine is busy before training starts (load average {load:.1f} on {cpus} CPUs) and torch would "
+    return (f"other work holds CPUs before training starts (load average {load:.1f} on {cpus} CPUs) and torch would "
             f"run {n} threads, which then wait on each other; `compute.threads: 1` (or fewer jobs at once) can be "
             "several times faster here")
 
