@@ -87,33 +87,47 @@ FINGERPRINTED = ("seed", "cohort.", "data.", "protocol.", "compute.device", "com
 """Recipe keys (prefixes) that enter `unit_fingerprint` besides the unit's own arm."""
 
 
-def recipe_differences(old: dict, new: dict, keys: tuple[str, ...] = (), limit: int = 8) -> list[str]:
+def _flat_settings(value, prefix: str = "", out: dict | None = None) -> dict:
+    """A recipe dict as {dotted key: value}: lists of named items by name (`arms[probe]`),
+    other lists of dicts by index (`stages.0`)."""
+    out = {} if out is None else out
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _flat_settings(v, f"{prefix}.{k}" if prefix else str(k), out)
+    elif isinstance(value, list) and value and all(isinstance(v, dict) and "name" in v for v in value):
+        for v in value:
+            _flat_settings(v, f"{prefix}[{v['name']}]", out)
+    elif isinstance(value, list) and value and any(isinstance(v, (dict, list)) for v in value):
+        for i, v in enumerate(value):
+            _flat_settings(v, f"{prefix}.{i}", out)
+    else:
+        out[prefix] = value
+    return out
+
+
+def recipe_differences(old: dict, new: dict, keys: tuple[str, ...] = (), limit: int = 8) -> tuple[list[str], bool]:
     """The settings that differ between two recipe dicts, as 'key (run: old, now: new)' with
     dotted keys (arms by name: `arms[probe].stages.0.lr`), at most `limit` of them; with
     `keys`, only keys starting with one of them (`protocol.label_fractions` never counts:
-    adding a fraction keeps the finished arms)."""
-
-    def flat(value, prefix: str, out: dict) -> dict:
-        if isinstance(value, dict):
-            for k, v in value.items():
-                flat(v, f"{prefix}.{k}" if prefix else str(k), out)
-        elif isinstance(value, list) and value and all(isinstance(v, dict) and "name" in v for v in value):
-            for v in value:
-                flat(v, f"{prefix}[{v['name']}]", out)
-        elif isinstance(value, list) and value and any(isinstance(v, (dict, list)) for v in value):
-            for i, v in enumerate(value):
-                flat(v, f"{prefix}.{i}", out)
-        else:
-            out[prefix] = value
-        return out
-
-    a, b = flat(old, "", {}), flat(new, "", {})
+    adding a fraction keeps the finished arms). Second: whether one of them is a setting the
+    old recipe lacks inside an object it has (a field a later stagewise added, not a stage or
+    arm the user added)."""
+    a, b = _flat_settings(old), _flat_settings(new)
     absent = object()
     show = lambda v: "not set" if v is absent else json.dumps(v)  # noqa: E731
     wanted = lambda k: (not keys or k.startswith(keys)) and not k.startswith("protocol.label_fractions")  # noqa: E731
-    diffs = [f"{k} (run: {show(a.get(k, absent))}, now: {show(b.get(k, absent))})"
-             for k in sorted(set(a) | set(b)) if wanted(k) and a.get(k, absent) != b.get(k, absent)]
-    return diffs[:limit] + ([f"and {len(diffs) - limit} more"] if len(diffs) > limit else [])
+    changed = [k for k in sorted(set(a) | set(b)) if wanted(k) and a.get(k, absent) != b.get(k, absent)]
+
+    def added_field(k: str) -> bool:
+        parts = k.split(".")
+        for depth in range(len(parts) - 1, 0, -1):  # the nearest enclosing object the old recipe has
+            if any(x.startswith(".".join(parts[:depth]) + ".") for x in a):
+                return not parts[depth].isdigit()  # a new list item is the user's; a new key is the schema's
+        return False
+
+    diffs = [f"{k} (run: {show(a.get(k, absent))}, now: {show(b.get(k, absent))})" for k in changed]
+    newer = any(k not in a and added_field(k) for k in changed)
+    return diffs[:limit] + ([f"and {len(diffs) - limit} more"] if len(diffs) > limit else []), newer
 
 
 def unit_fingerprint(recipe: Recipe, kind: str, arm: ArmConfig | None, fraction: float, column: str | None,
@@ -265,8 +279,9 @@ class RunDir:
         stored = self._stored_recipe()
         if recipe is not None and stored is not None:
             arms = {a.name for a in recipe.arms if any(c == a.name or c.startswith(f"{a.name}@") for c in changed)}
-            diffs = recipe_differences(stored, recipe_to_dict(recipe), FINGERPRINTED + tuple(f"arms[{a}]." for a in arms))
-            if any("(run: not set," in d for d in diffs):
+            diffs, newer = recipe_differences(stored, recipe_to_dict(recipe),
+                                              FINGERPRINTED + tuple(f"arms[{a}]." for a in arms))
+            if newer:
                 what = (f"an earlier stagewise, whose recipes lack settings this one has: {'; '.join(diffs)}. "
                         f"This version cannot continue its finished folds (stagewise {__version__})")
             elif diffs:
