@@ -160,3 +160,17 @@ def test_saliency_titles_name_manifest_rows_not_files(manifest, tmp_path, monkey
     assert not any(n in t for t in titles for n in names)
     report = (tmp_path / "run" / "report.html").read_text()
     assert not any(n in report for n in names) and str(tmp_path) not in report
+
+
+def test_recipe_differences_tell_a_users_change_from_a_newer_versions_field():
+    from stagewise.runs import recipe_differences
+
+    old = {"seed": 0, "compute": {"channels_last": True}, "arms": [{"name": "a", "stages": [{"kind": "probe"}]}]}
+    grown = {"seed": 0, "compute": {"channels_last": "auto"},
+             "arms": [{"name": "a", "stages": [{"kind": "probe"}, {"kind": "thaw"}]}]}
+    diffs, newer = recipe_differences(old, grown)
+    assert diffs == ['arms[a].stages.1.kind (run: not set, now: "thaw")', 'compute.channels_last (run: true, now: "auto")']
+    assert not newer  # a stage the user added
+    field = {"seed": 0, "compute": {"channels_last": True}, "arms": [{"name": "a", "stages": [{"kind": "probe", "bn": "freeze"}]}]}
+    assert recipe_differences(old, field) == (['arms[a].stages.0.bn (run: not set, now: "freeze")'], True)
+    assert recipe_differences(old, grown, ("seed", "arms[a].")) == (['arms[a].stages.1.kind (run: not set, now: "thaw")'], False)
