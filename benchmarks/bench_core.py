@@ -75,14 +75,6 @@ def _with(stage: dict, **kw) -> dict:
 
 # --- machine --------------------------------------------------------------------------------
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def loadavg() -> str:
@@ -120,6 +112,7 @@ def machine_lines(precision: str) -> list[str]:
     import torch
 
     from stagewise.recipe import ComputeConfig
+    from stagewise.training.autotune import cpu_model
     from stagewise.training.compute import resolve_compute
 
     compute = resolve_compute(ComputeConfig(precision=precision))

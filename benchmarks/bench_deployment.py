@@ -26,7 +26,8 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_core import cpu_model, loadavg  # noqa: E402
+from bench_core import loadavg  # noqa: E402
+from stagewise.training.autotune import cpu_model  # noqa: E402
 
 SITES = ["hannover", "southern-europe", "elsewhere"]
 

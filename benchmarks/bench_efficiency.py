@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -34,8 +33,9 @@ DATA = Path(os.environ.get("STAGEWISE_DATA", REPO.parent / "shared" / "data"))
 
 
 def machine() -> str:
-    cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
-                if l.startswith("model name")), platform.processor())
+    from stagewise.training.autotune import cpu_model
+
+    cpu = cpu_model()
     return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 

@@ -37,7 +37,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_core import cpu_model, loadavg  # noqa: E402 - the machine description every benchmark prints
+from bench_core import loadavg  # noqa: E402 - the machine description every benchmark prints
+from stagewise.training.autotune import cpu_model  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 COVID = REPO / "runs" / "cohorts" / "covid-outcome.csv"

@@ -37,7 +37,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 sys.path.insert(0, str(REPO / "examples"))
 
-from bench_core import cpu_model, loadavg  # noqa: E402
+from bench_core import loadavg  # noqa: E402
+from stagewise.training.autotune import cpu_model  # noqa: E402
 from prepare_covid_outcome import build_manifest, default_data  # noqa: E402
 
 

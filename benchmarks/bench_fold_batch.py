@@ -18,9 +18,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import platform
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -84,8 +82,9 @@ def main() -> None:
     parser.add_argument("--no-cpu", action="store_true", help="only the CUDA figure")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
+    from stagewise.training.autotune import cpu_model
+
+    cpu = cpu_model()
     print(f"machine: {cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
           f"CUDA {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}")
     print(f"load average at start: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")

@@ -38,8 +38,9 @@ def machine() -> str:
     import onnxruntime
     import torch
 
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
+    from stagewise.training.autotune import cpu_model
+
+    cpu = cpu_model()
     return (f"{cpu}; {os.cpu_count()} logical CPUs; torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, "
             f"python {platform.python_version()}")
 
