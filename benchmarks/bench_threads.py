@@ -19,30 +19,29 @@ from __future__ import annotations
 import argparse
 import copy
 import multiprocessing as mp
-import os
 import platform
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from stagewise.models import Network, build_arch
-from stagewise.recipe import ComputeConfig, ThawStage
-from stagewise.training.autotune import cpu_model
-from stagewise.training.cache import ImageSet
-from stagewise.training.compute import resolve_compute
-from stagewise.training.engine import fit_stage
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_core import loadavg  # noqa: E402 - the load line every benchmark prints
+from stagewise.models import Network, build_arch  # noqa: E402
+from stagewise.recipe import ComputeConfig, ThawStage  # noqa: E402
+from stagewise.training.autotune import cpu_model  # noqa: E402
+from stagewise.training.cache import ImageSet  # noqa: E402
+from stagewise.training.compute import resolve_compute, usable_cpus  # noqa: E402
+from stagewise.training.engine import fit_stage  # noqa: E402
 
 
 def _spin(stop) -> None:
     x = 0
     while not stop.is_set():
         x += 1
-
-
-def _load() -> str:
-    return " ".join(f"{v:.2f}" for v in os.getloadavg())
 
 
 def _time_fold(start: Network, stage: ThawStage, images: ImageSet, y: torch.Tensor, threads: int) -> float:
@@ -60,9 +59,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--size", type=int, default=64)
     args = parser.parse_args()
-    cpus = len(os.sched_getaffinity(0))
+    cpus = usable_cpus()
     print(f"machine: {cpu_model()}, {cpus} CPUs, torch {torch.__version__}, python {platform.python_version()}")
-    print(f"load average at start: {_load()}")
+    print(f"load average at start: {loadavg()}")
     g = torch.Generator().manual_seed(0)
     n = 48
     images = ImageSet(torch.rand(n, 1, args.size, args.size, generator=g).half(), key=f"bench-threads-{args.size}")
@@ -89,7 +88,7 @@ def main() -> None:
         one, many = statistics.median(times[1]), statistics.median(times[cpus])
         print(f"{busy} busy processes: 1 thread {one:6.2f} s | {cpus} threads {many:6.2f} s | "
               f"{cpus} threads / 1 thread = {many / one:.2f}x | runs {[round(t, 2) for t in times[1]]} vs "
-              f"{[round(t, 2) for t in times[cpus]]} | load {_load()}", flush=True)
+              f"{[round(t, 2) for t in times[cpus]]} | load {loadavg()}", flush=True)
 
 
 if __name__ == "__main__":

@@ -13,12 +13,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # compute: auto caches its measured choices; tests keep theirs out of the user's cache directory
 os.environ.setdefault("STAGEWISE_CACHE_DIR", tempfile.mkdtemp(prefix="stagewise-test-cache-"))
 
-
-def _cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))  # the CPUs this process may use (containers, taskset)
-    except AttributeError:
-        return os.cpu_count() or 1
+from stagewise.training.compute import usable_cpus  # noqa: E402 - after the environment above is set
 
 
 def _test_threads() -> int:
@@ -27,7 +22,7 @@ def _test_threads() -> int:
     if os.environ.get("STAGEWISE_TEST_THREADS"):
         return int(os.environ["STAGEWISE_TEST_THREADS"])
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-    return max(1, min(2, _cpus() // max(1, workers)))
+    return max(1, min(2, usable_cpus() // max(1, workers)))
 
 
 torch.set_num_threads(_test_threads())
@@ -38,7 +33,7 @@ from stagewise.fitting import SilentReporter  # noqa: E402 - after the environme
 def pytest_xdist_auto_num_workers(config):
     """`-n auto` (pyproject's addopts): one worker per CPU this process may use (xdist's own
     default counts the machine's cores, more than a container or taskset allows)."""
-    return _cpus()
+    return usable_cpus()
 
 
 SLOWEST_FIRST = ("test_deployment.py", "test_federated.py", "test_executor_ray.py", "test_evidence_units.py",

@@ -174,3 +174,33 @@ def test_recipe_differences_tell_a_users_change_from_a_newer_versions_field():
     field = {"seed": 0, "compute": {"channels_last": True}, "arms": [{"name": "a", "stages": [{"kind": "probe", "bn": "freeze"}]}]}
     assert recipe_differences(old, field) == (['arms[a].stages.0.bn (run: not set, now: "freeze")'], True)
     assert recipe_differences(old, grown, ("seed", "arms[a].")) == (['arms[a].stages.1.kind (run: not set, now: "thaw")'], False)
+
+
+def test_the_settings_a_refusal_may_name_are_those_the_fold_fingerprint_hashes(manifest):
+    """FINGERPRINTED (what a refused resume compares) must match what unit_fingerprint hashes:
+    changing a listed setting changes a model unit's fingerprint, an unlisted one does not."""
+    from stagewise.recipe import recipe_from_dict, recipe_to_dict
+    from stagewise.runs import FINGERPRINTED, unit_fingerprint
+
+    base = recipe_to_dict(_recipe(manifest))
+
+    def fingerprint(section, key, value):
+        d = json.loads(json.dumps(base))
+        if section is None:
+            d[key] = value
+        else:
+            d[section][key] = value
+        r = recipe_from_dict(d)
+        return unit_fingerprint(r, "model", r.arms[0], 1.0, None, "digest")
+
+    same = fingerprint(None, "seed", base["seed"])
+    listed = {("seed", None, "seed", 1), ("cohort.", "cohort", "patient", "other"), ("data.", "data", "image_size", 48),
+              ("protocol.", "protocol", "folds", 3), ("compute.device", "compute", "device", "cuda"),
+              ("compute.precision", "compute", "precision", "bf16"), ("compute.channels_last", "compute", "channels_last", True),
+              ("evaluation.recalibrate", "evaluation", "recalibrate", "slope")}
+    assert {k for k, *_ in listed} == set(FINGERPRINTED)
+    for _, section, key, value in listed:
+        assert fingerprint(section, key, value) != same, key
+    for section, key, value in (("evaluation", "bootstrap", 7), ("evaluation", "saliency", 3), ("compute", "threads", 1),
+                                (None, "name", "renamed"), ("protocol", "label_fractions", [1.0, 0.5])):
+        assert fingerprint(section, key, value) == same, key

@@ -34,6 +34,7 @@ import torch
 from stagewise.runs import RunDir, RunError, atomic_write, pretrain_fingerprint
 from stagewise.fitting import SilentReporter, fit_fold, study_from_state, study_state
 from stagewise.training.cache import ImageSet, PrefixCache
+from stagewise.training.compute import usable_cpus
 
 log = logging.getLogger("stagewise")
 
@@ -142,13 +143,6 @@ def _error_text(trace: str) -> str:
     return lines[-1] if lines else "unknown error"
 
 
-def _cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
 class RayExecutor:
     """Submits fits as Ray tasks, hands results to `on_done` as they finish (ray.wait)."""
 
@@ -198,7 +192,7 @@ class RayExecutor:
                 if address:
                     ray.init(address=address, **options)
                 else:  # "local": a new instance even if `ray start` left one on this machine
-                    ray.init(address="local", num_cpus=_cpu_count(), **options)
+                    ray.init(address="local", num_cpus=usable_cpus(), **options)
             except ConnectionError as err:
                 raise RunError(
                     f"compute.address {address}: no Ray cluster to join ({_first_line(err)}). Start one with "

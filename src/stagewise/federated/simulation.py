@@ -23,7 +23,7 @@ from stagewise.federated.rounds import (AuditedGrid, FederatedError, FederatedRe
 from stagewise.federated.site import SitePartition, SiteTrainer
 from stagewise.models import Network
 from stagewise.recipe import ArmConfig
-from stagewise.training.compute import Compute
+from stagewise.training.compute import Compute, usable_cpus
 
 __all__ = ["FederatedError", "FederatedResult", "run_federated", "simulation_backend"]
 
@@ -109,7 +109,7 @@ def simulation_backend(n_sites: int, threads_per_site: int = 1) -> dict:
     outlives the fold."""
     os.environ.setdefault("RAY_DISABLE_USAGE_STATS", "1")
     return {"client_resources": {"num_cpus": threads_per_site, "num_gpus": 0.0},
-            "init_args": {"address": "local", "num_cpus": max(1, min(n_sites * threads_per_site, os.cpu_count() or 1)),
+            "init_args": {"address": "local", "num_cpus": max(1, min(n_sites * threads_per_site, usable_cpus())),
                           "include_dashboard": False, "log_to_driver": False}}
 
 

@@ -26,8 +26,8 @@ def external_checklist(res: dict) -> tuple[list[dict], list[dict]]:
         f"bundle of study {b['recipe']}, output {b['output']} (arm {b['arm']}, stages {' → '.join(b.get('stages') or []) or DASH}), "
         f"backbone {b['backbone']}, trained on {b['trained_on']}; stagewise {b['bundle_stagewise']}",
         f"input: one-channel image resized ({b['resize']}) to {b['image_size']} px, as in development",
-        (f"intensities read by {b['intensity']['convention']}, as in development" if (b.get("intensity") or {}).get("convention")
-         and not b.get("intensity_notice") else b.get("intensity_notice") or ""),
+        b.get("intensity_notice") or (f"intensities read by {b['intensity']['convention']}, as in development"
+                                      if (b.get("intensity") or {}).get("convention") else ""),
         "previously recalibrated: " + (f"{b['recalibration']['method']} (as recorded in the bundle)" if b.get("recalibration") else "no"),
     ])
     item("Outcome in the validation data", [

@@ -60,6 +60,14 @@ def cpu_has_fast_bf16() -> bool:
         return False
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity: containers, taskset), not the machine's."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
 def busy_machine_note(threads: int | None, load: float | None = None, cpus: int | None = None) -> str | None:
     """A sentence when other work already holds CPUs that torch's threads need (more than one
     thread, and a load average of at least one core more than the CPUs those threads leave
@@ -74,8 +82,7 @@ def busy_machine_note(threads: int | None, load: float | None = None, cpus: int 
         if not hasattr(os, "getloadavg"):
             return None
         load = os.getloadavg()[0]
-    if cpus is None:
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cpus = cpus or usable_cpus()
     n = threads or torch.get_num_threads()
     if n <= 1 or load < cpus - min(n, cpus) + 1:
         return None
