@@ -1,0 +1,133 @@
+"""An arm of the study: its network and stages (ArmConfig), its nested-CV grid (TuneConfig) and
+how it trains across the cohort's sites (SitesConfig)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+from stagewise.recipe.base import StrictModel
+from stagewise.recipe.network import BackboneConfig, HeadConfig
+from stagewise.recipe.stages import STAGE_CLASSES, SslStage, StageConfig
+
+
+class TuneConfig(StrictModel):
+    """Nested CV: an inner grouped CV inside each outer training fold picks one grid point."""
+
+    grid: dict[str, list] = Field(min_length=1)
+    """Dotted paths into the arm -> candidate values, e.g. `stages.0.lr: [1.0e-3, 3.0e-3]`."""
+    inner_folds: int = Field(3, ge=2)
+
+    @field_validator("grid")
+    @classmethod
+    def _non_empty(cls, v: dict[str, list]) -> dict[str, list]:
+        for path, values in v.items():
+            if not values:
+                raise ValueError(f"grid.{path} has no candidate values")
+        return v
+
+
+class SitesConfig(StrictModel):
+    """How an arm trains across the cohort's sites (the `site` column); every mode runs on
+    the same patient-grouped folds, so the modes can be compared on the same patients."""
+
+    mode: Literal["pooled", "local", "federated"] = "pooled"
+    """pooled: all training rows in one place; local: each site trains on its own rows and
+    scores its own test patients (and, for cross-site figures, the other sites'); federated:
+    each site is a Flower client with its own rows only, a server aggregates."""
+    strategy: Literal["fedavg", "fedprox", "fedadam"] = "fedavg"
+    """The Flower strategy that aggregates (federated only)."""
+    strategy_params: dict[str, float] = {}
+    """Its parameters, e.g. {proximal_mu: 0.01} for fedprox, {eta: 0.01} for fedadam."""
+    bn_stats: Literal["average", "local"] = "average"
+    """BatchNorm of the shared groups: averaged like the other weights, or kept at each site
+    (FedBN: BatchNorm weights and statistics never leave a site)."""
+    min_sites: int | None = Field(None, ge=1)
+    """Fewest sites a round may complete with (default: all); fewer replies fail the fold."""
+    round_timeout: float = Field(3600.0, gt=0)
+    """Seconds the server waits for the sites' replies in a round."""
+
+
+class ArmConfig(StrictModel):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+    """Used as a folder name in the run directory: letters, digits, `_ . + -`."""
+    backbone: BackboneConfig
+    head: HeadConfig = HeadConfig()
+    stages: list[StageConfig] = Field(min_length=1)
+    tune: TuneConfig | None = None
+    sites: SitesConfig = SitesConfig()
+
+    @model_validator(mode="after")
+    def _rounds_only_federated(self) -> "ArmConfig":
+        federated = self.sites.mode == "federated"
+        for i, stage in enumerate(self.stages):
+            if stage.external or isinstance(stage, SslStage):
+                if stage.rounds is not None:
+                    raise ValueError(f"stage {i} ({stage.kind}) runs centrally before the sites train: no `rounds`")
+                if federated and isinstance(stage, SslStage) and not stage.external:
+                    raise ValueError(f"stage {i}: an ssl stage on the target is not federated; give it a source manifest")
+            elif federated and stage.rounds is None:
+                raise ValueError(f"stage {i} ({stage.kind}) of a federated arm needs `rounds` (epochs = local epochs per round)")
+            elif not federated and stage.rounds is not None:
+                raise ValueError(f"stage {i} ({stage.kind}) has `rounds`, which only a federated arm (sites.mode) uses")
+            if federated and stage.epochs == 0:
+                raise ValueError(f"stage {i} ({stage.kind}): a federated stage needs epochs >= 1 (local epochs per round)")
+            if federated and not stage.federated and not stage.external:
+                usable = [c.model_fields["kind"].default for c in STAGE_CLASSES if c.federated]
+                raise ValueError(f"stage {i}: {stage.kind} stages are not federated; use "
+                                 f"{', '.join(usable[:-1])} or {usable[-1]}")
+        if federated and self.tune is not None:
+            raise ValueError("nested CV (tune) is not available for federated arms")
+        if federated and self.head.fusion:
+            raise ValueError("clinical fusion heads are not federated (their scaling would pool sites' statistics)")
+        return self
+
+    def with_values(self, point: dict) -> "ArmConfig":
+        """A copy with dotted paths (`stages.1.epochs`) set, validated; no `tune` of its own."""
+        data = self.model_dump(mode="json")
+        data["tune"] = None
+        for path, value in point.items():
+            node, parts = data, path.split(".")
+            try:
+                for part in parts[:-1]:
+                    node = node[int(part)] if isinstance(node, list) else node[part]
+                last = int(parts[-1]) if isinstance(node, list) else parts[-1]
+                node[last]  # noqa: B018 - the field must exist before it is set
+            except (KeyError, IndexError, TypeError, ValueError):
+                raise ValueError(f"tune.grid path {path!r} does not name a field of arm {self.name!r}") from None
+            node[last] = value
+        return ArmConfig.model_validate(data)
+
+    @model_validator(mode="after")
+    def _external_stages_first(self) -> "ArmConfig":
+        seen_fold_stage = False
+        for i, stage in enumerate(self.stages):
+            if stage.external and seen_fold_stage:
+                raise ValueError(
+                    f"stage {i} ({stage.kind} on a source manifest) follows a stage on the cohort; "
+                    "stages on source manifests come first (they run once, before cross-validation)"
+                )
+            seen_fold_stage |= not stage.external
+        if not seen_fold_stage:
+            raise ValueError("an arm needs at least one stage on the study cohort (probe, thaw, finetune, ...)")
+        return self
+
+    @model_validator(mode="after")
+    def _grid_paths_exist(self) -> "ArmConfig":
+        if self.tune is not None:
+            for path, values in self.tune.grid.items():
+                self.with_values({path: values[0]})
+        return self
+
+    @field_validator("stages", mode="before")
+    @classmethod
+    def _flatten_stage_lists(cls, v):
+        """`stages: [*pretraining, *finetune]`: YAML anchors of stage lists nest; flatten them."""
+        if isinstance(v, list):
+            return [s for item in v for s in (item if isinstance(item, list) else [item])]
+        return v
+
+    @field_validator("backbone", mode="before")
+    @classmethod
+    def _backbone_from_str(cls, v):
+        return {"name": v} if isinstance(v, str) else v

@@ -1,0 +1,161 @@
+"""The study around the arms: folds (ProtocolConfig), hardware (ComputeConfig), evidence
+(PrimaryComparison, EvaluationConfig), MLflow tracking (TrackingConfig) and the Recipe itself."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator, model_validator
+from stagewise.recipe.arms import ArmConfig
+from stagewise.recipe.base import StrictModel
+from stagewise.recipe.cohort import CohortConfig, DataConfig
+
+
+class ProtocolConfig(StrictModel):
+    kind: Literal["group_kfold", "leave_one_site_out", "balanced_test"] = "group_kfold"
+    """group_kfold: repeated stratified group k-fold (recommended). leave_one_site_out.
+    balanced_test: the BPD code's folds, to compare like with like, NOT recommended: positive
+    patients shuffled into `folds` chunks, each test fold one chunk plus as many negative
+    patients taken in turn; negatives beyond the positives' number are never tested, and a
+    1:1 test fold reports PPV and NPV at a prevalence the clinic does not have."""
+    folds: int = Field(5, ge=2)
+    repeats: int = Field(1, ge=1)
+    test_images: Literal["all", "first"] = "all"
+    """first: each test patient is scored on its first image in manifest order (the BPD
+    paper); sort the manifest (e.g. by acquisition time) so that first means earliest."""
+    patient_aggregate: Literal["mean", "max", "first"] = "mean"
+    """How image scores become a patient score for patient-level metrics."""
+    threshold: Literal["youden", "prevalence"] | float = "youden"
+    """Decision threshold for balanced accuracy and F1, chosen on the training part of each fold."""
+    label_fractions: list[Annotated[float, Field(gt=0, le=1)]] = []
+    """Also train each arm on these fractions of each training fold (whole patients, stratified)."""
+
+
+class ComputeConfig(StrictModel):
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """auto: measured at the start of a run, per arm (architecture, image size, batch size):
+    the fastest of fp32 and the low precisions the hardware runs natively (bf16; fp16 on
+    CUDA), fp32 unless another is 5 % faster; cached per machine (see training/autotune.py)."""
+    channels_last: bool | Literal["auto"] = "auto"
+    """Memory layout of 2D convolutions; auto: measured with the precision."""
+    reuse_frozen: bool = True
+    """Compute a frozen, un-augmented network prefix once per image and reuse it."""
+    eval_batch_size: int = Field(64, ge=1)
+    threads: int | None = None
+    save_models: bool = False
+    """Save each fold's trained model (safetensors) in the run directory."""
+    executor: Literal["local", "ray"] = "local"
+    """Where the fits run: `local`, one after another in this process; `ray`, each (unit,
+    fold) fit as a task on a Ray cluster, the run directory written by this process alone.
+    Neither changes a fold's numbers, and a run started with one resumes with the other."""
+    address: str | None = None
+    """ray: the cluster to join, `auto` (the one `ray start` made on this machine) or
+    `HOST:PORT` of its head; empty: start a Ray instance on this machine for the run."""
+    cpus_per_task: int | None = Field(None, ge=1)
+    """ray: CPUs each fit reserves, and its torch threads (default: `threads`, else 1). A
+    local run gives bit-identical numbers on a CPU when its `threads` is the same."""
+    gpus_per_task: float | None = Field(None, ge=0)
+    """ray: GPUs each fit reserves (default: 1 where the cluster has GPUs and `device` is not
+    cpu, else 0)."""
+    max_retries: int = Field(3, ge=0)
+    """ray: times a fit is started again when its worker process or node died; a fit that
+    raised an error is never retried (the error stops the run)."""
+
+    @model_validator(mode="after")
+    def _address_is_for_ray(self) -> "ComputeConfig":
+        if self.address is not None and self.executor != "ray":
+            raise ValueError(f"address {self.address!r} is the Ray cluster to join: it needs executor: ray")
+        return self
+
+
+class PrimaryComparison(StrictModel):
+    """`evaluation.primary`: which pair (A vs B) and which test carry the study's claim. The
+    corrected resampled t-test on fold AUROCs is the default because a claim about the
+    training procedure is a claim across folds (DeLong is conditional on the pooled patients)."""
+
+    a: str
+    b: str
+    test: Literal["corrected_t", "delong", "wilcoxon"] = "corrected_t"
+
+
+class EvaluationConfig(StrictModel):
+    """What turns fold results into evidence: comparisons, intervals, baselines, saliency."""
+
+    compare: list[tuple[str, str]] | None = None
+    """Pairs of arm names (`baseline:<column>` and `clinical` included); default: every arm
+    against the first arm, and every model arm against every baseline."""
+    primary: PrimaryComparison | None = None
+    """The study's primary comparison and its test, stated before the results: only its p is
+    read as a test of the study's claim (coloured in the report); the other comparisons' p are
+    Holm-adjusted for multiplicity. Default: the first comparison, corrected resampled t."""
+    bootstrap: int = Field(2000, ge=0)
+    """Bootstrap resamples of patients for 95 % CIs; 0 turns them off."""
+    clinical_model: bool = True
+    """Fit a clinical-only logistic regression on `cohort.clinical` as an arm of its own."""
+    saliency: int = Field(4, ge=0)
+    """Grad-CAM maps for this many correct and this many wrong test images per arm."""
+    recalibrate: Literal["none", "intercept", "slope"] = "none"
+    """In-study logistic recalibration of every model unit, per fold: fitted on the patient
+    scores of the fold's training part (`intercept`: calibration-in-the-large only; `slope`:
+    intercept and slope), applied to its test patients' scores; the report shows the recalibrated calibration
+    and decision curves beside the raw ones (meant for CutMix/MixUp arms, whose mixed labels
+    pull predictions to the middle). AUROC is unchanged by it. Off (`none`) by default."""
+    report: bool = True
+
+
+class TrackingConfig(StrictModel):
+    """Experiment tracking in MLflow (stagewise.study.tracking): one MLflow run per study, nested
+    runs per unit and fold. `tracking: mlflow` (or `{}`) turns it on with the defaults."""
+
+    mlflow: bool = True
+    """false turns tracking off, even where MLFLOW_TRACKING_URI is set."""
+    uri: str | None = None
+    """The tracking server or store, e.g. http://127.0.0.1:5000; default: MLFLOW_TRACKING_URI,
+    else a local store inside the run directory (mlflow.db, artifacts in mlartifacts/)."""
+    experiment: str | None = None
+    """The MLflow experiment (default: the recipe's name)."""
+
+
+class Recipe(StrictModel):
+    name: str
+    seed: int = 0
+    cohort: CohortConfig
+    data: DataConfig = DataConfig()
+    protocol: ProtocolConfig = ProtocolConfig()
+    compute: ComputeConfig = ComputeConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
+    tracking: TrackingConfig | None = None
+    """MLflow tracking; off unless given here or MLFLOW_TRACKING_URI is set."""
+    arms: list[ArmConfig] = Field(min_length=1)
+
+    @field_validator("tracking", mode="before")
+    @classmethod
+    def _tracking_shorthand(cls, v):
+        """`tracking: mlflow` (or true) for the defaults, `tracking: false` for off."""
+        if v == "mlflow" or v is True:
+            return {}
+        return {"mlflow": False} if v is False else v
+
+    @model_validator(mode="after")
+    def _unique_arms(self) -> "Recipe":
+        names = [a.name for a in self.arms]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"arm names must be unique; repeated: {sorted(dup)}")
+        if self.protocol.kind == "leave_one_site_out" and not self.cohort.site:
+            raise ValueError("protocol.kind leave_one_site_out needs cohort.site")
+        # A study's per-site arms need cohort.site: checks.site_column_problems (a deployed
+        # federated job runs on one site's manifest at each hospital, with no site column).
+        local = [a.name for a in self.arms if a.sites.mode == "local"]
+        if local and self.protocol.kind == "leave_one_site_out":
+            raise ValueError(f"arms {local}: a held-out site has no local model; local arms need protocol group_kfold "
+                             "(their cross-site figures score each site's model on the other sites)")
+        published = [a.name for a in self.arms if a.head.pretrained]
+        if published and self.cohort.extra_outcomes:
+            raise ValueError(f"arms {published} start from a published one-outcome head (head.pretrained), but "
+                             "cohort.extra_outcomes asks for more outcomes; remove one of them")
+        fused = [a.name for a in self.arms if a.head.fusion]
+        if fused and not self.cohort.clinical:
+            raise ValueError(f"arms {fused} fuse clinical data (head.fusion) but cohort.clinical lists no columns")
+        return self
