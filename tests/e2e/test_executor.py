@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from stagewise.cli import app
 from stagewise.recipe import ComputeConfig, RecipeError
 
-TESTS = Path(__file__).parent
+TESTS = Path(__file__).parents[1]  # where conftest.py is
 
 
 def test_the_default_executor_never_imports_ray(digits_manifest, tmp_path):
@@ -30,11 +30,11 @@ def test_the_default_executor_never_imports_ray(digits_manifest, tmp_path):
         assert recipe.compute.executor == "local"
         result = run_study(recipe, {str(tmp_path / "run")!r})
         assert len(result.metrics["arms"]["a"]["folds"]) == 2
-        print("loaded:", sorted(m for m in sys.modules if m == "ray" or m.startswith(("ray.", "stagewise.executors"))))
+        print("loaded:", sorted(m for m in sys.modules if m == "ray" or m.startswith(("ray.", "stagewise.study.executors"))))
     """)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "loaded: ['stagewise.executors', 'stagewise.executors.local']" in done.stdout
+    assert "loaded: ['stagewise.study.executors', 'stagewise.study.executors.local']" in done.stdout
 
 
 def test_compute_executor_settings():
@@ -48,10 +48,10 @@ def test_compute_executor_settings():
 
 
 def test_cli_executor_and_address_options_set_the_recipe(tmp_path, monkeypatch):
-    import stagewise.cli as cli
+    import stagewise.cli.study as cli_study  # where `run` looks up _run_recipe
 
     seen = []
-    monkeypatch.setattr(cli, "_run_recipe", lambda recipe, out_dir: seen.append(recipe.compute))
+    monkeypatch.setattr(cli_study, "_run_recipe", lambda recipe, out_dir: seen.append(recipe.compute))
     (tmp_path / "m.csv").write_text("path,outcome,patient\n")
     recipe = tmp_path / "r.yaml"
     recipe.write_text("name: r\ncohort: {manifest: m.csv}\ncompute: {executor: ray, address: auto}\n"
@@ -71,7 +71,7 @@ def test_errors_a_fit_can_raise_keep_their_type_and_fields_across_processes():
     from stagewise.data import CohortError, ImageReadError
     from stagewise.evaluation.splits import SplitError
     from stagewise.models import BackboneError, WeightsUnavailable
-    from stagewise.runs import RunError
+    from stagewise.study.rundir import RunError
     from stagewise.training.engine import StageError
 
     errors = [CohortError(["row 3: outcome 'maybe'"], "m.csv"), ImageReadError("a.png", "truncated"),

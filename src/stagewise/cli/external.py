@@ -1,0 +1,73 @@
+"""`evaluate`: external validation of a bundle on another site's labelled cohort."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from stagewise.cli.console import guard, out
+
+
+def evaluate(
+    bundle: Path = typer.Argument(..., help="a bundle folder made by `stagewise export`"),
+    manifest: Path = typer.Argument(..., help="the external cohort: a CSV manifest, one row per image, with outcome and patient"),
+    out_dir: Path = typer.Option(None, "--out", "-o", help="output folder (default: evaluations/<manifest name>)"),
+    image: str = typer.Option(None, help="image path column (default: the bundle recipe's)"),
+    outcome: str = typer.Option(None, help="outcome column (default: the outcome the bundle predicts)"),
+    patient: str = typer.Option(None, help="patient id column (default: the bundle recipe's)"),
+    site: str = typer.Option(None, help="site column, for per-site figures (default: the bundle recipe's, if present)"),
+    positive: list[str] = typer.Option([], "--positive", help="an outcome value read as positive (repeatable)"),
+    negative: list[str] = typer.Option([], "--negative", help="an outcome value read as negative (repeatable)"),
+    root: Path = typer.Option(None, help="folder relative image paths start from (default: the manifest's)"),
+    drop_missing_outcome: bool = typer.Option(False, "--drop-missing-outcome", help="leave out rows without an outcome"),
+    output: str = typer.Option(None, help="which bundle output to validate (default: the first)"),
+    images: str = typer.Option(None, "--images", help="first or all: images scored per patient (default: the bundle's protocol)"),
+    aggregate: str = typer.Option(None, help="mean, max or first: image scores -> patient score (default: the bundle's)"),
+    recalibrate: str = typer.Option(None, help="intercept or slope: fit a logistic recalibration on part of the cohort, "
+                                    "evaluate it on the rest, save a recalibrated bundle"),
+    fit_fraction: float = typer.Option(0.5, "--fit-fraction", help="share of patients the recalibration is fitted on"),
+    seed: int = typer.Option(0, help="seed of the bootstrap and of the recalibration split"),
+    bootstrap: int = typer.Option(2000, help="bootstrap resamples of patients for the 95 % CIs (0: none)"),
+    engine: str = typer.Option("torch", help="torch or onnx"),
+) -> None:
+    """External validation: the bundle on another site's labelled cohort, against its own
+    cross-validated figures; an HTML report with the TRIPOD+AI items, per-image and
+    per-patient predictions, optional recalibration.
+
+    Example: stagewise evaluate bundles/probe site-b.csv --outcome icu --positive yes --negative no -o eval-site-b
+    """
+    from stagewise.external import ExternalOptions, evaluate_bundle
+
+    def go():
+        options = ExternalOptions(image=image, outcome=outcome, patient=patient, site=site, positive=positive,
+                                  negative=negative, root=root, drop_missing_outcome=drop_missing_outcome, output=output,
+                                  test_images=images, aggregate=aggregate, recalibrate=recalibrate,
+                                  fit_fraction=fit_fraction, seed=seed, bootstrap=bootstrap)
+        target = out_dir or Path("evaluations") / manifest.stem
+        res = evaluate_bundle(bundle, manifest, target, options, engine)
+        if res["bundle"].get("intensity_notice"):
+            out.print(f"[yellow]note:[/yellow] {escape(res['bundle']['intensity_notice'])}")
+        out.print(_comparison_table(res["comparison"]))
+        if "recalibration" in res:
+            rec = res["recalibration"]
+            out.print(f"recalibrated ({rec['method']}): intercept {rec['intercept']:.3f}, slope {rec['slope']:.3f}; "
+                      f"held-out calibration-in-the-large {rec['before']['calibration']['intercept']:.3f} -> "
+                      f"{rec['after']['calibration']['intercept']:.3f}; bundle: {target / 'bundle-recalibrated'}")
+        out.print(f"report: {target / 'report.html'}")
+
+    guard(go)
+
+
+def _comparison_table(comparison: list[dict]) -> Table:
+    """Each metric: the development (cross-validated) figure, the external one with its CI, the difference."""
+    table = Table("metric", "development (CV, pooled)", "external [95 % CI]", "Δ")
+    for r in comparison:
+        e, dev = r["external"], r["reference"]
+        ci = f" [{e['low']:.3f}, {e['high']:.3f}]" if e.get("low") is not None and e.get("high") is not None else ""
+        table.add_row(r["metric"], "—" if dev is None else f"{dev:.3f}",
+                      "—" if e.get("point") is None else f"{e['point']:.3f}{ci}",
+                      "—" if r["difference"] is None else f"{r['difference']:+.3f}")
+    return table

@@ -1,0 +1,182 @@
+"""The `federation` sub-app: `certs` and `key` (the credentials), `coordinate` (the
+coordinating site's Flower SuperLink) and `site` (a hospital's SuperNode).
+
+The module is not named `federation`: `stagewise.cli.federation` is this typer sub-app."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from stagewise.cli.console import console, guard, out
+
+federation = typer.Typer(no_args_is_help=True, help="Federated training across hospitals that keep their images: "
+                         "keys, the coordinator, a hospital's site.")
+
+
+@federation.command("certs")
+def federation_certs(
+    folder: Path = typer.Argument(..., help="where ca.pem, server.pem and server.key are written"),
+    host: list[str] = typer.Option(..., "--host", help="a name or IP address the hospitals connect to (repeatable)"),
+) -> None:
+    """The coordinator's TLS certificates: give ca.pem to every hospital; server.key stays here.
+
+    Example: stagewise federation certs certs --host fl.hospital-a.example --host 10.1.2.3
+    """
+    from stagewise.federated.credentials import make_certificates
+
+    def go():
+        paths = make_certificates(folder, host)
+        out.print(f"CA certificate (send to every site): {paths['ca']}\nserver certificate and key (keep): "
+                  f"{paths['cert']}, {paths['key']}")
+
+    _guard_files(go)
+
+
+@federation.command("key")
+def federation_key(
+    folder: Path = typer.Argument(..., help="where <site>.key and <site>.pub are written"),
+    site: str = typer.Option(..., "--site", help="this hospital's site name (letters, digits, _ . -)"),
+) -> None:
+    """A hospital's node key: <site>.key stays at the hospital, <site>.pub goes to the coordinator.
+
+    Example: stagewise federation key keys --site hannover
+    """
+    from stagewise.federated.credentials import make_site_key
+
+    def go():
+        paths = make_site_key(folder, site)
+        out.print(f"private key (keep): {paths['key']}\npublic key (send to the coordinator): {paths['pub']}")
+
+    _guard_files(go)
+
+
+def _stop_on_sigterm() -> None:
+    """SIGTERM (a service manager, `kill`) stops like Ctrl-C, so Flower's processes are stopped too."""
+    import signal
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
+def _guard_files(fn):
+    try:
+        return guard(fn)
+    except (FileExistsError, ValueError) as err:
+        console.print(f"[bold red]error:[/bold red] {escape(str(err))}")
+        raise typer.Exit(2)
+
+
+@federation.command("coordinate")
+def federation_coordinate(
+    recipe: Path = typer.Argument(..., help="the recipe every site holds a copy of"),
+    arm: str = typer.Option(..., "--arm", help="the federated arm to run"),
+    site_key: list[Path] = typer.Option(..., "--site-key", help="a hospital's public key, <site>.pub (repeatable): "
+                                        "only these nodes may join"),
+    certs: Path = typer.Option(..., "--certs", help="folder with ca.pem, server.pem, server.key (federation certs)"),
+    out_dir: Path = typer.Option(None, "--out", "-o", help="run directory (default: runs/<recipe name>-<arm>)"),
+    host: str = typer.Option("0.0.0.0", help="address to listen on"),
+    port: int = typer.Option(9093, help="port the hospitals connect to"),
+    sites: int = typer.Option(None, help="sites expected (default: one per --site-key)"),
+    cv: bool = typer.Option(True, "--cv/--no-cv", help="cross-validate on each site's own folds"),
+    final: bool = typer.Option(True, "--final/--no-final", help="then train the model to deploy on every row"),
+    connect_timeout: float = typer.Option(600.0, help="seconds to wait for the sites to connect and answer their first message (their app starting)"),
+    timeout: float = typer.Option(7 * 24 * 3600.0, help="seconds to wait for the job"),
+) -> None:
+    """Run a federated job as the coordinating site: a Flower SuperLink with TLS that admits the
+    listed sites only; each hospital joins with `stagewise federation site`. Stopped, it
+    continues from the last finished round when run again with the same -o.
+
+    Example: stagewise federation coordinate fed.yaml --arm fedavg --certs certs --site-key a.pub --site-key b.pub
+    """
+    from stagewise.federated.deployment import JobDir
+    from stagewise.federated.launch import Coordinator
+
+    def go():
+        from stagewise.recipe import load_recipe
+
+        _stop_on_sigterm()
+        target = out_dir or Path("runs") / f"{load_recipe(recipe).name}-{arm}"
+        JobDir(target).write_job(recipe, arm, sites or len(site_key), cv, final, connect_timeout)
+        coordinator = Coordinator(target, certs, host=host, port=port, site_keys=list(site_key))
+        try:
+            coordinator.start()
+            out.print(f"coordinator listening on {coordinator.address}; waiting for {sites or len(site_key)} sites")
+            status = coordinator.wait(coordinator.submit(), timeout)
+        except KeyboardInterrupt:
+            console.print(f"[yellow]interrupted.[/yellow] Finished rounds are saved in {target}; run the same command "
+                          "to continue.")
+            raise typer.Exit(130)
+        finally:
+            coordinator.stop()
+        if status["state"] != "finished":
+            console.print(f"[bold red]the job failed:[/bold red] {escape(status.get('error', '?'))}")
+            raise typer.Exit(2)
+        _print_job(target)
+
+    guard(go)
+
+
+def _print_job(run_dir: Path) -> None:
+    res = json.loads((run_dir / "results.json").read_text())
+    table = Table(title=f"{res['arm']} ({res['strategy']}): per site, mean ± sd over folds")
+    for c in ("site", "AUROC", "balanced acc.", "sens.", "spec.", "test patients"):
+        table.add_column(c, justify="left" if c == "site" else "right")
+    fmt = lambda m: "-" if m.get("mean") is None else f"{m['mean']:.3f} ± {m['sd'] or 0:.3f}"  # noqa: E731
+    for site, m in res["sites"].items():
+        table.add_row(site, fmt(m["auroc"]), fmt(m["balanced_accuracy"]), fmt(m["sensitivity"]),
+                      fmt(m["specificity"]), str(m["n_test_patients"]))
+    out.print(table)
+    out.print(f"AUROC across sites: {fmt(res['auroc_across_sites'])}; sent {res['bytes_total'] / 1e6:.1f} MB "
+              f"(full-model FedAvg: {res['bytes_full_model_fedavg'] / 1e6:.1f} MB)")
+    for r in res["rounds_with_missing_sites"]:
+        out.print(f"[yellow]fit {r['fit']} round {r['round']}: {r['sites_replied']} sites replied[/yellow]")
+    if res.get("model"):
+        out.print(f"model: {run_dir / res['model']}")
+
+
+@federation.command("site")
+def federation_site(
+    recipe: Path = typer.Argument(..., help="this hospital's copy of the coordinator's recipe"),
+    manifest: Path = typer.Option(..., "--manifest", help="this hospital's own manifest (it never leaves)"),
+    site: str = typer.Option(..., "--site", help="this hospital's site name"),
+    server: str = typer.Option(..., "--server", help="the coordinator's HOST:PORT"),
+    ca: Path = typer.Option(..., "--ca", help="the coordinator's ca.pem"),
+    key: Path = typer.Option(..., "--key", help="this hospital's private key, <site>.key (federation key)"),
+    workdir: Path = typer.Option(Path("federation-site"), "--workdir", help="this hospital's folder: its state "
+                                 "between rounds, its predictions, logs"),
+    threads: int = typer.Option(None, help="torch threads (default: all cores)"),
+    port: int = typer.Option(9094, help="local port of the SuperNode's own API"),
+    wait: float = typer.Option(3600.0, help="seconds to keep trying while the coordinator is not reachable or has "
+                               "not admitted this site's key yet"),
+) -> None:
+    """Take part in a federated job as one hospital: checks the manifest, then a Flower
+    SuperNode trains on this hospital's rows only and sends only the trainable groups' tensors.
+
+    Example: stagewise federation site fed.yaml --manifest ours.csv --site hannover --server fl.example:9093 --ca ca.pem --key hannover.key
+    """
+    import os
+
+    from stagewise.federated.launch import prepare_site, run_site
+
+    def go():
+        _stop_on_sigterm()
+        site_file = prepare_site(recipe, manifest, site, workdir, threads or os.cpu_count() or 1)
+        out.print(f"{site}: manifest checked; connecting to {server} (Ctrl-C to leave)")
+        note = lambda s: out.print(f"{site}: coordinator not reachable, or this site not admitted yet "  # noqa: E731
+                                   f"({s:.0f} s); trying again")
+        try:
+            code = run_site(site_file, server, ca, key, port, workdir / "supernode.log", wait, on_retry=note)
+        except KeyboardInterrupt:
+            code = 130
+        if code not in (0, 130, -15):
+            console.print(f"[bold red]the site stopped (exit {code}):[/bold red] see {workdir / 'supernode.log'}")
+            raise typer.Exit(2)
+
+    guard(go)

@@ -1,0 +1,27 @@
+"""`serve`: the local web page and HTTP API that score images with a bundle."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from stagewise.cli.console import guard
+
+
+def serve(
+    bundle: Path = typer.Argument(..., help="a bundle folder made by `stagewise export`"),
+    host: str = typer.Option("127.0.0.1", help="address to listen on; the default is reachable from this computer only"),
+    port: int = typer.Option(8000, help="port to listen on"),
+    max_upload_mb: float = typer.Option(64.0, "--max-upload-mb", help="largest file accepted, in MB (2^20 bytes)"),
+    engine: str = typer.Option("auto", help="auto (ONNX Runtime when the bundle has model.onnx), onnx or torch"),
+    concurrency: int = typer.Option(2, help="files scored at the same time; more requests wait their turn"),
+) -> None:
+    """A local web page and HTTP API that score images with a bundle, show what the network
+    saw and where it looked. Uploads stay in memory; nothing is stored.
+
+    Example: stagewise serve runs/covid-outcome-icu/bundles/probe-thaw  (then open http://127.0.0.1:8000)
+    """
+    from stagewise.serve import run_server
+
+    guard(run_server, bundle, host, port, max_upload_mb, engine, concurrency)
