@@ -107,6 +107,15 @@ def inspect_images(
         raise ValueError("paths, rows, names and patients must have one entry per image")
     workers = workers or min(8, os.cpu_count() or 1)
 
+    problems, low, by_digest = _image_problems(_probes(paths, workers), paths, rows, names)
+    warnings: list[str] = _low_range_warnings(low)
+    same_problems, same_warnings = _identical_images(by_digest, paths, rows, names, patients)
+    return problems + same_problems, warnings + same_warnings
+
+
+def _probes(paths: list[str], workers: int) -> Iterable[_Probe]:
+    """Each image's probe in input order, decoded by `workers` threads; a long cohort shows a
+    progress bar (on stderr, so that piped output stays clean)."""
     results: Iterable[_Probe] = ordered_map(_probe, paths, workers)
     if len(paths) > _PROGRESS_OVER:
         from rich.console import Console
@@ -115,7 +124,16 @@ def inspect_images(
         results = track(
             results, total=len(paths), description="Checking images", transient=True, console=Console(stderr=True)
         )
+    return results
 
+
+def _image_problems(
+    results: Iterable[_Probe], paths: list[str], rows: list[int], names: list[str]
+) -> tuple[list[str], list[str], dict[bytes, list[int]]]:
+    """The problems of each image on its own (unreadable, 2D among 3D, tiny, constant), the
+    low-range notes, and the images grouped by pixel digest for the identical-image check.
+
+    An image with a problem is left out of the later checks: one message per bad file."""
     problems: list[str] = []
     dim_first: tuple[int, str] | None = None
     low: list[str] = []
@@ -151,7 +169,12 @@ def inspect_images(
         if probe.hi < LOW_RANGE:
             low.append(_low_range_note(rows[i], names[i], paths[i], probe.hi))
         by_digest[probe.digest].append(i)
+    return problems, low, by_digest
 
+
+def _low_range_warnings(low: list[str]) -> list[str]:
+    """One warning for all nearly black images (at most `_SHOWN_ROWS` named): they do not
+    stop a run, but usually mean a bit-depth mistake worth fixing before training."""
     warnings: list[str] = []
     if low:
         shown = "; ".join(low[:_SHOWN_ROWS]) + (f"; ... and {len(low) - _SHOWN_ROWS} more" if len(low) > _SHOWN_ROWS else "")
@@ -162,7 +185,17 @@ def inspect_images(
             "a DICOM whose BitsStored is larger than its values need: re-export scaled to the full range, "
             "or add a PNG sBIT chunk giving the bit depth, or correct BitsStored (stagewise then scales by it)"
         )
+    return warnings
 
+
+def _identical_images(
+    by_digest: dict[bytes, list[int]], paths: list[str], rows: list[int], names: list[str],
+    patients: Sequence[object] | None,
+) -> tuple[list[str], list[str]]:
+    """(problems, warnings) for identical pixels in different files: a problem under different
+    patients (a leak between folds), a warning otherwise (counted twice, but no leak)."""
+    problems: list[str] = []
+    warnings: list[str] = []
     for group in by_digest.values():
         if len(group) < 2 or len({file_key(paths[i]) for i in group}) < 2:
             continue  # one file listed twice is the manifest check's business

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from typing import Iterable
+from stagewise.errors import StagewiseError
 
 _MAX_SHOWN = 50
 MANIFEST_HINT = (
@@ -14,7 +15,7 @@ MANIFEST_HINT = (
 )
 
 
-class CohortError(ValueError):
+class CohortError(StagewiseError, ValueError):
     """All problems with a cohort at once; `problems` holds one line per problem."""
 
     def __init__(self, problems: Iterable[str], manifest: str | Path | None = None, hint: str = MANIFEST_HINT):

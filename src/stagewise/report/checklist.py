@@ -10,7 +10,7 @@ wording is a reporting standard's, not a layout's, which is why it lives apart f
 from __future__ import annotations
 
 from stagewise.report.formatting import DASH, fmt_setting
-from stagewise.report.units import is_full_label, ordered_units, recipe_arms
+from stagewise.report.unit_order import is_full_label, ordered_units, recipe_arms
 
 
 def _stage_text(stage: dict) -> dict:
@@ -43,24 +43,36 @@ def checklist(metrics: dict, recipe: dict, ctx: dict) -> tuple[list[dict], list[
     environment texts so that the checklist and the tables above it say the same thing."""
     arms, cohort, protocol = metrics.get("arms", {}), metrics.get("cohort", {}), metrics.get("protocol", {})
     evidence = metrics.get("evidence", {})
-    ev = evidence.get("units", {})
-    evaluation = recipe.get("evaluation") or {}
     r_cohort = recipe.get("cohort") or {}
     r_arms = recipe_arms(recipe)
     order = ordered_units(arms)
     models = [n for n in order if arms[n].get("kind") == "model"]
-    auto: list[dict] = []
+    auto = [_partition_item(metrics, ctx, arms, order, models)]
+    auto += _model_items(recipe, arms, models, r_arms)
+    auto += _selection_items(ctx, protocol)
+    auto += _statistics_items(metrics, recipe, arms, order, evidence)
+    missing = cohort.get("missing")
+    if missing is not None:
+        auto.append(_item("Missing data", "TRIPOD+AI", _missing_lines(missing, r_cohort)))
+    auto += _failure_and_software_items(metrics, ctx, arms, models)
+    return auto, _user_items(r_cohort, missing)
 
-    def item(topic: str, guide: str, lines: list[str]) -> None:
-        auto.append({"topic": topic, "guide": guide, "lines": [x for x in lines if x]})
 
+def _item(topic: str, guide: str, lines: list[str]) -> dict:
+    """A stated item; empty lines (a fact this run lacks) are left out."""
+    return {"topic": topic, "guide": guide, "lines": [x for x in lines if x]}
+
+
+def _partition_item(metrics: dict, ctx: dict, arms: dict, order: list[str], models: list[str]) -> dict:
+    """Data partition: protocol, cohort size and patients per split (full-label units' splits)."""
+    cohort = metrics.get("cohort", {})
     folds = next((arms[n].get("folds") for n in order if arms[n].get("folds")), [])
     n_test = sorted({f.get("n_test_patients") for f in folds if f.get("n_test_patients") is not None})
     full = [n for n in models if is_full_label(arms[n])] or order
     n_train = sorted({f.get("n_train_patients") for n in full[:1] for f in arms[n].get("folds", [])
                       if f.get("n_train_patients") is not None})
     span = lambda v: DASH if not v else (str(v[0]) if len(v) == 1 else f"{v[0]}–{v[-1]}")  # noqa: E731
-    item("Data partition", "TRIPOD+AI, CLAIM", [
+    return _item("Data partition", "TRIPOD+AI, CLAIM", [
         ctx["protocol"] + f"; split seed {metrics.get('seed', DASH)}",
         f"cohort: {cohort.get('patients', DASH)} patients ({cohort.get('positive_patients', DASH)} positive), "
         f"{cohort.get('images', DASH)} images",
@@ -68,41 +80,61 @@ def checklist(metrics: dict, recipe: dict, ctx: dict) -> tuple[list[dict], list[
         + (" (full-label units; label-fraction units train on fewer)" if len(models) > len(full) else ""),
         f"test images: {ctx['protocol_details'][0][1]}; patient score: {ctx['protocol_details'][1][1]}",
     ])
+
+
+def _model_items(recipe: dict, arms: dict, models: list[str], r_arms: dict) -> list[dict]:
+    """Preprocessing, model and weight source, augmentation, training: from recipe.yaml."""
+    items = []
     data = recipe.get("data") or {}
     if data:
-        item("Image preprocessing", "CLAIM", [f"images resized to {data.get('image_size')} px ({data.get('resize')})"])
-    item("Model and pretrained-weight source", "TRIPOD+AI, CLAIM", [
+        items.append(_item("Image preprocessing", "CLAIM", [f"images resized to {data.get('image_size')} px ({data.get('resize')})"]))
+    items.append(_item("Model and pretrained-weight source", "TRIPOD+AI, CLAIM", [
         f"{n}: backbone {arms[n].get('backbone')}"
         + (f", weights file {r_arms[arms[n]['base_arm']]['backbone'].get('weights')}"
            if (r_arms.get(arms[n].get("base_arm")) or {}).get("backbone", {}).get("weights") else "")
         + (lambda h: f"; head dropout {fmt_setting(h.get('dropout'))}, hidden {fmt_setting(h.get('hidden'))}"
            if h else "")((r_arms.get(arms[n].get("base_arm")) or {}).get("head"))
         for n in models if is_full_label(arms[n])
-    ] or ["no image-model arms"])
+    ] or ["no image-model arms"]))
     stage_lines, stop_lines = [], []
     for name, arm in r_arms.items():
         for i, stage in enumerate(arm.get("stages") or []):
             st = _stage_text(stage)
             stage_lines.append(f"{name}, stage {i + 1} ({st['kind']}): augmentation {st['augment']}; {st['mix']}")
             stop_lines.append(f"{name}, stage {i + 1} ({st['kind']}): {st['training']}")
-    item("Augmentation and CutMix / MixUp", "CLAIM", stage_lines or ["not recorded (no recipe.yaml)"])
-    item("Training and stopping rule", "TRIPOD+AI, CLAIM",
-         ["fixed number of epochs per stage; the last-epoch model is evaluated (no early stopping)"] + stop_lines)
+    items.append(_item("Augmentation and CutMix / MixUp", "CLAIM", stage_lines or ["not recorded (no recipe.yaml)"]))
+    items.append(_item("Training and stopping rule", "TRIPOD+AI, CLAIM",
+                       ["fixed number of epochs per stage; the last-epoch model is evaluated (no early stopping)"]
+                       + stop_lines))
+    return items
+
+
+def _selection_items(ctx: dict, protocol: dict) -> list[dict]:
+    """How hyperparameters and the decision threshold were chosen (never on test parts)."""
     tuned = [t for t in ctx["tuning"]]
-    item("Hyperparameter selection", "TRIPOD+AI", [
-        f"nested CV for {t['unit']}: {t['grid']} chosen by an inner {t['inner_folds']}-fold grouped CV "
-        f"inside each outer training fold" for t in tuned
-    ] or ["no tuning: every setting fixed in the recipe before the run"])
-    item("Threshold selection", "TRIPOD+AI",
-         [f"decision threshold {fmt_setting(protocol.get('threshold', DASH))}, chosen on the training part of each "
-          "fold (never on its test part); balanced accuracy and F1 use it"])
+    return [
+        _item("Hyperparameter selection", "TRIPOD+AI", [
+            f"nested CV for {t['unit']}: {t['grid']} chosen by an inner {t['inner_folds']}-fold grouped CV "
+            f"inside each outer training fold" for t in tuned
+        ] or ["no tuning: every setting fixed in the recipe before the run"]),
+        _item("Threshold selection", "TRIPOD+AI",
+              [f"decision threshold {fmt_setting(protocol.get('threshold', DASH))}, chosen on the training part of each "
+               "fold (never on its test part); balanced accuracy and F1 use it"]),
+    ]
+
+
+def _statistics_items(metrics: dict, recipe: dict, arms: dict, order: list[str], evidence: dict) -> list[dict]:
+    """Comparators, confidence intervals and tests, calibration and clinical utility."""
+    ev = evidence.get("units", {})
+    evaluation = recipe.get("evaluation") or {}
+    r_cohort = recipe.get("cohort") or {}
     baselines = [n for n in order if arms[n].get("kind") == "baseline"]
     clinical = [n for n in order if arms[n].get("kind") == "clinical"]
-    item("Comparators", "TRIPOD+AI", [
+    items = [_item("Comparators", "TRIPOD+AI", [
         f"routine-score baselines on the same folds: {', '.join(baselines)}" if baselines else "no routine-score baseline",
         (f"clinical-only logistic regression on {', '.join(r_cohort.get('clinical') or []) or 'clinical columns'} "
          "(median imputation and scaling fitted on each training part)") if clinical else "no clinical-only model",
-    ])
+    ])]
     n_boot = evaluation.get("bootstrap")
     tests = [
         f"fold metrics: mean ± sd over {metrics.get('n_splits', DASH)} splits",
@@ -116,27 +148,35 @@ def checklist(metrics: dict, recipe: dict, ctx: dict) -> tuple[list[dict], list[
         f"{len(evidence.get('comparisons', []))} comparisons, reported without multiplicity correction",
         f"patient level: {evidence.get('patient_level')}" if evidence.get("patient_level") else "",
     ]
-    item("Confidence intervals and tests", "TRIPOD+AI, CLAIM", tests)
+    items.append(_item("Confidence intervals and tests", "TRIPOD+AI, CLAIM", tests))
     calibrated = [n for n in order if ev.get(n, {}).get("calibration")]
-    item("Calibration and clinical utility", "TRIPOD+AI", [
+    items.append(_item("Calibration and clinical utility", "TRIPOD+AI", [
         f"calibration curve, slope, intercept and Brier score for {', '.join(calibrated)}" if calibrated
         else "calibration not computed",
         "decision curves (net benefit vs treat-all / treat-none)" if any(ev.get(n, {}).get("decision_curve") for n in order) else "",
         "baseline scores are not probabilities: no calibration for them" if baselines else "",
-    ])
-    missing = cohort.get("missing")
-    if missing is not None:
-        item("Missing data", "TRIPOD+AI", _missing_lines(missing, r_cohort))
+    ]))
+    return items
+
+
+def _failure_and_software_items(metrics: dict, ctx: dict, arms: dict, models: list[str]) -> list[dict]:
+    """Failure analysis (the Grad-CAM maps shown) and the software and compute that ran."""
     sal = {n: arms[n].get("saliency") or [] for n in models}
-    item("Failure analysis", "CLAIM", [
-        f"Grad-CAM maps for {sum(bool(s.get('correct')) for s in v)} correct and "
-        f"{sum(not s.get('correct') for s in v)} wrong test images of {n}" for n, v in sal.items() if v
-    ] or ["no saliency maps (evaluation.saliency 0 or backbone without spatial features)"])
-    item("Software and compute", "TRIPOD+AI, CLAIM", [
-        f"stagewise {ctx['version']}; " + ", ".join(f"{k} {v}" for k, v in ctx["environment"]
-                                                    if k in ("python", "torch", "torchvision", "timm", "scikit-learn")),
-        f"compute: {metrics.get('compute', DASH)}; seed {metrics.get('seed', DASH)}",
-    ])
+    return [
+        _item("Failure analysis", "CLAIM", [
+            f"Grad-CAM maps for {sum(bool(s.get('correct')) for s in v)} correct and "
+            f"{sum(not s.get('correct') for s in v)} wrong test images of {n}" for n, v in sal.items() if v
+        ] or ["no saliency maps (evaluation.saliency 0 or backbone without spatial features)"]),
+        _item("Software and compute", "TRIPOD+AI, CLAIM", [
+            f"stagewise {ctx['version']}; " + ", ".join(f"{k} {v}" for k, v in ctx["environment"]
+                                                        if k in ("python", "torch", "torchvision", "timm", "scikit-learn")),
+            f"compute: {metrics.get('compute', DASH)}; seed {metrics.get('seed', DASH)}",
+        ]),
+    ]
+
+
+def _user_items(r_cohort: dict, missing: dict | None) -> list[dict]:
+    """The items only the authors can write (eligibility, outcome definition, data source, ...)."""
     user = [
         {"topic": "Eligibility criteria", "guide": "TRIPOD+AI, CLAIM", "hint": "inclusion and exclusion criteria; how patients were identified"},
         {"topic": "Outcome definition and timing", "guide": "TRIPOD+AI, CLAIM",
@@ -153,7 +193,7 @@ def checklist(metrics: dict, recipe: dict, ctx: dict) -> tuple[list[dict], list[
         user.append({"topic": "Missing data: why", "guide": "TRIPOD+AI",
                      "hint": "why the values counted above are missing (not recorded, not measured, not applicable) "
                              "and whether missingness may relate to the outcome"})
-    return auto, user
+    return user
 
 
 def _missing_lines(missing: dict, r_cohort: dict) -> list[str]:

@@ -9,13 +9,13 @@ the run (study, arm and column names, the recipe) goes through jinja2's autoesca
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import jinja2
 
 from stagewise.report.context import build_context
 from stagewise.report.external import build_external_context
+from stagewise.io import atomic_write
 
 REPORT_NAME = "report.html"
 TEMPLATE_PACKAGE = "stagewise.report"
@@ -50,7 +50,5 @@ def write_external_report(folder: str | Path) -> Path:
 
 
 def _write(out: Path, text: str) -> Path:
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, out)
+    atomic_write(out, text)
     return out

@@ -26,11 +26,11 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
-from stagewise import __version__
-from stagewise.deploy import Bundle
+from stagewise.version import __version__
+from stagewise.bundle import Bundle
 from stagewise.serve.card import model_card
-from stagewise.serve.problems import Problem
-from stagewise.serve.scoring import Scorer, heatmap_data_url, png_data_url
+from stagewise.serve.refusals import Problem
+from stagewise.serve.scorer import Scorer, heatmap_data_url, png_data_url
 from stagewise.serve.upload import FIELD, read_upload
 
 log = logging.getLogger("stagewise.serve")
@@ -110,6 +110,17 @@ def create_app(bundle: Bundle | str | Path, max_upload_mb: float = DEFAULT_MAX_U
     )
     app.state.scorer, app.state.card = scorer, card
     allowed = {h.strip("[]").lower() for h in allowed_hosts} if allowed_hosts else None
+    _add_headers(app, allowed)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    _add_info_routes(app, bundle, scorer, card, max_upload)
+    _add_scoring_routes(app, scorer, max_upload, limiter)
+    _add_docs(app)
+    return app
+
+
+def _add_headers(app: FastAPI, allowed: set[str] | None) -> None:
+    """Every answer's security headers (CSP, no sniffing, no referrer, no caching but for static
+    assets), and, with `allowed` hosts, a refusal of any other Host (DNS rebinding)."""
 
     @app.middleware("http")
     async def headers(request: Request, call_next):
@@ -126,7 +137,9 @@ def create_app(bundle: Bundle | str | Path, max_upload_mb: float = DEFAULT_MAX_U
             response.headers["Cache-Control"] = "no-store"
         return response
 
-    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+def _add_info_routes(app: FastAPI, bundle: Bundle, scorer: Scorer, card: dict, max_upload: int) -> None:
+    """The page and what it shows besides a score: health, model card, validation distribution."""
 
     @app.get("/", include_in_schema=False)
     async def page():
@@ -146,6 +159,11 @@ def create_app(bundle: Bundle | str | Path, max_upload_mb: float = DEFAULT_MAX_U
         outs = (scorer.validation or {}).get("outputs", {})
         return {"available": bool(outs),
                 "outputs": {o: {"probability": v["probability"], "label": v["label"]} for o, v in outs.items()}}
+
+
+def _add_scoring_routes(app: FastAPI, scorer: Scorer, max_upload: int, limiter: anyio.CapacityLimiter) -> None:
+    """POST /predict and /explain: read the upload, score it in a worker thread (at most
+    `limiter` at once, the event loop stays free), answer problems as plain sentences."""
 
     async def run(request: Request, explain: bool):
         started = time.perf_counter()
@@ -171,9 +189,6 @@ def create_app(bundle: Bundle | str | Path, max_upload_mb: float = DEFAULT_MAX_U
               summary="Score one image and show why: the network's view and a Grad-CAM map per output")
     async def explain(request: Request):
         return await run(request, explain=True)
-
-    _add_docs(app)
-    return app
 
 
 def _host_name(host: str) -> str:

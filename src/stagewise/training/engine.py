@@ -16,7 +16,6 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from stagewise.models.heads import Network
 from stagewise.recipe import Stage
@@ -26,9 +25,11 @@ from stagewise.training.cache import ImageSet, PrefixCache, resumable_depths
 from stagewise.training.compute import Compute
 from stagewise.training.hooks import hooks_for
 from stagewise.training.memory import SavedActivations, peak_memory, reset_peak
+from stagewise.training.objectives import BINARY, Objective
+from stagewise.errors import StagewiseError
 
 
-class StageError(ValueError):
+class StageError(StagewiseError, ValueError):
     """A stage that does not fit its backbone (unknown group name, ...)."""
 
 
@@ -67,56 +68,6 @@ def plan_stage(stage: Stage, group_names: list[str]) -> StagePlan:
             lrs[g] = stage.head_lr
     start = {g: 0 for g in lrs} | stage.start_epochs()
     return StagePlan(lrs, start, {g: stage.group_weight_decay(g) for g in lrs})
-
-
-def masked_bce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """BCE over the labels that are present (NaN marks a missing label of one task)."""
-    mask = ~torch.isnan(target)
-    if not mask.any():
-        return logits.sum() * 0.0
-    return F.binary_cross_entropy_with_logits(logits.float()[mask], target[mask])
-
-
-def masked_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    mask = ~torch.isnan(target)
-    if not mask.any():
-        return pred.sum() * 0.0
-    return F.mse_loss(pred.float()[mask], target[mask])
-
-
-def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy against class probabilities, so CutMix/MixUp targets work unchanged."""
-    return -(target * F.log_softmax(logits.float(), dim=1)).sum(dim=1).mean()
-
-
-@dataclass(frozen=True)
-class Objective:
-    """What the head predicts: `binary` (one logit per outcome, NaN = missing label),
-    `multiclass` (targets hold a class index; one logit per class) or `regression`."""
-
-    kind: str = "binary"
-    n_classes: int = 0
-
-    def train_targets(self, targets: torch.Tensor) -> torch.Tensor:
-        if self.kind == "multiclass":
-            return F.one_hot(targets[:, 0].long(), self.n_classes).float()
-        return targets
-
-    def loss(self, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        if self.kind == "multiclass":
-            return soft_cross_entropy(out, target)
-        if self.kind == "regression":
-            return masked_mse(out, target)
-        return masked_bce(out, target)
-
-    def output(self, out: torch.Tensor) -> torch.Tensor:
-        out = out.float()
-        if self.kind == "multiclass":
-            return torch.softmax(out, dim=1)
-        return out if self.kind == "regression" else torch.sigmoid(out)
-
-
-BINARY = Objective()
 
 
 def batches(order: np.ndarray, batch_size: int) -> list[np.ndarray]:
@@ -200,19 +151,7 @@ def fit_stage(
         p.requires_grad_(False)
     if stage.epochs == 0:  # a probe of 0 epochs: the network is scored as it starts
         return StageLog(stage.kind)
-    optimizer = torch.optim.AdamW(
-        [{"params": groups[g], "lr": lr, "weight_decay": plan.weight_decay[g], "name": g} for g, lr in plan.lrs.items()],
-        **compute.optimizer_options,
-    )
-    steps_per_epoch = len(batches(np.arange(len(train_idx)), stage.batch_size))
-    total = steps_per_epoch * stage.epochs
-    scheduler = None
-    if stage.schedule == "onecycle":
-        scheduler = torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=list(plan.lrs.values()), total_steps=total, pct_start=stage.pct_start, anneal_strategy="cos"
-        )
-    elif stage.schedule == "cosine":
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
+    optimizer, scheduler = _optimizer_and_schedule(stage, plan, groups, len(train_idx), compute)
     scaler = compute.grad_scaler()
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -226,73 +165,11 @@ def fit_stage(
     if stage.bn == "adapt_once":  # AdaBN on this fold's training images, before the first step
         log.adapted_batchnorm = adapt_batchnorm(net, frozen_prefix(net, plan.trainable(0)), images, train_idx, compute)
 
+    loop = _StageLoop(net, stage, images, train_idx, y_train, targets, extra, compute, cache, objective, penalty,
+                      plan, groups, optimizer, scheduler, scaler, g, hooks, meter)
     with hooks.context():
         for epoch in range(stage.epochs):
-            t0 = time.perf_counter()
-            trainable = plan.trainable(epoch)
-            for name in plan.lrs:
-                for p in groups[name]:
-                    p.requires_grad_(name in trainable)
-            hooks.before_epoch()
-            frozen = [n for n in net.backbone.group_names if n not in trainable]
-            set_bn_policy(net, frozen, stage.bn)
-            k = frozen_prefix(net, trainable)
-            cut = k in resumable_depths(net)
-            # augment_on: features -> the frozen groups' output as feature maps, augmented per batch
-            on_features = stage.augment_on == "features" and hooks.augments_input and cut and net.backbone.sequential
-            fixed = stage.bn != "adapt" and (on_features or not stage.random_input)
-            reuse = cache is not None and compute.reuse_frozen and fixed and cut
-            source = cache.get(net, k, images, compute, maps=on_features) if reuse else images.x
-            start = k if reuse else 0
-            lrs_at_start = {pg["name"]: pg["lr"] for pg in optimizer.param_groups}
-            decay = {pg["name"]: pg["weight_decay"] for pg in optimizer.param_groups}
-            losses = []
-            for batch in batches(epoch_order(train_idx, y_train, stage.balanced_sampling, g), stage.batch_size):
-                xb = compute.to_input(source[torch.as_tensor(batch)])
-                yb = targets[batch].to(compute.device)
-                eb = None if extra is None else extra[batch].to(compute.device)
-                step_start = start
-                if on_features and start == 0:  # no cache: the frozen groups run here, as the cache would
-                    xb, step_start = _frozen_output(net, xb, k, compute), k
-                if hooks.augments_input and (step_start == 0 or on_features):
-                    xb = augment_features(xb, stage.augment, g) if on_features else augment_batch(xb, stage.augment, g)
-                    if eb is None:
-                        xb, yb = mix_batch(xb, yb, stage.cutmix, stage.mixup, g)
-                    else:  # a mixed image gets the same mix of clinical values as of labels
-                        xb, ye = mix_batch(xb, torch.cat([yb, eb], dim=1), stage.cutmix, stage.mixup, g)
-                        yb, eb = ye[:, : yb.shape[1]], ye[:, yb.shape[1]:]
-                hooks.before_step()
-                with meter.step():
-                    with compute.autocast():
-                        logits = hooks.forward(xb, step_start, g, eb)
-                    loss = objective.loss(logits, yb)
-                    if penalty is not None:
-                        loss = loss + penalty()
-                    optimizer.zero_grad(set_to_none=True)
-                    if scaler is not None:
-                        scaler.scale(loss).backward()
-                    else:
-                        loss.backward()
-                if scaler is not None:
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    optimizer.step()
-                hooks.after_step()
-                if scheduler is not None:
-                    scheduler.step()
-                losses.append(float(loss.detach()))
-            entry = {
-                "epoch": epoch,
-                "loss": float(np.mean(losses)),
-                "trainable": trainable,
-                "lr": lrs_at_start,
-                "weight_decay": decay,
-                "resumed_after_groups": start,
-                "augmented": ("features" if on_features else "images") if stage.random_input else None,
-                "seconds": time.perf_counter() - t0,
-            }
-            entry |= hooks.epoch_entry()
+            entry = loop.run_epoch(epoch)
             log.epochs.append(entry)
             if not math.isfinite(entry["loss"]):
                 raise FloatingPointError(
@@ -305,6 +182,156 @@ def fit_stage(
     for p in net.parameters():
         p.requires_grad_(False)
     return log
+
+
+def _optimizer_and_schedule(stage: Stage, plan: StagePlan, groups: dict, n_train: int, compute: Compute):
+    """AdamW over every group that will ever train in the stage (registered from the first
+    step, so no parameter-group surgery when a group thaws), and the stage's LR schedule
+    (None when constant) over all of the stage's steps."""
+    optimizer = torch.optim.AdamW(
+        [{"params": groups[g], "lr": lr, "weight_decay": plan.weight_decay[g], "name": g} for g, lr in plan.lrs.items()],
+        **compute.optimizer_options,
+    )
+    steps_per_epoch = len(batches(np.arange(n_train), stage.batch_size))
+    total = steps_per_epoch * stage.epochs
+    scheduler = None
+    if stage.schedule == "onecycle":
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=list(plan.lrs.values()), total_steps=total, pct_start=stage.pct_start, anneal_strategy="cos"
+        )
+    elif stage.schedule == "cosine":
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
+    return optimizer, scheduler
+
+
+@dataclass
+class _EpochInput:
+    """Where one epoch's batches start: the groups that train, the frozen prefix `k`, whether
+    augmentation acts on its feature maps, and the tensor batches are cut from (the images, or
+    the cached prefix output) with the group the forward resumes at."""
+
+    trainable: list[str]
+    k: int
+    on_features: bool
+    source: torch.Tensor
+    start: int
+
+
+@dataclass
+class _StageLoop:
+    """One stage's training state, so that each part of an epoch is a named method while the
+    order of the random draws (on `g`), tensor operations and optimizer and scheduler calls
+    stays exactly that of one straight loop: any reordering would change the trained weights."""
+
+    net: Network
+    stage: Stage
+    images: ImageSet
+    train_idx: np.ndarray
+    y_train: np.ndarray
+    targets: torch.Tensor
+    extra: torch.Tensor | None
+    compute: Compute
+    cache: PrefixCache | None
+    objective: Objective
+    penalty: Callable[[], torch.Tensor] | None
+    plan: StagePlan
+    groups: dict
+    optimizer: torch.optim.Optimizer
+    scheduler: object | None
+    scaler: object | None
+    g: torch.Generator
+    hooks: object
+    meter: SavedActivations
+
+    def run_epoch(self, epoch: int) -> dict:
+        """Train one epoch; return its log entry (loss, groups, LRs and weight decay at its start)."""
+        stage, optimizer = self.stage, self.optimizer
+        t0 = time.perf_counter()
+        inp = self._epoch_input(epoch)
+        lrs_at_start = {pg["name"]: pg["lr"] for pg in optimizer.param_groups}
+        decay = {pg["name"]: pg["weight_decay"] for pg in optimizer.param_groups}
+        losses = []
+        for batch in batches(epoch_order(self.train_idx, self.y_train, stage.balanced_sampling, self.g), stage.batch_size):
+            xb, yb, eb, step_start = self._batch(batch, inp)
+            loss = self._step(xb, yb, eb, step_start)
+            losses.append(float(loss.detach()))
+        entry = {
+            "epoch": epoch,
+            "loss": float(np.mean(losses)),
+            "trainable": inp.trainable,
+            "lr": lrs_at_start,
+            "weight_decay": decay,
+            "resumed_after_groups": inp.start,
+            "augmented": ("features" if inp.on_features else "images") if stage.random_input else None,
+            "seconds": time.perf_counter() - t0,
+        }
+        entry |= self.hooks.epoch_entry()
+        return entry
+
+    def _epoch_input(self, epoch: int) -> _EpochInput:
+        """Thaw this epoch's groups, set the BatchNorm policy, and choose where batches start:
+        the cached output of the frozen prefix when it is a fixed function of the image."""
+        net, stage, hooks, cache, compute = self.net, self.stage, self.hooks, self.cache, self.compute
+        trainable = self.plan.trainable(epoch)
+        for name in self.plan.lrs:
+            for p in self.groups[name]:
+                p.requires_grad_(name in trainable)
+        hooks.before_epoch()
+        frozen = [n for n in net.backbone.group_names if n not in trainable]
+        set_bn_policy(net, frozen, stage.bn)
+        k = frozen_prefix(net, trainable)
+        cut = k in resumable_depths(net)
+        # augment_on: features -> the frozen groups' output as feature maps, augmented per batch
+        on_features = stage.augment_on == "features" and hooks.augments_input and cut and net.backbone.sequential
+        fixed = stage.bn != "adapt" and (on_features or not stage.random_input)
+        reuse = cache is not None and compute.reuse_frozen and fixed and cut
+        source = cache.get(net, k, self.images, compute, maps=on_features) if reuse else self.images.x
+        start = k if reuse else 0
+        return _EpochInput(trainable, k, on_features, source, start)
+
+    def _batch(self, batch: np.ndarray, inp: _EpochInput):
+        """One batch on the device, augmented and mixed (CutMix / MixUp) where the stage says;
+        returns (inputs, targets, clinical values or None, group the forward starts at)."""
+        stage, compute, g, on_features = self.stage, self.compute, self.g, inp.on_features
+        xb = compute.to_input(inp.source[torch.as_tensor(batch)])
+        yb = self.targets[batch].to(compute.device)
+        eb = None if self.extra is None else self.extra[batch].to(compute.device)
+        step_start = inp.start
+        if on_features and inp.start == 0:  # no cache: the frozen groups run here, as the cache would
+            xb, step_start = _frozen_output(self.net, xb, inp.k, compute), inp.k
+        if self.hooks.augments_input and (step_start == 0 or on_features):
+            xb = augment_features(xb, stage.augment, g) if on_features else augment_batch(xb, stage.augment, g)
+            if eb is None:
+                xb, yb = mix_batch(xb, yb, stage.cutmix, stage.mixup, g)
+            else:  # a mixed image gets the same mix of clinical values as of labels
+                xb, ye = mix_batch(xb, torch.cat([yb, eb], dim=1), stage.cutmix, stage.mixup, g)
+                yb, eb = ye[:, : yb.shape[1]], ye[:, yb.shape[1]:]
+        return xb, yb, eb, step_start
+
+    def _step(self, xb: torch.Tensor, yb: torch.Tensor, eb: torch.Tensor | None, step_start: int) -> torch.Tensor:
+        """One optimizer step (forward, loss, backward, step, schedule); returns the loss."""
+        hooks, optimizer, scaler = self.hooks, self.optimizer, self.scaler
+        hooks.before_step()
+        with self.meter.step():
+            with self.compute.autocast():
+                logits = hooks.forward(xb, step_start, self.g, eb)
+            loss = self.objective.loss(logits, yb)
+            if self.penalty is not None:
+                loss = loss + self.penalty()
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+            else:
+                loss.backward()
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        hooks.after_step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        return loss
 
 
 @torch.no_grad()
