@@ -18,10 +18,11 @@ import numpy as np
 import torch
 
 from stagewise.models import Network
-from stagewise.recipe import ArmConfig, ProbeStage, Stage, ThawStage
+from stagewise.recipe import ArmConfig, Stage
 from stagewise.training.cache import ImageSet
 from stagewise.training.compute import Compute
 from stagewise.training.engine import fit_stage, predict, prepare_network
+from stagewise.training.stages import stage_kind
 
 
 @dataclass
@@ -51,16 +52,12 @@ def round_seed(site_seed_: int, stage_index: int, round_in_stage: int) -> int:
 
 def round_stage(stage: Stage, trainable: list[str]) -> Stage:
     """The stage one round runs at a site: the stage's own settings for `stage.epochs` local
-    epochs, training exactly the `trainable` groups (a thaw stage's unfreezing counts rounds)."""
-    data = stage.model_dump() | {"rounds": None}
-    if isinstance(stage, ThawStage):
-        data.pop("kind")
-        data.pop("unfreeze")
-        groups = [g for g in trainable if g != "head"]
-        if not groups:
-            return ProbeStage.model_validate(data)
-        return ThawStage.model_validate(data | {"unfreeze": {g: 0.0 for g in groups}})
-    return type(stage).model_validate(data)
+    epochs, training exactly the `trainable` groups (its kind decides: a thaw stage's
+    unfreezing counts rounds, see `training/stages/thaw.py`)."""
+    kind = stage_kind(stage)
+    if kind.round_stage is not None:
+        return kind.round_stage(stage, trainable)
+    return type(stage).model_validate(stage.model_dump() | {"rounds": None})
 
 
 def proximal_term(net: Network, reference: dict[str, torch.Tensor], mu: float):
