@@ -12,23 +12,20 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
-import os
 from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from stagewise.io import atomic_write
 
 CA_FILE, SERVER_CERT, SERVER_KEY = "ca.pem", "server.pem", "server.key"
 
 
 def _write(path: Path, data: bytes, private: bool = False) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.chmod(tmp, 0o600 if private else 0o644)  # private keys readable by their owner only
-    os.replace(tmp, path)
+    atomic_write(path, data, 0o600 if private else 0o644)  # private keys readable by their owner only
 
 
 def _name(common: str) -> x509.Name:

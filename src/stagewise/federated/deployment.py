@@ -32,7 +32,9 @@ from stagewise.federated.rounds import (AuditedGrid, FederatedError, FederatedRe
 from stagewise.federated.simulation import simulation_backend
 from stagewise.models import save_network
 from stagewise.recipe import load_recipe
-from stagewise.runs import atomic_write, strict_json
+from stagewise.federated.client_app import make_client_app as client_app_over
+from stagewise.federated.round_store import RoundStore
+from stagewise.io import atomic_write, strict_json
 
 log = logging.getLogger("stagewise")
 
@@ -83,35 +85,18 @@ class JobDir:
 
     def checkpoint(self, fit: str, t: int, out: FederatedResult) -> None:
         """The server's state after round `t` of `fit`: aggregated tensors and the round log."""
-        from safetensors.torch import save_file
-
-        folder = self.fed / "rounds" / fit
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / f".round-{t}.tmp"
-        save_file({k: v.contiguous() for k, v in out.global_state.items()}, str(tmp))
-        os.replace(tmp, folder / f"round-{t}.safetensors")
-        atomic_write(folder / f"round-{t}.json", strict_json({"round": t, "rounds": out.rounds, "shared": out.shared}))
-        for old in folder.glob("round-*.safetensors"):
-            if int(old.stem.split("-")[1]) < t:
-                old.unlink(missing_ok=True)
+        RoundStore(self.fed / "rounds" / fit).save(t, out.global_state, {"round": t, "rounds": out.rounds,
+                                                                           "shared": out.shared})
 
     def last_checkpoint(self, fit: str, out: FederatedResult) -> int:
         """Load the latest finished round of `fit` into `out`; its number (0: none)."""
-        from safetensors.torch import load_file
-
-        folder = self.fed / "rounds" / fit
-        done = sorted(int(p.stem.split("-")[1]) for p in folder.glob("round-*.safetensors")) if folder.is_dir() else []
-        for t in reversed(done):
-            meta = folder / f"round-{t}.json"
-            try:
-                state, info = load_file(str(folder / f"round-{t}.safetensors")), json.loads(meta.read_text())
-            except Exception as err:  # a checkpoint cut short by the stop: the one before it
-                log.warning("round checkpoint %s of %s is damaged (%s); using an earlier one", t, fit, type(err).__name__)
-                continue
-            out.global_state.update(state)
-            out.rounds, out.shared = info["rounds"], info["shared"]
-            return t
-        return 0
+        found = RoundStore(self.fed / "rounds" / fit).latest(with_info=True)
+        if found is None:
+            return 0
+        t, state, info = found
+        out.global_state.update(state)
+        out.rounds, out.shared = info["rounds"], info["shared"]
+        return t
 
     def status(self, **fields) -> None:
         self.fed.mkdir(parents=True, exist_ok=True)
@@ -304,45 +289,40 @@ def _site_work(site_file: str, arm: str) -> SiteWork:
     return _WORK[key]
 
 
+class DiskSite:
+    """A hospital's side of a deployed job: its own manifest, folds, image cache and state
+    between rounds on its own disk (`job.SiteWork`); every message names the job, and one
+    its recipe does not make is refused."""
+
+    def __init__(self, work: SiteWork):
+        self.work = work
+
+    def greet(self, config) -> dict:
+        return {"site": self.work.config.site, "job": self.work.digest()}
+
+    def train(self, config, received):
+        _check_job(self.work, str(config["job"]))
+        sent, n, loss = self.work.train_round(str(config["job"]), str(config["fit"]), int(config["step"]),
+                                              int(config["stage"]), int(config["round"]),
+                                              str(config["trainable"]).split(","), received,
+                                              float(config.get("proximal-mu", 0.0)))
+        return sent, {"num-examples": int(n), "loss": float(loss)}
+
+    def evaluate(self, config, received):
+        _check_job(self.work, str(config["job"]))
+        return None, self.work.evaluate(str(config["job"]), str(config["fit"]), received)
+
+
 def make_client_app(site_files: list[str] | None = None):
     """The ClientApp of a job. In a deployment the site file is named by the node config
     (`stagewise-site`); in a simulation by the node's partition id among `site_files`."""
-    from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-    from flwr.clientapp import ClientApp
 
-    app = ClientApp()
-
-    def work(context, arm: str) -> SiteWork:
+    def site_for(context, config) -> DiskSite:
         site_file = (site_files[int(context.node_config["partition-id"])] if site_files
                      else str(context.node_config[SITE_KEY]))
-        return _site_work(site_file, arm)
+        return DiskSite(_site_work(site_file, str(config["arm"])))
 
-    @app.query()
-    def greet(msg, context):
-        w = work(context, str(msg.content["config"]["arm"]))
-        return Message(RecordDict({"config": ConfigRecord({"site": w.config.site, "job": w.digest()})}), reply_to=msg)
-
-    @app.train()
-    def train(msg, context):
-        c = msg.content["config"]
-        w = work(context, str(c["arm"]))
-        _check_job(w, str(c["job"]))
-        sent, n, loss = w.train_round(str(c["job"]), str(c["fit"]), int(c["step"]), int(c["stage"]), int(c["round"]),
-                                      str(c["trainable"]).split(","), msg.content["arrays"].to_torch_state_dict(),
-                                      float(c.get("proximal-mu", 0.0)))
-        return Message(RecordDict({"arrays": ArrayRecord(torch_state_dict=sent),
-                                   "metrics": MetricRecord({"num-examples": int(n), "loss": float(loss)})}),
-                       reply_to=msg)
-
-    @app.evaluate()
-    def evaluate(msg, context):
-        c = msg.content["config"]
-        w = work(context, str(c["arm"]))
-        _check_job(w, str(c["job"]))
-        metrics = w.evaluate(str(c["job"]), str(c["fit"]), msg.content["arrays"].to_torch_state_dict())
-        return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
-
-    return app
+    return client_app_over(site_for)
 
 
 def _check_job(work: SiteWork, digest: str) -> None:

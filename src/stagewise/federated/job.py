@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,16 +26,17 @@ import numpy as np
 import torch
 
 from stagewise.data import load_cohort
-from stagewise.evaluation.splits import Split, make_splits
+from stagewise.evaluation.splits import fold_seed, Split, make_splits
 from stagewise.federated.site import SitePartition, SiteTrainer
-from stagewise.fitting import fold_seed, load_image_set, seeded_backbone
 from stagewise.models import Network
 from stagewise.recipe import ArmConfig, Recipe, RecipeError, load_recipe, recipe_to_dict, shareable_recipe
-from stagewise.runs import cohort_digest
-from stagewise.scoring import score_fold
-from stagewise.sites import start_network
-from stagewise.training.cache import ImageSet
+from stagewise.data.fingerprint import cohort_digest
+from stagewise.evaluation.fold_scores import score_fold
+from stagewise.training.start import seeded_backbone, start_network
+from stagewise.training.cache import load_image_set, ImageSet
 from stagewise.training.compute import resolve_compute
+from stagewise.federated.round_store import RoundStore
+from stagewise.io import atomic_save_tensors
 
 FINAL = "final"
 """The fit on every row of every site: the model to deploy."""
@@ -164,7 +164,7 @@ class SiteWork:
         """The site's preprocessed images, kept on its disk between messages: a SuperNode runs
         each message in a fresh process, which would otherwise decode every image again."""
         if self._images is None:
-            from safetensors.torch import load_file, save_file
+            from safetensors.torch import load_file
 
             d = self.recipe.data
             key = hashlib.blake2b(f"{cohort_digest(self.cohort.table, list(self.cohort.table.columns))}:{d.image_size}:"
@@ -175,8 +175,7 @@ class SiteWork:
             else:
                 self._images = load_image_set(self.recipe, self.cohort)
                 path.parent.mkdir(parents=True, exist_ok=True)
-                save_file({"x": self._images.x.contiguous()}, str(path.with_name(path.name + ".tmp")))
-                os.replace(path.with_name(path.name + ".tmp"), path)
+                atomic_save_tensors(path, {"x": self._images.x})
         return self._images
 
     def rows(self, fit: str) -> tuple[np.ndarray, np.ndarray]:
@@ -194,29 +193,17 @@ class SiteWork:
 
     # -- the site's state between rounds, on its own disk ---------------------------------
 
-    def state_dir(self, digest: str, fit: str) -> Path:
-        return self.config.workdir / "state" / digest / fit
+    def state_store(self, digest: str, fit: str) -> RoundStore:
+        """The site's network between rounds of fit `fit`, on its own disk (the last two rounds)."""
+        return RoundStore(self.config.workdir / "state" / digest / fit, keep=2)
 
     def load_state(self, digest: str, fit: str, before: int | None = None) -> dict | None:
         """The site's network after its latest round (before step `before`), or None."""
-        from safetensors.torch import load_file
-
-        folder = self.state_dir(digest, fit)
-        steps = sorted(int(p.stem.split("-")[1]) for p in folder.glob("round-*.safetensors")) if folder.is_dir() else []
-        steps = [s for s in steps if before is None or s < before]
-        return load_file(str(folder / f"round-{steps[-1]}.safetensors")) if steps else None
+        found = self.state_store(digest, fit).latest(before)
+        return None if found is None else found[1]
 
     def save_state(self, digest: str, fit: str, step: int, state: dict) -> None:
-        from safetensors.torch import save_file
-
-        folder = self.state_dir(digest, fit)
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / f".round-{step}.tmp"
-        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
-        os.replace(tmp, folder / f"round-{step}.safetensors")
-        for old in folder.glob("round-*.safetensors"):  # keep the last two rounds
-            if int(old.stem.split("-")[1]) < step - 1:
-                old.unlink(missing_ok=True)
+        self.state_store(digest, fit).save(step, state)
 
     # -- what the site does for a message -------------------------------------------------
 

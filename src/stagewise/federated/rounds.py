@@ -27,11 +27,12 @@ from stagewise.federated.sharing import shared_keys, tensor_bytes
 from stagewise.models import Network
 from stagewise.recipe import ArmConfig, SitesConfig
 from stagewise.training.engine import plan_stage
+from stagewise.errors import StagewiseError
 
 log = logging.getLogger("stagewise")
 
 
-class FederatedError(RuntimeError):
+class FederatedError(StagewiseError, RuntimeError):
     """A federated fit that could not complete (too few sites replied, a bad strategy)."""
 
 

@@ -1,0 +1,53 @@
+"""The one Flower `ClientApp` of stagewise: a site's side of every message, over a site
+backend that does the work. In a study's simulation the backend holds the site's partition
+in memory and its state between rounds in the SuperNode's `context.state`
+(`simulation.InMemorySite`); in a deployment it is a hospital's own manifest, image cache and
+state on its own disk (`deployment.DiskSite`). Message unpacking and packing live here only.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Protocol
+
+import torch
+
+
+class SiteBackend(Protocol):
+    def greet(self, config) -> dict:
+        """Who the site is and which job its recipe makes (a deployment's first message)."""
+
+    def train(self, config, received: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict]:
+        """One round: (tensors to send back, scalar metrics with `num-examples`)."""
+
+    def evaluate(self, config, received: dict[str, torch.Tensor]) -> tuple[list | None, dict]:
+        """The final model at the site: (arrays to send back or None, scalar metrics)."""
+
+
+def make_client_app(site_for: Callable[[object, object], SiteBackend]):
+    """A ClientApp whose every message is handled by `site_for(context, config)`."""
+    from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+    from flwr.clientapp import ClientApp
+
+    app = ClientApp()
+
+    @app.query()
+    def greet(msg, context):
+        config = msg.content["config"]
+        return Message(RecordDict({"config": ConfigRecord(site_for(context, config).greet(config))}), reply_to=msg)
+
+    @app.train()
+    def train(msg, context):
+        config = msg.content["config"]
+        sent, metrics = site_for(context, config).train(config, msg.content["arrays"].to_torch_state_dict())
+        return Message(RecordDict({"arrays": ArrayRecord(torch_state_dict=sent), "metrics": MetricRecord(metrics)}),
+                       reply_to=msg)
+
+    @app.evaluate()
+    def evaluate(msg, context):
+        config = msg.content["config"]
+        arrays, metrics = site_for(context, config).evaluate(config, msg.content["arrays"].to_torch_state_dict())
+        content = {"metrics": MetricRecord(metrics)} if arrays is None else {"scores": ArrayRecord(arrays),
+                                                                              "metrics": MetricRecord(metrics)}
+        return Message(RecordDict(content), reply_to=msg)
+
+    return app
