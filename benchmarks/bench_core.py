@@ -183,7 +183,8 @@ def worker(spec: dict) -> dict:
     from stagewise.evaluation.splits import make_splits
     from stagewise.models import Network, create_backbone
     from stagewise.recipe import recipe_from_dict
-    from stagewise.fitting import fold_seed, load_image_set
+    from stagewise.evaluation.splits import fold_seed
+    from stagewise.training.cache import load_image_set
     from stagewise.training.cache import PrefixCache
     from stagewise.training.compute import resolve_compute
     from stagewise.training.engine import fit_stage, prepare_network

@@ -26,7 +26,8 @@ from stagewise.models import Network, create_backbone
 from stagewise.recipe import ComputeConfig, DualStage, FinetuneStage, ThawStage, recipe_from_dict
 from stagewise.training.cache import ImageSet
 from stagewise.training.compute import resolve_compute
-from stagewise.training.engine import Objective, fit_stage, predict
+from stagewise.training.engine import fit_stage, predict
+from stagewise.training.objectives import Objective
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("STAGEWISE_DATA", REPO.parent / "shared" / "data"))
@@ -159,7 +160,8 @@ def bench_memory(quick: bool, backbones=MEMORY_BACKBONES) -> None:
 def bench_export(quick: bool) -> None:
     import onnxruntime as ort
 
-    from stagewise.deploy import SharedHeads, export_onnx
+    from stagewise.bundle.export import export_onnx
+    from stagewise.bundle.network import SharedHeads
 
     with tempfile.TemporaryDirectory() as tmp:
         for spec, size in (("scratch:tinycnn", 28), ("scratch:resnet18", 224), ("scratch:resnet50", 224)):

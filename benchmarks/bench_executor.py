@@ -146,7 +146,7 @@ def main() -> None:
           f"python {platform.python_version()}")
     tmp = Path(tempfile.mkdtemp(prefix="bench-executor-"))
     try:
-        from stagewise.demo import make_demo_cohort
+        from stagewise.study.demo import make_demo_cohort
 
         digits = make_demo_cohort(tmp / "digits", per_class=40)
         small = {"manifest": str(digits), "size": 32, "repeats": 2, "backbone": "scratch:tinycnn", "fp32": True,

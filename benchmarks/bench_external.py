@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bootstrap", type=int, default=2000)
     ap.add_argument("--out", type=Path, default=None, help="working folder (default: a temporary one)")
     args = ap.parse_args(argv)
-    from stagewise.deploy import export_bundle
+    from stagewise.bundle.export import export_bundle
     from stagewise.external import ExternalOptions, evaluate_bundle
     from stagewise.recipe import recipe_from_dict
     from stagewise.study import run_study

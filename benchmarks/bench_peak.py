@@ -33,7 +33,8 @@ from stagewise.recipe import ComputeConfig, FinetuneStage
 from stagewise.training.cache import ImageSet
 from stagewise.training.autotune import cpu_model
 from stagewise.training.compute import resolve_compute
-from stagewise.training.engine import BINARY, fit_stage
+from stagewise.training.engine import fit_stage
+from stagewise.training.objectives import BINARY
 
 
 def machine() -> str:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from stagewise.demo import demo_recipe, make_demo_cohort
+from stagewise.study.demo import demo_recipe, make_demo_cohort
 from stagewise.study import run_study
 from stagewise.training.autotune import cpu_model
 from stagewise.training.compute import cpu_has_fast_bf16

@@ -101,8 +101,8 @@ def wait_idle(limit_s: float = 600, window_s: float = 3, threshold: float = 0.15
 def make_bundle(folder: Path, size: int, quick: bool) -> Path:
     from conftest import small_recipe
 
-    from stagewise.demo import make_demo_cohort
-    from stagewise.deploy import export_bundle
+    from stagewise.study.demo import make_demo_cohort
+    from stagewise.bundle.export import export_bundle
     from stagewise.study import run_study
 
     manifest = make_demo_cohort(folder / "digits", per_class=10 if quick else 20)
@@ -160,8 +160,8 @@ def in_process(bundle_dir: Path, data: bytes, runs: int) -> None:
     """Where a request's time goes, without HTTP: reading, scoring (ONNX vs PyTorch), Grad-CAM."""
     import torch
 
-    from stagewise.deploy import Bundle
-    from stagewise.serve.scoring import Scorer
+    from stagewise.bundle import Bundle
+    from stagewise.serve.scorer import Scorer
 
     scorer = Scorer(Bundle.load(bundle_dir), "auto")
     scorer.warm_up()

@@ -122,7 +122,7 @@ def bench_lus(quick: bool, tmp: Path) -> None:
 
 
 def bench_shared(quick: bool) -> None:
-    from stagewise.deploy import SharedHeads
+    from stagewise.bundle.network import SharedHeads
     from stagewise.models import Head, create_backbone
 
     size, k, batch = (64, 3, 4) if quick else (224, 3, 16)

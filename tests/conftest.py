@@ -27,7 +27,7 @@ def _test_threads() -> int:
 
 torch.set_num_threads(_test_threads())
 
-from stagewise.fitting import SilentReporter  # noqa: E402 - after the environment above is set
+from stagewise.study.fitting import SilentReporter  # noqa: E402 - after the environment above is set
 
 
 def pytest_xdist_auto_num_workers(config):
@@ -47,6 +47,9 @@ def pytest_collection_modifyitems(config, items):
     that module (a trained run, a server, a Ray cluster): a fixture is made once per worker,
     so spreading such a module would build it once on every worker. Other tests are spread
     one by one, the slowest modules first (the order within a module is kept)."""
+    for item in items:  # tests/e2e: real servers, clusters, browsers and federations
+        if "e2e" in item.path.relative_to(config.rootpath).parts:
+            item.add_marker(pytest.mark.e2e)
     rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
     for item in items:
@@ -60,7 +63,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def digits_manifest(tmp_path_factory):
     """A small real-image cohort: scikit-learn's scanned digits, 3 vs 8, two scans per patient."""
-    from stagewise.demo import make_demo_cohort
+    from stagewise.study.demo import make_demo_cohort
 
     return make_demo_cohort(tmp_path_factory.mktemp("digits"), per_class=40)
 

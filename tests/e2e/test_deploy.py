@@ -10,8 +10,8 @@ from typer.testing import CliRunner
 
 from conftest import small_recipe
 from stagewise.cli import app
-from stagewise.deploy import Bundle, export_bundle
-from stagewise.runs import RunError
+from stagewise.bundle import Bundle, export_bundle
+from stagewise.study.rundir import RunError
 from stagewise.study import run_study
 
 PROBE = {"kind": "probe", "epochs": 2, "batch_size": 16, "lr": 3e-3}
@@ -108,7 +108,7 @@ def test_bundle_carries_no_paths_or_file_names_and_ordinary_permissions(run_dir,
 
 
 def test_interrupted_re_export_leaves_the_old_bundle_whole(run_dir, tmp_path, monkeypatch):
-    import stagewise.deploy
+    import stagewise.bundle.export
 
     target = export_bundle(run_dir, "net", tmp_path / "bundle", fold="r0-f0")
     before = {f.name: f.read_bytes() for f in target.iterdir()}
@@ -116,7 +116,7 @@ def test_interrupted_re_export_leaves_the_old_bundle_whole(run_dir, tmp_path, mo
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(stagewise.deploy, "export_onnx", interrupted)
+    monkeypatch.setattr(stagewise.bundle.export, "export_onnx", interrupted)
     with pytest.raises(KeyboardInterrupt):
         export_bundle(run_dir, "net", target, fold="r0-f1")
     assert {f.name: f.read_bytes() for f in target.iterdir()} == before

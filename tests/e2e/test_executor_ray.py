@@ -289,7 +289,7 @@ def test_a_worker_killed_mid_fit_is_retried_and_the_numbers_do_not_change(
 
 def test_resume_reads_finished_folds_back_and_submits_only_the_rest(
         cluster, local_run, digits_manifest, source_manifest, monkeypatch):
-    from stagewise.executors.ray import RayExecutor
+    from stagewise.study.executors.ray import RayExecutor
 
     submitted = []
     real_submit = RayExecutor.submit
@@ -343,11 +343,11 @@ def test_an_error_in_a_fit_is_the_fits_own_error_not_a_ray_traceback(cluster, di
 
 
 def test_stagewise_errors_come_back_whole_from_a_worker(cluster, tmp_path):
-    from stagewise.checks import StudyCheckError, check_study
+    from stagewise.study.preflight import StudyCheckError, check_study
     from stagewise.data import CohortError, load_cohort
-    from stagewise.executors.ray import result
+    from stagewise.study.executors.ray import result
     from stagewise.recipe import CohortConfig, recipe_from_dict
-    from stagewise.runs import RunError
+    from stagewise.study.rundir import RunError
 
     ray.init(address=cluster.address, log_to_driver=False, logging_level="ERROR")
     try:
@@ -376,9 +376,9 @@ def test_stagewise_errors_come_back_whole_from_a_worker(cluster, tmp_path):
 def test_federated_arms_are_refused_before_anything_starts(tmp_path):
     from types import SimpleNamespace
 
-    from stagewise.executors.ray import RayExecutor
+    from stagewise.study.executors.ray import RayExecutor
     from stagewise.recipe import recipe_from_dict
-    from stagewise.runs import RunError
+    from stagewise.study.rundir import RunError
 
     recipe = recipe_from_dict({
         "name": "x", "cohort": {"manifest": str(tmp_path / "m.csv"), "site": "site"},

@@ -11,10 +11,10 @@ from typer.testing import CliRunner
 
 from conftest import small_recipe
 from stagewise.cli import app
-from stagewise.deploy import Bundle, export_bundle
+from stagewise.bundle import Bundle, export_bundle
 from stagewise.evaluation.calibration import apply_recalibration, calibration_slope_intercept
 from stagewise.external import EvaluateError, ExternalOptions, evaluate_bundle
-from stagewise.external.evidence import recalibration
+from stagewise.external.validation import recalibration
 from stagewise.study import run_study
 
 PROBE = {"kind": "probe", "epochs": 3, "batch_size": 16, "lr": 1e-2}
@@ -92,7 +92,7 @@ def test_cli_evaluate_with_recalibration_writes_shareable_figures_and_a_bundle_t
     np.testing.assert_allclose(after["probability:probe"], expected, atol=1e-6)
     np.testing.assert_allclose(new.predict(files, engine="onnx")["probability:probe"], expected, atol=1e-4)
     assert (after["decision:probe"] == before["decision:probe"]).all()
-    from stagewise.serve.scoring import Scorer  # the bedside page scores through the same map
+    from stagewise.serve.scorer import Scorer  # the bedside page scores through the same map
 
     served = Scorer(new, engine="onnx").probabilities(new.images(files))[:, 0]
     np.testing.assert_allclose(served, expected, atol=1e-4)

@@ -86,7 +86,7 @@ def test_frozen_groups_stay_bit_identical_at_every_site(sites_manifest):
 
 
 def test_each_site_trains_on_its_own_rows_only(sites_manifest, monkeypatch):
-    import stagewise.sites
+    import stagewise.study.site_arms
 
     seen = {}
 
@@ -95,14 +95,14 @@ def test_each_site_trains_on_its_own_rows_only(sites_manifest, monkeypatch):
             seen[p.site] = p
         raise RuntimeError("captured")
 
-    monkeypatch.setattr(stagewise.sites, "run_federated", capture)
+    monkeypatch.setattr(stagewise.study.site_arms, "run_federated", capture)
     images, targets = _digits(sites_manifest, 30)
     sites = pd.read_csv(sites_manifest).head(30)["hospital"].to_numpy()
     arm = ArmConfig.model_validate({"name": "f", "backbone": "scratch:tinycnn", "sites": {"mode": "federated"},
                                     "stages": [{"kind": "probe", "rounds": 1, "epochs": 1}]})
     train, test = np.arange(0, 20), np.arange(20, 30)
     with pytest.raises(RuntimeError, match="captured"):
-        stagewise.sites.fit_federated(arm, _net("scratch:tinycnn"), images, targets, sites, train,
+        stagewise.study.site_arms.fit_federated(arm, _net("scratch:tinycnn"), images, targets, sites, train,
                                       np.concatenate([train, test]), FP32, 0)
     assert sorted(seen) == sorted(set(sites[train]))
     for site, p in seen.items():
@@ -179,7 +179,7 @@ def test_a_failing_site_is_survived_when_the_minimum_allows(sites_manifest):
 
 
 def test_bad_strategy_parameters_are_caught_before_training(sites_manifest):
-    from stagewise.checks import StudyCheckError, check_study
+    from stagewise.study.preflight import StudyCheckError, check_study
 
     arms = [{"name": "fed", "backbone": "scratch:tinycnn",
              "sites": {"mode": "federated", "strategy": "fedprox", "strategy_params": {"proximal_nu": 0.1}},
@@ -190,7 +190,7 @@ def test_bad_strategy_parameters_are_caught_before_training(sites_manifest):
 
 
 def test_per_site_arms_need_a_site_column_and_rounds(sites_manifest):
-    from stagewise.checks import StudyCheckError, check_study
+    from stagewise.study.preflight import StudyCheckError, check_study
     from stagewise.recipe import RecipeError, recipe_from_dict
 
     base = {"name": "r", "cohort": {"manifest": str(sites_manifest)}}
@@ -239,3 +239,26 @@ def test_only_trainable_tensors_and_scalars_cross_the_wire(sites_manifest, monke
                 assert set(record) <= layer4  # never a frozen group's tensor
     up_scores = [m for d, m in seen if d == "up" and "scores" in m.content.keys()]
     assert len(up_scores) == 2  # the final evaluation: one array of probabilities per site, no ids
+
+
+def test_a_studys_federated_folds_share_one_ray_instance_that_ends_with_the_run(sites_manifest, tmp_path):
+    """Flower's engine would start and stop Ray for every fold's simulation; the study keeps
+    one private instance for all of them and stops it when the run ends."""
+    import ray
+
+    from stagewise.study import SilentReporter
+
+    class Watch(SilentReporter):
+        nodes: list = []
+
+        def fold_done(self, arm, split, metrics, resumed):
+            self.nodes.append(ray.get_runtime_context().get_node_id() if ray.is_initialized() else None)
+
+    arms = [{"name": "fed", "backbone": "scratch:tinycnn", "sites": {"mode": "federated"},
+             "stages": [{"kind": "probe", "rounds": 1, "epochs": 1, "batch_size": 16}]}]
+    recipe = small_recipe(sites_manifest, arms, protocol={"folds": 2}, evaluation=QUIET,
+                          cohort={"manifest": str(sites_manifest), "site": "hospital"})
+    watch = Watch()
+    run_study(recipe, tmp_path / "run", watch)
+    assert len(watch.nodes) == 2 and watch.nodes[0] is not None and watch.nodes[0] == watch.nodes[1]
+    assert not ray.is_initialized()

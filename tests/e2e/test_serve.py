@@ -31,7 +31,7 @@ from typer.testing import CliRunner
 from conftest import free_port, small_recipe, stop_process, wait_healthy
 from stagewise.cli import app as cli
 from stagewise.data.readers import read_image, read_image_bytes
-from stagewise.deploy import Bundle, export_bundle
+from stagewise.bundle import Bundle, export_bundle
 from stagewise.serve import create_app
 from stagewise.serve.server import LOOPBACK_NAMES
 from stagewise.study import run_study

@@ -103,7 +103,7 @@ def test_interrupted_study_resumes_and_matches_an_uninterrupted_one(two_arm_stud
 
 
 def test_changed_recipe_does_not_mix_into_an_old_run(digits_manifest, tmp_path):
-    from stagewise.runs import RunError
+    from stagewise.study.rundir import RunError
 
     arms = [{"name": "a", "backbone": "scratch:resnet18", "stages": [PROBE]}]
     run_study(small_recipe(digits_manifest, arms, protocol={"folds": 2}), tmp_path / "run")

@@ -13,9 +13,9 @@ from mlflow.tracking import MlflowClient
 
 from conftest import StopAfter, free_port, small_recipe, stop_process, wait_healthy
 from stagewise.recipe import recipe_from_dict, recipe_to_dict
-from stagewise.runs import RunError
+from stagewise.study.rundir import RunError
 from stagewise.study import run_study
-from stagewise.tracking import STUDY_TAG, log_bundle, tracking_uri
+from stagewise.study.tracking import STUDY_TAG, log_bundle, tracking_uri
 
 PROBE = {"kind": "probe", "epochs": 2, "batch_size": 16, "lr": 1e-2}
 ARMS = [{"name": "probe+a", "backbone": "scratch:resnet18", "stages": [PROBE]}]

@@ -4,14 +4,14 @@ importing another module's private names."""
 import ast
 from pathlib import Path
 
-SRC = Path(__file__).parents[1] / "src"
+SRC = Path(__file__).parents[2] / "src"
 PACKAGE = "stagewise"
 
 
-def _modules() -> dict[str, Path]:
+def _modules(src: Path = SRC) -> dict[str, Path]:
     mods = {}
-    for f in (SRC / PACKAGE).rglob("*.py"):
-        name = ".".join(f.relative_to(SRC).with_suffix("").parts)
+    for f in (src / PACKAGE).rglob("*.py"):
+        name = ".".join(f.relative_to(src).with_suffix("").parts)
         mods[name.removesuffix(".__init__")] = f
     return mods
 
@@ -89,3 +89,61 @@ def test_the_walker_sees_function_level_cycles(tmp_path):
     edges, private = _imports(mods)
     assert _cycles(edges) == [["pkg.a", "pkg.b"]]
     assert private == ["pkg.a imports _g from pkg.b"]
+
+
+LAYERS = [
+    ("stagewise.errors", "stagewise.version"),
+    ("stagewise.io",),
+    ("stagewise.recipe", "stagewise.models"),
+    ("stagewise.data",),
+    ("stagewise.evaluation",),
+    ("stagewise.report",),
+    ("stagewise.training",),
+    ("stagewise.federated",),
+    ("stagewise.study",),
+    ("stagewise.bundle",),
+    ("stagewise.external", "stagewise.serve"),
+    ("stagewise.cli",),
+    ("stagewise.__main__",),
+    ("stagewise",),
+]
+"""The package's layers, lowest first: a module may import its own package and the layers
+below it, never a layer above nor a sibling package of its own layer. The study layer sits
+above federated training (a study's federated arm calls into `federated/`; `federated/` never
+reaches back), bundles above studies (a refit trains through the study layer), and the public
+API (`stagewise/__init__.py`) above everything."""
+
+
+def _layer_of(module: str) -> tuple[int, str]:
+    for rank, packages in enumerate(LAYERS):
+        for package in packages:
+            if module == package or (package != "stagewise" and module.startswith(package + ".")):
+                return rank, package
+    raise AssertionError(f"{module} is in no layer of LAYERS: add it to the order")
+
+
+def _upward_imports(mods: dict[str, Path]) -> list[str]:
+    edges, _ = _imports(mods)
+    wrong = []
+    for module, targets in sorted(edges.items()):
+        rank, package = _layer_of(module)
+        for target in sorted(targets):
+            t_rank, t_package = _layer_of(target)
+            if t_package != package and t_rank >= rank:
+                wrong.append(f"{module} (layer {rank}) imports {target} (layer {t_rank})")
+    return wrong
+
+
+def test_every_import_points_down_the_layers():
+    assert _upward_imports(_modules()) == []
+
+
+def test_the_layer_check_sees_an_upward_import_inside_a_function(tmp_path):
+    pkg = tmp_path / PACKAGE
+    for name, text in {"__init__.py": "", "data/__init__.py": "", "study/__init__.py": "",
+                       "data/cohort.py": "def f():\n    from stagewise.study.runner import run_study\n",
+                       "study/runner.py": "from stagewise.data.cohort import f\n"}.items():
+        (pkg / name).parent.mkdir(parents=True, exist_ok=True)
+        (pkg / name).write_text(text)
+    assert _upward_imports(_modules(tmp_path)) == [
+        "stagewise.data.cohort (layer 3) imports stagewise.study.runner (layer 8)"]

@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -22,33 +21,16 @@ import pandas as pd
 import torch
 import yaml
 
-from stagewise import __version__
-from stagewise.data import ImageReadError, read_image
+from stagewise.version import __version__
 from stagewise.data.readers import INTENSITY_CONVENTION, INTENSITY_DESCRIPTION
-from stagewise.data.preprocess import to_cube, to_square
 from stagewise.evaluation.calibration import apply_recalibration
-from stagewise.model_card import card_facts, render_model_card
-from stagewise.models import Backbone, Head, Network, create_backbone, load_network, save_backbone
-from stagewise.recipe import HeadConfig, Recipe, recipe_from_dict, recipe_to_dict, shareable_backbone, shareable_recipe
-from stagewise.runs import RunError, check_writable
-from stagewise.tracking import log_bundle
-
-
-class SharedHeads(torch.nn.Module):
-    """One backbone pass, K heads: [0, 1] one-channel images in, (N, K) probabilities out.
-
-    Arms that froze the same backbone (probe stages on one pretrained trunk) differ only in
-    their heads, so a bundle of them computes the trunk once per image for all tasks.
-    """
-
-    def __init__(self, backbone: Backbone, heads: dict[str, torch.nn.Module]):
-        super().__init__()
-        self.backbone = backbone
-        self.heads = torch.nn.ModuleDict(heads)
-
-    def forward(self, x):
-        features = self.backbone(x)
-        return torch.cat([torch.sigmoid(h(features)) for h in self.heads.values()], dim=1)
+from stagewise.bundle.model_card import card_facts, render_model_card
+from stagewise.bundle.network import SharedHeads, save_heads
+from stagewise.models import Backbone, Network, load_network, save_backbone
+from stagewise.recipe import Recipe, recipe_from_dict, recipe_to_dict, shareable_backbone, shareable_recipe
+from stagewise.errors import RunError
+from stagewise.io import check_writable
+from stagewise.study.tracking import log_bundle
 
 
 def export_onnx(model: torch.nn.Module, path: Path, image_size: int) -> Path:
@@ -150,7 +132,7 @@ def _write_bundle(folder: Path, recipe: Recipe, metrics: dict, configs: dict, ar
                   thresholds: dict, backbone: Backbone, refit: bool, run_dir: Path, fold: str | None) -> None:
     save_backbone(backbone, folder / "backbone.safetensors")
     heads = {arm: nets[arm].head for arm in arms}
-    _save_heads(heads, {arm: configs[arm].head for arm in arms}, folder / "heads.safetensors")
+    save_heads(heads, {arm: configs[arm].head for arm in arms}, folder / "heads.safetensors")
     export_onnx(SharedHeads(backbone, heads), folder / "model.onnx", recipe.data.image_size)
     (folder / "recipe.yaml").write_text(yaml.safe_dump(shareable_recipe(recipe_to_dict(recipe)), sort_keys=False))
     tasks = []
@@ -276,144 +258,9 @@ def recalibrated_bundle(source: str | Path, out: str | Path, output: str, recali
     return out
 
 
-def _save_heads(heads: dict[str, torch.nn.Module], configs: dict[str, HeadConfig], path: Path) -> None:
-    from safetensors.torch import save_file
-
-    state = {f"{arm}.{k}": v.detach().cpu().contiguous() for arm, h in heads.items() for k, v in h.state_dict().items()}
-    meta = {"heads": json.dumps([
-        {"arm": arm, "head": configs[arm].model_dump(), "in_features": h.layers[-1].in_features if not configs[arm].hidden
-         else h.layers[1].in_features, "n_outputs": h.layers[-1].out_features} for arm, h in heads.items()
-    ])}
-    save_file(state, str(path), metadata=meta)
-
-
-def _load_heads(path: Path) -> dict[str, Head]:
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    with safe_open(str(path), framework="pt") as f:
-        specs = json.loads(f.metadata()["heads"])
-    state = load_file(str(path))
-    heads = {}
-    for spec in specs:
-        cfg = HeadConfig.model_validate(spec["head"])
-        head = Head(spec["in_features"], spec["n_outputs"], cfg.dropout, cfg.hidden)
-        prefix = spec["arm"] + "."
-        head.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
-        heads[spec["arm"]] = head.eval()
-    return heads
-
-
 def _refit(recipe: Recipe, run_dir: Path, arm: str, unit: dict) -> tuple[Network, float]:
     """Train the arm on every image; the threshold is the median of its fold thresholds,
     each chosen on a training part, since no data is left to choose one on."""
-    from stagewise.fitting import refit
+    from stagewise.study.fitting import refit
 
     return refit(recipe, arm, run_dir), float(np.median([f["threshold"] for f in unit["folds"]]))
-
-
-@dataclass
-class Bundle:
-    path: Path
-    info: dict
-    model: SharedHeads
-    _onnx: object = field(default=None, repr=False)
-
-    @classmethod
-    def load(cls, path: str | Path) -> "Bundle":
-        """Read a bundle (safetensors only: nothing is unpickled); weights that do not fit
-        their architecture are an error naming the file."""
-        path = Path(path)
-        if not (path / "bundle.json").is_file():
-            raise RunError(f"{path}: not a stagewise bundle (no bundle.json); make one with `stagewise export`")
-        backbone = create_backbone(f"file:{path / 'backbone.safetensors'}")
-        model = SharedHeads(backbone, _load_heads(path / "heads.safetensors")).float().eval()
-        return cls(path, json.loads((path / "bundle.json").read_text()), model)
-
-    @property
-    def intensity_notice(self) -> str | None:
-        """A plain sentence when the bundle was made under another intensity convention than the
-        one this stagewise reads images with (`stagewise.data.readers`), else None. Such a bundle
-        still loads and scores: its DICOM inputs may now reach the network on another scale
-        than in its training, so its probabilities can differ from those it was validated with."""
-        made = (self.info.get("intensity") or {}).get("convention")
-        if made == INTENSITY_CONVENTION:
-            return None
-        how = (f"the {made} intensity convention" if made else
-               "the earlier intensity convention (DICOM scaled by each image's own minimum and maximum)")
-        return (f"This bundle was made with {how}; this stagewise reads images by {INTENSITY_CONVENTION} (integer "
-                "pixels over their stored bit depth), so its probabilities for DICOM files can differ from those it "
-                "was validated with: export it again from its run to match.")
-
-    @property
-    def spatial_dims(self) -> int:
-        return self.model.backbone.spatial_dims
-
-    def read(self, file: str | Path) -> torch.Tensor:
-        """One file as the network sees it: (1, size, size) or (1, size, size, size) in
-        [0, 1], after the reader's rescaling/windowing and the bundle's resizing. A file that
-        cannot be read, or of the wrong kind, raises ImageReadError naming the file."""
-        return self.prepare(read_image(file), file)
-
-    def prepare(self, img: np.ndarray, file: str | Path) -> torch.Tensor:
-        """A decoded image (`read_image` or `read_image_bytes`) as the network sees it; see
-        `read`. `file` names the image in the error for data of the wrong kind."""
-        if img.ndim != self.spatial_dims:
-            kind = {2: "a 2D image", 3: "a 3D volume"}
-            raise ImageReadError(file, f"{kind.get(img.ndim, f'{img.ndim}-D data')}; this bundle scores "
-                                       f"{kind[self.spatial_dims]}s")
-        size, resize = self.info["image_size"], self.info["resize"]
-        arr = to_square(img, size, resize) if img.ndim == 2 else to_cube(img, size, resize)
-        # float16 as in training (load_images), then float32 for the network
-        return torch.from_numpy(arr).to(torch.float16).float().unsqueeze(0)
-
-    def images(self, files: list[str | Path]) -> torch.Tensor:
-        """Every file read (see `read`); the first unreadable one raises."""
-        return torch.stack([self.read(f) for f in files])
-
-    @torch.no_grad()
-    def probabilities(self, x: torch.Tensor, engine: str = "torch") -> np.ndarray:
-        """(N, outputs) probabilities for a batch of read images."""
-        if engine == "onnx":
-            if self._onnx is None:
-                import onnxruntime as ort
-
-                self._onnx = ort.InferenceSession(str(self.path / "model.onnx"), providers=["CPUExecutionProvider"])
-            return self.calibrate(self._onnx.run(None, {"image": x.numpy()})[0])
-        return self.calibrate(self.model(x).numpy())
-
-    def calibrate(self, prob: np.ndarray) -> np.ndarray:
-        """The network's (N, outputs) probabilities with each output's recorded logistic
-        recalibration applied (`stagewise evaluate --recalibrate`); unchanged without one."""
-        out = np.array(prob, copy=True)
-        for j, task in enumerate(self.info["tasks"]):
-            r = task.get("recalibration")
-            if r:
-                out[:, j] = apply_recalibration(out[:, j], r["intercept"], r["slope"]).astype(out.dtype)
-        return out
-
-    def predict(self, files: list[str | Path], engine: str = "torch") -> pd.DataFrame:
-        """Per file: a probability and a decision per output (the backbone run once), or,
-        for a file that cannot be scored, the reason in `error` (the others are still scored)."""
-        if engine not in ("torch", "onnx"):
-            raise RunError(f"engine {engine!r}: choose torch or onnx")
-        rows, errors = [], []
-        for f in files:
-            try:
-                rows.append(self.read(f))
-                errors.append(None)
-            except ImageReadError as err:
-                rows.append(None)
-                errors.append(err.reason)
-        ok = [i for i, r in enumerate(rows) if r is not None]
-        prob = np.full((len(files), len(self.info["tasks"])), np.nan)
-        if ok:
-            prob[ok] = self.probabilities(torch.stack([rows[i] for i in ok]), engine)
-        table = pd.DataFrame({"image": [str(f) for f in files]})
-        for j, task in enumerate(self.info["tasks"]):
-            table[f"probability:{task['output']}"] = prob[:, j].astype(np.float64)
-            decision = pd.array(np.where(np.isnan(prob[:, j]), 0, prob[:, j] >= task["threshold"]), dtype="Int64")
-            decision[np.isnan(prob[:, j])] = pd.NA
-            table[f"decision:{task['output']}"] = decision
-        table["error"] = errors
-        return table

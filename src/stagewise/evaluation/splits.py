@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
+
 from dataclasses import dataclass
 
 import numpy as np
 from sklearn.model_selection import LeaveOneGroupOut, StratifiedGroupKFold
 
 from stagewise.recipe import ProtocolConfig
+from stagewise.errors import StagewiseError
 
 
-class SplitError(ValueError):
+class SplitError(StagewiseError, ValueError):
     """A protocol the cohort cannot support (too few patients of a class for the folds)."""
 
 
@@ -101,3 +104,9 @@ def subsample_patients(idx: np.ndarray, y: np.ndarray, patients: np.ndarray, fra
         n = max(1, int(round(fraction * len(members))))
         keep.append(rng.choice(members, size=n, replace=False))
     return idx[np.isin(patients[idx], np.concatenate(keep))]
+
+
+def fold_seed(seed: int, split: Split) -> int:
+    """Seed of one fold, shared by all arms (paired design) and independent of run order."""
+    digest = hashlib.blake2b(f"{seed}:{split.repeat}:{split.fold}".encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "little") & 0x7FFFFFFF

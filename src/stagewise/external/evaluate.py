@@ -12,14 +12,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from stagewise import __version__
-from stagewise.deploy import VALIDATION_FILE, Bundle, recalibrated_bundle
+from stagewise.version import __version__
+from stagewise.bundle import VALIDATION_FILE, Bundle, recalibrated_bundle
 from stagewise.evaluation.calibration import apply_recalibration
-from stagewise.external.cohort import bundle_recipe, load_external, patient_table, score_cohort
-from stagewise.external.evidence import comparison, development_figures, recalibration, site_figures, validation_figures
+from stagewise.external.manifest import bundle_recipe, load_external, patient_table, score_cohort
+from stagewise.external.validation import comparison, development_figures, recalibration, site_figures, validation_figures
 from stagewise.external.options import EvaluateError, ExternalOptions
 from stagewise.external.outputs import RECALIBRATED, prepare_folder, write_results
-from stagewise.runs import RunError
+from stagewise.errors import RunError
 
 ABOUT = ("external validation of a stagewise bundle: the bundle's probabilities on a labelled cohort it never saw, "
          "at patient level, against the bundle's own cross-validated figures")

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from stagewise.errors import StagewiseError
 
 RECALIBRATION = ("intercept", "slope")
 """intercept: refit calibration-in-the-large only; slope: refit intercept and slope."""
 
 
-class EvaluateError(ValueError):
+class EvaluateError(StagewiseError, ValueError):
     """An external validation that cannot run as asked; the message lists every problem."""
 
     def __init__(self, problems: list[str], source: str = "stagewise evaluate"):

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from stagewise.runs import RunError, atomic_write, check_writable, strict_json
+from stagewise.errors import RunError
+from stagewise.io import atomic_write, check_writable, strict_json
 
 MARKER = ".stagewise-evaluation"
 RESULTS = "external.json"

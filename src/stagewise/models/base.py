@@ -28,16 +28,17 @@ import torch.utils.checkpoint
 from torch import nn
 
 from stagewise.models.safe_pickle import refusal
+from stagewise.errors import StagewiseError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class BackboneError(ValueError):
+class BackboneError(StagewiseError, ValueError):
     """A backbone spec that cannot be built (unknown name, unreadable file)."""
 
 
-class WeightsUnavailable(RuntimeError):
+class WeightsUnavailable(StagewiseError, RuntimeError):
     """Pretrained weights are neither in the library's cache nor downloadable."""
 
 

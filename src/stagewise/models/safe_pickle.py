@@ -30,8 +30,10 @@ from pathlib import Path
 
 import torch
 
+from stagewise.errors import StagewiseError
 
-class RefusedPickle(pickle.UnpicklingError):
+
+class RefusedPickle(StagewiseError, pickle.UnpicklingError):
     """A weights file that holds, or would need to run, more than tensors and containers."""
 
 

@@ -4,7 +4,7 @@ since oof.json exists, the cohort's counts, the protocol and patient-level 95 % 
 
 from __future__ import annotations
 
-from stagewise import __version__
+from stagewise.version import __version__
 
 WARNING = ("Research use only. This model is not a medical device and has not been approved for diagnosis or "
            "treatment decisions. Its figures describe the cohort it was developed on; validate it on local "

@@ -22,8 +22,8 @@ import numpy as np
 import torch
 
 from stagewise.data.readers import ImageReadError, read_image_bytes
-from stagewise.deploy import VALIDATION_FILE, Bundle
-from stagewise.serve.problems import Problem, read_problem, wrong_kind
+from stagewise.bundle import VALIDATION_FILE, Bundle
+from stagewise.serve.refusals import Problem, read_problem, wrong_kind
 
 # DICOM elements read to describe a file to the person who sent it: how it was displayed and
 # scored, nothing that identifies anyone. Only these tags are parsed (pydicom specific_tags).
@@ -141,7 +141,7 @@ class Scorer:
     # -- Grad-CAM ---------------------------------------------------------------------------
     def saliency(self, scored: Scored) -> list[np.ndarray | None]:
         """One Grad-CAM map in [0, 1] per output (None where the backbone has no spatial last group)."""
-        from stagewise.report.saliency import gradcam
+        from stagewise.evaluation.saliency import gradcam
 
         with self._cam_lock:
             if self._cam_nets is None:

@@ -6,8 +6,8 @@ import ipaddress
 import sys
 from pathlib import Path
 
-from stagewise.deploy import Bundle
-from stagewise.runs import RunError
+from stagewise.bundle import Bundle
+from stagewise.errors import RunError
 
 LOOPBACK_NAMES = ["127.0.0.1", "localhost", "::1"]
 

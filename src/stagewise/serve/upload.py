@@ -13,7 +13,7 @@ from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect, Request
 
-from stagewise.serve.problems import Problem
+from stagewise.serve.refusals import Problem
 
 # Room for the multipart framing (boundaries, part headers) beyond the file's own bytes.
 _FRAMING = 64 * 1024

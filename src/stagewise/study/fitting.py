@@ -9,7 +9,6 @@ directory) so that an executor in another process imports the fitting code only.
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import logging
 import math
@@ -26,20 +25,22 @@ import torch
 from stagewise.data import Cohort, load_cohort, load_images
 from stagewise.evaluation.baselines import baseline_scores, clinical_model_scores, fold_standardize
 from stagewise.evaluation.metrics import binary_metrics, patient_scores
-from stagewise.evaluation.splits import Split, make_splits, subsample_patients
-from stagewise.models import Network, create_backbone, save_backbone, save_network
-from stagewise.progress import LineReporter
-from stagewise.recipe import ArmConfig, ProtocolConfig, Recipe, RecipeError, SslStage
-from stagewise.runs import RunDir, atomic_write, pretrain_fingerprint
-from stagewise.scoring import score_fold
-from stagewise.sites import fit_federated, fit_local, start_network
-from stagewise.training.cache import ImageSet, PrefixCache
+from stagewise.evaluation.splits import fold_seed, Split, make_splits, subsample_patients
+from stagewise.models import Network, save_backbone, save_network
+from stagewise.study.progress import LineReporter
+from stagewise.recipe import ArmConfig, ProtocolConfig, Recipe, RecipeError
+from stagewise.io import atomic_write, atomic_write_with
+from stagewise.study.rundir import RunDir, pretrain_fingerprint
+from stagewise.evaluation.fold_scores import score_fold
+from stagewise.study.site_arms import fit_federated, fit_local
+from stagewise.training.start import seeded_backbone, start_network
+from stagewise.training.cache import load_image_set, ImageSet, PrefixCache
 from stagewise.training.autotune import choose_compute, needs_measurement
 from stagewise.training.compute import Compute, resolve_compute
-from stagewise.training.engine import fit_stage, predict, prepare_network
-from stagewise.training.pretrain import fit_ssl
+from stagewise.training.engine import predict, prepare_network
+from stagewise.training.stages import FoldData, stage_kind
 from stagewise.training.tuning import choose_by_inner_cv
-from stagewise.units import Unit
+from stagewise.study.units import Unit
 
 log = logging.getLogger("stagewise")
 
@@ -70,35 +71,6 @@ class SilentReporter:
         pass
 
 
-def fold_seed(seed: int, split: Split) -> int:
-    """Seed of one fold, shared by all arms (paired design) and independent of run order."""
-    digest = hashlib.blake2b(f"{seed}:{split.repeat}:{split.fold}".encode(), digest_size=4).digest()
-    return int.from_bytes(digest, "little") & 0x7FFFFFFF
-
-
-def _image_key(cohort: Cohort, size: int, resize: str) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    for p in cohort.table["path"]:
-        st = os.stat(p)
-        h.update(f"{p}|{st.st_size}|{st.st_mtime_ns}".encode())
-    h.update(f"{size}|{resize}".encode())
-    return h.hexdigest()
-
-
-def load_image_set(recipe: Recipe, cohort: Cohort) -> ImageSet:
-    t = cohort.table
-    x = load_images(t["path"].tolist(), recipe.data.image_size, recipe.data.resize, rows=t["row"].tolist())
-    return ImageSet(x, _image_key(cohort, recipe.data.image_size, recipe.data.resize))
-
-
-def seeded_backbone(arm: ArmConfig, seed: int) -> torch.nn.Module:
-    """The arm's starting backbone; random (scratch) weights depend on the recipe seed only,
-    not on how much training ran before in this process, so a resumed run matches."""
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        return create_backbone(**arm.backbone.model_dump())
-
-
 def train_fold(
     arm: ArmConfig,
     pristine: torch.nn.Module,
@@ -123,16 +95,12 @@ def train_fold(
                         pretrained_head=arm.head.pretrained)
     net = prepare_network(net, compute)
     logs = []
+    data = FoldData(images, train, targets, extra=clinical, unlabeled=unlabeled)
     for i, stage in enumerate(arm.stages):
         if stage.external:  # ran once for the arm, before cross-validation (see Study.pristine)
             continue
         on_epoch = lambda e, entry, kind=stage.kind: reporter.epoch_done(kind, e, entry)  # noqa: E731
-        if isinstance(stage, SslStage):  # on this fold's training images only, labels ignored
-            rows = train if unlabeled is None else unlabeled
-            stage_log = fit_ssl(net.backbone, stage, images, rows, compute, seed + 1000 * (i + 1), on_epoch)
-        else:
-            stage_log = fit_stage(net, stage, images, train, targets, compute, cache, seed + 1000 * (i + 1), on_epoch,
-                                  extra=clinical)
+        stage_log = stage_kind(stage).fit_fold(net, stage, data, compute, cache, seed + 1000 * (i + 1), on_epoch)
         logs.append({"kind": stage.kind, "seconds": stage_log.seconds, "memory": stage_log.memory, "epochs": stage_log.epochs})
     return net, logs
 
@@ -204,7 +172,6 @@ class Study:
         from safetensors.torch import load_file
 
         from stagewise.data.source import load_source
-        from stagewise.training.pretrain import pretrain_supervised
 
         path = self.run.pretrained_path(arm.name, pretrain_fingerprint(self.recipe, arm))
         if path.is_file():
@@ -225,18 +192,13 @@ class Study:
             self.reporter.fold_started(f"{arm.name} {stage.kind}", Split(-1, i, np.arange(0), np.arange(0)), stage.epochs)
             on_epoch = lambda e, entry, kind=stage.kind: self.reporter.epoch_done(kind, e, entry)  # noqa: E731
             seed = self.recipe.seed + 7919 * (i + 1)
-            if isinstance(stage, SslStage):
-                log_ = fit_ssl(backbone, stage, images, np.arange(len(images)), compute, seed, on_epoch)
-            else:
-                log_ = pretrain_supervised(backbone, stage, images, source, compute, seed, on_epoch)
+            log_ = stage_kind(stage).fit_source(backbone, stage, images, source, compute, seed, on_epoch)
             logs.append({"kind": stage.kind, "source": str(stage.source.manifest), "images": len(images),
                          "seconds": log_.seconds, "memory": log_.memory, "epochs": log_.epochs})
             log.info("arm %s: %s on %s (%d images) in %.0f s", arm.name, stage.kind, stage.source.manifest,
                      len(images), log_.seconds)
         backbone = backbone.cpu()
-        tmp = path.with_name(path.name + ".tmp")
-        save_backbone(backbone, tmp)
-        os.replace(tmp, path)
+        atomic_write_with(path, lambda tmp: save_backbone(backbone, tmp))
         atomic_write(path.with_suffix(".json"), json.dumps(logs, indent=1))
         return backbone
 
@@ -269,7 +231,7 @@ class Study:
         return metrics, preds, extra
 
     def _fit_sites(self, unit: Unit, split: Split, train: np.ndarray, seed: int, extra: dict):
-        """A local or federated arm on this fold (see stagewise.sites)."""
+        """A local or federated arm on this fold (see stagewise.study.site_arms)."""
         arm, sites = unit.arm, self.cohort.table["site"].astype(str).to_numpy()
         start = start_network(arm, self.pristine(arm), self.targets.shape[1], seed)
         rows = np.concatenate([train, split.test])
@@ -311,7 +273,7 @@ class Study:
         return choose_by_inner_cv(arm, inner, score)
 
     def _saliency(self, net: Network, split: Split, preds: pd.DataFrame, folder: Path, threshold: float) -> list[dict]:
-        from stagewise.report.saliency import gradcam, pick_examples, save_overlay
+        from stagewise.evaluation.saliency import gradcam, pick_examples, save_overlay
 
         per_fold = math.ceil(self.recipe.evaluation.saliency / self.recipe.protocol.folds)
         pos = pick_examples(preds["y"].to_numpy(), preds["prob"].to_numpy(), preds["pred"].to_numpy(), per_fold)

@@ -20,12 +20,14 @@ from stagewise.data.source import load_source
 from stagewise.evaluation.splits import SplitError, make_splits
 from stagewise.models import BackboneError, WeightsUnavailable, build_arch, create_backbone
 from stagewise.models.registry import get_source
-from stagewise.recipe import ArmConfig, DualStage, ProtocolConfig, Recipe
+from stagewise.recipe import ArmConfig, ProtocolConfig, Recipe
+from stagewise.training.stages import stage_kind
 from stagewise.training.engine import StageError, plan_stage
-from stagewise.units import study_units
+from stagewise.study.units import study_units
+from stagewise.errors import StagewiseError
 
 
-class StudyCheckError(ValueError):
+class StudyCheckError(StagewiseError, ValueError):
     """A study that cannot run as written; the message lists every problem found."""
 
     def __init__(self, problems: list[str], source: str):
@@ -91,8 +93,9 @@ def arm_problems(arm: ArmConfig) -> list[str]:
             plan_stage(stage, groups)
         except StageError as err:
             problems.append(f"arm {arm.name!r}, stage {i} ({stage.kind}): {err}")
-        if isinstance(stage, DualStage) and not hasattr(backbone, "forward_pair"):
-            problems.append(f"arm {arm.name!r}, stage {i} (dual): needs a dual backbone (dual:<spec>), not {spec.name}")
+        check = stage_kind(stage).backbone_problems
+        for problem in check(stage, backbone, spec.name) if check else []:
+            problems.append(f"arm {arm.name!r}, stage {i} ({stage.kind}): {problem}")
         planar = [k for k in ("crop", "blur") if getattr(stage.augment, k) is not None]
         if planar and backbone.spatial_dims == 3:
             problems.append(f"arm {arm.name!r}, stage {i} ({stage.kind}): augment.{planar[0]} is 2D only and "

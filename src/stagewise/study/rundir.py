@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import math
 import os
 import platform
 import sys
@@ -24,62 +23,15 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from stagewise import __version__
+from stagewise.version import __version__
+from stagewise.errors import RunError
+from stagewise.io import atomic_write, check_writable, strict_json
 from stagewise.recipe import ArmConfig, Recipe, recipe_to_dict
-
-
-class RunError(RuntimeError):
-    """A run directory that cannot be used for this recipe."""
 
 
 MARKER = ".stagewise-run"
 """Written into every run directory: a directory without it holds no file stagewise may overwrite."""
 OWN_FILES = ("recipe.yaml", "environment.json", "predictions.csv", "metrics.json", "report.html", "log.txt")
-
-
-def atomic_write(path: Path, data: str | bytes) -> None:
-    """Write `path` through a temporary file and a rename: readers see the old or the new
-    file, never a part. A failure (disk full, read-only) names the path."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        if isinstance(data, bytes):
-            tmp.write_bytes(data)
-        else:
-            tmp.write_text(data)
-        os.replace(tmp, path)
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        raise RunError(f"cannot write {path}: {err.strerror or err}") from None
-
-
-def check_writable(folder: Path) -> None:
-    """Fail before any training when `folder` cannot be created or written."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"0" * 4096)
-        probe.unlink()
-    except OSError as err:
-        raise RunError(f"cannot write into {folder}: {err.strerror or err}. Choose another output directory.") from None
-
-
-def cohort_digest(table: pd.DataFrame, columns: list[str]) -> str:
-    """Hash of a cohort's content: its rows, labels, patients, sites, clinical and baseline
-    values (`columns` of `table`) and the bytes of every image file. Editing a label,
-    deleting a row or replacing an image changes it; touching a file does not."""
-    h = hashlib.sha256()
-    h.update(pd.util.hash_pandas_object(table[columns], index=False).to_numpy().tobytes())
-    for path in table["path"]:
-        h.update(_file_hash(path))
-    return h.hexdigest()[:16]
-
-
-def _file_hash(path: str) -> bytes:
-    h = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.digest()
 
 
 FINGERPRINTED = ("seed", "cohort.", "data.", "protocol.", "compute.device", "compute.precision",
@@ -377,19 +329,3 @@ class RunDir:
     def write_results(self, predictions: pd.DataFrame, metrics: dict) -> None:
         atomic_write(self.path / "predictions.csv", predictions.to_csv(index=False))
         atomic_write(self.path / "metrics.json", strict_json(metrics))
-
-
-def strict_json(data) -> str:
-    """JSON text as every results file is written: an undefined figure (NaN) is null."""
-    return json.dumps(_nan_to_null(data), indent=2, allow_nan=False)
-
-
-def _nan_to_null(value):
-    """Strict JSON: an undefined metric (AUROC of a one-class fold) is null, not NaN."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _nan_to_null(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_nan_to_null(v) for v in value]
-    return value

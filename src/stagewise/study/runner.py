@@ -14,18 +14,22 @@ from pathlib import Path
 
 import pandas as pd
 
-from stagewise.checks import check_study
+from stagewise.study.preflight import check_study
 from stagewise.evaluation.evidence import compute_evidence
 from stagewise.evaluation.splits import Split
-from stagewise.executors import open_executor
-from stagewise.fitting import FoldOutput, Reporter, SilentReporter, Study, fold_seed, refit  # noqa: F401 - refit: public here
-from stagewise.progress import LineReporter, fmt_fold_metrics
+from stagewise.study.executors import open_executor
+from stagewise.evaluation.splits import fold_seed
+from stagewise.study.fitting import FoldOutput, Reporter, Study
+from stagewise.study.progress import LineReporter, fmt_fold_metrics
 from stagewise.recipe import Recipe
-from stagewise.runs import RunDir, RunError, atomic_write, cohort_digest, unit_fingerprint
-from stagewise.tracking import StudyTracker, open_tracker
+from stagewise.data.fingerprint import cohort_digest
+from stagewise.errors import RunError
+from stagewise.io import atomic_write
+from stagewise.study.rundir import RunDir, unit_fingerprint
+from stagewise.study.tracking import StudyTracker, open_tracker
 from stagewise.training.compute import busy_machine_note
-from stagewise.summaries import unit_summary
-from stagewise.units import Unit, study_units
+from stagewise.study.summaries import unit_summary
+from stagewise.study.units import Unit, study_units
 
 log = logging.getLogger("stagewise")
 
@@ -60,7 +64,7 @@ def record_fold(run: RunDir, recipe: Recipe, unit: Unit, split: Split, fingerpri
 
 def run_study(recipe: Recipe, out_dir: str | Path, reporter: Reporter | None = None) -> StudyResult:
     """Run every unit on the same folds; resume from finished folds in `out_dir`. Without a
-    `reporter`, progress goes to stderr as plain lines (`stagewise.progress.LineReporter`);
+    `reporter`, progress goes to stderr as plain lines (`stagewise.study.progress.LineReporter`);
     pass `SilentReporter()` for none.
 
     Nothing is written before the run has been checked against the directory: its lock is

@@ -38,13 +38,6 @@ class SiteFit:
     info: dict = field(default_factory=dict)
 
 
-def start_network(arm: ArmConfig, pristine: torch.nn.Module, n_outputs: int, seed: int) -> Network:
-    """The network every site starts from: the same named weights and one shared head init."""
-    torch.manual_seed(seed)
-    return Network.build(copy.deepcopy(pristine), n_outputs, 0, arm.head.dropout, arm.head.hidden,
-                         pretrained_head=arm.head.pretrained)
-
-
 def rows_by_site(sites: np.ndarray, rows: np.ndarray) -> dict[str, np.ndarray]:
     """Site -> its rows among `rows`, sites in order of first appearance."""
     out: dict[str, list[int]] = {}

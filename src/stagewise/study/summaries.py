@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 from stagewise.evaluation.metrics import summarize
-from stagewise.units import Unit
+from stagewise.study.units import Unit
 
 
 def _task_summaries(fold_results: list[dict]) -> dict:

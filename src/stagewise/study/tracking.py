@@ -39,9 +39,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from stagewise import __version__
+from stagewise.version import __version__
 from stagewise.recipe import Recipe, recipe_to_dict, shareable_backbone, shareable_recipe
-from stagewise.runs import RunError, atomic_write
+from stagewise.errors import RunError
+from stagewise.io import atomic_write
 
 log = logging.getLogger("stagewise")
 

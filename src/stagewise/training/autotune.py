@@ -32,11 +32,12 @@ from pathlib import Path
 
 import torch
 
-from stagewise import __version__
+from stagewise.version import __version__
 from stagewise.models.base import Backbone
 from stagewise.models.heads import Network
 from stagewise.recipe import ComputeConfig
 from stagewise.training.compute import Compute, cpu_has_fast_bf16, resolve_compute
+from stagewise.io import atomic_write
 
 log = logging.getLogger("stagewise")
 
@@ -197,8 +198,6 @@ def _write_entry(path: Path, digest: str, entry: dict) -> None:
         with FileLock(str(path) + ".lock", timeout=30):
             data = _read_cache(path)
             data[digest] = entry
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
-            tmp.write_text(json.dumps(data, indent=1))
-            os.replace(tmp, path)
+            atomic_write(path, json.dumps(data, indent=1))
     except Exception as err:  # read-only home, lock timeout: the run goes on with its choice
         log.warning("could not save the compute choice to %s (%s)", path, err)

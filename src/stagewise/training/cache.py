@@ -11,13 +11,16 @@ from the same pretrained weights share entries without being told to.
 from __future__ import annotations
 
 import hashlib
+import os
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
 
+from stagewise.data import Cohort, load_images
 from stagewise.models.heads import Network
+from stagewise.recipe import Recipe
 from stagewise.training.compute import Compute
 
 
@@ -153,3 +156,18 @@ class PrefixCache:
             for m, t in zip(backbone.modules(), was_training):
                 m.training = t
         return torch.cat(chunks)
+
+
+def image_key(cohort: Cohort, size: int, resize: str) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for p in cohort.table["path"]:
+        st = os.stat(p)
+        h.update(f"{p}|{st.st_size}|{st.st_mtime_ns}".encode())
+    h.update(f"{size}|{resize}".encode())
+    return h.hexdigest()
+
+
+def load_image_set(recipe: Recipe, cohort: Cohort) -> ImageSet:
+    t = cohort.table
+    x = load_images(t["path"].tolist(), recipe.data.image_size, recipe.data.resize, rows=t["row"].tolist())
+    return ImageSet(x, image_key(cohort, recipe.data.image_size, recipe.data.resize))

@@ -12,7 +12,7 @@ from stagewise import __version__
 from stagewise.cli import app, federation
 from stagewise.recipe import RecipeError, apply_overrides
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+EXAMPLES = Path(__file__).resolve().parents[3] / "examples"
 
 
 def test_version():

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image, PngImagePlugin
 
 from stagewise.data import CohortError, check_images, load_cohort, read_image
-from stagewise.data.checks import MIN_SIDE, inspect_images
+from stagewise.data.image_checks import MIN_SIDE, inspect_images
 from stagewise.data.readers import png_significant_bits
 from stagewise.recipe import CohortConfig
 from test_data import RAMP, png, write_dicom

@@ -9,7 +9,7 @@ import pytest
 from stagewise.evaluation.splits import SplitError, balanced_test_folds, make_splits
 from stagewise.recipe import AugmentConfig, ProtocolConfig, ThawStage, load_recipe
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "bpd.yaml"
+EXAMPLE = Path(__file__).resolve().parents[3] / "examples" / "bpd.yaml"
 
 
 def _cohort():

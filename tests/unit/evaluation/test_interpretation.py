@@ -8,11 +8,11 @@ from sklearn.metrics import roc_auc_score
 from statsmodels.stats.multitest import multipletests
 
 from conftest import small_recipe
-from stagewise.checks import comparison_problems
+from stagewise.study.preflight import comparison_problems
 from stagewise.evaluation.evidence import compute_evidence
 from stagewise.evaluation.interpretation import wilcoxon_smallest_p
 from stagewise.evaluation.statistics import wilcoxon_test
-from stagewise.report.interpretation import comparison_rows
+from stagewise.report.wording import comparison_rows
 
 ARM = {"name": "good", "backbone": "scratch:tinycnn", "stages": [{"kind": "probe", "epochs": 1}]}
 

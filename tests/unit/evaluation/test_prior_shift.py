@@ -10,7 +10,7 @@ from conftest import small_recipe
 from stagewise.evaluation.calibration import calibration_slope_intercept
 from stagewise.evaluation.evidence import sampling_evidence
 from stagewise.evaluation.prior_shift import prior_shift
-from stagewise.report.interpretation import corrected_calibration_rows, sampling_notes
+from stagewise.report.wording import corrected_calibration_rows, sampling_notes
 
 PROBE = {"kind": "probe", "epochs": 1}
 

@@ -9,7 +9,7 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from conftest import small_recipe
-from stagewise import scoring
+from stagewise.evaluation import fold_scores as scoring
 from stagewise.evaluation.calibration import apply_recalibration, fit_recalibration
 from stagewise.evaluation.recalibration import fold_recalibration
 from stagewise.study import run_study

@@ -199,7 +199,7 @@ def test_a_checkpoint_that_would_run_code_is_refused(tmp_path):
 def test_published_head_starts_a_probe_on_local_data(xrv_model, xrv_file, named):
     """A stage chain from the published model: the probe starts at the authors' head and
     moves it, the backbone stays as published."""
-    from stagewise.fitting import SilentReporter, train_fold
+    from stagewise.study.fitting import SilentReporter, train_fold
 
     arm = ArmConfig.model_validate({"name": "bpd", "backbone": {"name": "bpd:bpd_xrv_progfreeze", "weights": str(xrv_file)},
                                     "head": {"pretrained": True},
@@ -234,7 +234,7 @@ def test_pretrained_head_needs_a_published_one_of_the_same_shape(named):
 
 
 def test_validate_names_an_arm_asking_for_a_head_its_backbone_lacks():
-    from stagewise.checks import arm_problems
+    from stagewise.study.preflight import arm_problems
 
     arm = ArmConfig.model_validate({"name": "a", "backbone": "scratch:resnet18", "head": {"pretrained": True},
                                     "stages": [{"kind": "probe"}]})
@@ -243,7 +243,7 @@ def test_validate_names_an_arm_asking_for_a_head_its_backbone_lacks():
 
 
 def test_a_zero_epoch_probe_scores_the_published_model_as_is(xrv_model, named):
-    from stagewise.fitting import SilentReporter, train_fold
+    from stagewise.study.fitting import SilentReporter, train_fold
     from stagewise.training.engine import predict
 
     arm = ArmConfig.model_validate({"name": "as-is", "backbone": "bpd:bpd_xrv_progfreeze", "head": {"pretrained": True},

@@ -6,7 +6,7 @@ import pytest
 
 from stagewise.recipe import RecipeError, load_recipe, recipe_from_dict
 
-EXAMPLES = sorted((Path(__file__).parents[1] / "examples").glob("*.yaml"))
+EXAMPLES = sorted((Path(__file__).parents[3] / "examples").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)

@@ -7,7 +7,7 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import small_recipe
-from stagewise.checks import StudyCheckError, check_study
+from stagewise.study.preflight import StudyCheckError, check_study
 from stagewise.cli import app
 from stagewise.study import run_study
 

@@ -9,7 +9,7 @@ from conftest import small_recipe
 from stagewise.evaluation.baselines import fold_standardize
 from stagewise.models import Network, build_arch
 from stagewise.study import run_study
-from stagewise.training.engine import masked_bce
+from stagewise.training.objectives import masked_bce
 
 PROBE = {"kind": "probe", "epochs": 3, "batch_size": 16, "lr": 3e-3}
 

@@ -8,8 +8,8 @@ from typer.testing import CliRunner
 
 from stagewise.cli import app
 from stagewise.evaluation.splits import Split
-from stagewise.fitting import refit
-from stagewise.progress import LineReporter, fmt_duration, fmt_fold_metrics
+from stagewise.study.fitting import refit
+from stagewise.study.progress import LineReporter, fmt_duration, fmt_fold_metrics
 from stagewise.recipe import load_recipe
 from stagewise.study import run_study
 

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from conftest import same_numbers, small_recipe
-from stagewise.runs import RunError
+from stagewise.study.rundir import RunError
 from stagewise.study import run_study
 
 PROBE = {"kind": "probe", "epochs": 1, "batch_size": 16, "lr": 3e-3}
@@ -75,7 +75,7 @@ def test_refused_rerun_leaves_the_recipe_copy_untouched(manifest, tmp_path):
 def test_second_writer_is_refused_with_the_holders_pid(manifest, tmp_path):
     run = tmp_path / "run"
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time\nfrom stagewise.runs import RunDir\n"
+        "import sys, time\nfrom stagewise.study.rundir import RunDir\n"
         f"d = RunDir({str(run)!r}); d.lock(); print('locked', flush=True); time.sleep(60)"
     )], stdout=subprocess.PIPE, text=True)
     try:
@@ -125,16 +125,16 @@ def test_unwritable_output_is_one_clear_error_before_training(manifest, tmp_path
 
 
 def test_disk_full_during_a_run_names_the_path_and_reaches_the_log(manifest, tmp_path, monkeypatch):
-    import stagewise.runs
+    import stagewise.study.rundir
 
-    real_replace = stagewise.runs.os.replace
+    real_replace = stagewise.study.rundir.os.replace
 
     def full_disk(src, dst):
         if str(dst).endswith(".csv") and "folds" in str(dst):
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_replace(src, dst)
 
-    monkeypatch.setattr(stagewise.runs.os, "replace", full_disk)
+    monkeypatch.setattr(stagewise.study.rundir.os, "replace", full_disk)
     with pytest.raises(RunError, match=r"cannot write .*r0-f0\.csv: No space left on device"):
         run_study(_recipe(manifest), tmp_path / "run")
     assert "No space left on device" in (tmp_path / "run" / "log.txt").read_text()
@@ -142,7 +142,7 @@ def test_disk_full_during_a_run_names_the_path_and_reaches_the_log(manifest, tmp
 
 
 def test_saliency_titles_name_manifest_rows_not_files(manifest, tmp_path, monkeypatch):
-    import stagewise.report.saliency as saliency
+    import stagewise.evaluation.saliency as saliency
 
     titles = []
     real = saliency.save_overlay
@@ -163,7 +163,7 @@ def test_saliency_titles_name_manifest_rows_not_files(manifest, tmp_path, monkey
 
 
 def test_recipe_differences_tell_a_users_change_from_a_newer_versions_field():
-    from stagewise.runs import recipe_differences
+    from stagewise.study.rundir import recipe_differences
 
     old = {"seed": 0, "compute": {"channels_last": True}, "arms": [{"name": "a", "stages": [{"kind": "probe"}]}]}
     grown = {"seed": 0, "compute": {"channels_last": "auto"},
@@ -180,7 +180,7 @@ def test_the_settings_a_refusal_may_name_are_those_the_fold_fingerprint_hashes(m
     """FINGERPRINTED (what a refused resume compares) must match what unit_fingerprint hashes:
     changing a listed setting changes a model unit's fingerprint, an unlisted one does not."""
     from stagewise.recipe import recipe_from_dict, recipe_to_dict
-    from stagewise.runs import FINGERPRINTED, unit_fingerprint
+    from stagewise.study.rundir import FINGERPRINTED, unit_fingerprint
 
     base = recipe_to_dict(_recipe(manifest))
 

@@ -10,8 +10,9 @@ from stagewise.models import Network, build_arch
 from stagewise.recipe import ComputeConfig, DualStage, DynamicStage, ThawStage
 from stagewise.training.cache import ImageSet
 from stagewise.training.compute import resolve_compute
-from stagewise.training.dynamic import DynamicFreezer, candidate_tensors
-from stagewise.training.engine import Objective, fit_stage
+from stagewise.training.stages.dynamic import DynamicFreezer, candidate_tensors
+from stagewise.training.engine import fit_stage
+from stagewise.training.objectives import Objective
 from stagewise.training.memory import SavedActivations, frozen_weights_save_no_input
 
 FP32 = resolve_compute(ComputeConfig(device="cpu", precision="fp32", channels_last=False))

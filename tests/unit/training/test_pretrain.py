@@ -9,13 +9,13 @@ from sklearn.model_selection import cross_val_score
 
 from conftest import small_recipe
 from stagewise.data import load_images
-from stagewise.deploy import Bundle, export_bundle
+from stagewise.bundle import Bundle, export_bundle
 from stagewise.models import create_backbone
 from stagewise.recipe import ComputeConfig, SslStage
 from stagewise.study import run_study
 from stagewise.training.cache import ImageSet
 from stagewise.training.compute import resolve_compute
-from stagewise.training.pretrain import fit_ssl
+from stagewise.training.stages.ssl import fit_ssl
 
 FP32 = resolve_compute(ComputeConfig(device="cpu", precision="fp32", channels_last=False))
 

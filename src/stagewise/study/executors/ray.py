@@ -31,8 +31,10 @@ from pathlib import Path
 import ray
 import torch
 
-from stagewise.runs import RunDir, RunError, atomic_write, pretrain_fingerprint
-from stagewise.fitting import SilentReporter, fit_fold, study_from_state, study_state
+from stagewise.errors import RunError
+from stagewise.io import atomic_write
+from stagewise.study.rundir import RunDir, pretrain_fingerprint
+from stagewise.study.fitting import SilentReporter, fit_fold, study_from_state, study_state
 from stagewise.training.cache import ImageSet, PrefixCache
 from stagewise.training.compute import usable_cpus
 
@@ -102,7 +104,7 @@ def _where(threads: int, compute_label: str) -> dict:
 @ray.remote
 def _fit_task(state: dict, x, key: str | None, backbone, unit, split, threads: int):
     """One (unit, fold) fit in a private folder; returns its FoldOutput with the files."""
-    from stagewise.fitting import FoldOutput  # noqa: F401 - unpickled on the driver
+    from stagewise.study.fitting import FoldOutput  # noqa: F401 - unpickled on the driver
 
     with tempfile.TemporaryDirectory(prefix="stagewise-fit-") as scratch:
         pristine = {} if backbone is None else {unit.arm.name: backbone}

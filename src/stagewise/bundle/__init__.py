@@ -1,0 +1,7 @@
+"""Bundles: an exported model (weights, ONNX, preprocessing, threshold, validation figures and
+model card) that `predict`, `evaluate` and `serve` load, and their export from a run."""
+
+from stagewise.bundle.bundle import Bundle
+from stagewise.bundle.export import VALIDATION_FILE, export_bundle, recalibrated_bundle
+
+__all__ = ["VALIDATION_FILE", "Bundle", "export_bundle", "recalibrated_bundle"]
