@@ -6,7 +6,8 @@ is plain data that the rest of stagewise reads; import them from `stagewise.reci
 
 - `base`: the strict pydantic base model (`StrictModel`, unknown keys are errors),
   `RecipeError`, `PositiveFloat` and the formatting of validation errors.
-- `cohort`: where images come from: `CohortConfig`, `DataConfig`, `SourceConfig`.
+- `cohort`: where images come from: `CohortConfig`, `DataConfig`, `SourceConfig`; the outcome's
+  wording (`outcome_phrase`, `task_outcome`, `WORDING_FIELDS`: no fingerprint holds them).
 - `network`: `BackboneConfig`, `HeadConfig`.
 - `augment`: `MixConfig`, `CropConfig`, `BlurConfig`, `MaskConfig`, `AugmentConfig`.
 - `stages`: `Stage`, one class per stage kind, their union `StageConfig` (`STAGE_CLASSES`,
@@ -24,7 +25,7 @@ from stagewise.errors import StagewiseError
 from stagewise.recipe.arms import ArmConfig, SitesConfig, TuneConfig
 from stagewise.recipe.augment import AugmentConfig, BlurConfig, CropConfig, MaskConfig, MixConfig
 from stagewise.recipe.base import PositiveFloat, RecipeError
-from stagewise.recipe.cohort import CohortConfig, DataConfig, SourceConfig
+from stagewise.recipe.cohort import WORDING_FIELDS, CohortConfig, DataConfig, SourceConfig, outcome_phrase, task_outcome
 from stagewise.recipe.loading import (
     apply_overrides,
     load_recipe,
@@ -91,11 +92,14 @@ __all__ = [
     "ThawStage",
     "TrackingConfig",
     "TuneConfig",
+    "WORDING_FIELDS",
     "apply_overrides",
     "load_recipe",
+    "outcome_phrase",
     "parse_stage",
     "recipe_from_dict",
     "recipe_to_dict",
     "shareable_backbone",
     "shareable_recipe",
+    "task_outcome",
 ]

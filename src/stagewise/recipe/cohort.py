@@ -6,8 +6,27 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from stagewise.recipe.base import StrictModel
+
+WORDING_FIELDS = ("outcome_label", "outcome_horizon")
+"""Cohort fields that only word the outcome for people (bundle, model card, bedside page,
+report): they change no number, so they enter no fingerprint and resume every run."""
+
+
+def outcome_phrase(column: str, label: str | None = None, horizon: str | None = None,
+                   name_column: bool = False) -> str:
+    """The outcome as a person reads it: its label (else the column name) and its time frame,
+    e.g. 'admission to intensive care within 30 days of the radiograph'; with `name_column`,
+    a labelled outcome names its column too ('... (column went_icu)')."""
+    text = " ".join(part for part in (label or column, horizon) if part)
+    return f"{text} (column {column})" if name_column and label else text
+
+
+def task_outcome(task: dict, name_column: bool = False) -> str:
+    """`outcome_phrase` of a bundle output (bundle.json's `tasks`; a bundle made before the
+    wording fields existed gives its column name)."""
+    return outcome_phrase(task["outcome"], task.get("outcome_label"), task.get("outcome_horizon"), name_column)
 
 
 class CohortConfig(StrictModel):
@@ -18,6 +37,13 @@ class CohortConfig(StrictModel):
     """Column holding image paths, relative to `root` (default: the manifest's folder)."""
     outcome: str = "outcome"
     """The primary binary outcome: folds are stratified on it, comparisons use it."""
+    outcome_label: str | None = None
+    """The primary outcome in clinical words (e.g. "admission to intensive care"), shown in
+    the bundle, its model card, the bedside page and the report; unset: the column name.
+    Wording only: it changes no number and no fingerprint."""
+    outcome_horizon: str | None = None
+    """When the outcome counts (e.g. "within 30 days of the radiograph"), shown after the
+    label; unset: no time frame is stated. Wording only, like `outcome_label`."""
     extra_outcomes: list[str] = []
     """Further binary outcomes learned by the same network (multi-task); empty cells are
     missing labels, masked out of the loss and the metrics."""
@@ -32,6 +58,26 @@ class CohortConfig(StrictModel):
     negative: list[str] = ["0", "0.0", "false", "no", "n", "negative"]
     drop_missing_outcome: bool = False
     """Drop rows whose outcome is empty instead of reporting them as errors."""
+
+    @field_validator(*WORDING_FIELDS)
+    @classmethod
+    def _one_line(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if not value.strip():
+            raise ValueError("must not be empty (leave the field out instead)")
+        if any(c in value for c in "\n\r\v\f\x85\u2028\u2029"):
+            raise ValueError("must be one line (no line breaks)")
+        if any(ord(c) < 32 or ord(c) == 127 for c in value):
+            raise ValueError("must not hold control characters")
+        return value.strip()
+
+    def wording(self, outcome: str) -> dict:
+        """`outcome_label` and `outcome_horizon` of output `outcome` (the primary outcome's;
+        None for an extra outcome), as bundle.json's tasks carry them."""
+        primary = outcome == self.outcome
+        return {"outcome_label": self.outcome_label if primary else None,
+                "outcome_horizon": self.outcome_horizon if primary else None}
 
 
 class DataConfig(StrictModel):
