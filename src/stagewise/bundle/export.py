@@ -142,6 +142,7 @@ def _write_bundle(folder: Path, recipe: Recipe, metrics: dict, configs: dict, ar
         for j, outcome in enumerate(names[: heads[arm].layers[-1].out_features]):
             tasks.append({
                 "output": arm if j == 0 else f"{arm}:{outcome}", "arm": arm, "outcome": outcome,
+                **recipe.cohort.wording(outcome),  # outcome_label, outcome_horizon: how people read the outcome
                 "stages": [st.kind for st in configs[arm].stages], "n_folds": len(unit["folds"]),
                 "threshold": thresholds[arm] if j == 0 else _task_threshold(unit, outcome, refit, run_dir, arm, fold),
                 "metrics": unit["summary"] if j == 0 else unit["tasks"][outcome],

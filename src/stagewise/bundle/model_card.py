@@ -13,6 +13,8 @@ patient, a file or a folder.
 
 from __future__ import annotations
 
+from stagewise.recipe import task_outcome
+
 HELD_OUT = ("auroc", "balanced_accuracy", "f1", "sensitivity", "specificity", "n_test_patients")
 INTENDED_USE = ("research: an estimate of the probability of the outcome from one image of a patient like those of "
                 "the development cohort; not a diagnosis, and not for clinical decisions without local validation")
@@ -72,7 +74,7 @@ def render_model_card(info: dict) -> str:
         s, card = t["metrics"], t.get("card", {})
         lines.append(
             f"- `{t['output']}` (arm {t['arm']}, stages {' -> '.join(t['stages'])}): probability of "
-            f"{t['outcome']}; decision threshold {t['threshold']:.4f}: {card.get('threshold_rule', 'chosen on training data')}.")
+            f"{task_outcome(t, name_column=True)}; decision threshold {t['threshold']:.4f}: {card.get('threshold_rule', 'chosen on training data')}.")
         held = card.get("held_out")
         if held:
             lines.append(f"  - This model (fold {held['fold']}), on the {held.get('n_test_patients', 'n/a')} patients its "

@@ -9,6 +9,7 @@ wording is a reporting standard's, not a layout's, which is why it lives apart f
 
 from __future__ import annotations
 
+from stagewise.recipe import outcome_phrase
 from stagewise.report.formatting import DASH, fmt_setting
 from stagewise.report.unit_order import is_full_label, ordered_units, recipe_arms
 
@@ -180,7 +181,7 @@ def _user_items(r_cohort: dict, missing: dict | None) -> list[dict]:
     user = [
         {"topic": "Eligibility criteria", "guide": "TRIPOD+AI, CLAIM", "hint": "inclusion and exclusion criteria; how patients were identified"},
         {"topic": "Outcome definition and timing", "guide": "TRIPOD+AI, CLAIM",
-         "hint": f"what “{r_cohort.get('outcome', 'outcome')}” means, how and when it was assessed, by whom, blinded to the images?"},
+         "hint": _outcome_hint(r_cohort)},
         {"topic": "Data source and dates", "guide": "TRIPOD+AI, CLAIM", "hint": "institutions, scanners, acquisition period, image selection"},
         {"topic": "Sample-size justification", "guide": "TRIPOD+AI", "hint": "why this number of patients and events suffices"},
         {"topic": "External validation", "guide": "TRIPOD+AI, CLAIM", "hint": "performance on data from another site or period, or why none"},
@@ -194,6 +195,16 @@ def _user_items(r_cohort: dict, missing: dict | None) -> list[dict]:
                      "hint": "why the values counted above are missing (not recorded, not measured, not applicable) "
                              "and whether missingness may relate to the outcome"})
     return user
+
+
+def _outcome_hint(r_cohort: dict) -> str:
+    """The outcome item's question, quoting the recipe's wording of the outcome when it has one."""
+    column = r_cohort.get("outcome", "outcome")
+    label, horizon = r_cohort.get("outcome_label"), r_cohort.get("outcome_horizon")
+    if not (label or horizon):
+        return f"what “{column}” means, how and when it was assessed, by whom, blinded to the images?"
+    return (f"the recipe words “{column}” as “{outcome_phrase(column, label, horizon)}”: how and when was it assessed, "
+            "by whom, blinded to the images?")
 
 
 def _missing_lines(missing: dict, r_cohort: dict) -> list[str]:

@@ -42,6 +42,7 @@ from stagewise.report.unit_order import ordered_units, recipe_arms
 from stagewise.report.wording import (
     comparison_rows,
     corrected_calibration_rows,
+    outcome_text,
     primary_text,
     sampling_notes,
     unit_flag_notes,
@@ -83,6 +84,7 @@ def build_context(run_dir: str | Path) -> dict:
     figures = figure_set(arms, ev, order, colors, curves, sampling)
 
     ctx = run_header(run_dir, metrics, env, cohort, protocol, n_splits) | {
+        "outcome": outcome_text(recipe) if recipe else None,
         "patient_level": evidence.get("patient_level", ""),
         "units": units,
         "pooled": pooled,

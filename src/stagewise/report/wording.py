@@ -9,6 +9,7 @@ was named before the results (the others are read through their adjusted p).
 
 from __future__ import annotations
 
+from stagewise.recipe import outcome_phrase
 from stagewise.report.formatting import DASH, finite, fmt_ci, fmt_num, fmt_p
 
 TEST_NAMES = {"corrected_t": "corrected resampled t-test on fold AUROCs", "delong": "DeLong test on pooled patients",
@@ -16,6 +17,15 @@ TEST_NAMES = {"corrected_t": "corrected resampled t-test on fold AUROCs", "delon
 FLAG_MEANING = ("its out-of-fold scores rank patients the wrong way round: what it learned on the training folds "
                 "reverses on the test folds (a relation unstable across folds, or no signal and overfitting). "
                 "A comparison against it shows only that this comparator failed, not that the other unit works.")
+
+
+def outcome_text(recipe: dict) -> str:
+    """The study's primary outcome as the report names it: the recipe's `cohort.outcome_label`
+    and `outcome_horizon` with the column ('admission to intensive care within 30 days of the
+    radiograph (column went_icu)'), the column alone when they are unset."""
+    cohort = recipe.get("cohort") or {}
+    column = str(cohort.get("outcome") or "outcome")
+    return outcome_phrase(column, cohort.get("outcome_label"), cohort.get("outcome_horizon"), name_column=True)
 
 
 def flag_text(flag: dict) -> str:
