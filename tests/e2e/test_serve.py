@@ -579,7 +579,9 @@ def test_browser_page_scores_a_dicom_like_stagewise_predict(browser, server, bun
         assert (o.get_attribute("data-decision") == "true") == bool(expected[f"decision:{name}"])
         shown = o.find_element(By.CSS_SELECTOR, ".prob .value").text
         assert shown == f"{100 * p:.1f} %"
-        assert ("Not flagged" in o.text) != bool(expected[f"decision:{name}"])
+        flagged = bool(expected[f"decision:{name}"])
+        assert o.get_attribute("data-state") == ("flagged" if flagged else "below_threshold")
+        assert "Not flagged" not in o.text and ("Below the decision threshold" in o.text) != flagged
         assert "validation images" in o.text
     first = browser.find_element(By.CSS_SELECTOR, "#results > li:first-child")
     assert "DICOM" in first.text and "256 × 256 px" in first.text and "bedside.dcm" in first.text
@@ -607,3 +609,44 @@ def test_browser_page_says_when_a_bundle_has_no_validation_distribution(browser,
         result = browser.find_element(By.CSS_SELECTOR, "#results > li")
         assert "failed" not in result.get_attribute("class")
         assert result.text.count("Comparison with the validation images is unavailable") == 2  # both outputs
+
+
+def test_browser_page_states_a_below_threshold_result_neutrally(browser, bundle_dir, pngs, tmp_path, monkeypatch):
+    """Below the threshold: a neutral grey box without a reassuring word; at or above it: the
+    highlighted flag. The outcome in the recipe's words and time frame; a heat map that is zero
+    everywhere: a sentence saying why instead of an empty image."""
+    from selenium.webdriver.common.by import By
+
+    from stagewise.serve.scorer import Scorer
+    from stagewise.serve.wording import FLAT_MAP
+
+    bundle = Bundle.load(bundle_dir)
+    a, b = bundle.info["tasks"]
+    a |= {"threshold": 1.0, "outcome_label": "admission to intensive care",
+          "outcome_horizon": "within 30 days of the radiograph"}  # probe-a: below its threshold
+    b["threshold"] = 0.0  # probe-b: flagged
+    monkeypatch.setattr(Scorer, "saliency", lambda self, scored: [np.zeros((32, 32), np.float32)] * 2)
+    with threaded_server(create_app(bundle)) as url:
+        browser.get(url + "/")
+        _wait(browser, lambda d: "Intended use" in d.find_element(By.ID, "card-body").text)
+        browser.find_element(By.ID, "files").send_keys(str(pngs[0]))
+        _wait(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#results > li:not(.pending)")) == 1)
+        result = browser.find_element(By.CSS_SELECTOR, "#results > li")
+        browser.save_screenshot(str(tmp_path / "below-threshold.png"))
+        below, flagged = result.find_elements(By.CSS_SELECTOR, ".output")
+        assert below.get_attribute("data-state") == "below_threshold"
+        assert below.find_element(By.TAG_NAME, "h4").text == \
+            "Probability of admission to intensive care within 30 days of the radiograph (probe-a)"
+        box = below.find_element(By.CSS_SELECTOR, ".decision")
+        assert box.text == "Below the decision threshold of 100.0 %" and "below" in box.get_attribute("class")
+        r, g, bl = (int(float(x)) for x in box.value_of_css_property("background-color").split("(")[1].split(",")[:3])
+        assert max(r, g, bl) - min(r, g, bl) <= 8, (r, g, bl)  # grey: no green (nor any hue)
+        assert "flagged" not in box.get_attribute("class") and "Not flagged" not in result.text
+        assert flagged.get_attribute("data-state") == "flagged"
+        assert flagged.find_element(By.CSS_SELECTOR, ".decision").text.startswith("Flagged: at or above")
+        note = result.find_element(By.CSS_SELECTOR, ".cam-note")
+        assert note.is_displayed() and note.text == FLAT_MAP
+        assert not result.find_element(By.CSS_SELECTOR, ".cam-controls").is_displayed()
+        shot = os.environ.get("STAGEWISE_SCREENSHOT_DIR")
+        if shot:  # to look at the page: STAGEWISE_SCREENSHOT_DIR=/tmp/shots
+            shutil.copy(tmp_path / "below-threshold.png", shot)

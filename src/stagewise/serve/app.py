@@ -2,7 +2,8 @@
 
 - `GET /`: the page (HTML, CSS and JavaScript served from the package: no CDN, no web fonts).
 - `POST /predict`: multipart field `file` -> a probability, the decision and the threshold per
-  output, and the probability's place among the out-of-fold validation probabilities.
+  output (stated as `serve.wording` words it), and the probability's place among the
+  out-of-fold validation probabilities.
 - `POST /explain`: the same, plus the image as the network saw it and a Grad-CAM map per output.
 - `GET /model-card`, `GET /validation`, `GET /health`.
 - `GET /docs`: Swagger UI from the swagger-ui-bundle package's local copy; `GET /openapi.json`.
@@ -19,6 +20,7 @@ import time
 import traceback
 from functools import partial
 from pathlib import Path
+from typing import Literal
 
 import anyio
 from fastapi import FastAPI, Request
@@ -32,6 +34,7 @@ from stagewise.serve.card import model_card
 from stagewise.serve.refusals import Problem
 from stagewise.serve.scorer import Scorer, heatmap_data_url, png_data_url
 from stagewise.serve.upload import FIELD, read_upload
+from stagewise.serve.wording import heatmap_note, output_wording, overall_note
 
 log = logging.getLogger("stagewise.serve")
 STATIC = Path(__file__).parent / "static"
@@ -53,10 +56,16 @@ class Position(BaseModel):
 
 class OutputScore(BaseModel):
     output: str = Field(description="the bundle output (an arm, or arm:outcome for an extra outcome)")
-    outcome: str
+    outcome: str = Field(description="the outcome's column in the development cohort")
+    outcome_label: str | None = Field(None, description="the outcome in clinical words, when the recipe gave them")
+    outcome_horizon: str | None = Field(None, description="when the outcome counts, when the recipe gave it")
+    outcome_text: str = Field(description="the outcome as the page names it: label (else column) and time frame")
     probability: float = Field(ge=0, le=1)
     threshold: float = Field(description="the bundle's decision threshold, chosen on training data")
     decision: bool = Field(description="probability >= threshold")
+    state: Literal["flagged", "below_threshold"] = Field(
+        description="flagged: at or above the threshold; below_threshold: below it, which is not reassurance")
+    statement: str = Field(description="the result's sentence as the page shows it")
     validation: Position | None = Field(description="null when the bundle holds no validation distribution")
 
 
@@ -69,6 +78,7 @@ class Prediction(BaseModel):
 class Saliency(BaseModel):
     output: str
     image: str | None = Field(description="Grad-CAM map as a transparent PNG data URL, the network view's size")
+    note: str | None = Field(None, description="why there is no map (no spatial last layer, or a map zero everywhere)")
 
 
 class Explanation(Prediction):
@@ -201,15 +211,15 @@ def _host_name(host: str) -> str:
 
 def _work(scorer: Scorer, data: bytes, name: str, explain: bool) -> dict:
     scored = scorer.score(scorer.read(data, name))
-    out = {"outputs": scorer.outputs(scored.probabilities), "engine": scorer.engine}
+    outputs = scorer.outputs(scored.probabilities)
+    out = {"outputs": [o | output_wording(t, o) for t, o in zip(scorer.tasks, outputs)], "engine": scorer.engine}
     if explain:
         out["network_view"] = png_data_url(scored.view)
         out["source"] = scored.source
         maps = scorer.saliency(scored) if scored.tensor.dim() == 4 else [None] * len(scorer.tasks)
-        out["saliency"] = [{"output": t["output"], "image": None if m is None else heatmap_data_url(m)}
-                           for t, m in zip(scorer.tasks, maps)]
-        out["saliency_note"] = None if any(m is not None for m in maps) else \
-            "No heat map for this network (it is drawn for 2D networks with a spatial last layer only)."
+        out["saliency"] = [{"output": t["output"], "image": None if heatmap_note(m) else heatmap_data_url(m),
+                            "note": heatmap_note(m)} for t, m in zip(scorer.tasks, maps)]
+        out["saliency_note"] = overall_note(maps)
     return out
 
 

@@ -4,6 +4,7 @@ since oof.json exists, the cohort's counts, the protocol and patient-level 95 % 
 
 from __future__ import annotations
 
+from stagewise.recipe import task_outcome
 from stagewise.version import __version__
 
 WARNING = ("Research use only. This model is not a medical device and has not been approved for diagnosis or "
@@ -12,7 +13,7 @@ WARNING = ("Research use only. This model is not a medical device and has not be
 
 
 def intended_use(info: dict, dims: int) -> str:
-    outcomes = ", ".join(dict.fromkeys(t["outcome"] for t in info["tasks"]))
+    outcomes = ", ".join(dict.fromkeys(task_outcome(t) for t in info["tasks"]))
     kind = "a single 2D image (for example a radiograph)" if dims == 2 else "a 3D volume"
     return (f"Estimates the probability of {outcomes} from {kind} of the same kind, view and population as the "
             f"development cohort, to support research and local validation. It sees only the image: no history, "
@@ -28,7 +29,8 @@ def model_card(info: dict, validation: dict | None, dims: int, engine: str, max_
     for t in info["tasks"]:
         v = (validation or {}).get("outputs", {}).get(t["output"], {})
         outputs.append({
-            "output": t["output"], "arm": t["arm"], "outcome": t["outcome"], "stages": t["stages"],
+            "output": t["output"], "arm": t["arm"], "outcome": t["outcome"], "outcome_label": t.get("outcome_label"),
+            "outcome_horizon": t.get("outcome_horizon"), "outcome_text": task_outcome(t), "stages": t["stages"],
             "threshold": t["threshold"], "n_folds": t["n_folds"],
             "cross_validated": {m: t["metrics"][m] for m in ("auroc", "balanced_accuracy", "f1") if m in t["metrics"]},
             "patient_level_ci": v.get("patient_level") or None,

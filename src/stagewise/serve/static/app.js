@@ -46,7 +46,7 @@ async function loadCard() {
     state.validation = validation;
     state.maxUpload = card.max_upload_bytes;
     $("#limit").textContent = `${+(card.max_upload_bytes / 1048576).toFixed(1)} MB`;
-    $("#model-title").textContent = `${card.title}: ${card.outputs.map((o) => o.outcome).join(", ")}`;
+    $("#model-title").textContent = `${card.title}: ${[...new Set(card.outputs.map(outcomeText))].join(", ")}`;
     $("#version").textContent = `stagewise ${card.stagewise} (bundle made with ${card.bundle_stagewise}), scoring with ${card.engine === "onnx" ? "ONNX Runtime" : "PyTorch"}`;
     renderCard(card);
   } catch (err) {
@@ -54,6 +54,9 @@ async function loadCard() {
     $("#card-body").replaceChildren(el("p", { class: "message", text: "The server did not answer; is it still running?" }));
   }
 }
+
+// the outcome as people read it: the recipe's label and time frame, else its column name
+const outcomeText = (o) => o.outcome_text || o.outcome;
 
 function cohortText(c, outcome) {
   if (!c) return null;
@@ -68,7 +71,7 @@ function renderCard(card) {
   const dl = el("dl");
   const item = (k, v) => { if (v) dl.append(el("dt", { text: k }), el("dd", { text: v })); };
   item("Intended use", card.intended_use);
-  item("Trained on", card.cohort ? `${cohortText(card.cohort, card.outputs[0].outcome)}; this model: ${card.trained_on}` : card.trained_on);
+  item("Trained on", card.cohort ? `${cohortText(card.cohort, outcomeText(card.outputs[0]))}; this model: ${card.trained_on}` : card.trained_on);
   if (card.cohort && card.cohort.sites) {
     item("Sites", Object.entries(card.cohort.sites).map(([s, c]) => `${s} (${c.patients} patients)`).join(", "));
   }
@@ -89,8 +92,8 @@ function renderCard(card) {
   details.append(el("p", { class: "hint", text: "AUROC: how well the probability ranks patients with the outcome above those without (0.5 = chance, 1 = perfect). Balanced accuracy and F1 are for the decision at the threshold. Mean ± SD over the cross-validation folds; 95 % confidence intervals over patients." }));
   for (const o of card.outputs) {
     const table = el("table");
-    table.append(el("caption", { class: "visually-hidden", text: `Validation figures for ${o.outcome}` }));
-    const head = el("tr", {}, el("th", { scope: "col", text: `${o.outcome}${card.outputs.length > 1 ? ` (${o.output})` : ""}` }),
+    table.append(el("caption", { class: "visually-hidden", text: `Validation figures for ${outcomeText(o)}` }));
+    const head = el("tr", {}, el("th", { scope: "col", text: `${outcomeText(o)}${card.outputs.length > 1 ? ` (${o.output})` : ""}` }),
       el("th", { scope: "col", text: `Mean ± SD over ${o.n_folds} folds` }), el("th", { scope: "col", text: "95 % CI (patients)" }));
     table.append(el("thead", {}, head));
     const tbody = el("tbody");
@@ -194,17 +197,20 @@ function render(li, file, body, id) {
   which.id = `cam-which-${id}`;
   node.querySelector(".cam-which-label").setAttribute("for", which.id);
   const maps = (body.saliency || []).filter((s) => s.image);
+  // a heat map that cannot be drawn gets a sentence saying why, never an empty image
+  const missing = (body.saliency || []).filter((s) => !s.image && s.note);
   if (!maps.length) {
     toggle.disabled = true;
     node.querySelector(".cam-controls").hidden = true;
     const note = node.querySelector(".cam-note");
     note.hidden = false;
-    note.textContent = body.saliency_note || "No heat map for this image.";
+    note.textContent = body.saliency_note || (missing.length ? missing[0].note : "No heat map for this image.");
   } else {
     for (const m of maps) which.append(el("option", { value: m.output, text: outcomeOf(body, m.output) }));
     which.hidden = maps.length < 2;
     const note = node.querySelector(".cam-note");
-    note.textContent = "Red marks the regions that pushed this score up the most. The heat map shows where the model looked, not what it found.";
+    note.textContent = "Red marks the regions that pushed this score up the most. The heat map shows where the model looked, not what it found."
+      + missing.map((s) => ` ${outcomeOf(body, s.output)}: ${s.note}`).join("");
     const show = () => {
       const m = maps.find((s) => s.output === which.value) || maps[0];
       cam.src = m.image;
@@ -222,17 +228,19 @@ function render(li, file, body, id) {
 
 function outcomeOf(body, output) {
   const o = body.outputs.find((x) => x.output === output);
-  return o ? o.outcome : output;
+  return o ? outcomeText(o) : output;
 }
 
 function renderOutput(o, several) {
+  const state = o.state || (o.decision ? "flagged" : "below_threshold");
   const sec = el("section", { class: "output", "data-output": o.output, "data-probability": String(o.probability),
-    "data-decision": String(o.decision), "data-threshold": String(o.threshold) });
-  sec.append(el("h4", { text: several ? `${o.outcome} (${o.output})` : `Probability of ${o.outcome}` }));
+    "data-decision": String(o.decision), "data-threshold": String(o.threshold), "data-state": state });
+  sec.append(el("h4", { text: several ? `Probability of ${outcomeText(o)} (${o.output})` : `Probability of ${outcomeText(o)}` }));
   sec.append(el("p", { class: "prob" }, el("span", { class: "value", text: pct(o.probability) }),
     el("span", { class: "unit", text: "estimated probability" })));
-  sec.append(el("p", { class: `decision ${o.decision ? "positive" : "negative"}`,
-    text: o.decision ? `Flagged: at or above the threshold of ${pct(o.threshold)}` : `Not flagged: below the threshold of ${pct(o.threshold)}` }));
+  // below the threshold is stated neutrally (grey, no reassuring word): a 29.5 % risk is not a reassurance
+  sec.append(el("p", { class: `decision ${state === "flagged" ? "flagged" : "below"}`,
+    text: o.statement || (state === "flagged" ? `Flagged: at or above the decision threshold of ${pct(o.threshold)}` : `Below the decision threshold of ${pct(o.threshold)}`) }));
   sec.append(renderPosition(o));
   return sec;
 }
@@ -246,13 +254,13 @@ function renderPosition(o) {
   }
   const v = o.validation;
   const parts = [];
-  if (v.below_without_outcome !== null) parts.push(`${pct(v.below_without_outcome, 0)} of those without ${o.outcome}`);
+  if (v.below_without_outcome !== null) parts.push(`${pct(v.below_without_outcome, 0)} of those without ${outcomeText(o)}`);
   if (v.below_with_outcome !== null) parts.push(`${pct(v.below_with_outcome, 0)} of those with it`);
   box.append(el("p", { text: `Higher than ${pct(v.below, 0)} of the ${v.n} validation images${parts.length ? ` (${parts.join(", ")})` : ""}.` }));
   box.append(chart(dist, o));
   const legend = el("ul", { class: "legend" });
-  legend.append(el("li", {}, el("span", { class: "swatch without" }), `validation images without ${o.outcome} (above the line)`));
-  legend.append(el("li", {}, el("span", { class: "swatch with" }), `with ${o.outcome} (below)`));
+  legend.append(el("li", {}, el("span", { class: "swatch without" }), `validation images without ${outcomeText(o)} (above the line)`));
+  legend.append(el("li", {}, el("span", { class: "swatch with" }), `with ${outcomeText(o)} (below)`));
   legend.append(el("li", {}, el("span", { class: "swatch me" }), "this image"));
   legend.append(el("li", {}, el("span", { class: "swatch thr" }), "threshold"));
   box.append(legend);
