@@ -237,3 +237,22 @@ def test_a_model_ranking_the_new_patients_backwards_is_not_recalibrated():
     table = pd.DataFrame({"patient": [f"p{i}" for i in range(80)], "y": y, "score": score})
     with pytest.raises(EvaluateError, match="ranks the wrong way round"):
         recalibration(table, "slope", 0.5, 0.5, n_boot=0, seed=0)
+
+
+def test_the_evaluation_names_the_outcome_in_the_bundles_words(bundle_dir, site_b, tmp_path):
+    """A bundle whose recipe worded its outcome (cohort.outcome_label / outcome_horizon): the
+    external report and its checklist quote those words, so both cohorts' definitions and
+    time frames can be compared."""
+    import shutil
+
+    worded = tmp_path / "worded"
+    shutil.copytree(bundle_dir, worded)
+    info = json.loads((worded / "bundle.json").read_text())
+    info["tasks"][0] |= {"outcome_label": "admission to intensive care", "outcome_horizon": "within 30 days of the radiograph"}
+    (worded / "bundle.json").write_text(json.dumps(info))
+    phrase = "admission to intensive care within 30 days of the radiograph (column outcome)"
+    evaluate_bundle(worded, site_b, tmp_path / "eval", options=_options(bootstrap=0))
+    res = json.loads((tmp_path / "eval" / "external.json").read_text())
+    assert res["bundle"]["outcome_text"] == phrase
+    html = (tmp_path / "eval" / "report.html").read_text()
+    assert f"outcome <b>{phrase}</b>" in html and f"the bundle predicts {phrase}: check" in html

@@ -20,6 +20,7 @@ from stagewise.external.validation import comparison, development_figures, recal
 from stagewise.external.options import EvaluateError, ExternalOptions
 from stagewise.external.outputs import RECALIBRATED, prepare_folder, write_results
 from stagewise.errors import RunError
+from stagewise.recipe import task_outcome
 
 ABOUT = ("external validation of a stagewise bundle: the bundle's probabilities on a labelled cohort it never saw, "
          "at patient level, against the bundle's own cross-validated figures")
@@ -72,7 +73,8 @@ def evaluate_bundle(bundle_dir: str | Path, manifest: str | Path, out_dir: str |
         "about": ABOUT,
         "stagewise": __version__,
         "bundle": {"recipe": bundle.info["recipe"], "output": task["output"], "arm": task["arm"],
-                   "outcome": task["outcome"], "backbone": bundle.info["backbone"], "stages": task.get("stages", []),
+                   "outcome": task["outcome"], "outcome_text": task_outcome(task, name_column=True),
+                   "backbone": bundle.info["backbone"], "stages": task.get("stages", []),
                    "trained_on": bundle.info["source"], "bundle_stagewise": bundle.info["stagewise"],
                    "image_size": bundle.info["image_size"], "resize": bundle.info["resize"], "threshold": threshold,
                    "recalibration": task.get("recalibration"), "development_cohort": validation.get("cohort", {}),

@@ -32,7 +32,7 @@ def external_checklist(res: dict) -> tuple[list[dict], list[dict]]:
     ])
     item("Outcome in the validation data", [
         f"column {out['column']!r}; positive values {', '.join(out['positive'])}; negative values {', '.join(out['negative'])}",
-        f"the bundle predicts {b['outcome']}: check that both cohorts define and time it alike",
+        f"the bundle predicts {b.get('outcome_text') or b['outcome']}: check that both cohorts define and time it alike",
     ])
     item("Participants and sample size", [
         f"{cohort.get('patients', DASH)} patients ({cohort.get('positive_patients', DASH)} with the outcome), "
