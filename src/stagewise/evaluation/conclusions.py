@@ -64,13 +64,16 @@ def _untestable(c: dict, test: str) -> str:
     return "fewer than two folds gave both units an AUROC"
 
 
-def _failed(c: dict, kinds: dict) -> str:
+def _failed(c: dict) -> str:
     flagged = list((c.get("flagged") or {}))
     if not flagged:
         return ""
-    names = " and ".join(flagged)
-    return (f" This cannot be read as a finding: {names} failed as a comparator (its out-of-fold scores rank "
-            "patients the wrong way round), so the comparison shows only that it failed.")
+    if len(flagged) == 1:
+        who = f"{flagged[0]} failed as a comparator (its out-of-fold scores rank patients the wrong way round)"
+    else:
+        who = (f"{' and '.join(flagged)} failed as comparators (their out-of-fold scores rank patients the wrong "
+               "way round)")
+    return f" This cannot be read as a finding: {who}, so the comparison shows only that."
 
 
 def comparison_sentence(c: dict, kinds: dict, primary: dict | None, alpha: float = ALPHA) -> dict:
@@ -84,8 +87,8 @@ def comparison_sentence(c: dict, kinds: dict, primary: dict | None, alpha: float
         p = r.get("p")
         adjustment = "none: the primary test" + (", stated before the results" if primary.get("stated") else
                                                  " (by default the first comparison)")
-        p_words = "unadjusted {p} (the primary test" + (", stated in the recipe)" if primary.get("stated") else
-                                                       ", by default the first comparison)")
+        p_words = "unadjusted {p}, the primary test" + (" stated in the recipe" if primary.get("stated") else
+                                                       " by default the first comparison")
     else:
         p = r.get("p_holm")
         adjustment = "Holm"
@@ -96,7 +99,7 @@ def comparison_sentence(c: dict, kinds: dict, primary: dict | None, alpha: float
     if not _finite(p) or not _finite(diff):
         text = (f"{lead}{_name(a, kinds)} vs {_name(b, kinds)} could not be tested "
                 f"({TEST_WORDS[test]}): {_untestable(c, test)}.")
-        return out | {"verdict": "untested", "text": text + _failed(c, kinds)}
+        return out | {"verdict": "untested", "text": text + _failed(c)}
     ci = f", 95 % CI {low:+.3f} to {high:+.3f}" if _finite(low) and _finite(high) else ""
     numbers = f"(difference {diff:+.3f} AUROC{ci}, {p_words.format(p=_p(p))}; {TEST_WORDS[test]})"
     if p < alpha:
@@ -106,7 +109,7 @@ def comparison_sentence(c: dict, kinds: dict, primary: dict | None, alpha: float
     text = f"{lead}{_name(a, kinds)} {verb} {_name(b, kinds)} {numbers}."
     if p >= alpha:
         text += f" At the {alpha:g} level this difference may be chance."
-    return out | {"verdict": verdict, "text": text + _failed(c, kinds)}
+    return out | {"verdict": verdict, "text": text + _failed(c)}
 
 
 def baseline_sentence(baseline: str, rows: list[dict], units_evidence: dict, alpha: float = ALPHA) -> str:

@@ -41,6 +41,7 @@ from stagewise.report.sections import (
 from stagewise.report.unit_order import ordered_units, recipe_arms
 from stagewise.report.wording import (
     comparison_rows,
+    conclusions,
     corrected_calibration_rows,
     primary_text,
     sampling_notes,
@@ -83,6 +84,7 @@ def build_context(run_dir: str | Path) -> dict:
     figures = figure_set(arms, ev, order, colors, curves, sampling)
 
     ctx = run_header(run_dir, metrics, env, cohort, protocol, n_splits) | {
+        "conclusions": conclusions(evidence),
         "patient_level": evidence.get("patient_level", ""),
         "units": units,
         "pooled": pooled,
@@ -107,5 +109,6 @@ def build_context(run_dir: str | Path) -> dict:
         "figures": figures,
     } | run_footer(metrics, env, arms, order, recipe_text)
     ctx["checklist_auto"], ctx["checklist_user"] = checklist(metrics, recipe, ctx)
-    ctx["nav"] = nav_items(comparisons, figures, pooled, tuning, training_curves, saliency)
+    ctx["nav"] = nav_items(comparisons, figures, pooled, tuning, training_curves, saliency,
+                           bool(ctx["conclusions"]["sentences"]))
     return ctx

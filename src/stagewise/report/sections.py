@@ -353,9 +353,10 @@ def figure_set(arms: dict, ev: dict, order: list[str], colors: dict, curves: dic
 
 
 def nav_items(comparisons: list, figures: dict, pooled: list, tuning: list, training_curves: list,
-              saliency: list) -> list[tuple[str, str]]:
+              saliency: list, conclusions: bool = False) -> list[tuple[str, str]]:
     """The page's table of contents: only the sections this run has something to show in."""
     return [(i, label) for i, label, show in [
+        ("conclusions", "Conclusions", conclusions),
         ("summary", "Summary", True), ("comparisons", "Comparisons", bool(comparisons)),
         ("discrimination", "ROC", bool(figures["roc"] or pooled)),
         ("calibration", "Calibration & utility", bool(figures["calibration"] or figures["decision"])),

@@ -69,6 +69,20 @@ def comparison_rows(comparisons: list[dict], primary: dict | None) -> list[dict]
     return rows
 
 
+CONCLUSIONS_TITLE = "What this study shows"
+
+
+def conclusions(evidence: dict) -> dict:
+    """The box at the top of the report: the sentences of evidence.summary as metrics.json
+    holds them (generated in evaluation/conclusions.py), and how to read them."""
+    sentences = list(evidence.get("summary") or [])
+    level = evidence.get("summary_level", 0.05)
+    note = (f"Generated from the comparisons below (metrics.json: evidence.summary). A unit \u201cbeats\u201d another only "
+            f"where the p that applies is below {fmt_num(level, 2)}: the primary test's own p for the primary comparison, "
+            "the Holm-adjusted p for every other; above it the difference may be chance.") if sentences else ""
+    return {"title": CONCLUSIONS_TITLE, "sentences": sentences, "note": note}
+
+
 def primary_text(primary: dict | None) -> str:
     """The sentence that names the primary comparison and test, and where it was stated."""
     if not primary:

@@ -47,7 +47,7 @@ def test_primary_comparison_reads_its_own_unadjusted_p_first():
              comparison("ssl", "baseline:view", 0.08, 0.05, p_holm=0.3)]
     summary = study_summary(comps, UNITS, EVIDENCE, PRIMARY)
     assert summary[0].startswith("Primary comparison: ssl does not beat cnn")
-    assert "unadjusted p = 0.300 (the primary test, stated in the recipe)" in summary[0]
+    assert "unadjusted p = 0.300, the primary test stated in the recipe;" in summary[0]
     assert summary[-1].startswith("No image arm beats the no-image baseline baseline:view (pooled AUROC 0.734, 95 % CI 0.650 "
                                   "to 0.810) after Holm adjustment")
     assert len(summary) == 4
