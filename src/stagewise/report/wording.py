@@ -69,6 +69,29 @@ def comparison_rows(comparisons: list[dict], primary: dict | None) -> list[dict]
     return rows
 
 
+def compute_text(settings: list[dict] | None) -> str:
+    """Compute settings of metrics.json (`compute_folds`, `arms[unit].compute`) with their fold counts."""
+    return "; ".join(f"{s.get('setting', DASH)} ({s.get('folds', DASH)} fold{'' if s.get('folds') == 1 else 's'})"
+                     for s in settings or [])
+
+
+def header_compute(metrics: dict) -> str:
+    """The run's compute for the header: the one setting every fold ran with, else each with its folds."""
+    settings = metrics.get("compute_folds") or []
+    if len(settings) == 1:
+        return settings[0].get("setting", DASH)
+    if settings:
+        return "mixed: " + compute_text(settings)
+    return metrics.get("compute", DASH)
+
+
+def mixed_compute_notes(arms: dict, order: list[str]) -> list[str]:
+    """One line per unit whose folds ran under different compute settings (a resumed run)."""
+    return [f"{n}: its folds ran under different compute settings ({compute_text(arms[n]['compute'])}), "
+            "so its training time mixes them and is not comparable with the other units'."
+            for n in order if len(arms[n].get("compute") or []) > 1]
+
+
 CONCLUSIONS_TITLE = "What this study shows"
 
 
