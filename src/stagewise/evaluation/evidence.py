@@ -13,7 +13,8 @@ import pandas as pd
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
 from stagewise.evaluation.calibration import brier_score, calibration_curve, calibration_slope_intercept, decision_curve
-from stagewise.evaluation.interpretation import interpret_comparisons, primary_choice, unit_flags
+from stagewise.evaluation.conclusions import study_summary
+from stagewise.evaluation.interpretation import ALPHA, interpret_comparisons, primary_choice, unit_flags
 from stagewise.evaluation.metrics import COUNTS, METRICS, decision_metrics
 from stagewise.evaluation.prior_shift import SAMPLED_PRIOR, sampling_of, shifted_predictions
 from stagewise.evaluation.recalibration import recalibrated, recalibrated_scores
@@ -259,7 +260,10 @@ def compute_evidence(recipe: Recipe, metrics: dict, predictions: pd.DataFrame) -
         pairs.insert(0, (primary["a"], primary["b"]))
     comparisons = [compare(units, table, a, b) for a, b in pairs]
     interpret_comparisons(comparisons, per_unit, primary)
+    alpha = getattr(recipe.evaluation, "alpha", None) or ALPHA
     return {
+        "summary": study_summary(comparisons, units, per_unit, primary, alpha),
+        "summary_level": alpha,
         "patient_level": "mean score over repeats; decision = majority of fold decisions (confusion counts, "
                          "sensitivity, specificity, PPV, NPV, accuracy, balanced accuracy, F1)",
         "settings": {"bootstrap_resamples": n_boot, "roc_band_resamples": min(n_boot, 500), "level": 0.95,

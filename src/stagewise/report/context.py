@@ -41,6 +41,7 @@ from stagewise.report.sections import (
 from stagewise.report.unit_order import ordered_units, recipe_arms
 from stagewise.report.wording import (
     comparison_rows,
+    conclusions,
     corrected_calibration_rows,
     outcome_text,
     primary_text,
@@ -85,6 +86,7 @@ def build_context(run_dir: str | Path) -> dict:
 
     ctx = run_header(run_dir, metrics, env, cohort, protocol, n_splits) | {
         "outcome": outcome_text(recipe) if recipe else None,
+        "conclusions": conclusions(evidence),
         "patient_level": evidence.get("patient_level", ""),
         "units": units,
         "pooled": pooled,
@@ -109,5 +111,6 @@ def build_context(run_dir: str | Path) -> dict:
         "figures": figures,
     } | run_footer(metrics, env, arms, order, recipe_text)
     ctx["checklist_auto"], ctx["checklist_user"] = checklist(metrics, recipe, ctx)
-    ctx["nav"] = nav_items(comparisons, figures, pooled, tuning, training_curves, saliency)
+    ctx["nav"] = nav_items(comparisons, figures, pooled, tuning, training_curves, saliency,
+                           bool(ctx["conclusions"]["sentences"]))
     return ctx

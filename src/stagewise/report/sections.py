@@ -31,6 +31,7 @@ from stagewise.report.formatting import (
 )
 from stagewise.report.run_files import embed_png, run_date, split_name
 from stagewise.report.unit_order import is_full_label
+from stagewise.report.wording import compute_text, header_compute, mixed_compute_notes
 
 CLINICAL_METRICS = ("sensitivity", "specificity", "ppv", "npv", "accuracy", "auprc")
 
@@ -112,7 +113,7 @@ def run_header(run_dir: Path, metrics: dict, env: dict, cohort: dict, protocol: 
         "generated": datetime.now().strftime("%Y-%m-%d %H:%M"),
         "run_dir": run_dir.resolve().name,  # the folder name only: a shared report carries no local path
         "seed": metrics.get("seed", env.get("seed", DASH)),
-        "compute": metrics.get("compute", DASH),
+        "compute": header_compute(metrics),
         "version": env.get("stagewise", ""),
         "cohort_cards": cohort_cards(cohort),
         "sites": site_rows(cohort),
@@ -132,10 +133,12 @@ def run_footer(metrics: dict, env: dict, arms: dict, order: list[str], recipe_te
     """The context's last entries: the recipe, the software versions and the time it took."""
     return {
         "recipe_text": recipe_text,
-        "environment": [(k, fmt_setting(v)) for k, v in env.items() if k != "compute_choice"],
+        "environment": [(k, fmt_setting(v)) for k, v in env.items() if k not in ("compute_choice", "folds_compute")],
         "compute_choices": compute_rows(metrics.get("compute_choice") or {}),
         "wall_seconds": fmt_num(metrics.get("wall_seconds_this_session"), 0),
-        "train_seconds": [(n, fmt_num(arms[n].get("train_seconds"), 1)) for n in order],
+        "train_seconds": [(n, fmt_num(arms[n].get("train_seconds"), 1), compute_text(arms[n].get("compute")) or DASH)
+                          for n in order],
+        "compute_notes": mixed_compute_notes(arms, order),
     }
 
 
@@ -353,9 +356,10 @@ def figure_set(arms: dict, ev: dict, order: list[str], colors: dict, curves: dic
 
 
 def nav_items(comparisons: list, figures: dict, pooled: list, tuning: list, training_curves: list,
-              saliency: list) -> list[tuple[str, str]]:
+              saliency: list, conclusions: bool = False) -> list[tuple[str, str]]:
     """The page's table of contents: only the sections this run has something to show in."""
     return [(i, label) for i, label, show in [
+        ("conclusions", "Conclusions", conclusions),
         ("summary", "Summary", True), ("comparisons", "Comparisons", bool(comparisons)),
         ("discrimination", "ROC", bool(figures["roc"] or pooled)),
         ("calibration", "Calibration & utility", bool(figures["calibration"] or figures["decision"])),

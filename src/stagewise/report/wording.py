@@ -79,6 +79,43 @@ def comparison_rows(comparisons: list[dict], primary: dict | None) -> list[dict]
     return rows
 
 
+def compute_text(settings: list[dict] | None) -> str:
+    """Compute settings of metrics.json (`compute_folds`, `arms[unit].compute`) with their fold counts."""
+    return "; ".join(f"{s.get('setting', DASH)} ({s.get('folds', DASH)} fold{'' if s.get('folds') == 1 else 's'})"
+                     for s in settings or [])
+
+
+def header_compute(metrics: dict) -> str:
+    """The run's compute for the header: the one setting every fold ran with, else each with its folds."""
+    settings = metrics.get("compute_folds") or []
+    if len(settings) == 1:
+        return settings[0].get("setting", DASH)
+    if settings:
+        return "mixed: " + compute_text(settings)
+    return metrics.get("compute", DASH)
+
+
+def mixed_compute_notes(arms: dict, order: list[str]) -> list[str]:
+    """One line per unit whose folds ran under different compute settings (a resumed run)."""
+    return [f"{n}: its folds ran under different compute settings ({compute_text(arms[n]['compute'])}), "
+            "so its training time mixes them and is not comparable with the other units'."
+            for n in order if len(arms[n].get("compute") or []) > 1]
+
+
+CONCLUSIONS_TITLE = "What this study shows"
+
+
+def conclusions(evidence: dict) -> dict:
+    """The box at the top of the report: the sentences of evidence.summary as metrics.json
+    holds them (generated in evaluation/conclusions.py), and how to read them."""
+    sentences = list(evidence.get("summary") or [])
+    level = evidence.get("summary_level", 0.05)
+    note = (f"Generated from the comparisons below (metrics.json: evidence.summary). A unit \u201cbeats\u201d another only "
+            f"where the p that applies is below {fmt_num(level, 2)}: the primary test's own p for the primary comparison, "
+            "the Holm-adjusted p for every other; above it the difference may be chance.") if sentences else ""
+    return {"title": CONCLUSIONS_TITLE, "sentences": sentences, "note": note}
+
+
 def primary_text(primary: dict | None) -> str:
     """The sentence that names the primary comparison and test, and where it was stated."""
     if not primary:

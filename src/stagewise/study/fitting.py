@@ -220,7 +220,7 @@ class Study:
         p_train = predict(net, self.images, train, compute, self.cache, extra=clinical)
         p_test = predict(net, self.images, split.test, compute, self.cache, extra=clinical)
         metrics, preds = score_fold(self.recipe, self.cohort, split, train, p_train, p_test, recalibrate=True)
-        extra["compute"] = compute.label
+        extra["compute"], extra["threads"] = compute.label, torch.get_num_threads()  # what this fold ran with
         extra["stages"] = stage_logs
         extra["n_train_images"] = int(len(train))
         folder = self.run.folds_dir / unit.folder
@@ -245,7 +245,7 @@ class Study:
         metrics, preds = score_fold(self.recipe, self.cohort, split, train, fit.prob[: len(train)], fit.prob[len(train):],
                                     recalibrate=True)
         extra["sites_training"] = fit.info
-        extra["compute"] = compute.label
+        extra["compute"], extra["threads"] = compute.label, torch.get_num_threads()  # what this fold ran with
         extra["stages"] = [{"kind": "+".join(s.kind for s in arm.stages if not s.external),
                             "seconds": time.perf_counter() - t0, "memory": {}, "epochs": []}]
         extra["n_train_images"] = int(len(train))

@@ -142,7 +142,7 @@ def environment() -> dict:
         "scikit-learn": sklearn.__version__,
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
-        "cpu_threads": torch.get_num_threads(),
+        "cpu_threads_this_session": torch.get_num_threads(),  # each fold's own: metrics.json arms[unit].compute
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
 
@@ -330,5 +330,12 @@ class RunDir:
         atomic_write(meta_path, json.dumps(meta, indent=1))
 
     def write_results(self, predictions: pd.DataFrame, metrics: dict) -> None:
+        """predictions.csv and metrics.json, and in environment.json what each model unit's folds
+        ran with (a resumed run's folds may have run under other settings than this session)."""
+        env_path = self.path / "environment.json"
+        env = json.loads(env_path.read_text()) if env_path.exists() else {}
+        env["folds_compute"] = {name: [f"{s['setting']} ({s['folds']} fold{'' if s['folds'] == 1 else 's'})" for s in u["compute"]]
+                                for name, u in metrics.get("arms", {}).items() if u.get("compute")}
+        atomic_write(env_path, json.dumps(env, indent=2))
         atomic_write(self.path / "predictions.csv", predictions.to_csv(index=False))
         atomic_write(self.path / "metrics.json", strict_json(metrics))

@@ -28,7 +28,7 @@ from stagewise.io import atomic_write
 from stagewise.study.rundir import RunDir, unit_fingerprint
 from stagewise.study.tracking import StudyTracker, open_tracker
 from stagewise.training.compute import busy_machine_note
-from stagewise.study.summaries import unit_summary
+from stagewise.study.summaries import mixed_units, run_compute, unit_summary
 from stagewise.study.units import Unit, study_units
 
 log = logging.getLogger("stagewise")
@@ -147,6 +147,10 @@ def _run(recipe: Recipe, run: RunDir, reporter: Reporter, tracker: StudyTracker)
             fold_results.append(meta)
             all_preds.append(preds)
         units_out[unit.name] = unit_summary(unit, fold_results)
+    compute, fold_compute = run_compute(units_out, compute)  # what the folds ran with, resumed ones included
+    for name, settings in mixed_units(units_out).items():
+        log.warning("compute: the folds of %s ran under different settings (%s): their timings are not comparable",
+                    name, settings)
     metrics = {
         "recipe": recipe.name,
         "name": recipe.name,
@@ -156,6 +160,7 @@ def _run(recipe: Recipe, run: RunDir, reporter: Reporter, tracker: StudyTracker)
         "protocol": recipe.protocol.model_dump(mode="json"),
         "n_splits": len(study.splits),
         "compute": compute,
+        "compute_folds": fold_compute,
         "compute_choice": study.compute_choices,
         "arms": units_out,
         "wall_seconds_this_session": time.perf_counter() - t_start,

@@ -60,6 +60,54 @@ def _training_curves(fold_results: list[dict]) -> list[dict]:
             for m in fold_results]
 
 
+def compute_setting(label: str, threads: int | None) -> str:
+    """One fold's compute in words: its device, precision, layout and torch threads."""
+    if not threads:
+        return f"{label}, threads not recorded"
+    return f"{label}, {threads} thread{'s' if threads != 1 else ''}"
+
+
+def compute_settings(fold_results: list[dict]) -> list[dict]:
+    """The distinct compute settings a unit's folds ran with (each fold's json records its
+    own: a resumed run may have run some folds under other settings), with how many folds each,
+    in the order first met."""
+    counts: dict[tuple, int] = {}
+    for m in fold_results:
+        key = (m.get("compute"), m.get("threads"))
+        if key[0] is not None:
+            counts[key] = counts.get(key, 0) + 1
+    return [{"setting": compute_setting(label, threads), "compute": label, "threads": threads, "folds": n}
+            for (label, threads), n in counts.items()]
+
+
+def settings_text(settings: list[dict]) -> str:
+    """Compute settings with their fold counts, in words: 'cpu fp32, 2 threads (3 folds); ...'."""
+    return "; ".join(f"{s['setting']} ({s['folds']} fold{'s' if s['folds'] != 1 else ''})" for s in settings)
+
+
+def run_compute(units: dict, session_label: str) -> tuple[str, list[dict]]:
+    """What the run's folds ran with, over every model unit: (the run's compute label, the
+    distinct settings with fold counts). The label is this session's when every fold ran with
+    its device, precision and layout, the one all folds share when they share one, else
+    'mixed: ' and every setting with its folds, so the run never claims a single setting for
+    folds that ran under another."""
+    counts: dict[tuple, dict] = {}
+    for u in units.values():
+        for s in u.get("compute") or []:
+            key = (s["compute"], s["threads"])
+            counts.setdefault(key, s | {"folds": 0})["folds"] += s["folds"]
+    settings = list(counts.values())
+    labels = {s["compute"] for s in settings}
+    if len(labels) > 1:
+        return "mixed: " + settings_text(settings), settings
+    return (next(iter(labels)) if labels else session_label), settings
+
+
+def mixed_units(units: dict) -> dict[str, str]:
+    """Units whose folds ran under more than one compute setting, with those settings in words."""
+    return {name: settings_text(u["compute"]) for name, u in units.items() if len(u.get("compute") or []) > 1}
+
+
 def unit_summary(unit: Unit, fold_results: list[dict]) -> dict:
     out = {
         "kind": unit.kind,
@@ -78,6 +126,7 @@ def unit_summary(unit: Unit, fold_results: list[dict]) -> dict:
         if unit.arm.sites.mode != "pooled":
             out["sites_training"] = _sites_training(fold_results)
         out["resources"] = _resources(fold_results)
+        out["compute"] = compute_settings(fold_results)
         out["training_curves"] = _training_curves(fold_results)
         if unit.arm.tune is not None:
             out["tuning"] = [{"repeat": m["repeat"], "fold": m["fold"], "chosen": m["tuning"]["chosen"]} for m in fold_results]
