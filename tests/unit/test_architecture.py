@@ -147,3 +147,17 @@ def test_the_layer_check_sees_an_upward_import_inside_a_function(tmp_path):
         (pkg / name).write_text(text)
     assert _upward_imports(_modules(tmp_path)) == [
         "stagewise.data.cohort (layer 3) imports stagewise.study.runner (layer 8)"]
+
+
+def test_no_module_over_400_lines_and_no_function_over_80():
+    """Small modules with one job: a module that grows past 400 lines or a function past 80
+    is split (into named steps, or a module per concern) before it lands."""
+    long = []
+    for module, path in _modules().items():
+        text = path.read_text()
+        if len(text.splitlines()) > 400:
+            long.append(f"{module}: {len(text.splitlines())} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 80:
+                long.append(f"{module}.{node.name}: {node.end_lineno - node.lineno + 1} lines")
+    assert long == []
