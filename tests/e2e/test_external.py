@@ -92,6 +92,12 @@ def test_cli_evaluate_with_recalibration_writes_shareable_figures_and_a_bundle_t
     np.testing.assert_allclose(after["probability:probe"], expected, atol=1e-6)
     np.testing.assert_allclose(new.predict(files, engine="onnx")["probability:probe"], expected, atol=1e-4)
     assert (after["decision:probe"] == before["decision:probe"]).all()
+    # the figures at the threshold stay true: the mapped out-of-fold patient scores at the mapped threshold
+    at = task["at_threshold"]
+    patients_oof = json.loads((out / "bundle-recalibrated" / "oof.json").read_text())["outputs"]["probe"]["patients"]
+    yy, dd = np.asarray(patients_oof["label"]), np.asarray(patients_oof["score"]) >= task["threshold"]
+    assert at["threshold"] == task["threshold"] and at["sensitivity"]["point"] == pytest.approx(dd[yy == 1].mean())
+    assert at == {**Bundle.load(bundle_dir).info["tasks"][0]["at_threshold"], "threshold": task["threshold"]}
     from stagewise.serve.scorer import Scorer  # the bedside page scores through the same map
 
     served = Scorer(new, engine="onnx").probabilities(new.images(files))[:, 0]

@@ -230,6 +230,15 @@ def test_health_model_card_and_validation(client, bundle, run_dir):
         assert out["threshold"] == task["threshold"] and out["cross_validated"]["auroc"] == task["metrics"]["auroc"]
         ci = out["patient_level_ci"]["bootstrap_ci"]["auroc"]
         assert ci["low"] <= ci["point"] <= ci["high"]
+        # the figures of the rule this bundle applies: the out-of-fold scores in oof.json at its threshold
+        at = out["at_threshold"]
+        assert at == task["at_threshold"] and at["threshold"] == task["threshold"]
+        patients = json.loads((bundle.path / "oof.json").read_text())["outputs"][out["output"]]["patients"]
+        y, s = np.asarray(patients["label"]), np.asarray(patients["score"])
+        decided = s >= task["threshold"]
+        assert at["sensitivity"]["point"] == pytest.approx(decided[y == 1].mean())
+        assert at["specificity"]["point"] == pytest.approx(1 - decided[y == 0].mean())
+        assert at["counts"]["fp"] == int((decided & (y == 0)).sum())
     validation = client.get("/validation").json()
     preds = pd.read_csv(run_dir / "predictions.csv")
     for arm in ("probe-a", "probe-b"):
@@ -558,6 +567,10 @@ def test_browser_page_scores_a_dicom_like_stagewise_predict(browser, server, bun
 
     browser.get(server["url"] + "/")
     _wait(browser, lambda d: "Intended use" in d.find_element(By.ID, "card-body").text)
+    card = browser.find_element(By.ID, "card-body").get_attribute("textContent")
+    assert "At this model's threshold" in card and "Cross-validated models' scores" in card
+    for task in Bundle.load(bundle_dir).info["tasks"]:  # the figures at the bundle's threshold, as bundle.json has them
+        assert f"{task['at_threshold']['sensitivity']['point']:.3f}" in card
     # the file input is reachable from the keyboard
     body = browser.find_element(By.TAG_NAME, "body")
     reached = []
@@ -582,7 +595,7 @@ def test_browser_page_scores_a_dicom_like_stagewise_predict(browser, server, bun
         flagged = bool(expected[f"decision:{name}"])
         assert o.get_attribute("data-state") == ("flagged" if flagged else "below_threshold")
         assert "Not flagged" not in o.text and ("Below the decision threshold" in o.text) != flagged
-        assert "validation images" in o.text
+        assert "cross-validated models' scores" in o.text
     first = browser.find_element(By.CSS_SELECTOR, "#results > li:first-child")
     assert "DICOM" in first.text and "256 × 256 px" in first.text and "bedside.dcm" in first.text
     assert first.find_element(By.CSS_SELECTOR, "img.net").get_attribute("src").startswith("data:image/png")

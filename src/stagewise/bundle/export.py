@@ -24,6 +24,8 @@ import yaml
 from stagewise.version import __version__
 from stagewise.data.readers import INTENSITY_CONVENTION, INTENSITY_DESCRIPTION
 from stagewise.evaluation.calibration import apply_recalibration
+from stagewise.evaluation.metrics import COUNTS, binary_metrics
+from stagewise.evaluation.statistics import bootstrap_metrics
 from stagewise.bundle.model_card import card_facts, render_model_card
 from stagewise.bundle.network import SharedHeads, save_heads
 from stagewise.models import Backbone, Network, load_network, save_backbone
@@ -102,13 +104,20 @@ def export_bundle(run_dir: str | Path, arms: str | list[str], out: str | Path, f
         raise RunError(f"arms {fused} fuse clinical data; a bundle takes images only")
     if refit == (fold is not None):
         raise RunError("choose exactly one of --fold (a saved fold model) and --refit (train on every image)")
+    from stagewise.study.site_arms import export_refusal
+
+    refusals = [r for r in (export_refusal(configs[a], refit) for a in arms) if r]
+    if refusals:
+        raise RunError("; ".join(refusals))
     _prepare_target(out)
-    nets, thresholds = {}, {}
+    nets, thresholds, training = {}, {}, {}
     for arm in arms:
         if refit:
-            nets[arm], thresholds[arm] = _refit(recipe, run_dir, arm, metrics["arms"][arm])
+            nets[arm], thresholds[arm], training[arm] = _refit(recipe, run_dir, arm, metrics["arms"][arm])
         else:
             nets[arm], thresholds[arm] = _fold_network(run_dir, arm, fold)
+            training[arm] = {"mode": "pooled", "description": f"pooled: trained centrally on the training part of "
+                                                              f"fold {fold}"}
     backbone = nets[arms[0]].backbone
     reference = backbone.state_dict()
     for arm in arms[1:]:
@@ -119,7 +128,7 @@ def export_bundle(run_dir: str | Path, arms: str | list[str], out: str | Path, f
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     try:
         os.chmod(tmp, 0o755)
-        _write_bundle(tmp, recipe, metrics, configs, arms, nets, thresholds, backbone, refit, run_dir, fold)
+        _write_bundle(tmp, recipe, metrics, configs, arms, nets, thresholds, training, backbone, refit, run_dir, fold)
         _move_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -129,7 +138,8 @@ def export_bundle(run_dir: str | Path, arms: str | list[str], out: str | Path, f
 
 
 def _write_bundle(folder: Path, recipe: Recipe, metrics: dict, configs: dict, arms: list[str], nets: dict,
-                  thresholds: dict, backbone: Backbone, refit: bool, run_dir: Path, fold: str | None) -> None:
+                  thresholds: dict, training: dict, backbone: Backbone, refit: bool, run_dir: Path,
+                  fold: str | None) -> None:
     save_backbone(backbone, folder / "backbone.safetensors")
     heads = {arm: nets[arm].head for arm in arms}
     save_heads(heads, {arm: configs[arm].head for arm in arms}, folder / "heads.safetensors")
@@ -144,6 +154,7 @@ def _write_bundle(folder: Path, recipe: Recipe, metrics: dict, configs: dict, ar
                 "output": arm if j == 0 else f"{arm}:{outcome}", "arm": arm, "outcome": outcome,
                 **recipe.cohort.wording(outcome),  # outcome_label, outcome_horizon: how people read the outcome
                 "stages": [st.kind for st in configs[arm].stages], "n_folds": len(unit["folds"]),
+                "training": training[arm],
                 "threshold": thresholds[arm] if j == 0 else _task_threshold(unit, outcome, refit, run_dir, arm, fold),
                 "metrics": unit["summary"] if j == 0 else unit["tasks"][outcome],
                 "card": card_facts(metrics, arm, configs[arm].backbone.name, fmt_threshold_rule(recipe), refit, fold)
@@ -152,13 +163,19 @@ def _write_bundle(folder: Path, recipe: Recipe, metrics: dict, configs: dict, ar
     info = {
         "stagewise": __version__, "recipe": recipe.name, "backbone": shareable_backbone(configs[arms[0]].backbone.name),
         "image_size": recipe.data.image_size, "resize": recipe.data.resize, "tasks": tasks,
-        "source": "every image of the cohort (refit after cross-validation)" if refit else f"the training part of fold {fold}",
+        "source": ("every image of the cohort (refit after cross-validation): "
+                   + "; ".join(dict.fromkeys(training[a]["description"] for a in arms))) if refit
+        else f"the training part of fold {fold}",
         "refit": bool(refit),
         "intensity": {"convention": INTENSITY_CONVENTION, "description": INTENSITY_DESCRIPTION},
     }
+    validation = _write_validation(folder, run_dir, metrics, tasks, recipe.protocol.patient_aggregate)
+    for t in tasks:
+        patients = (validation or {}).get(t["output"], {}).get("patients")
+        if patients:
+            t["at_threshold"] = threshold_figures(patients, t["threshold"], recipe.evaluation.bootstrap, recipe.seed)
     (folder / "bundle.json").write_text(json.dumps(info, indent=2))
     (folder / "MODEL_CARD.md").write_text(render_model_card(info))
-    _write_validation(folder, run_dir, metrics, tasks)
     for path in folder.iterdir():  # ordinary permissions: a bundle copied to another account must load
         os.chmod(path, 0o644)
 
@@ -166,24 +183,27 @@ def _write_bundle(folder: Path, recipe: Recipe, metrics: dict, configs: dict, ar
 VALIDATION_FILE = "oof.json"
 
 
-def _write_validation(folder: Path, run_dir: Path, metrics: dict, tasks: list[dict]) -> None:
+def _write_validation(folder: Path, run_dir: Path, metrics: dict, tasks: list[dict], how: str) -> dict | None:
     """`oof.json`: what each output was validated with, so that a new probability can be
     placed against it (the bedside page): per output, the arm's cross-validated out-of-fold
     probabilities and labels, one per scored image and repeat, sorted by probability; the
-    patient-level CIs of the run's evidence; the cohort's counts and the protocol. It holds
-    no image names, patient ids or paths, and no row order that could tie a value to a row."""
+    patient-level CIs of the run's evidence; per output, the patient-level out-of-fold scores
+    (`patients`: each patient's images aggregated as the protocol says in each fold, then the
+    mean over repeats; sorted) that the figures at the bundle's threshold are computed from;
+    the cohort's counts and the protocol. It holds no image names, patient ids or paths, and
+    no row order that could tie a value to a row. Returns its `outputs`."""
     path = run_dir / "predictions.csv"
     if not path.is_file():
-        return
+        return None
     evidence = metrics.get("evidence", {}).get("units", {})
-    columns = {"arm"} | {c for t in tasks for c in _oof_columns(t)}
+    columns = {"arm", "repeat", "fold", "patient"} | {c for t in tasks for c in _oof_columns(t)}
     preds = pd.read_csv(path, usecols=lambda c: c in columns)
     outputs = {}
     for t in tasks:
         prob_col, y_col = _oof_columns(t)
         if prob_col not in preds or y_col not in preds:
             continue
-        part = preds.loc[preds["arm"] == t["arm"], [prob_col, y_col]].dropna()
+        part = preds.loc[preds["arm"] == t["arm"], ["repeat", "fold", "patient", prob_col, y_col]].dropna()
         pairs = sorted(zip(part[prob_col].astype(float).round(6).tolist(), part[y_col].astype(int).tolist()))
         unit = evidence.get(t["arm"], {})
         ev = unit if t["output"] == t["arm"] else unit.get("tasks", {}).get(t["outcome"], {})
@@ -191,6 +211,7 @@ def _write_validation(folder: Path, run_dir: Path, metrics: dict, tasks: list[di
             "arm": t["arm"], "outcome": t["outcome"], "n": len(pairs), "n_positive": int(sum(y for _, y in pairs)),
             "probability": [p for p, _ in pairs], "label": [y for _, y in pairs],
             "patient_level": {k: ev[k] for k in ("n_patients", "n_positive", "auroc_delong_ci", "bootstrap_ci") if k in ev},
+            "patients": _patient_oof(part, prob_col, y_col, how),
         }
     info = {
         "about": "cross-validated out-of-fold probabilities (each image scored by a model that did not train on its "
@@ -199,6 +220,46 @@ def _write_validation(folder: Path, run_dir: Path, metrics: dict, tasks: list[di
         "ci_settings": metrics.get("evidence", {}).get("settings", {}), "outputs": outputs,
     }
     (folder / VALIDATION_FILE).write_text(json.dumps(info))
+    return outputs
+
+
+def _patient_oof(part: pd.DataFrame, prob_col: str, y_col: str, how: str) -> dict:
+    """One out-of-fold score per patient (its images aggregated by `how` within each fold, the
+    mean over repeats) and its label, sorted by score: what a patient-level figure of the
+    cross-validated models at one threshold needs, and no patient id."""
+    agg = {"mean": "mean", "max": "max", "first": "first"}[how]
+    per_fold = part.groupby(["repeat", "fold", "patient"], sort=False).agg(y=(y_col, "first"), score=(prob_col, agg))
+    table = per_fold.groupby("patient", sort=False).agg(y=("y", "first"), score=("score", "mean"))
+    pairs = sorted(zip(table["score"].astype(float).round(6).tolist(), table["y"].astype(int).tolist()))
+    return {"n": len(pairs), "n_positive": int(sum(y for _, y in pairs)),
+            "score": [p for p, _ in pairs], "label": [y for _, y in pairs]}
+
+
+AT_THRESHOLD = ("sensitivity", "specificity", "ppv", "npv", "balanced_accuracy")
+"""The figures of a bundle's own decision rule (its threshold on the cross-validated scores)."""
+
+
+def threshold_figures(patients: dict, threshold: float, n_boot: int, seed: int) -> dict:
+    """Sensitivity, specificity, PPV, NPV and balanced accuracy of the patient-level
+    out-of-fold scores (`_patient_oof`) decided at `threshold`, each with a patient bootstrap
+    95 % CI (`n_boot` resamples, 0: the point only), and the confusion counts."""
+    y, s = np.asarray(patients["label"], dtype=int), np.asarray(patients["score"], dtype=float)
+    point = binary_metrics(y, s, threshold)
+    ids = np.arange(len(y))  # one row per patient: resampling rows resamples patients
+    ci = bootstrap_metrics(y, s, ids, threshold, n_boot=n_boot, seed=seed) if n_boot and len(np.unique(y)) == 2 else {}
+    ci = {m: {k: _finite(v) for k, v in ci[m].items()} for m in ci}
+    return {
+        "threshold": float(threshold), "n_patients": int(len(y)), "n_positive": int(y.sum()),
+        "bootstrap_resamples": int(n_boot) if ci else 0, "level": 0.95,
+        "about": "the cross-validated models' out-of-fold scores (one per patient) decided at this bundle's threshold",
+        **{m: ci.get(m, {"point": _finite(point[m]), "low": None, "high": None}) for m in AT_THRESHOLD},
+        "counts": {c: int(point[c]) for c in COUNTS},
+    }
+
+
+def _finite(x) -> float | None:
+    """A figure for bundle.json: None where undefined (PPV with no positive decision)."""
+    return float(x) if x is not None and np.isfinite(x) else None
 
 
 def _oof_columns(task: dict) -> tuple[str, str]:
@@ -229,6 +290,8 @@ def recalibrated_bundle(source: str | Path, out: str | Path, output: str, recali
     task.setdefault("threshold_before_recalibration", task["threshold"])
     task["recalibration"] = {**recalibration, "intercept": a, "slope": b, "composed_with_earlier": bool(previous)}
     task["threshold"] = float(apply_recalibration(task["threshold_before_recalibration"], a, b))
+    if task.get("at_threshold"):  # a monotone map: the same decisions, so the same figures, at the mapped threshold
+        task["at_threshold"]["threshold"] = task["threshold"]
     _prepare_target(out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     try:
@@ -249,6 +312,11 @@ def recalibrated_bundle(source: str | Path, out: str | Path, output: str, recali
                 original = v.get("probability_before_recalibration", v["probability"])
                 v["probability_before_recalibration"] = original
                 v["probability"] = np.round(apply_recalibration(original, a, b), 6).tolist()
+                patients = v.get("patients")
+                if patients:
+                    original = patients.get("score_before_recalibration", patients["score"])
+                    patients["score_before_recalibration"] = original
+                    patients["score"] = np.asarray(apply_recalibration(original, a, b), dtype=float).tolist()
             (tmp / VALIDATION_FILE).write_text(json.dumps(oof))
         for path in tmp.iterdir():
             os.chmod(path, 0o644)
@@ -259,9 +327,11 @@ def recalibrated_bundle(source: str | Path, out: str | Path, output: str, recali
     return out
 
 
-def _refit(recipe: Recipe, run_dir: Path, arm: str, unit: dict) -> tuple[Network, float]:
-    """Train the arm on every image; the threshold is the median of its fold thresholds,
-    each chosen on a training part, since no data is left to choose one on."""
-    from stagewise.study.fitting import refit
+def _refit(recipe: Recipe, run_dir: Path, arm: str, unit: dict) -> tuple[Network, float, dict]:
+    """Train the arm on every image (pooled centrally, federated in Flower's simulation);
+    the threshold is the median of its fold thresholds, each chosen on a training part, since
+    no data is left to choose one on. Returns also how the model was trained."""
+    from stagewise.study.fitting import refit_arm
 
-    return refit(recipe, arm, run_dir), float(np.median([f["threshold"] for f in unit["folds"]]))
+    net, training = refit_arm(recipe, arm, run_dir)
+    return net, float(np.median([f["threshold"] for f in unit["folds"]])), training

@@ -6,7 +6,9 @@ depend on it), how well its risks were calibrated, whether its backbone started 
 pretrained weights or at random, how its threshold was set, and the figures of *this* model:
 a fold bundle quotes the metrics of the patients its fold held out (not the study mean), a
 refit bundle, which has no held-out patients, says that its figures are the arm's
-cross-validated ones and its threshold the median of the fold thresholds. The facts are
+cross-validated ones and its threshold the median of the fold thresholds. Every bundle also
+states how its model was trained (pooled, or federated over which sites and rounds) and the
+figures of its own decision rule: the cross-validated out-of-fold scores at its threshold. The facts are
 values of metrics.json, copied into bundle.json (`card_facts`); nothing here names a
 patient, a file or a folder.
 """
@@ -53,6 +55,27 @@ def _num(x, digits: int = 3) -> str:
     return "n/a" if x is None else f"{x:.{digits}f}"
 
 
+def _ci(f: dict | None) -> str:
+    if not f or f.get("point") is None:
+        return "n/a"
+    if f.get("low") is None or f.get("high") is None:
+        return f"{f['point']:.3f}"
+    return f"{f['point']:.3f} ({f['low']:.3f} to {f['high']:.3f})"
+
+
+def _at_threshold_lines(t: dict) -> list[str]:
+    """The figures of the decision rule this bundle deploys (bundle.json `at_threshold`)."""
+    a = t.get("at_threshold")
+    if not a:
+        return []
+    ci = f", patient bootstrap 95 % CI over {a['bootstrap_resamples']} resamples" if a.get("bootstrap_resamples") else ""
+    return [f"  - At this bundle's threshold {a['threshold']:.4f} (the decision rule it deploys), on the "
+            f"cross-validated models' out-of-fold scores of {a['n_patients']} patients ({a['n_positive']} positive; "
+            f"each scored by a model that did not train on it, not by this bundle's model{ci}): sensitivity "
+            f"{_ci(a.get('sensitivity'))}, specificity {_ci(a.get('specificity'))}, PPV {_ci(a.get('ppv'))}, NPV "
+            f"{_ci(a.get('npv'))}, balanced accuracy {_ci(a.get('balanced_accuracy'))}"]
+
+
 def render_model_card(info: dict) -> str:
     """MODEL_CARD.md from bundle.json's `info`."""
     lines = [f"# {info['recipe']}: {', '.join(t['arm'] for t in info['tasks'])}", ""]
@@ -75,17 +98,22 @@ def render_model_card(info: dict) -> str:
         lines.append(
             f"- `{t['output']}` (arm {t['arm']}, stages {' -> '.join(t['stages'])}): probability of "
             f"{task_outcome(t, name_column=True)}; decision threshold {t['threshold']:.4f}: {card.get('threshold_rule', 'chosen on training data')}.")
+        if t.get("training"):
+            lines.append(f"  - Training of this model: {t['training']['description']}")
+        lines += _at_threshold_lines(t)
         held = card.get("held_out")
         if held:
             lines.append(f"  - This model (fold {held['fold']}), on the {held.get('n_test_patients', 'n/a')} patients its "
                          f"fold held out: AUROC {_num(held.get('auroc'))}, balanced accuracy "
                          f"{_num(held.get('balanced_accuracy'))}, F1 {_num(held.get('f1'))}, sensitivity "
                          f"{_num(held.get('sensitivity'))}, specificity {_num(held.get('specificity'))}")
-        lines.append(f"  - The arm across {t['n_folds']} folds (cross-validated, mean ± sd): AUROC "
+        lines.append(f"  - The arm across {t['n_folds']} folds (cross-validated, mean ± sd; balanced accuracy and F1 "
+                     "at each fold's own threshold): AUROC "
                      f"{s['auroc']['mean']:.3f} ± {s['auroc']['sd']:.3f}, balanced accuracy "
                      f"{s['balanced_accuracy']['mean']:.3f} ± {s['balanced_accuracy']['sd']:.3f}, "
                      f"F1 {s['f1']['mean']:.3f} ± {s['f1']['sd']:.3f}"
-                     + ("; a refit has no held-out patients, so these are the figures to quote" if "held_out" not in card
+                     + ("; a refit has no held-out patients, so these are the figures to quote (for its decisions, "
+                        "the figures at its threshold above)" if "held_out" not in card
                         and info.get("refit") else ""))
         cal = card.get("calibration")
         lines.append(f"  - Calibration of the arm's out-of-fold risks: slope {_num(cal.get('slope'), 2)}, intercept "

@@ -3,7 +3,7 @@
 - `GET /`: the page (HTML, CSS and JavaScript served from the package: no CDN, no web fonts).
 - `POST /predict`: multipart field `file` -> a probability, the decision and the threshold per
   output (stated as `serve.wording` words it), and the probability's place among the
-  out-of-fold validation probabilities.
+  cross-validated models' (out-of-fold) scores.
 - `POST /explain`: the same, plus the image as the network saw it and a Grad-CAM map per output.
 - `GET /model-card`, `GET /validation`, `GET /health`.
 - `GET /docs`: Swagger UI from the swagger-ui-bundle package's local copy; `GET /openapi.json`.
@@ -46,9 +46,9 @@ _DOCS_CSP = "default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-
 
 
 class Position(BaseModel):
-    below: float | None = Field(description="share of the out-of-fold validation probabilities below this one")
-    below_with_outcome: float | None = Field(description="the same among validation images with the outcome")
-    below_without_outcome: float | None = Field(description="the same among validation images without it")
+    below: float | None = Field(description="share of the cross-validated models' (out-of-fold) scores below this one")
+    below_with_outcome: float | None = Field(description="the same among those scores of images with the outcome")
+    below_without_outcome: float | None = Field(description="the same among those of images without it")
     n: int
     n_with_outcome: int
     n_without_outcome: int
@@ -160,7 +160,8 @@ def _add_info_routes(app: FastAPI, bundle: Bundle, scorer: Scorer, card: dict, m
         return {"status": "ok", "model": bundle.info["recipe"], "outputs": [t["output"] for t in scorer.tasks],
                 "engine": scorer.engine, "max_upload_bytes": max_upload, "stagewise": __version__}
 
-    @app.get("/model-card", summary="What the model was trained on, how it was validated, what it is for")
+    @app.get("/model-card", summary="What the model was trained on and how, how it was validated (with the figures at its "
+                          "threshold), what it is for")
     async def get_model_card() -> dict:
         return card
 

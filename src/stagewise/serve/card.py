@@ -1,5 +1,7 @@
 """The model card the page shows and `GET /model-card` returns, from what the bundle holds:
-bundle.json (tasks, thresholds, cross-validated metrics, provenance) and, for bundles exported
+bundle.json (tasks, thresholds, cross-validated metrics, how the model was trained, the
+figures at the bundle's own threshold: sensitivity, specificity, PPV, NPV and balanced
+accuracy of the cross-validated models' scores decided at it) and, for bundles exported
 since oof.json exists, the cohort's counts, the protocol and patient-level 95 % CIs."""
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ def model_card(info: dict, validation: dict | None, dims: int, engine: str, max_
             "threshold": t["threshold"], "n_folds": t["n_folds"],
             "cross_validated": {m: t["metrics"][m] for m in ("auroc", "balanced_accuracy", "f1") if m in t["metrics"]},
             "patient_level_ci": v.get("patient_level") or None,
+            "at_threshold": t.get("at_threshold"),
+            "training": (t.get("training") or {}).get("description"),
             "validation_images": v.get("n"),
         })
     return {

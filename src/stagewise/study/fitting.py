@@ -32,7 +32,8 @@ from stagewise.recipe import ArmConfig, ProtocolConfig, Recipe, RecipeError
 from stagewise.io import atomic_write, atomic_write_with
 from stagewise.study.rundir import RunDir, pretrain_fingerprint
 from stagewise.evaluation.fold_scores import score_fold
-from stagewise.study.site_arms import fit_federated, fit_local
+from stagewise.errors import RunError
+from stagewise.study.site_arms import export_refusal, fit_federated, fit_local, refit_federated
 from stagewise.training.start import seeded_backbone, start_network
 from stagewise.training.cache import load_image_set, ImageSet, PrefixCache
 from stagewise.training.autotune import choose_compute, needs_measurement
@@ -363,18 +364,36 @@ def study_from_state(state: dict, run: RunDir, images: ImageSet | None, pristine
 
 
 def refit(recipe: Recipe, arm: str, run_dir: str | Path, reporter: Reporter | None = None) -> Network:
+    """The arm trained on every image of the cohort (`refit_arm`'s network)."""
+    return refit_arm(recipe, arm, run_dir, reporter)[0]
+
+
+def refit_arm(recipe: Recipe, arm: str, run_dir: str | Path, reporter: Reporter | None = None) -> tuple[Network, dict]:
     """The arm trained through its stages on every image of the cohort (no test part), as
-    scikit-learn's search refits its best estimator on all the data.
+    scikit-learn's search refits its best estimator on all the data, and how it was trained
+    (`description` in words): a pooled arm centrally, a federated arm federated (Flower's
+    simulation engine, every image of each site a training row; the final global model).
+    A local arm (one model per site) and a FedBN arm (no global model) are refused.
 
     Stages on source manifests are not run again: the backbone they made is read from the
     run directory's pretrained/ folder (made by `run_study` on the same recipe)."""
     configs = {a.name: a for a in recipe.arms}
     if arm not in configs:
         raise RecipeError(f"no model arm {arm!r}; arms: {sorted(configs)}")
+    config = configs[arm]
+    refusal = export_refusal(config, refit=True)
+    if refusal:
+        raise RunError(refusal)
     study = Study(recipe, RunDir(Path(run_dir)), reporter or LineReporter(epochs=True))
     everything = np.arange(study.cohort.n_images)
     study.reporter.fold_started(f"refit {arm} on every image", Split(-1, -1, np.arange(0), np.arange(0)),
-                                sum(s.epochs for s in configs[arm].stages))
-    net, _ = train_fold(configs[arm], study.pristine(configs[arm]), study.images, study.targets, everything,
-                        recipe.seed, study.compute_for(configs[arm]), study.cache, study.reporter)
-    return net.cpu()
+                                sum(s.epochs for s in config.stages))
+    if config.sites.mode == "federated":
+        start = start_network(config, study.pristine(config), study.targets.shape[1], recipe.seed)
+        sites = study.cohort.table["site"].astype(str).to_numpy()
+        return refit_federated(config, start, study.images, study.targets, sites, study.compute_for(config),
+                               recipe.seed)
+    net, _ = train_fold(config, study.pristine(config), study.images, study.targets, everything,
+                        recipe.seed, study.compute_for(config), study.cache, study.reporter)
+    return net.cpu(), {"mode": "pooled", "images": int(len(everything)),
+                       "description": f"pooled: trained centrally on every image of the cohort ({len(everything)} images)"}

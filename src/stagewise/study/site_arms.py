@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from stagewise.errors import RunError
 from stagewise.evaluation.metrics import binary_metrics, patient_scores
 from stagewise.federated.simulation import run_federated
 from stagewise.federated.site import SitePartition, round_seed, site_seed
@@ -82,9 +83,10 @@ def fit_local(arm: ArmConfig, start: Network, images: ImageSet, targets: torch.T
     return SiteFit(prob, info)
 
 
-def fit_federated(arm: ArmConfig, start: Network, images: ImageSet, targets: torch.Tensor, sites: np.ndarray,
-                  train: np.ndarray, rows: np.ndarray, compute: Compute, seed: int) -> SiteFit:
-    """Sites with training rows are Flower clients holding only their own rows."""
+def site_partitions(images: ImageSet, targets: torch.Tensor, sites: np.ndarray, train: np.ndarray,
+                    rows: np.ndarray) -> tuple[list[SitePartition], list[np.ndarray]]:
+    """One Flower client's partition per site with training rows (its training rows, then the
+    other rows of `rows` it scores), and per partition the cohort rows it scores, in order."""
     by_site = rows_by_site(sites, train)
     wanted = rows_by_site(sites, rows)
     partitions, order = [], []
@@ -97,6 +99,14 @@ def fit_federated(arm: ArmConfig, start: Network, images: ImageSet, targets: tor
             targets=targets[torch.as_tensor(own)], train=np.arange(len(site_train)),
             score=np.asarray([at[int(r)] for r in score], dtype=int)))
         order.append(score)
+    return partitions, order
+
+
+def fit_federated(arm: ArmConfig, start: Network, images: ImageSet, targets: torch.Tensor, sites: np.ndarray,
+                  train: np.ndarray, rows: np.ndarray, compute: Compute, seed: int) -> SiteFit:
+    """Sites with training rows are Flower clients holding only their own rows."""
+    by_site = rows_by_site(sites, train)
+    partitions, order = site_partitions(images, targets, sites, train, rows)
     result = run_federated(arm, start, partitions, compute, seed)
     prob = np.full((len(rows), targets.shape[1]), np.nan)
     position = {int(r): i for i, r in enumerate(rows)}
@@ -119,3 +129,51 @@ def fit_federated(arm: ArmConfig, start: Network, images: ImageSet, targets: tor
         "full_model_bytes": int(result.full_model_bytes),
     }
     return SiteFit(prob, info)
+
+
+def export_refusal(arm: ArmConfig, refit: bool) -> str | None:
+    """Why the arm's model cannot be exported this way (None: it can). A bundle holds one
+    network; it must be the network whose training the bundle's card describes."""
+    mode, name = arm.sites.mode, arm.name
+    if mode == "local" and refit:
+        return (f"arm {name!r} trains one model per site (sites.mode: local), so a refit has no single model to "
+                "bundle; export a pooled arm or a federated arm (sites.mode: federated) with --refit instead")
+    if mode == "federated" and arm.sites.bn_stats == "local" and refit:
+        return (f"arm {name!r} keeps BatchNorm at each site (FedBN, sites.bn_stats: local), so federated training "
+                "ends with one model per site and no single global model to bundle; export an arm with "
+                "sites.bn_stats: average, or a pooled arm, with --refit instead")
+    if mode != "pooled" and not refit:
+        scored_by = ("its own site's model" if mode == "local"
+                     else "its site's final model (the aggregated tensors over that site's own state)")
+        return (f"arm {name!r} trains per site (sites.mode: {mode}): each fold's scores come from {scored_by}, "
+                "and no single fold model is saved whose scores they are; export it with --refit"
+                + (" (federated training over every image of each site)" if mode == "federated" else
+                   " is refused too (one model per site): export a pooled or federated arm"))
+    return None
+
+
+def refit_federated(arm: ArmConfig, start: Network, images: ImageSet, targets: torch.Tensor, sites: np.ndarray,
+                    compute: Compute, seed: int) -> tuple[Network, dict]:
+    """The arm trained federated on every image of each site (each site a Flower client that
+    holds only its own rows, all of them training rows): the deployable model is the final
+    global model, `start` with every aggregated tensor in place. Returns it and how it was trained."""
+    refusal = export_refusal(arm, refit=True)
+    if refusal:
+        raise RunError(refusal)
+    everything = np.arange(len(targets))
+    partitions, _ = site_partitions(images, targets, sites, everything, np.zeros(0, dtype=int))
+    result = run_federated(arm, start, partitions, compute, seed)
+    net = copy.deepcopy(start).cpu()
+    net.load_state_dict(result.global_state)
+    images_per_site = {p.site: int(len(p.train)) for p in partitions}
+    replied = [r["sites_replied"] for r in result.rounds]
+    strategy = {"fedavg": "FedAvg", "fedprox": "FedProx", "fedadam": "FedAdam"}.get(arm.sites.strategy, arm.sites.strategy)
+    fewest = min(replied) if replied else 0
+    description = (f"federated: {strategy} over {len(partitions)} sites, {len(result.rounds)} rounds, on every image "
+                   f"of each site ({', '.join(f'{s}: {n}' for s, n in images_per_site.items())} images); the model is "
+                   "the final global model"
+                   + (f" (some rounds completed with {fewest} of {len(partitions)} sites)" if fewest < len(partitions) else ""))
+    info = {"mode": "federated", "strategy": arm.sites.strategy, "bn_stats": arm.sites.bn_stats,
+            "sites": len(partitions), "images_per_site": images_per_site, "rounds": len(result.rounds),
+            "sites_replied_per_round": replied, "description": description}
+    return net, info

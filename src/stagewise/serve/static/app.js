@@ -82,6 +82,7 @@ function renderCard(card) {
   } else {
     item("Validation", `${card.outputs[0].n_folds} cross-validation folds`);
   }
+  item("Training", [...new Set(card.outputs.map((o) => o.training).filter(Boolean))].join("; "));
   item("Input", `${card.input.dimensions === 2 ? "one 2D image" : "one 3D volume"}, resized (${card.input.resize}) to ${card.input.image_size} px; ${card.input.intensities}`);
   item("Network", card.backbone);
   item("Software", `stagewise ${card.stagewise}; bundle exported by stagewise ${card.bundle_stagewise}`);
@@ -89,7 +90,7 @@ function renderCard(card) {
   body.push(dl);
 
   const details = el("details", {}, el("summary", { text: "Validation figures" }));
-  details.append(el("p", { class: "hint", text: "AUROC: how well the probability ranks patients with the outcome above those without (0.5 = chance, 1 = perfect). Balanced accuracy and F1 are for the decision at the threshold. Mean ± SD over the cross-validation folds; 95 % confidence intervals over patients." }));
+  details.append(el("p", { class: "hint", text: "AUROC: how well the probability ranks patients with the outcome above those without (0.5 = chance, 1 = perfect). Balanced accuracy and F1 here are for each fold's decision at that fold's own threshold. Mean ± SD over the cross-validation folds; 95 % confidence intervals over patients." }));
   for (const o of card.outputs) {
     const table = el("table");
     table.append(el("caption", { class: "visually-hidden", text: `Validation figures for ${outcomeText(o)}` }));
@@ -114,12 +115,35 @@ function renderCard(card) {
     tbody.append(el("tr", {}, el("th", { scope: "row", text: "Decision threshold" }), el("td", { class: "num", text: pct(o.threshold) }), el("td", { text: "chosen on training data" })));
     table.append(tbody);
     details.append(table);
+    if (o.at_threshold) details.append(atThresholdTable(o, card.outputs.length > 1));
   }
   if (!card.validation_distribution) {
     details.append(el("p", { text: "This bundle does not store its cross-validated out-of-fold probabilities (it was exported by an older stagewise), so results cannot be placed against them. Export it again to add them." }));
   }
   body.push(details);
   $("#card-body").replaceChildren(...body);
+}
+
+function atThresholdTable(o, several) {
+  // the decision rule this page applies: the cross-validated models' scores at this model's threshold
+  const a = o.at_threshold;
+  const wrap = el("div");
+  wrap.append(el("p", { class: "hint", text: `At this model's threshold of ${pct(a.threshold)}, the decision rule this page applies: the cross-validated models' scores (each of ${a.n_patients} patients scored by a model that did not train on it, not by this model) decided at this threshold; 95 % confidence intervals over patients.` }));
+  const table = el("table");
+  table.append(el("caption", { class: "visually-hidden", text: `Figures at the threshold for ${o.outcome}` }));
+  table.append(el("thead", {}, el("tr", {}, el("th", { scope: "col", text: `${o.outcome}${several ? ` (${o.output})` : ""} at ${pct(a.threshold)}` }),
+    el("th", { scope: "col", text: "Cross-validated models' scores" }), el("th", { scope: "col", text: "95 % CI (patients)" }))));
+  const tbody = el("tbody");
+  const names = { sensitivity: "Sensitivity", specificity: "Specificity", ppv: "PPV", npv: "NPV", balanced_accuracy: "Balanced accuracy" };
+  for (const [m, label] of Object.entries(names)) {
+    const f = a[m];
+    if (!f) continue;
+    const ci = f.low === null || f.high === null ? "–" : `${fmt(f.low)} to ${fmt(f.high)}`;
+    tbody.append(el("tr", { "data-metric": m }, el("th", { scope: "row", text: label }), el("td", { class: "num", text: fmt(f.point) }), el("td", { class: "num", text: ci })));
+  }
+  table.append(tbody);
+  wrap.append(table);
+  return wrap;
 }
 
 // ---------------------------------------------------------------- scoring
@@ -249,17 +273,17 @@ function renderPosition(o) {
   const box = el("div", { class: "position" });
   const dist = state.validation && state.validation.available ? state.validation.outputs[o.output] : null;
   if (!o.validation || !dist) {
-    box.append(el("p", { class: "hint", text: "Comparison with the validation images is unavailable: this model bundle does not store them (export it again with a newer stagewise)." }));
+    box.append(el("p", { class: "hint", text: "Comparison with the cross-validated models' scores is unavailable: this model bundle does not store them (export it again with a newer stagewise)." }));
     return box;
   }
   const v = o.validation;
   const parts = [];
   if (v.below_without_outcome !== null) parts.push(`${pct(v.below_without_outcome, 0)} of those without ${outcomeText(o)}`);
   if (v.below_with_outcome !== null) parts.push(`${pct(v.below_with_outcome, 0)} of those with it`);
-  box.append(el("p", { text: `Higher than ${pct(v.below, 0)} of the ${v.n} validation images${parts.length ? ` (${parts.join(", ")})` : ""}.` }));
+  box.append(el("p", { text: `Higher than ${pct(v.below, 0)} of the ${v.n} cross-validated models' scores${parts.length ? ` (${parts.join(", ")})` : ""}.` }));
   box.append(chart(dist, o));
   const legend = el("ul", { class: "legend" });
-  legend.append(el("li", {}, el("span", { class: "swatch without" }), `validation images without ${outcomeText(o)} (above the line)`));
+  legend.append(el("li", {}, el("span", { class: "swatch without" }), `cross-validated models' scores without ${outcomeText(o)} (above the line)`));
   legend.append(el("li", {}, el("span", { class: "swatch with" }), `with ${outcomeText(o)} (below)`));
   legend.append(el("li", {}, el("span", { class: "swatch me" }), "this image"));
   legend.append(el("li", {}, el("span", { class: "swatch thr" }), "threshold"));
@@ -282,7 +306,7 @@ function chart(dist, o) {
     counts[dist.label[i] ? 1 : 0][b] += 1;
   });
   const most = Math.max(1, ...counts[0], ...counts[1]);
-  const label = `Histogram of the validation probabilities: this image at ${pct(o.probability)}, threshold ${pct(o.threshold)}`;
+  const label = `Histogram of the cross-validated models' scores: this image at ${pct(o.probability)}, threshold ${pct(o.threshold)}`;
   const root = svg("svg", { viewBox: `0 0 ${W} ${H}`, class: "chart", role: "img", "aria-label": label });
   const bw = (W - left - right) / bins;
   for (let b = 0; b < bins; b++) {
