@@ -621,7 +621,7 @@ def test_browser_page_says_when_a_bundle_has_no_validation_distribution(browser,
         _wait(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#results > li:not(.pending)")) == 1)
         result = browser.find_element(By.CSS_SELECTOR, "#results > li")
         assert "failed" not in result.get_attribute("class")
-        assert result.text.count("Comparison with the validation images is unavailable") == 2  # both outputs
+        assert result.text.count("Comparison with the cross-validated models' scores is unavailable") == 2  # both outputs
 
 
 def test_browser_page_states_a_below_threshold_result_neutrally(browser, bundle_dir, pngs, tmp_path, monkeypatch):
