@@ -32,11 +32,13 @@ from stagewise.study.fitting import SilentReporter  # noqa: E402 - after the env
 
 def pytest_xdist_auto_num_workers(config):
     """`-n auto` (pyproject's addopts): one worker per CPU this process may use (xdist's own
-    default counts the machine's cores, more than a container or taskset allows)."""
+    default counts the machine's cores, more than a container or taskset allows). A third
+    worker on 2 CPUs was slower (the federated and deployment tests then contend for CPUs)."""
     return usable_cpus()
 
 
-SLOWEST_FIRST = ("test_deployment.py", "test_federated.py", "test_executor_ray.py", "test_evidence_units.py",
+SLOWEST_FIRST = ("test_deployment.py", "test_federated.py", "test_refit_bundles.py", "test_executor_ray.py",
+                 "test_same_behaviour.py", "test_executors.py", "test_evidence_units.py",
                  "test_study.py", "test_pretrain.py", "test_executor.py", "test_serve.py")
 """Modules of minutes, handed to the xdist workers first so that no long one starts last."""
 
