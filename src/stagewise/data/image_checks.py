@@ -19,7 +19,6 @@ warnings (returned, one line each, listing all the rows concerned):
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections import defaultdict, deque
 from concurrent.futures import ThreadPoolExecutor
@@ -27,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence, TypeVar
 
+from stagewise.data.image_digest import content_digest
 from stagewise.data.problems import CohortError, file_key
 from stagewise.data.readers import ImageReadError, is_volume_path, png_significant_bits, read_image
 
@@ -62,10 +62,7 @@ def _probe(path: str) -> _Probe:
         return _Probe(error=err.reason)
     except Exception as err:  # a reader bug must not hide the other files' problems
         return _Probe(error=f"the file cannot be decoded ({type(err).__name__}: {err})")
-    h = hashlib.blake2b(digest_size=16)
-    h.update(repr(img.shape).encode())
-    h.update(img.tobytes())  # hashlib releases the GIL on large buffers
-    return _Probe(tuple(img.shape), float(img.min()), float(img.max()), h.digest())
+    return _Probe(tuple(img.shape), float(img.min()), float(img.max()), content_digest(img))
 
 
 def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int, window: int | None = None) -> Iterator[R]:
