@@ -65,6 +65,13 @@ def make_splits(
     return splits
 
 
+def cohort_splits(table, protocol: ProtocolConfig, seed: int) -> list[Split]:
+    """The splits of a checked cohort table (columns y, patient, [site]) under the protocol:
+    those a study trains, and so those an export names a fold's training rows by."""
+    sites = table["site"].to_numpy() if "site" in table else None
+    return make_splits(table["y"].to_numpy(), table["patient"].to_numpy(), protocol, seed, sites)
+
+
 def balanced_test_folds(y: np.ndarray, patients: np.ndarray, k: int, seed: int):
     """(train rows, test rows) of the BPD code's fold construction, for one repeat: positive
     patients permuted and cut into k chunks (numpy's array_split), negatives permuted by the

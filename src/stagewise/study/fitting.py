@@ -25,7 +25,7 @@ import torch
 from stagewise.data import Cohort, load_cohort, load_images
 from stagewise.evaluation.baselines import baseline_scores, clinical_model_scores, fold_standardize
 from stagewise.evaluation.metrics import binary_metrics, patient_scores
-from stagewise.evaluation.splits import fold_seed, Split, make_splits, subsample_patients
+from stagewise.evaluation.splits import cohort_splits, fold_seed, Split, make_splits, subsample_patients
 from stagewise.models import Network, save_backbone, save_network
 from stagewise.study.progress import LineReporter
 from stagewise.recipe import ArmConfig, ProtocolConfig, Recipe, RecipeError
@@ -115,8 +115,7 @@ class Study:
         self.cohort = cohort or load_cohort(recipe.cohort, decode=True)  # every image decoded before training
         t = self.cohort.table
         self.y, self.patients = t["y"].to_numpy(), t["patient"].to_numpy()
-        sites = t["site"].to_numpy() if "site" in t else None
-        self.splits = make_splits(self.y, self.patients, recipe.protocol, recipe.seed, sites)
+        self.splits = cohort_splits(t, recipe.protocol, recipe.seed)
         self.targets = torch.tensor(self.cohort.targets(), dtype=torch.float32)
         self.cache = PrefixCache() if self.compute.reuse_frozen else None
         self.compute_choices: dict[str, dict] = {}
