@@ -13,6 +13,7 @@ import yaml
 
 from conftest import small_recipe
 from stagewise.bundle import Bundle, export_bundle
+from stagewise.data.image_digest import image_fingerprints, salted_digest
 from stagewise.evaluation.statistics import bootstrap_metrics
 from stagewise.federated.simulation import run_federated
 from stagewise.federated.site import SitePartition
@@ -83,6 +84,11 @@ def test_a_federated_refit_is_the_final_global_model_of_federated_training_on_ev
     words = "federated: FedAvg over 3 sites, 2 rounds, on every image of each site"
     assert words in task["training"]["description"] and words in bundle.info["source"]
     assert words in (bundle.path / "MODEL_CARD.md").read_text()
+    # its training set is every image of every site, under the bundle's salt
+    record = json.loads((bundle.path / "training_set.json").read_text())
+    prints = image_fingerprints(study.cohort.table["path"].tolist())
+    assert record["pixel_digests"] == sorted(salted_digest(record["salt"], "pixels", d) for d, _ in prints)
+    assert bundle.info["training_set"]["images"] == 80 and bundle.info["training_set"]["patients"] == 40
 
 
 def test_a_pooled_refit_says_pooled(run_dir, tmp_path):

@@ -27,11 +27,15 @@ from stagewise.evaluation.calibration import apply_recalibration
 from stagewise.evaluation.metrics import COUNTS, binary_metrics
 from stagewise.evaluation.statistics import bootstrap_metrics
 from stagewise.bundle.model_card import card_facts, render_model_card
+from stagewise.bundle.training_set import record_training_set, training_set_summary, write_training_set
+from stagewise.data import Cohort, load_cohort
+from stagewise.data.fingerprint import cohort_digest
 from stagewise.bundle.network import SharedHeads, save_heads
 from stagewise.models import Backbone, Network, load_network, save_backbone
 from stagewise.recipe import Recipe, recipe_from_dict, recipe_to_dict, shareable_backbone, shareable_recipe
 from stagewise.errors import RunError
 from stagewise.io import check_writable
+from stagewise.study.rundir import unit_fingerprint
 from stagewise.study.tracking import log_bundle
 
 
@@ -125,10 +129,16 @@ def export_bundle(run_dir: str | Path, arms: str | list[str], out: str | Path, f
         if other.keys() != reference.keys() or any(not torch.equal(other[k], reference[k]) for k in reference):
             raise RunError(f"arms {arms[0]!r} and {arm!r} do not share one backbone (only arms whose backbone stayed "
                            "frozen on the same weights do); export them as separate bundles")
+    cohort = load_cohort(recipe.cohort)
+    if fold is not None:
+        _check_fold_cohort(run_dir, recipe, configs, arms, fold, cohort)
+    trained_on = record_training_set(recipe, cohort, arms, fold)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     try:
         os.chmod(tmp, 0o755)
-        _write_bundle(tmp, recipe, metrics, configs, arms, nets, thresholds, training, backbone, refit, run_dir, fold)
+        write_training_set(tmp, trained_on)
+        _write_bundle(tmp, recipe, metrics, configs, arms, nets, thresholds, training, backbone, refit, run_dir, fold,
+                      training_set_summary(trained_on))
         _move_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -137,9 +147,22 @@ def export_bundle(run_dir: str | Path, arms: str | list[str], out: str | Path, f
     return out
 
 
+def _check_fold_cohort(run_dir: Path, recipe: Recipe, configs: dict, arms: list[str], fold: str, cohort: Cohort) -> None:
+    """A fold model's training images are the run's split of the cohort as it was when the fold
+    trained: refuse when the cohort's rows or images changed since (the fold's fingerprint no
+    longer matches), since the bundle could not say what it was trained on."""
+    digest = cohort_digest(cohort.table, [c for c in cohort.table.columns if c != "path"])
+    for arm in arms:
+        meta = json.loads((run_dir / "folds" / arm / f"{fold}.json").read_text())
+        if meta.get("fingerprint") != unit_fingerprint(recipe, "model", configs[arm], 1.0, None, digest):
+            raise RunError(f"the cohort ({recipe.cohort.manifest}: its rows or image files) changed since fold {fold} of "
+                           f"arm {arm!r} was trained, so the bundle could not record what it was trained on; run the "
+                           "study again on the current cohort (or restore the cohort it ran on) and export then")
+
+
 def _write_bundle(folder: Path, recipe: Recipe, metrics: dict, configs: dict, arms: list[str], nets: dict,
                   thresholds: dict, training: dict, backbone: Backbone, refit: bool, run_dir: Path,
-                  fold: str | None) -> None:
+                  fold: str | None, training_set: dict) -> None:
     save_backbone(backbone, folder / "backbone.safetensors")
     heads = {arm: nets[arm].head for arm in arms}
     save_heads(heads, {arm: configs[arm].head for arm in arms}, folder / "heads.safetensors")
@@ -167,6 +190,7 @@ def _write_bundle(folder: Path, recipe: Recipe, metrics: dict, configs: dict, ar
                    + "; ".join(dict.fromkeys(training[a]["description"] for a in arms))) if refit
         else f"the training part of fold {fold}",
         "refit": bool(refit),
+        "training_set": training_set,  # training_set.json: what trained it, identifying no patient
         "intensity": {"convention": INTENSITY_CONVENTION, "description": INTENSITY_DESCRIPTION},
     }
     validation = _write_validation(folder, run_dir, metrics, tasks, recipe.protocol.patient_aggregate)
@@ -273,13 +297,16 @@ def _task_threshold(unit: dict, outcome: str, refit: bool, run_dir: Path, arm: s
     return json.loads((run_dir / "folds" / arm / f"{fold}.json").read_text())["metrics"]["tasks"][outcome]["threshold"]
 
 
-def recalibrated_bundle(source: str | Path, out: str | Path, output: str, recalibration: dict) -> Path:
+def recalibrated_bundle(source: str | Path, out: str | Path, output: str, recalibration: dict,
+                        training_set: dict | None = None) -> Path:
     """A copy of bundle `source` in `out` whose `output` probabilities pass through a logistic
     recalibration, p' = sigmoid(intercept + slope logit p), recorded in bundle.json (with what
     it was fitted on), so that `predict` and `serve` apply it. Its threshold is mapped the same
     way (the decisions stay those of the stored threshold) and its out-of-fold validation
     probabilities too (their order, and so each new probability's place among them, stays).
-    A bundle already recalibrated composes the two maps into one."""
+    A bundle already recalibrated composes the two maps into one. `training_set`, when given,
+    replaces the source's training_set.json (`training_set.with_recalibration`: the source's
+    training images and patients and those the recalibration was fitted on)."""
     source, out = Path(source), Path(out)
     info = json.loads((source / "bundle.json").read_text())
     task = next(t for t in info["tasks"] if t["output"] == output)
@@ -289,6 +316,8 @@ def recalibrated_bundle(source: str | Path, out: str | Path, output: str, recali
         a, b = a + b * previous["intercept"], b * previous["slope"]
     task.setdefault("threshold_before_recalibration", task["threshold"])
     task["recalibration"] = {**recalibration, "intercept": a, "slope": b, "composed_with_earlier": bool(previous)}
+    if training_set is not None:
+        info["training_set"] = training_set_summary(training_set)
     task["threshold"] = float(apply_recalibration(task["threshold_before_recalibration"], a, b))
     if task.get("at_threshold"):  # a monotone map: the same decisions, so the same figures, at the mapped threshold
         task["at_threshold"]["threshold"] = task["threshold"]
@@ -299,11 +328,14 @@ def recalibrated_bundle(source: str | Path, out: str | Path, output: str, recali
         for f in source.iterdir():
             if f.is_file() and f.name not in ("bundle.json", "MODEL_CARD.md", VALIDATION_FILE):
                 shutil.copyfile(f, tmp / f.name)
+        if training_set is not None:
+            write_training_set(tmp, training_set)
         (tmp / "bundle.json").write_text(json.dumps(info, indent=2))
         card = render_model_card(info) + (
             f"\nRecalibrated (`{output}`, logistic, {recalibration['method']}): p' = sigmoid({a:.4f} + {b:.4f} logit p), "
-            f"fitted on {recalibration['fitted_on']['n_patients']} patients of an external cohort "
-            f"({recalibration['fitted_on']['n_positive']} positive); the threshold maps to {task['threshold']:.4f}.\n")
+            f"fitted on {recalibration['fitted_on']['n_patients']} patients ({recalibration['fitted_on']['n_positive']} "
+            f"positive) of {recalibration['fitted_on'].get('cohort', 'an external cohort')}; the threshold maps to "
+            f"{task['threshold']:.4f}.\n")
         (tmp / "MODEL_CARD.md").write_text(card)
         if (source / VALIDATION_FILE).is_file():
             oof = json.loads((source / VALIDATION_FILE).read_text())

@@ -76,6 +76,25 @@ def _at_threshold_lines(t: dict) -> list[str]:
             f"{_ci(a.get('npv'))}, balanced accuracy {_ci(a.get('balanced_accuracy'))}"]
 
 
+def training_set_line(ts: dict | None, pretrained: bool) -> str:
+    """What the bundle carries of its training set (training_set.json), or that it carries none."""
+    if not ts:
+        return ("- Training set: not recorded (a bundle exported before stagewise recorded it), so an evaluation "
+                "cannot check whether its cohort overlaps the training images")
+    source = (f" and {ts['source_manifest_images']} images of its stages' source manifests"
+              if ts.get("source_manifest_images") else "")
+    recal = (f" and the {ts['recalibration_images']} images its recalibration was fitted on"
+             if ts.get("recalibration_images") else "")
+    return (f"- Training set (`{ts['file']}`): for the {ts['images']} cohort images{source} it was trained on{recal}, a salted "
+            f"SHA-256 of each image's decoded pixels and a 64-bit perceptual hash ({ts['perceptual']}), and a salted "
+            f"SHA-256 of each of those {ts['patients']} patients' ids (the salt is this bundle's own). They "
+            "name no patient or file; the perceptual hashes can show that an image one already holds is (nearly) "
+            "one of the training images. `stagewise evaluate` uses them to find images and patients of an "
+            "evaluated cohort that were in training."
+            + (" The images that trained the backbone's starting (pretrained) weights elsewhere are not listed."
+               if pretrained else ""))
+
+
 def render_model_card(info: dict) -> str:
     """MODEL_CARD.md from bundle.json's `info`."""
     lines = [f"# {info['recipe']}: {', '.join(t['arm'] for t in info['tasks'])}", ""]
@@ -88,6 +107,7 @@ def render_model_card(info: dict) -> str:
     lines.append(f"- Input: one-channel image, resized ({info['resize']}) to {info['image_size']} px, intensities in "
                  "[0, 1] by " + (f"`{intensity['convention']}`: {intensity.get('description', '')}" if intensity
                                  else "the earlier convention (DICOM by each image's minimum and maximum)"))
+    lines.append(training_set_line(info.get("training_set"), first.get("backbone_init") == "pretrained"))
     c = first.get("cohort") or {}
     if c.get("patients"):
         lines.append(f"- Development cohort: {c['patients']} patients, {c.get('positive_patients')} positive "
