@@ -35,7 +35,9 @@ def evaluate(
 ) -> None:
     """External validation: the bundle on another site's labelled cohort, against its own
     cross-validated figures; an HTML report with the TRIPOD+AI items, per-image and
-    per-patient predictions, optional recalibration.
+    per-patient predictions, optional recalibration. The cohort is first compared with the
+    bundle's training set (same pixels, near-duplicate images, patient ids): when they overlap,
+    the evaluation says it is not external and scores with and without the overlapping patients.
 
     Example: stagewise evaluate bundles/probe site-b.csv --outcome icu --positive yes --negative no -o eval-site-b
     """
@@ -50,7 +52,21 @@ def evaluate(
         res = evaluate_bundle(bundle, manifest, target, options, engine)
         if res["bundle"].get("intensity_notice"):
             out.print(f"[yellow]note:[/yellow] {escape(res['bundle']['intensity_notice'])}")
-        out.print(_comparison_table(res["comparison"]))
+        overlap = res["overlap"]
+        word = "external" if overlap["external"] else "this cohort"
+        said = escape(" ".join(filter(None, (overlap["sentence"], overlap.get("limits")))))
+        if overlap["external"]:
+            out.print(said)
+        else:
+            out.print(f"[yellow]{'not external' if overlap['external'] is False else 'note'}:[/yellow] {said}")
+        out.print(_comparison_table(res["comparison"], word))
+        without = res.get("without_overlap")
+        if without and without.get("available"):
+            c = without["cohort"]
+            out.print(f"without the patients in the training set ({c['patients']} patients, {c['images']} images):")
+            out.print(_comparison_table(without["comparison"], "without them"))
+        elif without:
+            out.print(f"without the patients in the training set: no figures ({escape(without['reason'])})")
         if "recalibration" in res:
             rec = res["recalibration"]
             out.print(f"recalibrated ({rec['method']}): intercept {rec['intercept']:.3f}, slope {rec['slope']:.3f}; "
@@ -61,9 +77,10 @@ def evaluate(
     guard(go)
 
 
-def _comparison_table(comparison: list[dict]) -> Table:
-    """Each metric: the development (cross-validated) figure, the external one with its CI, the difference."""
-    table = Table("metric", "development (CV, pooled)", "external [95 % CI]", "Δ")
+def _comparison_table(comparison: list[dict], word: str = "external") -> Table:
+    """Each metric: the development (cross-validated) figure, the evaluated cohort's (`word`:
+    "external" only for a cohort checked to be external) with its CI, the difference."""
+    table = Table("metric", "development (CV, pooled)", f"{word} [95 % CI]", "Δ")
     for r in comparison:
         e, dev = r["external"], r["reference"]
         ci = f" [{e['low']:.3f}, {e['high']:.3f}]" if e.get("low") is not None and e.get("high") is not None else ""

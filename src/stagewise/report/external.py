@@ -17,6 +17,9 @@ from stagewise.report.figures import calibration_figure, decision_figure, palett
 from stagewise.report.formatting import DASH, finite, fmt_ci, fmt_mean_sd, fmt_num, fmt_point_ci
 
 EXTERNAL, DEVELOPMENT = "external cohort", "development (out-of-fold)"
+EVALUATED, WITHOUT = "evaluated cohort, every patient", "without the training-set patients"
+NOT_CHECKED = ("This evaluation did not check whether the cohort overlaps the bundle's training set (it was made by a "
+               "stagewise that did not): call it an external validation only if you know that it does not.")
 BEFORE, AFTER = "held out, as exported", "held out, recalibrated"
 METRIC_NAMES = {"auroc": "AUROC", "auprc": "AUPRC", "balanced_accuracy": "balanced accuracy", "f1": "F1",
                 "sensitivity": "sensitivity", "specificity": "specificity", "ppv": "PPV", "npv": "NPV", "brier": "Brier score", "calibration_slope": "calibration slope",
@@ -59,64 +62,97 @@ def _threshold_row(name: str, ev: dict) -> dict:
             **{m: cell(m) for m in ("sensitivity", "specificity", "ppv", "npv", "balanced_accuracy", "f1")}}
 
 
+def overlap_context(res: dict) -> dict:
+    """How the report names the evaluated cohort: "external" only when the evaluation checked
+    the bundle's training set and found no image or patient of it (external.json `overlap`);
+    the overlap sentence; the figures without the overlapping patients."""
+    overlap = res.get("overlap") or {"checked": False, "external": None, "sentence": NOT_CHECKED}
+    external, found = overlap.get("external") is True, overlap.get("external") is False
+    without = res.get("without_overlap") or {}
+    return {
+        "overlap": overlap, "is_external": external, "found": found,
+        "kind": "external validation" if external else "evaluation" + (
+            " (not external: the cohort overlaps the training set)" if found else ""),
+        "word": "external" if external else "evaluated",
+        "label": EXTERNAL if external else (EVALUATED if found else "evaluated cohort"),
+        "without": {"available": bool(without.get("available")), "reason": without.get("reason"),
+                    "cohort": without.get("cohort") or {},
+                    "by_metric": {r["key"]: r for r in _comparison_rows(without.get("comparison", []))}}
+        if without else None,
+    }
+
+
+def _site_rows(ext: dict) -> list[dict]:
+    rows = []
+    for site, s in (ext.get("sites") or {}).items():
+        at = s.get("at_threshold") or {}
+        rows.append({"site": site, "n": s.get("n_patients"), "positive": s.get("n_positive"),
+                     "auroc": fmt_point_ci(s.get("auroc_bootstrap_ci") or s.get("auroc_delong_ci")),
+                     "sensitivity": fmt_num(at.get("sensitivity")), "specificity": fmt_num(at.get("specificity")),
+                     "brier": fmt_num(s.get("brier")), "mean_predicted": fmt_num(s.get("mean_predicted")),
+                     "observed": fmt_num(s.get("observed_rate"))})
+    return rows
+
+
+def _recalibration(rec: dict | None, colors: dict) -> dict | None:
+    if not rec:
+        return None
+    pair = {BEFORE: rec["before"], AFTER: rec["after"]}
+    return {
+        "method": "intercept only (calibration-in-the-large)" if rec["method"] == "intercept" else "intercept and slope",
+        "formula": f"p′ = sigmoid({fmt_num(rec['intercept'], 4)} + {fmt_num(rec['slope'], 4)} · logit p)",
+        "fit": rec["fitted_on"], "held": rec["held_out"], "fraction": fmt_num(100 * rec["fit_fraction"], 0) + " %",
+        "seed": rec["seed"], "threshold": fmt_num(rec["threshold"], 4),
+        "rows": [_calibration_row(BEFORE, rec["before"]), _calibration_row(AFTER, rec["after"])],
+        "threshold_rows": [_threshold_row(BEFORE, rec["before"]), _threshold_row(AFTER, rec["after"])],
+        "figure": calibration_figure([BEFORE, AFTER], pair, colors),
+    }
+
+
+def _cards(word: str, cohort: dict, dev_cohort: dict, dev: dict, threshold: float) -> list[dict]:
+    return [
+        {"label": f"{word} patients", "value": cohort.get("patients", DASH),
+         "sub": f"{cohort.get('positive_patients', DASH)} positive · {cohort.get('images', DASH)} images "
+                f"({cohort.get('images_scored', DASH)} scored)"},
+        {"label": f"prevalence ({word})", "value": _pct(cohort.get("positive_patients"), cohort.get("patients")),
+         "sub": f"development {_pct(dev_cohort.get('positive_patients'), dev_cohort.get('patients'))}"},
+        {"label": "development patients", "value": dev_cohort.get("patients", DASH),
+         "sub": f"{dev_cohort.get('positive_patients', DASH)} positive · {dev.get('n_folds') or DASH} folds"},
+        {"label": "threshold (stored)", "value": fmt_num(threshold, 4), "sub": "chosen on development data"},
+    ]
+
+
 def build_external_context(folder: str | Path) -> dict:
     """Everything the external-validation report shows, formatted."""
     folder = Path(folder)
     res = json.loads((folder / "external.json").read_text())
     b, ext, dev, cohort = res["bundle"], res["external"], res["development"], res["cohort"]
-    curves = {EXTERNAL: ext} | ({DEVELOPMENT: dev} if dev.get("roc") else {})
-    colors = palette([EXTERNAL, DEVELOPMENT, BEFORE, AFTER])
-    dev_cohort = b.get("development_cohort") or {}
-    sites = []
-    for site, s in (ext.get("sites") or {}).items():
-        at = s.get("at_threshold") or {}
-        sites.append({"site": site, "n": s.get("n_patients"), "positive": s.get("n_positive"),
-                      "auroc": fmt_point_ci(s.get("auroc_bootstrap_ci") or s.get("auroc_delong_ci")),
-                      "sensitivity": fmt_num(at.get("sensitivity")), "specificity": fmt_num(at.get("specificity")),
-                      "brier": fmt_num(s.get("brier")), "mean_predicted": fmt_num(s.get("mean_predicted")),
-                      "observed": fmt_num(s.get("observed_rate"))})
-    rec = res.get("recalibration")
-    recal = None
-    if rec:
-        pair = {BEFORE: rec["before"], AFTER: rec["after"]}
-        recal = {
-            "method": "intercept only (calibration-in-the-large)" if rec["method"] == "intercept" else "intercept and slope",
-            "formula": f"p′ = sigmoid({fmt_num(rec['intercept'], 4)} + {fmt_num(rec['slope'], 4)} · logit p)",
-            "fit": rec["fitted_on"], "held": rec["held_out"], "fraction": fmt_num(100 * rec["fit_fraction"], 0) + " %",
-            "seed": rec["seed"], "threshold": fmt_num(rec["threshold"], 4),
-            "rows": [_calibration_row(BEFORE, rec["before"]), _calibration_row(AFTER, rec["after"])],
-            "threshold_rows": [_threshold_row(BEFORE, rec["before"]), _threshold_row(AFTER, rec["after"])],
-            "figure": calibration_figure([BEFORE, AFTER], pair, colors),
-        }
+    ov = overlap_context(res)
+    label, without = ov["label"], res.get("without_overlap") or {}
+    rest = {WITHOUT: without["external"]} if without.get("available") else {}
+    curves = {label: ext} | {n: e for n, e in rest.items() if e.get("roc")} | ({DEVELOPMENT: dev} if dev.get("roc") else {})
+    colors = palette([label, DEVELOPMENT, BEFORE, AFTER, WITHOUT])
     ctx = {
         "title": f"{b['recipe']}: {b['output']}",
         "generated": datetime.now().strftime("%Y-%m-%d %H:%M"),
         "version": res.get("stagewise", ""),
         "bundle": b, "bundle_threshold": fmt_num(b["threshold"], 4),
         "outcome": res["outcome"], "settings": res["settings"],
-        "cards": [
-            {"label": "external patients", "value": cohort.get("patients", DASH),
-             "sub": f"{cohort.get('positive_patients', DASH)} positive · {cohort.get('images', DASH)} images "
-                    f"({cohort.get('images_scored', DASH)} scored)"},
-            {"label": "prevalence (external)", "value": _pct(cohort.get("positive_patients"), cohort.get("patients")),
-             "sub": f"development {_pct(dev_cohort.get('positive_patients'), dev_cohort.get('patients'))}"},
-            {"label": "development patients", "value": dev_cohort.get("patients", DASH),
-             "sub": f"{dev_cohort.get('positive_patients', DASH)} positive · {dev.get('n_folds') or DASH} folds"},
-            {"label": "threshold (stored)", "value": fmt_num(b["threshold"], 4), "sub": "chosen on development data"},
-        ],
+        "cards": _cards(ov["word"], cohort, b.get("development_cohort") or {}, dev, b["threshold"]),
         "comparison": _comparison_rows(res.get("comparison", [])),
         "calibration": [_calibration_row(n, e) for n, e in curves.items()],
-        "threshold_rows": [_threshold_row(EXTERNAL, ext)],
-        "sites": sites,
-        "recalibration": recal,
+        "threshold_rows": [_threshold_row(n, e) for n, e in ({label: ext} | rest).items()],
+        "sites": _site_rows(ext),
+        "recalibration": _recalibration(res.get("recalibration"), colors),
         "development_available": bool(dev.get("available")),
         "figures": {
             "roc": roc_figure(list(curves), curves, colors),
             "calibration": calibration_figure(list(curves), curves, colors),
             "decision": decision_figure(list(curves), curves, colors),
-            "sites": site_forest_figure([EXTERNAL], {EXTERNAL: ext}, colors),
+            "sites": site_forest_figure([label], {label: ext}, colors),
         },
         "seconds": fmt_num(res.get("seconds"), 1),
+        **ov,
     }
     ctx["checklist_auto"], ctx["checklist_user"] = external_checklist(res)
     return ctx

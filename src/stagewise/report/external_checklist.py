@@ -13,6 +13,20 @@ from __future__ import annotations
 from stagewise.report.formatting import DASH, fmt_num, fmt_setting
 
 
+def _independence(overlap: dict, without: dict) -> list[str]:
+    """The overlap check's finding, how it was checked, and which figures leave the overlap out."""
+    return [
+        overlap["sentence"],
+        "checked against the bundle's record of its training set: identical decoded pixels, near-duplicate images "
+        f"(perceptual hash {overlap.get('perceptual')} within {overlap.get('near_duplicate_bits')} of 64 bits) and "
+        "patient ids (salted hashes); " + overlap.get("limits", ""),
+        (f"figures are given on every patient and without the {overlap['patients_overlapping']} overlapping "
+         f"patients ({overlap['images_of_overlapping_patients']} images)"
+         + ("" if without.get("available") else f": none without them ({without.get('reason')})"))
+        if overlap.get("external") is False else "",
+    ]
+
+
 def external_checklist(res: dict) -> tuple[list[dict], list[dict]]:
     """(stated items, items for the authors), each {topic, guide, lines or hint}."""
     b, cohort, s, out = res["bundle"], res["cohort"], res["settings"], res["outcome"]
@@ -59,6 +73,9 @@ def external_checklist(res: dict) -> tuple[list[dict], list[dict]]:
         else "bootstrap CIs off",
         "compared with the bundle's own cross-validated figures (fold mean ± sd and pooled patient-level CIs)",
     ])
+    overlap = res.get("overlap") or {}
+    if overlap.get("checked"):
+        item("Independence from development data", _independence(overlap, res.get("without_overlap") or {}))
     rec = res.get("recalibration")
     item("Model updating", [
         (f"logistic recalibration ({'intercept only' if rec['method'] == 'intercept' else 'intercept and slope'}) "
@@ -76,8 +93,10 @@ def external_checklist(res: dict) -> tuple[list[dict], list[dict]]:
         {"topic": "Outcome assessment", "guide": "TRIPOD+AI",
          "hint": "how and when the outcome was assessed at the validation site, blinded to the model's output?"},
         {"topic": "Missing data", "guide": "TRIPOD+AI", "hint": "patients or images excluded, and why"},
-        {"topic": "Independence from development data", "guide": "TRIPOD+AI",
-         "hint": "confirm that no patient or image of the validation cohort was in the development cohort"},
+        *([] if overlap.get("checked") else [{
+            "topic": "Independence from development data", "guide": "TRIPOD+AI",
+            "hint": "confirm that no patient or image of the validation cohort was in the development cohort: this "
+                    "evaluation could not check it (the bundle records no training set)"}]),
         {"topic": "Interpretation", "guide": "TRIPOD+AI",
          "hint": "what the loss or gain in transfer means for the intended use; whether recalibration is needed locally"},
     ]
