@@ -39,13 +39,11 @@ sys.path.insert(0, str(REPO / "examples"))
 
 from bench_core import loadavg  # noqa: E402
 from stagewise.training.autotune import cpu_model  # noqa: E402
-from prepare_covid_outcome import build_manifest, default_data  # noqa: E402
+from prepare_covid_outcome import build_manifest, default_data, without_hannover  # noqa: E402
 
 
 def development_manifest(data: Path, out: Path) -> tuple[Path, int]:
-    table, _ = build_manifest(data)
-    overlap = int(table["hannover"].sum())
-    table = table[table["hannover"] == 0].reset_index(drop=True)
+    table, overlap = without_hannover(build_manifest(data)[0])
     table.to_csv(out, index=False)
     return out, overlap
 

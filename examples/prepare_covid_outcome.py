@@ -1,6 +1,6 @@
 """Build a stagewise manifest for the ieee8023 part of ../shared/data/covid-cxr-outcome.
 
-    python examples/prepare_covid_outcome.py [--data DIR] [--out CSV]
+    python examples/prepare_covid_outcome.py [--data DIR] [--out CSV] [--without-hannover]
 
 Columns: path, patient, went_icu, survival, age, sex, offset, view, ap_view (1 = AP or
 AP Supine, 0 = PA), hannover (1 = image also in the Hannover repository), site (hannover,
@@ -16,12 +16,18 @@ Upstream lists five files twice under two patient ids (285/339 and 287/340, see
 id is mapped to the first and the repeated image rows are dropped, so the same file is
 never on both sides of a cross-validation split.
 
+With `--without-hannover` the rows that are Hannover images (`hannover` = 1: the same films
+as in ../shared/data/covid-cxr-outcome/hannover, under other names and patient ids) are left
+out, so that a bundle trained on this manifest can be validated externally on the Hannover
+repository with no image or patient on both sides (benchmarks/bench_external.py does so).
+
 Rows are ordered by patient, then by `offset` (days since symptom onset or admission;
 unknown last), so "the first image of a patient" (protocol.test_images: first) is the
 earliest one.
 
 Data: `--data`, else $STAGEWISE_DATA, else <repo root>/../shared/data. Output: `--out`,
-default <repo root>/runs/cohorts/covid-outcome.csv (runs/ is git-ignored).
+default <repo root>/runs/cohorts/covid-outcome.csv, or covid-outcome-without-hannover.csv
+with `--without-hannover` (runs/ is git-ignored).
 """
 
 from __future__ import annotations
@@ -110,16 +116,28 @@ def build_manifest(data: Path) -> tuple[pd.DataFrame, dict]:
     return table[columns].reset_index(drop=True), stats
 
 
+def without_hannover(table: pd.DataFrame) -> tuple[pd.DataFrame, int]:
+    """The manifest without its Hannover images (column `hannover`), and how many rows left."""
+    keep = table["hannover"] == 0
+    return table[keep].reset_index(drop=True), int((~keep).sum())
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", type=Path, default=None, help="folder holding covid-cxr-outcome/ (default: $STAGEWISE_DATA or <repo>/../shared/data)")
-    ap.add_argument("--out", type=Path, default=REPO / "runs" / "cohorts" / "covid-outcome.csv", help="manifest to write")
+    ap.add_argument("--out", type=Path, default=None, help="manifest to write (default: runs/cohorts/covid-outcome.csv, "
+                    "with --without-hannover covid-outcome-without-hannover.csv)")
     ap.add_argument("--per-site", action="store_true", help="also write one manifest per site beside it "
                     "(covid-outcome-<site>.csv), each hospital's own for `stagewise federation site`")
+    ap.add_argument("--without-hannover", action="store_true", help="leave out the rows that are Hannover images "
+                    "(column hannover), for an external validation on the Hannover repository")
     args = ap.parse_args(argv)
 
     data = (args.data or default_data()).expanduser().resolve()
     table, stats = build_manifest(data)
+    if args.without_hannover:
+        table, stats["Hannover image rows left out (--without-hannover)"] = without_hannover(table)
+    args.out = args.out or REPO / "runs" / "cohorts" / f"covid-outcome{'-without-hannover' if args.without_hannover else ''}.csv"
     args.out.parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(args.out, index=False)
 
