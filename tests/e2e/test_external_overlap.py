@@ -216,3 +216,12 @@ def test_a_bundle_without_a_training_set_says_overlap_could_not_be_checked(study
     html = (tmp_path / "eval" / "report.html").read_text()
     assert "could not be checked" in html and "never saw" not in html and "overlap with its training set not checked" in html
     assert "this evaluation could not check it" in html  # the TRIPOD+AI item is left to the authors
+    assert "stagewise external validation" not in html and "Development against external validation" not in html
+    # an evaluation written before the check existed (no `overlap` in external.json) says so too
+    from stagewise.report.html import write_external_report
+
+    stored = json.loads((tmp_path / "eval" / "external.json").read_text())
+    stored.pop("overlap")
+    (tmp_path / "eval" / "external.json").write_text(json.dumps(stored))
+    html = write_external_report(tmp_path / "eval").read_text()
+    assert "did not check whether the cohort overlaps" in html and "stagewise external validation" not in html

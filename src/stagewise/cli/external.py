@@ -13,7 +13,7 @@ from stagewise.cli.console import guard, out
 
 def evaluate(
     bundle: Path = typer.Argument(..., help="a bundle folder made by `stagewise export`"),
-    manifest: Path = typer.Argument(..., help="the external cohort: a CSV manifest, one row per image, with outcome and patient"),
+    manifest: Path = typer.Argument(..., help="the cohort to evaluate (another site's): a CSV manifest, one row per image, with outcome and patient"),
     out_dir: Path = typer.Option(None, "--out", "-o", help="output folder (default: evaluations/<manifest name>)"),
     image: str = typer.Option(None, help="image path column (default: the bundle recipe's)"),
     outcome: str = typer.Option(None, help="outcome column (default: the outcome the bundle predicts)"),
