@@ -10,7 +10,7 @@ wording is a reporting standard's, not a layout's, which is why it lives apart f
 from __future__ import annotations
 
 from stagewise.recipe import outcome_phrase, strategy_text
-from stagewise.report.federated import fold_stages, is_federated, round_schedule, unfreeze_text
+from stagewise.report.federated import fold_stages, is_federated, recorded_sites, round_schedule, unfreeze_text
 from stagewise.report.formatting import DASH, fmt_setting
 from stagewise.report.unit_order import is_full_label, ordered_units, recipe_arms
 
@@ -124,7 +124,7 @@ def _federated_items(arms: dict, models: list[str], r_arms: dict) -> list[dict]:
         arm, st = r_arms.get(arms[n].get("base_arm")) or {}, arms[n]["sites_training"]
         stages = fold_stages(arm)
         rounds = st.get("rounds") or []
-        sites = list(dict.fromkeys(s for r in st.get("round_loss") or [] for s in r.get("sites", {})))
+        sites = recorded_sites(st.get("round_loss") or [])
         groups = list(dict.fromkeys(", ".join(r.get("trainable") or []) for r in rounds))
         lines.append(
             f"{n}: {strategy_text(arm.get('sites') or {})}; {len(rounds)} rounds over "

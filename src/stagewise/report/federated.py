@@ -51,6 +51,11 @@ def round_schedule(stage: dict) -> str:
             "per round at each site")
 
 
+def recorded_sites(round_loss: list[dict]) -> list[str]:
+    """The sites whose losses the rounds recorded, by name."""
+    return sorted({s for r in round_loss for s in r.get("sites", {})})
+
+
 def fmt_bytes(n) -> str:
     if n is None:
         return DASH
@@ -69,7 +74,7 @@ def federated_sections(arms: dict, order: list[str], r_arms: dict, colors: dict)
         stages = fold_stages(arm)
         losses = unit["sites_training"].get("round_loss") or []
         shared = {r["round"]: r for r in unit["sites_training"].get("rounds") or []}
-        sites = list(dict.fromkeys(s for r in losses for s in r.get("sites", {})))
+        sites = recorded_sites(losses)
         rows = []
         for r in losses:
             stage = stages[r["stage"]] if r["stage"] < len(stages) else {}
