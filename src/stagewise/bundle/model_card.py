@@ -76,6 +76,29 @@ def _at_threshold_lines(t: dict) -> list[str]:
             f"{_ci(a.get('npv'))}, balanced accuracy {_ci(a.get('balanced_accuracy'))}"]
 
 
+def _federation_lines(t: dict) -> list[str]:
+    """A deployed federated job's model (`bundle.federation`): the job's threshold-free
+    cross-validated AUROC per site, if it cross-validated, and what the coordinator cannot know."""
+    cv = (t.get("federation") or {}).get("cross_validation")
+    lines = []
+    if cv:
+        sites = ", ".join(f"{s} {_num(m['auroc'].get('mean'))} ± {_num(m['auroc'].get('sd'))} "
+                          f"({m.get('n_test_patients')} test patients)" for s, m in cv["sites"].items())
+        across = cv.get("auroc_across_sites") or {}
+        lines.append(f"  - Cross-validated in the same job over {cv['folds']} folds (each site's own patient-grouped "
+                     "folds; the fold models of the arm, each trained federated on the fold's training patients of "
+                     "every site and scored at each site on its own held-out patients, not this model): AUROC per site "
+                     f"(mean ± sd over folds) {sites}; across sites {_num(across.get('mean'))} ± "
+                     f"{_num(across.get('sd'))} (weighted by each site's test patients)")
+    else:
+        lines.append("  - Not cross-validated: the job trained the final model only (--no-cv), so no performance "
+                     "figure of this arm exists")
+    lines.append("  - No sensitivity, specificity, PPV, NPV or calibration at this threshold: the coordinator holds no "
+                 "out-of-fold scores (each site's scores stay at the site). Measure them on local data "
+                 "(`stagewise evaluate`) before any use.")
+    return lines
+
+
 def render_model_card(info: dict) -> str:
     """MODEL_CARD.md from bundle.json's `info`."""
     lines = [f"# {info['recipe']}: {', '.join(t['arm'] for t in info['tasks'])}", ""]
@@ -101,6 +124,9 @@ def render_model_card(info: dict) -> str:
         if t.get("training"):
             lines.append(f"  - Training of this model: {t['training']['description']}")
         lines += _at_threshold_lines(t)
+        if "federation" in t:  # a deployment's model: what its coordinator knows, and nothing more
+            lines += _federation_lines(t)
+            continue
         held = card.get("held_out")
         if held:
             lines.append(f"  - This model (fold {held['fold']}), on the {held.get('n_test_patients', 'n/a')} patients its "
