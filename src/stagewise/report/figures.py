@@ -240,7 +240,7 @@ def round_loss_figure(unit: str, rows: list[dict], sites: list[str], color: str)
                 ax.text(r["round"] - 0.3, top, _mpl_text(f"stage {r['stage'] + 1}"), fontsize=7, va="top", color="#4d5866")
         ax.set_xticks(x)
         ax.set(xlabel="round", ylabel="training loss", title=_mpl_text(f"{unit}: training loss per round"))
-        ax.legend(loc="upper right", frameon=False)
+        ax.legend(loc="best", frameon=False)
 
     return _draw_png(draw, width=4.2, height=2.8)
 
