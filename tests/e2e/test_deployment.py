@@ -5,7 +5,8 @@ OS processes on 127.0.0.1, with TLS certificates and site keys made by the test.
 - a node whose key the coordinator did not admit is refused;
 - only the trainable groups' tensors and scalars cross the wire (the wire log of every message);
 - a site killed mid-round is survived when sites.min_sites allows, and said so;
-- a coordinator stopped mid-job continues from its last finished round.
+- a coordinator stopped mid-job continues from its last finished round;
+- its final global model becomes a bundle (`federation export`) that scores as that model does.
 """
 
 import json
@@ -16,9 +17,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 import yaml
+from typer.testing import CliRunner
 
 from conftest import free_port
+from stagewise.bundle import export_federation_bundle
+from stagewise.cli import app
+from stagewise.data import load_images
+from stagewise.errors import RunError
 from stagewise.federated.credentials import make_certificates, make_site_key
 from stagewise.federated.deployment import JobDir, simulate_job
 from stagewise.federated.launch import Coordinator, prepare_site, start_site, stop_process
@@ -162,6 +169,8 @@ def test_a_site_lost_mid_round_is_survived_and_a_stopped_coordinator_resumes(hos
         rounds = job.fed / "rounds" / "final"
         _wait_for(lambda: (rounds / "round-1.json").is_file(), 180, "round 1 to finish without site B")
         stop_process(first.process)  # the coordinator stops mid-job
+        with pytest.raises(RunError, match="the job has not finished"):  # no bundle of a model not yet made
+            export_federation_bundle(job.path, tmp_path / "early", threshold=0.5)
         second = coordinator()
         status = second.wait(second.submit(), 300)
         assert status["state"] == "finished", status
@@ -182,6 +191,23 @@ def test_a_site_lost_mid_round_is_survived_and_a_stopped_coordinator_resumes(hos
     start = Network.build(build_arch("scratch:resnet18"), 1)
     trained = {k: v for k, v in model.state_dict().items() if k.startswith("head.")}
     assert not all(np.allclose(v.numpy(), start.state_dict()[k].numpy()) for k, v in trained.items())
+    assert all(len(r["site_loss"]) == r["sites_replied"] and set(r["site_loss"]) <= {"A", "B"} for r in fit["rounds"])
+
+    # the coordinator's final model as a bundle: its threshold must come from somewhere stated
+    runner = CliRunner()
+    refused = runner.invoke(app, ["federation", "export", str(job.path), "-o", str(tmp_path / "bundle")])
+    assert refused.exit_code == 2 and "--threshold" in refused.output and not (tmp_path / "bundle").exists()
+    made = runner.invoke(app, ["federation", "export", str(job.path), "-o", str(tmp_path / "bundle"), "--threshold", "0.5"])
+    assert made.exit_code == 0, made.output
+    info = json.loads((tmp_path / "bundle" / "bundle.json").read_text())
+    assert info["federation"] == {"job": job.spec()["digest"], "sites": 2, "rounds": 2, "strategy": "fedavg"}
+    assert "over 2 sites" in info["source"] and "some rounds completed with 1 of 2 sites" in info["source"]
+    files = [str(f) for f in pd.read_csv(manifests["A"])["path"][:4]]
+    scored = runner.invoke(app, ["predict", str(tmp_path / "bundle"), *files, "--csv", str(tmp_path / "p.csv")])
+    assert scored.exit_code == 0, scored.output
+    with torch.no_grad():  # the bundle's scores are the final global model's on the same images
+        expected = torch.sigmoid(model.float().eval()(load_images(files, 32).float()))[:, 0].numpy()
+    np.testing.assert_allclose(pd.read_csv(tmp_path / "p.csv")["probability:fed"], expected, atol=1e-6)
 
 
 def test_a_job_that_cannot_be_deployed_and_bad_site_input_get_clear_errors(hospitals, tmp_path):

@@ -1,5 +1,7 @@
 """Sites in a study: local and federated (Flower simulation) arms on the same folds as pooled."""
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -129,7 +131,10 @@ def test_fedavg_with_one_site_equals_local_training(sites_manifest, tmp_path):
                                atol=1e-5)
 
 
-def test_federated_and_local_arms_on_the_same_folds_with_sites_and_bytes(sites_manifest, tmp_path):
+@pytest.fixture(scope="module")
+def three_modes(sites_manifest, tmp_path_factory):
+    """One study of a pooled, a local and a federated (FedProx) arm on the same folds, with its
+    report and Grad-CAM maps: the run directory and the study's result."""
     probe = {"kind": "probe", "epochs": 1, "batch_size": 16, "lr": 3e-3}
     thaw = {"kind": "thaw", "epochs": 1, "batch_size": 16, "lr": 1e-3, "unfreeze": {"block3": 0.5}}
     arms = [{"name": "pooled", "backbone": "scratch:tinycnn", "stages": [probe, thaw]},
@@ -137,9 +142,15 @@ def test_federated_and_local_arms_on_the_same_folds_with_sites_and_bytes(sites_m
             {"name": "fed", "backbone": "scratch:tinycnn", "sites": {"mode": "federated", "strategy": "fedprox",
                                                                     "strategy_params": {"proximal_mu": 0.01}},
              "stages": [{**probe, "rounds": 2}, {**thaw, "rounds": 2}]}]
-    recipe = small_recipe(sites_manifest, arms, protocol={"folds": 2}, evaluation={**QUIET, "report": True},
+    recipe = small_recipe(sites_manifest, arms, protocol={"folds": 2},
+                          evaluation={**QUIET, "report": True, "saliency": 4},
                           cohort={"manifest": str(sites_manifest), "site": "hospital"})
-    result = run_study(recipe, tmp_path / "run")
+    out = tmp_path_factory.mktemp("three-modes") / "run"
+    return out, run_study(recipe, out)
+
+
+def test_federated_and_local_arms_on_the_same_folds_with_sites_and_bytes(three_modes):
+    run_dir, result = three_modes
     m = result.metrics["arms"]
     tested = {a: sorted(result.predictions[result.predictions["arm"] == a]["patient"]) for a in m}
     assert tested["pooled"] == tested["local"] == tested["fed"]  # the same patients for every mode
@@ -150,8 +161,85 @@ def test_federated_and_local_arms_on_the_same_folds_with_sites_and_bytes(sites_m
     assert m["fed"]["sites_training"]["bytes_per_fold"] < m["fed"]["sites_training"]["bytes_full_model_fedavg_per_fold"]
     assert set(m["local"]["sites_training"]["cross_site_auroc"]) == {"A", "B", "C"}
     assert set(result.metrics["evidence"]["units"]["fed"]["sites"]) == {"A", "B", "C"}
-    report = (tmp_path / "run" / "report.html").read_text()
+    report = (run_dir / "report.html").read_text()
     assert 'id="fig-sites"' in report and 'id="site-training-table"' in report and "MB per fold" in report
+
+
+def _fold_rounds(run_dir):
+    """Each fold's recorded round records of the federated arm (folds/fed/<split>.json)."""
+    return {p.stem: json.loads(p.read_text())["sites_training"]["rounds"] for p in sorted((run_dir / "folds" / "fed").glob("r*-f*.json"))}
+
+
+def test_every_round_records_each_sites_loss_and_their_weighted_mean(three_modes):
+    run_dir, result = three_modes
+    folds = _fold_rounds(run_dir)
+    assert len(folds) == 2
+    for split, rounds in folds.items():
+        n_train = json.loads((run_dir / "folds" / "fed" / f"{split}.json").read_text())["n_train_images"]
+        for r in rounds:
+            assert set(r["site_loss"]) == {"A", "B", "C"} == set(r["site_examples"])
+            assert sum(r["site_examples"].values()) == n_train  # every training image, each at its own site
+            weighted = np.average([r["site_loss"][s] for s in "ABC"], weights=[r["site_examples"][s] for s in "ABC"])
+            assert r["loss"] == pytest.approx(weighted, rel=1e-6)
+
+
+def test_the_reports_federated_part_states_the_recipes_strategy_and_rounds_and_the_recorded_losses(three_modes):
+    from stagewise.report.context import build_context
+    from stagewise.report.formatting import fmt_num
+
+    run_dir, result = three_modes
+    ctx = build_context(run_dir)
+    (panel,) = ctx["federated"]
+    assert panel["unit"] == "fed" and panel["sites"] == ["A", "B", "C"]
+    assert panel["strategy"].startswith("FedProx (proximal_mu 0.01); BatchNorm of the groups that train averaged")
+    assert [s["schedule"] for s in panel["stages"]] == ["2 rounds × 1 local epoch per round at each site"] * 2
+    assert panel["stages"][1]["unfreeze"] == "block3 from round 2 of 2 (unfreeze fractions 0.5 of the stage's rounds)"
+    # the table: one row per recorded round, its groups, and each loss the mean over the folds' round files
+    folds = list(_fold_rounds(run_dir).values())
+    assert [r["round"] for r in panel["rows"]] == [1, 2, 3, 4] == [r["round"] for r in folds[0]]
+    for i, row in enumerate(panel["rows"]):
+        assert row["groups"] == ", ".join(folds[0][i]["trainable"])
+        assert row["sites"] == [fmt_num(np.mean([f[i]["site_loss"][s] for f in folds])) for s in "ABC"]
+        assert row["loss"] == fmt_num(np.mean([f[i]["loss"] for f in folds]))
+    assert panel["figure"].startswith("data:image/png;base64,")
+    page = (run_dir / "report.html").read_text()
+    assert '<section id="federated">' in page and 'class="round-loss" data-unit="fed"' in page
+    assert ("federated", "Federated training") in ctx["nav"]
+
+    # the checklist: the strategy, rounds and local epochs of the federated arm; unfreezing in its own unit
+    items = {c["topic"]: c["lines"] for c in ctx["checklist_auto"]}
+    (fed,) = items["Federated training"]
+    assert fed.startswith("fed: FedProx (proximal_mu 0.01); BatchNorm") and "4 rounds over 3 sites (A, B, C)" in fed
+    assert "stage 1 (probe) 2 rounds × 1 local epoch per round at each site" in fed
+    training = items["Training and stopping rule"]
+    assert any(line.startswith("fed, stage 2 (thaw): 2 rounds × 1 local epoch per round at each site, batch 16")
+               and line.endswith("block3 from round 2 of 2 (unfreeze fractions 0.5 of the stage's rounds)")
+               for line in training)
+    assert any(line.startswith("pooled, stage 2 (thaw): 1 epochs") and
+               line.endswith("block3 from epoch 1 of 1 (unfreeze fractions 0.5 of the stage's epochs)") for line in training)
+    assert not any("fraction of the stage's epochs" in line or line.startswith("fed, stage 2 (thaw): 1 epochs")
+                   for line in training)
+
+
+def test_grad_cam_maps_of_the_federated_arm_come_from_the_final_global_model_at_each_site(three_modes):
+    from stagewise.report.context import build_context
+
+    run_dir, result = three_modes
+    maps = result.metrics["arms"]["fed"]["saliency"]
+    assert maps and {m["site"] for m in maps} == {"A", "B", "C"}  # every site's own test images
+    thresholds = {f"r0-f{f['fold']}": f["threshold"] for f in result.metrics["arms"]["fed"]["folds"]}
+    for m in maps:
+        assert m["model"] == "final global model" and (run_dir / m["file"]).is_file()
+        split = m["file"].rsplit("/", 1)[-1].split("-row")[0]
+        assert m["correct"] == ((m["prob"] >= thresholds[split]) == bool(m["y"]))
+    ctx = build_context(run_dir)
+    (fed,) = [s for s in ctx["saliency"] if s["unit"] == "fed"]
+    shown = [it for g in fed["groups"] for it in g["items"]]
+    assert len(shown) == len(maps) and all(it["src"] for it in shown)
+    assert all(", site " in it["where"] and "final global model" in it["where"] for it in shown)
+    lines = {c["topic"]: c["lines"] for c in ctx["checklist_auto"]}["Failure analysis"]
+    assert any(line.endswith("wrong test images of fed (the final global model of each fold's federated training, "
+                             "on test images of each site)") for line in lines)
 
 
 def test_leave_one_site_out_with_federated_training_on_the_other_sites(sites_manifest, tmp_path):

@@ -96,6 +96,9 @@ def export_bundle(run_dir: str | Path, arms: str | list[str], out: str | Path, f
     arms = [arms] if isinstance(arms, str) else list(arms)
     metrics_path = run_dir / "metrics.json"
     if not metrics_path.is_file():
+        if (run_dir / "job.json").is_file():
+            raise RunError(f"{run_dir} is a federated deployment's run directory, not a study's: bundle its final "
+                           "global model with `stagewise federation export`")
         raise RunError(f"{run_dir}: no metrics.json; finish the study first")
     metrics = json.loads(metrics_path.read_text())
     recipe = recipe_from_dict(yaml.safe_load((run_dir / "recipe.yaml").read_text()), source=str(run_dir / "recipe.yaml"))
@@ -133,16 +136,13 @@ def export_bundle(run_dir: str | Path, arms: str | list[str], out: str | Path, f
     if fold is not None:
         _check_fold_cohort(run_dir, recipe, configs, arms, fold, cohort)
     trained_on = record_training_set(recipe, cohort, arms, fold)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    try:
-        os.chmod(tmp, 0o755)
+
+    def fill(tmp: Path) -> None:
         write_training_set(tmp, trained_on)
         _write_bundle(tmp, recipe, metrics, configs, arms, nets, thresholds, training, backbone, refit, run_dir, fold,
                       training_set_summary(trained_on))
-        _move_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    build_bundle(out, fill)
     log_bundle(run_dir, out)  # into the study's MLflow run, when the run is tracked
     return out
 
@@ -160,14 +160,54 @@ def _check_fold_cohort(run_dir: Path, recipe: Recipe, configs: dict, arms: list[
                            "study again on the current cohort (or restore the cohort it ran on) and export then")
 
 
-def _write_bundle(folder: Path, recipe: Recipe, metrics: dict, configs: dict, arms: list[str], nets: dict,
-                  thresholds: dict, training: dict, backbone: Backbone, refit: bool, run_dir: Path,
-                  fold: str | None, training_set: dict) -> None:
+def build_bundle(out: Path, fill) -> Path:
+    """Make the bundle `out`: `fill(folder)` writes its files into a fresh temporary folder
+    beside it, which then replaces `out` whole (an interrupted export leaves no mixed bundle).
+    Every bundle, whatever trained its model, is written through here."""
+    _prepare_target(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    try:
+        os.chmod(tmp, 0o755)
+        fill(tmp)
+        _move_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def write_model_files(folder: Path, recipe: Recipe, configs: dict, arms: list[str], nets: dict,
+                      backbone: Backbone) -> dict:
+    """The network files of a bundle (weights, ONNX) and its shareable recipe; returns the heads."""
     save_backbone(backbone, folder / "backbone.safetensors")
     heads = {arm: nets[arm].head for arm in arms}
     save_heads(heads, {arm: configs[arm].head for arm in arms}, folder / "heads.safetensors")
     export_onnx(SharedHeads(backbone, heads), folder / "model.onnx", recipe.data.image_size)
     (folder / "recipe.yaml").write_text(yaml.safe_dump(shareable_recipe(recipe_to_dict(recipe)), sort_keys=False))
+    return heads
+
+
+def write_info(folder: Path, info: dict) -> None:
+    """bundle.json and the model card made from it; every file readable by other accounts."""
+    (folder / "bundle.json").write_text(json.dumps(info, indent=2))
+    (folder / "MODEL_CARD.md").write_text(render_model_card(info))
+    for path in folder.iterdir():  # ordinary permissions: a bundle copied to another account must load
+        os.chmod(path, 0o644)
+
+
+def bundle_header(recipe: Recipe, backbone_name: str) -> dict:
+    """What every bundle.json starts with: versions, the network's input and intensity convention."""
+    return {"stagewise": __version__, "recipe": recipe.name, "backbone": shareable_backbone(backbone_name),
+            "image_size": recipe.data.image_size, "resize": recipe.data.resize}
+
+
+INTENSITY = {"convention": INTENSITY_CONVENTION, "description": INTENSITY_DESCRIPTION}
+
+
+def _write_bundle(folder: Path, recipe: Recipe, metrics: dict, configs: dict, arms: list[str], nets: dict,
+                  thresholds: dict, training: dict, backbone: Backbone, refit: bool, run_dir: Path,
+                  fold: str | None, training_set: dict) -> None:
+    heads = write_model_files(folder, recipe, configs, arms, nets, backbone)
     tasks = []
     for arm in arms:
         unit = metrics["arms"][arm]
@@ -184,24 +224,19 @@ def _write_bundle(folder: Path, recipe: Recipe, metrics: dict, configs: dict, ar
                 if j == 0 else {},
             })
     info = {
-        "stagewise": __version__, "recipe": recipe.name, "backbone": shareable_backbone(configs[arms[0]].backbone.name),
-        "image_size": recipe.data.image_size, "resize": recipe.data.resize, "tasks": tasks,
+        **bundle_header(recipe, configs[arms[0]].backbone.name), "tasks": tasks,
         "source": ("every image of the cohort (refit after cross-validation): "
                    + "; ".join(dict.fromkeys(training[a]["description"] for a in arms))) if refit
         else f"the training part of fold {fold}",
-        "refit": bool(refit),
+        "refit": bool(refit), "intensity": INTENSITY,
         "training_set": training_set,  # training_set.json: what trained it, identifying no patient
-        "intensity": {"convention": INTENSITY_CONVENTION, "description": INTENSITY_DESCRIPTION},
     }
     validation = _write_validation(folder, run_dir, metrics, tasks, recipe.protocol.patient_aggregate)
     for t in tasks:
         patients = (validation or {}).get(t["output"], {}).get("patients")
         if patients:
             t["at_threshold"] = threshold_figures(patients, t["threshold"], recipe.evaluation.bootstrap, recipe.seed)
-    (folder / "bundle.json").write_text(json.dumps(info, indent=2))
-    (folder / "MODEL_CARD.md").write_text(render_model_card(info))
-    for path in folder.iterdir():  # ordinary permissions: a bundle copied to another account must load
-        os.chmod(path, 0o644)
+    write_info(folder, info)
 
 
 VALIDATION_FILE = "oof.json"
@@ -321,10 +356,8 @@ def recalibrated_bundle(source: str | Path, out: str | Path, output: str, recali
     task["threshold"] = float(apply_recalibration(task["threshold_before_recalibration"], a, b))
     if task.get("at_threshold"):  # a monotone map: the same decisions, so the same figures, at the mapped threshold
         task["at_threshold"]["threshold"] = task["threshold"]
-    _prepare_target(out)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    try:
-        os.chmod(tmp, 0o755)
+
+    def fill(tmp: Path) -> None:
         for f in source.iterdir():
             if f.is_file() and f.name not in ("bundle.json", "MODEL_CARD.md", VALIDATION_FILE):
                 shutil.copyfile(f, tmp / f.name)
@@ -352,11 +385,8 @@ def recalibrated_bundle(source: str | Path, out: str | Path, output: str, recali
             (tmp / VALIDATION_FILE).write_text(json.dumps(oof))
         for path in tmp.iterdir():
             os.chmod(path, 0o644)
-        _move_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+
+    return build_bundle(out, fill)
 
 
 def _refit(recipe: Recipe, run_dir: Path, arm: str, unit: dict) -> tuple[Network, float, dict]:

@@ -76,11 +76,12 @@ def _at_threshold_lines(t: dict) -> list[str]:
             f"{_ci(a.get('npv'))}, balanced accuracy {_ci(a.get('balanced_accuracy'))}"]
 
 
-def training_set_line(ts: dict | None, pretrained: bool) -> str:
-    """What the bundle carries of its training set (training_set.json), or that it carries none."""
+def training_set_line(ts: dict | None, pretrained: bool, missing: str | None = None) -> str:
+    """What the bundle carries of its training set (training_set.json), or that it carries none
+    and why (`missing`, bundle.json's `training_set_missing`; else an older bundle)."""
     if not ts:
-        return ("- Training set: not recorded (a bundle exported before stagewise recorded it), so an evaluation "
-                "cannot check whether its cohort overlaps the training images")
+        return (f"- Training set: not recorded ({missing or 'a bundle exported before stagewise recorded it'}), so an "
+                "evaluation cannot check whether its cohort overlaps the training images")
     source = (f" and {ts['source_manifest_images']} images of its stages' source manifests"
               if ts.get("source_manifest_images") else "")
     recal = (f" and the {ts['recalibration_images']} images its recalibration was fitted on"
@@ -95,6 +96,29 @@ def training_set_line(ts: dict | None, pretrained: bool) -> str:
                if pretrained else ""))
 
 
+def _federation_lines(t: dict) -> list[str]:
+    """A deployed federated job's model (`bundle.federation`): the job's threshold-free
+    cross-validated AUROC per site, if it cross-validated, and what the coordinator cannot know."""
+    cv = (t.get("federation") or {}).get("cross_validation")
+    lines = []
+    if cv:
+        sites = ", ".join(f"{s} {_num(m['auroc'].get('mean'))} ± {_num(m['auroc'].get('sd'))} "
+                          f"({m.get('n_test_patients')} test patients)" for s, m in cv["sites"].items())
+        across = cv.get("auroc_across_sites") or {}
+        lines.append(f"  - Cross-validated in the same job over {cv['folds']} folds (each site's own patient-grouped "
+                     "folds; the fold models of the arm, each trained federated on the fold's training patients of "
+                     "every site and scored at each site on its own held-out patients, not this model): AUROC per site "
+                     f"(mean ± sd over folds) {sites}; across sites {_num(across.get('mean'))} ± "
+                     f"{_num(across.get('sd'))} (weighted by each site's test patients)")
+    else:
+        lines.append("  - Not cross-validated: the job trained the final model only (--no-cv), so no performance "
+                     "figure of this arm exists")
+    lines.append("  - No sensitivity, specificity, PPV, NPV or calibration at this threshold: the coordinator holds no "
+                 "out-of-fold scores (each site's scores stay at the site). Measure them on local data "
+                 "(`stagewise evaluate`) before any use.")
+    return lines
+
+
 def render_model_card(info: dict) -> str:
     """MODEL_CARD.md from bundle.json's `info`."""
     lines = [f"# {info['recipe']}: {', '.join(t['arm'] for t in info['tasks'])}", ""]
@@ -107,7 +131,8 @@ def render_model_card(info: dict) -> str:
     lines.append(f"- Input: one-channel image, resized ({info['resize']}) to {info['image_size']} px, intensities in "
                  "[0, 1] by " + (f"`{intensity['convention']}`: {intensity.get('description', '')}" if intensity
                                  else "the earlier convention (DICOM by each image's minimum and maximum)"))
-    lines.append(training_set_line(info.get("training_set"), first.get("backbone_init") == "pretrained"))
+    lines.append(training_set_line(info.get("training_set"), first.get("backbone_init") == "pretrained",
+                                   info.get("training_set_missing")))
     c = first.get("cohort") or {}
     if c.get("patients"):
         lines.append(f"- Development cohort: {c['patients']} patients, {c.get('positive_patients')} positive "
@@ -121,6 +146,9 @@ def render_model_card(info: dict) -> str:
         if t.get("training"):
             lines.append(f"  - Training of this model: {t['training']['description']}")
         lines += _at_threshold_lines(t)
+        if "federation" in t:  # a deployment's model: what its coordinator knows, and nothing more
+            lines += _federation_lines(t)
+            continue
         held = card.get("held_out")
         if held:
             lines.append(f"  - This model (fold {held['fold']}), on the {held.get('n_test_patients', 'n/a')} patients its "

@@ -23,6 +23,8 @@ def export(
     """Write a deployable bundle: safetensors + ONNX, preprocessing, threshold, model card.
 
     Example: stagewise export runs/covid-outcome-icu --arm probe-thaw --refit
+
+    A deployed federated job's model (`federation coordinate`): `stagewise federation export`.
     """
     from stagewise.bundle import export_bundle
 

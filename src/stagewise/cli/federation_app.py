@@ -1,5 +1,6 @@
 """The `federation` sub-app: `certs` and `key` (the credentials), `coordinate` (the
-coordinating site's Flower SuperLink) and `site` (a hospital's SuperNode).
+coordinating site's Flower SuperLink), `export` (a bundle of a finished job's final global
+model) and `site` (a hospital's SuperNode).
 
 The module is not named `federation`: `stagewise.cli.federation` is this typer sub-app."""
 
@@ -15,7 +16,7 @@ from rich.table import Table
 from stagewise.cli.console import console, guard, out
 
 federation = typer.Typer(no_args_is_help=True, help="Federated training across hospitals that keep their images: "
-                         "keys, the coordinator, a hospital's site.")
+                         "keys, the coordinator, a bundle of its model, a hospital's site.")
 
 
 @federation.command("certs")
@@ -139,6 +140,31 @@ def _print_job(run_dir: Path) -> None:
         out.print(f"[yellow]fit {r['fit']} round {r['round']}: {r['sites_replied']} sites replied[/yellow]")
     if res.get("model"):
         out.print(f"model: {run_dir / res['model']}")
+
+
+@federation.command("export")
+def federation_export(
+    job_dir: Path = typer.Argument(..., help="the coordinator's run directory (the -o of `federation coordinate`)"),
+    out_dir: Path = typer.Option(None, "--out", "-o", help="bundle folder (default: JOB_DIR/bundles/ARM)"),
+    threshold: float = typer.Option(None, "--threshold", help="the decision threshold (a probability); needed "
+                                    "unless the recipe fixes one (protocol.threshold): the coordinator holds no "
+                                    "out-of-fold scores to choose one on"),
+) -> None:
+    """Bundle a finished job's final global model, as `stagewise export` bundles a study's arm.
+
+    Example: stagewise federation export runs/fed-fedavg --threshold 0.4 -o fedavg-bundle
+    """
+    from stagewise.bundle.federation import export_federation_bundle
+    from stagewise.federated.deployment import JobDir
+
+    def go():
+        target = out_dir
+        if target is None:
+            arm = JobDir(job_dir).spec()["arm"] if (job_dir / "job.json").is_file() else "model"
+            target = job_dir / "bundles" / arm
+        out.print(f"bundle: {export_federation_bundle(job_dir, target, threshold)}")
+
+    guard(go)
 
 
 @federation.command("site")

@@ -70,7 +70,7 @@ def evaluate_bundle(bundle_dir: str | Path, manifest: str | Path, out_dir: str |
     aggregate = options.aggregate or protocol.get("patient_aggregate", "mean")
 
     cohort = load_external(manifest, options, recipe, task["outcome"])
-    overlap = check_overlap(bundle_dir, cohort)
+    overlap = check_overlap(bundle_dir, cohort, bundle.info.get("training_set_missing"))
     prob = score_cohort(bundle, cohort, engine)[:, j]
     table, used = patient_table(cohort, prob, test_images, aggregate)
     threshold = float(task["threshold"])

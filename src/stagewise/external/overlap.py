@@ -50,13 +50,15 @@ def _plural(n: int, word: str) -> str:
     return f"{n} {word}{'' if n == 1 else 's'}"
 
 
-def check_overlap(bundle_dir: Path, cohort: Cohort) -> CohortOverlap:
-    """Compare every image and patient of `cohort` with the bundle's training set."""
+def check_overlap(bundle_dir: Path, cohort: Cohort, missing: str | None = None) -> CohortOverlap:
+    """Compare every image and patient of `cohort` with the bundle's training set. `missing`:
+    why the bundle has none (bundle.json's `training_set_missing`; else it is an older bundle)."""
     t = cohort.table
     n, patients = len(t), t["patient"].astype(str).to_numpy()
     record = read_training_set(bundle_dir)
     if record is None:
-        sentence = ("This bundle does not record its training set (it was exported before stagewise recorded one), so "
+        why = missing or "it was exported before stagewise recorded one"
+        sentence = (f"This bundle does not record its training set ({why}), so "
                     "whether images or patients of this cohort were in its training could not be checked: call this "
                     "an external validation only if you know that none were.")
         return CohortOverlap({"checked": False, "external": None, "sentence": sentence}, np.full(n, "", dtype=object),

@@ -66,7 +66,9 @@ class FederatedResult:
     global_state: "OrderedDict[str, torch.Tensor]" = field(default_factory=OrderedDict)
     """The server's model: starting weights with every aggregated tensor in place."""
     rounds: list[dict] = field(default_factory=list)
-    """Per round: stage, groups, bytes down/up per site, sites that replied, mean loss."""
+    """Per round: stage, groups, bytes down/up per site, sites that replied, the training loss
+    of each site that replied (`site_loss`, with its `site_examples`) and their weighted mean
+    (`loss`: the strategy's aggregate, weighted by training examples)."""
     full_model_bytes: int = 0
     shared: list[str] = field(default_factory=list)
     """Every state-dict key that was aggregated in some round, in state-dict order."""
@@ -113,11 +115,13 @@ def subset_of(state: dict[str, torch.Tensor], keys: list[str]) -> "OrderedDict[s
 
 def serve_rounds(grid, cfg: SitesConfig, plan, start: Network, out: FederatedResult, n: int,
                  order: Callable, extra_config: dict | None = None, resume: int = 0,
-                 on_round: Callable[[int, FederatedResult], None] | None = None) -> None:
+                 on_round: Callable[[int, FederatedResult], None] | None = None,
+                 site_of: Callable | None = None) -> None:
     """Run the rounds of `plan` after round `resume` (0: from the start), aggregating into `out`.
 
-    `order(message)` gives the sort key of a reply (its site), `extra_config` goes into every
-    round's config (the deployment names the fit there)."""
+    `order(message)` gives the sort key of a reply (its site), `site_of(message)` the site's
+    name in the round records (default: `order`'s key), `extra_config` goes into every round's
+    config (the deployment names the fit there)."""
     from flwr.app import ArrayRecord, ConfigRecord
 
     need = min(cfg.min_sites or n, n)
@@ -147,9 +151,22 @@ def serve_rounds(grid, cfg: SitesConfig, plan, start: Network, out: FederatedRes
             "tensor_bytes_per_site": tensor_bytes(subset_of(out.global_state, keys)),
             "sites_replied": len(ok), "sites": n, "failures": failed + ["no reply"] * max(0, n - len(replies)),
             "loss": float(metrics["loss"]) if metrics is not None and "loss" in metrics else None,
+            **_site_losses(ok, site_of or (lambda m: str(order(m)))),
         })
         if len(ok) < n:
             log.warning("federated round %d completed with %d of %d sites: %s", t, len(ok), n,
                         out.rounds[-1]["failures"])
         if on_round is not None:
             on_round(t, out)
+
+
+def _site_losses(replies: list, site_of: Callable) -> dict:
+    """Each replying site's mean training loss of the round and its training examples (the
+    weights of the round's `loss`), by site name; sites that sent no loss are left out."""
+    losses, examples = {}, {}
+    for m in replies:
+        metrics = m.content["metrics"]
+        if "loss" in metrics:
+            name = str(site_of(m))
+            losses[name], examples[name] = float(metrics["loss"]), int(metrics["num-examples"])
+    return {"site_loss": losses, "site_examples": examples}

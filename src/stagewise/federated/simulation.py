@@ -58,7 +58,9 @@ def run_federated(arm: ArmConfig, start: Network, partitions: list[SitePartition
         try:
             wire = AuditedGrid(grid, on_message) if on_message else grid
             wait_for_sites(wire, n, cfg.round_timeout)
-            serve_rounds(wire, cfg, plan, start, out, n, order=lambda m: int(m.content["metrics"]["partition"]))
+            partition = lambda m: int(m.content["metrics"]["partition"])  # noqa: E731
+            serve_rounds(wire, cfg, plan, start, out, n, order=partition,
+                         site_of=lambda m: partitions[partition(m)].site)
             _collect_scores(wire, out, n, cfg.round_timeout)
         except BaseException as err:  # surfaced in the driver after the simulation ends
             errors.append(err)

@@ -22,7 +22,7 @@ is plain data that the rest of stagewise reads; import them from `stagewise.reci
 from __future__ import annotations
 
 from stagewise.errors import StagewiseError
-from stagewise.recipe.arms import ArmConfig, SitesConfig, TuneConfig
+from stagewise.recipe.arms import STRATEGY_NAMES, ArmConfig, SitesConfig, TuneConfig, strategy_text
 from stagewise.recipe.augment import AugmentConfig, BlurConfig, CropConfig, MaskConfig, MixConfig
 from stagewise.recipe.base import PositiveFloat, RecipeError
 from stagewise.recipe.cohort import WORDING_FIELDS, CohortConfig, DataConfig, SourceConfig, outcome_phrase, task_outcome
@@ -61,6 +61,7 @@ from stagewise.recipe.study import (
 __all__ = [
     "STAGE_CLASSES",
     "STAGE_KINDS",
+    "STRATEGY_NAMES",
     "AugmentConfig",
     "ArmConfig",
     "BackboneConfig",
@@ -101,5 +102,6 @@ __all__ = [
     "recipe_to_dict",
     "shareable_backbone",
     "shareable_recipe",
+    "strategy_text",
     "task_outcome",
 ]

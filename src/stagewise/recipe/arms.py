@@ -48,6 +48,24 @@ class SitesConfig(StrictModel):
     """Seconds the server waits for the sites' replies in a round."""
 
 
+STRATEGY_NAMES = {"fedavg": "FedAvg", "fedprox": "FedProx", "fedadam": "FedAdam"}
+"""Each `sites.strategy` as its papers write it."""
+
+
+def strategy_text(sites: dict) -> str:
+    """A federated arm's aggregation in words, from its `sites` settings as recipe.yaml holds
+    them (`SitesConfig.model_dump()`): the strategy with its parameters, and where BatchNorm
+    stays, e.g. 'FedProx (proximal_mu 0.01); BatchNorm averaged with the weights'."""
+    strategy = sites.get("strategy") or "fedavg"
+    params = sites.get("strategy_params") or {}
+    name = STRATEGY_NAMES.get(strategy, strategy)
+    text = name + (f" ({', '.join(f'{k} {v:g}' for k, v in params.items())})" if params
+                   else " (Flower's default parameters)")
+    bn = ("FedBN: BatchNorm weights and statistics stay at each site" if sites.get("bn_stats") == "local"
+          else "BatchNorm of the groups that train averaged with their weights")
+    return f"{text}; {bn}"
+
+
 class ArmConfig(StrictModel):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
     """Used as a folder name in the run directory: letters, digits, `_ . + -`."""

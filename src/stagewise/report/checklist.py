@@ -9,13 +9,15 @@ wording is a reporting standard's, not a layout's, which is why it lives apart f
 
 from __future__ import annotations
 
-from stagewise.recipe import outcome_phrase
+from stagewise.recipe import outcome_phrase, strategy_text
+from stagewise.report.federated import fold_stages, is_federated, recorded_sites, round_schedule, unfreeze_text
 from stagewise.report.formatting import DASH, fmt_setting
 from stagewise.report.unit_order import is_full_label, ordered_units, recipe_arms
 
 
-def _stage_text(stage: dict) -> dict:
-    """One recipe stage in words: its kind, training settings, augmentation and CutMix / MixUp."""
+def _stage_text(stage: dict, federated: bool = False) -> dict:
+    """One recipe stage in words: its kind, training settings, augmentation and CutMix / MixUp.
+    A federated arm's stage runs in rounds, its `epochs` the local epochs of each round."""
     aug = stage.get("augment") or {}
     active = [f"{k} {fmt_setting(v)}" if not isinstance(v, bool) else k for k, v in aug.items() if v]
     mix = []
@@ -24,13 +26,14 @@ def _stage_text(stage: dict) -> dict:
         label = "CutMix" if name == "cutmix" else "MixUp"
         mix.append(f"{label} α {fmt_setting(cfg.get('alpha'))} on {fmt_setting(cfg.get('p'))} of batches"
                    if cfg else f"{label} off")
-    training = f"{stage.get('epochs')} epochs, batch {stage.get('batch_size')}, lr {fmt_setting(stage.get('lr'))}"
+    length = round_schedule(stage) if federated and stage.get("rounds") else f"{stage.get('epochs')} epochs"
+    training = f"{length}, batch {stage.get('batch_size')}, lr {fmt_setting(stage.get('lr'))}"
     if stage.get("lr_decay") is not None:
         training += f" (decay {fmt_setting(stage['lr_decay'])} per group)"
     training += (f", {stage.get('schedule')} schedule, weight decay {fmt_setting(stage.get('weight_decay'))}, "
                  f"BN {stage.get('bn')}")
     if stage.get("unfreeze"):
-        training += f"; unfreeze {fmt_setting(stage['unfreeze'])} (fraction of the stage's epochs)"
+        training += f"; {unfreeze_text(stage, federated and bool(stage.get('rounds')))}"
     if stage.get("balanced_sampling"):
         training += "; class-balanced sampling"
     return {"kind": stage.get("kind"), "training": training,
@@ -50,6 +53,7 @@ def checklist(metrics: dict, recipe: dict, ctx: dict) -> tuple[list[dict], list[
     models = [n for n in order if arms[n].get("kind") == "model"]
     auto = [_partition_item(metrics, ctx, arms, order, models)]
     auto += _model_items(recipe, arms, models, r_arms)
+    auto += _federated_items(arms, models, r_arms)
     auto += _selection_items(ctx, protocol)
     auto += _statistics_items(metrics, recipe, arms, order, evidence)
     missing = cohort.get("missing")
@@ -100,7 +104,7 @@ def _model_items(recipe: dict, arms: dict, models: list[str], r_arms: dict) -> l
     stage_lines, stop_lines = [], []
     for name, arm in r_arms.items():
         for i, stage in enumerate(arm.get("stages") or []):
-            st = _stage_text(stage)
+            st = _stage_text(stage, (arm.get("sites") or {}).get("mode") == "federated")
             stage_lines.append(f"{name}, stage {i + 1} ({st['kind']}): augmentation {st['augment']}; {st['mix']}")
             stop_lines.append(f"{name}, stage {i + 1} ({st['kind']}): {st['training']}")
     items.append(_item("Augmentation and CutMix / MixUp", "CLAIM", stage_lines or ["not recorded (no recipe.yaml)"]))
@@ -108,6 +112,28 @@ def _model_items(recipe: dict, arms: dict, models: list[str], r_arms: dict) -> l
                        ["fixed number of epochs per stage; the last-epoch model is evaluated (no early stopping)"]
                        + stop_lines))
     return items
+
+
+def _federated_items(arms: dict, models: list[str], r_arms: dict) -> list[dict]:
+    """Federated training, per federated arm: the strategy and its parameters, the sites, each
+    stage's rounds and local epochs, and what a round shares (recipe.yaml and the round records)."""
+    lines = []
+    for n in models:
+        if not is_federated(arms[n]) or not is_full_label(arms[n]):
+            continue
+        arm, st = r_arms.get(arms[n].get("base_arm")) or {}, arms[n]["sites_training"]
+        stages = fold_stages(arm)
+        rounds = st.get("rounds") or []
+        sites = recorded_sites(st.get("round_loss") or [])
+        groups = list(dict.fromkeys(", ".join(r.get("trainable") or []) for r in rounds))
+        lines.append(
+            f"{n}: {strategy_text(arm.get('sites') or {})}; {len(rounds)} rounds over "
+            f"{len(sites) or DASH} sites ({', '.join(sites) or DASH}): "
+            + "; ".join(f"stage {i + 1} ({s.get('kind')}) {round_schedule(s)}" for i, s in enumerate(stages))
+            + f"; in each round the sites receive and send back the tensors of the groups that train only "
+              f"({' / '.join(groups) or DASH}), with their mean training loss and number of training images; "
+              "the training loss per round is in the Federated training section")
+    return [_item("Federated training", "TRIPOD+AI, CLAIM", lines)] if lines else []
 
 
 def _selection_items(ctx: dict, protocol: dict) -> list[dict]:
@@ -166,8 +192,13 @@ def _failure_and_software_items(metrics: dict, ctx: dict, arms: dict, models: li
     return [
         _item("Failure analysis", "CLAIM", [
             f"Grad-CAM maps for {sum(bool(s.get('correct')) for s in v)} correct and "
-            f"{sum(not s.get('correct') for s in v)} wrong test images of {n}" for n, v in sal.items() if v
-        ] or ["no saliency maps (evaluation.saliency 0 or backbone without spatial features)"]),
+            f"{sum(not s.get('correct') for s in v)} wrong test images of {n}"
+            + (" (the final global model of each fold's federated training, on test images of each site)"
+               if any(s.get("site") for s in v) else "") for n, v in sal.items() if v
+        ] + [f"no Grad-CAM maps of {n}: FedBN keeps BatchNorm at each site, so its training ends without one global "
+             "model to draw them from" for n in models if is_federated(arms[n]) and not sal[n]
+             and arms[n]["sites_training"].get("bn_stats") == "local"]
+          or ["no saliency maps (evaluation.saliency 0 or backbone without spatial features)"]),
         _item("Software and compute", "TRIPOD+AI, CLAIM", [
             f"stagewise {ctx['version']}; " + ", ".join(f"{k} {v}" for k, v in ctx["environment"]
                                                         if k in ("python", "torch", "torchvision", "timm", "scikit-learn")),

@@ -17,6 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from stagewise.report.checklist import checklist
+from stagewise.report.federated import federated_sections, nav_with_federated
 from stagewise.report.figures import palette, saliency_colorbar
 from stagewise.report.formatting import DASH
 from stagewise.report.run_files import read_run
@@ -102,6 +103,7 @@ def build_context(run_dir: str | Path) -> dict:
         "sampling_notes": sampling_notes(sampling, order),
         "label_rows": label_rows,
         "site_training": site_training_rows(arms, order),
+        "federated": federated_sections(arms, order, recipe_arms(recipe), colors),
         "tuning": tuning,
         "saliency": saliency,
         "saliency_colorbar": saliency_colorbar() if saliency else None,
@@ -113,4 +115,5 @@ def build_context(run_dir: str | Path) -> dict:
     ctx["checklist_auto"], ctx["checklist_user"] = checklist(metrics, recipe, ctx)
     ctx["nav"] = nav_items(comparisons, figures, pooled, tuning, training_curves, saliency,
                            bool(ctx["conclusions"]["sentences"]))
+    ctx["nav"] = nav_with_federated(ctx["nav"], ctx["federated"])
     return ctx

@@ -218,6 +218,33 @@ def training_curve_figure(unit: str, curves: list[dict], color: str) -> str | No
     return _draw_png(draw, width=4.2, height=2.8)
 
 
+def round_loss_figure(unit: str, rows: list[dict], sites: list[str], color: str) -> str | None:
+    """A federated arm's training loss per round (the rows of `study.summaries.round_losses`):
+    each site's loss dashed, the weighted mean over sites solid, each the mean over folds,
+    dotted lines where a stage begins; None when no round recorded a loss."""
+    if not any(r.get("loss") is not None or r.get("sites") for r in rows):
+        return None
+
+    def draw(ax) -> None:
+        x = [r["round"] for r in rows]
+        for i, site in enumerate(sites):
+            y = [r["sites"].get(site, float("nan")) for r in rows]
+            ax.plot(x, y, color=_COLORS[(i + 1) % len(_COLORS)], lw=1.0, ls="--", marker=".", label=_mpl_text(site))
+        y = [float("nan") if r.get("loss") is None else r["loss"] for r in rows]
+        ax.plot(x, y, color=color, lw=2.0, marker="o", ms=3, label="weighted mean")
+        top = ax.get_ylim()[1]
+        for prev, r in zip([None, *rows[:-1]], rows):
+            if prev is None or r["stage"] != prev["stage"]:
+                if prev is not None:
+                    ax.axvline(r["round"] - 0.5, color=_REFERENCE, lw=0.8, ls=":")
+                ax.text(r["round"] - 0.3, top, _mpl_text(f"stage {r['stage'] + 1}"), fontsize=7, va="top", color="#4d5866")
+        ax.set_xticks(x)
+        ax.set(xlabel="round", ylabel="training loss", title=_mpl_text(f"{unit}: training loss per round"))
+        ax.legend(loc="best", frameon=False)
+
+    return _draw_png(draw, width=4.2, height=2.8)
+
+
 def saliency_colorbar() -> str:
     """The colour scale of the Grad-CAM overlays (jet, 0 to 1), drawn once for the section."""
     import matplotlib

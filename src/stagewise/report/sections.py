@@ -300,7 +300,7 @@ def saliency_sections(run_dir: Path, arms: dict, order: list[str]) -> list[dict]
                 shown.append({  # captions name the fold, never the image file
                     "src": embed_png(run_dir, s.get("file", "")),
                     "alt": f"Grad-CAM map, {name}, fold {split}, {call} call",
-                    "where": f"fold {split}",
+                    "where": f"fold {split}" + (f", site {s['site']}, final global model" if s.get("site") else ""),
                     "caption": f"y = {s.get('y')} · p = {fmt_num(s.get('prob'))} · "
                                f"fold threshold {fmt_num(thresholds.get(split))}",
                 })

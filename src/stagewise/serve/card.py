@@ -34,6 +34,8 @@ def model_card(info: dict, validation: dict | None, dims: int, engine: str, max_
             "output": t["output"], "arm": t["arm"], "outcome": t["outcome"], "outcome_label": t.get("outcome_label"),
             "outcome_horizon": t.get("outcome_horizon"), "outcome_text": task_outcome(t), "stages": t["stages"],
             "threshold": t["threshold"], "n_folds": t["n_folds"],
+            # where a threshold not chosen on training data came from (a deployment's bundle: given at export)
+            "threshold_source": (t.get("card") or {}).get("threshold_rule") if "federation" in t else None,
             "cross_validated": {m: t["metrics"][m] for m in ("auroc", "balanced_accuracy", "f1") if m in t["metrics"]},
             "patient_level_ci": v.get("patient_level") or None,
             "at_threshold": t.get("at_threshold"),

@@ -33,6 +33,7 @@ from stagewise.io import atomic_write, atomic_write_with
 from stagewise.study.rundir import RunDir, pretrain_fingerprint
 from stagewise.evaluation.fold_scores import score_fold
 from stagewise.errors import RunError
+from stagewise.study.saliency_maps import saliency_examples, site_saliency_examples
 from stagewise.study.site_arms import export_refusal, fit_federated, fit_local, refit_federated
 from stagewise.training.start import seeded_backbone, start_network
 from stagewise.training.cache import load_image_set, ImageSet, PrefixCache
@@ -245,6 +246,9 @@ class Study:
         metrics, preds = score_fold(self.recipe, self.cohort, split, train, fit.prob[: len(train)], fit.prob[len(train):],
                                     recalibrate=True)
         extra["sites_training"] = fit.info
+        if self.recipe.evaluation.saliency and split.repeat == 0 and unit.fraction == 1.0 and fit.server is not None:
+            extra["saliency"] = self._site_saliency(fit.server, split, self.run.folds_dir / unit.folder / "saliency",
+                                                    metrics["threshold"], compute)
         extra["compute"], extra["threads"] = compute.label, torch.get_num_threads()  # what this fold ran with
         extra["stages"] = [{"kind": "+".join(s.kind for s in arm.stages if not s.external),
                             "seconds": time.perf_counter() - t0, "memory": {}, "epochs": []}]
@@ -273,26 +277,20 @@ class Study:
         return choose_by_inner_cv(arm, inner, score)
 
     def _saliency(self, net: Network, split: Split, preds: pd.DataFrame, folder: Path, threshold: float) -> list[dict]:
-        from stagewise.evaluation.saliency import gradcam, pick_examples, save_overlay
+        """A pooled fold's maps: its fold model on the fold's test images (see saliency_maps)."""
+        n = math.ceil(self.recipe.evaluation.saliency / self.recipe.protocol.folds)
+        return saliency_examples(net, self.images.x, split.test, preds["row"].to_numpy(), preds["y"].to_numpy(),
+                                 preds["prob"].to_numpy(), threshold, n, folder, self.run.path, split.name)
 
-        per_fold = math.ceil(self.recipe.evaluation.saliency / self.recipe.protocol.folds)
-        pos = pick_examples(preds["y"].to_numpy(), preds["prob"].to_numpy(), preds["pred"].to_numpy(), per_fold)
-        if not pos:
-            return []
-        rows = split.test[pos]
-        x = self.images.x[torch.as_tensor(rows)]
-        maps = gradcam(copy.deepcopy(net).cpu(), x)
-        if maps is None:
-            return []
-        out = []
-        for i, p in enumerate(pos):
-            rec = preds.iloc[p]
-            correct = bool(rec["pred"] == rec["y"])
-            title = f"{'correct' if correct else 'wrong'} call: y = {int(rec['y'])}\np = {rec['prob']:.3f}, threshold {threshold:.3f}"
-            path = save_overlay(x[i, 0].float().numpy(), maps[i], folder / f"{split.name}-row{int(rec['row'])}.png", title)
-            out.append({"file": str(path.relative_to(self.run.path)), "row": int(rec["row"]), "y": int(rec["y"]),
-                        "prob": float(rec["prob"]), "correct": correct})
-        return out
+    def _site_saliency(self, net: Network, split: Split, folder: Path, threshold: float, compute: Compute) -> list[dict]:
+        """A federated fold's maps: the final global model at each site, on its own test images;
+        as many per site as a pooled fold draws in all, spread over the sites."""
+        t = self.cohort.table
+        sites = t["site"].astype(str).to_numpy()[split.test]
+        n = max(1, math.ceil(math.ceil(self.recipe.evaluation.saliency / self.recipe.protocol.folds) / len(set(sites))))
+        return site_saliency_examples(net, self.images, split.test, t["row"].to_numpy()[split.test],
+                                      self.y[split.test], sites, threshold, n, folder, self.run.path, split.name,
+                                      compute)
 
     def fit_nonimage(self, unit: Unit, split: Split) -> tuple[dict, pd.DataFrame, dict]:
         t = self.cohort.table

@@ -24,7 +24,7 @@ from stagewise.evaluation.metrics import binary_metrics, patient_scores
 from stagewise.federated.simulation import run_federated
 from stagewise.federated.site import SitePartition, round_seed, site_seed
 from stagewise.models import Network
-from stagewise.recipe import ArmConfig
+from stagewise.recipe import STRATEGY_NAMES, ArmConfig
 from stagewise.training.cache import ImageSet, PrefixCache
 from stagewise.training.compute import Compute
 from stagewise.training.engine import fit_stage, predict, prepare_network
@@ -37,6 +37,9 @@ class SiteFit:
     prob: np.ndarray
     """(rows, outputs), in the order of the `rows` argument."""
     info: dict = field(default_factory=dict)
+    server: Network | None = None
+    """A federated fold's final global model (None for local arms, and for FedBN arms, whose
+    global model lacks the BatchNorm each site kept)."""
 
 
 def rows_by_site(sites: np.ndarray, rows: np.ndarray) -> dict[str, np.ndarray]:
@@ -114,9 +117,9 @@ def fit_federated(arm: ArmConfig, start: Network, images: ImageSet, targets: tor
         for j, r in enumerate(score):
             prob[position[int(r)]] = result.scores[k][j]
     rest = [i for i, r in enumerate(rows) if str(sites[r]) not in by_site]
+    server = prepare_network(copy.deepcopy(start), compute)
+    server.load_state_dict(result.global_state)
     if rest:  # a site that took no part: the server's model
-        server = prepare_network(copy.deepcopy(start), compute)
-        server.load_state_dict(result.global_state)
         prob[rest] = predict(server, images, rows[rest], compute, None)
     sent = sum(r["bytes_down_per_site"] * r["sites"] + sum(r["bytes_up"]) for r in result.rounds)
     full = 2 * result.full_model_bytes * sum(r["sites"] for r in result.rounds)
@@ -128,7 +131,7 @@ def fit_federated(arm: ArmConfig, start: Network, images: ImageSet, targets: tor
         "bytes_total": int(sent), "bytes_full_model_fedavg": int(full),
         "full_model_bytes": int(result.full_model_bytes),
     }
-    return SiteFit(prob, info)
+    return SiteFit(prob, info, server if arm.sites.bn_stats == "average" else None)
 
 
 def export_refusal(arm: ArmConfig, refit: bool) -> str | None:
@@ -167,7 +170,7 @@ def refit_federated(arm: ArmConfig, start: Network, images: ImageSet, targets: t
     net.load_state_dict(result.global_state)
     images_per_site = {p.site: int(len(p.train)) for p in partitions}
     replied = [r["sites_replied"] for r in result.rounds]
-    strategy = {"fedavg": "FedAvg", "fedprox": "FedProx", "fedadam": "FedAdam"}.get(arm.sites.strategy, arm.sites.strategy)
+    strategy = STRATEGY_NAMES.get(arm.sites.strategy, arm.sites.strategy)
     fewest = min(replied) if replied else 0
     description = (f"federated: {strategy} over {len(partitions)} sites, {len(result.rounds)} rounds, on every image "
                    f"of each site ({', '.join(f'{s}: {n}' for s, n in images_per_site.items())} images); the model is "

@@ -38,8 +38,11 @@ def _sites_training(fold_results: list[dict]) -> dict:
         out |= {k: infos[0][k] for k in ("strategy", "bn_stats")}
         out["bytes_per_fold"] = float(np.mean([i["bytes_total"] for i in infos]))
         out["bytes_full_model_fedavg_per_fold"] = float(np.mean([i["bytes_full_model_fedavg"] for i in infos]))
-        out["rounds"] = [{k: r[k] for k in ("round", "stage", "trainable", "bytes_down_per_site", "bytes_up",
-                                            "sites_replied", "sites", "failures")} for r in infos[0]["rounds"]]
+        out["rounds"] = [{k: r[k] for k in ("round", "stage", "round_in_stage", "trainable", "bytes_down_per_site",
+                                            "bytes_up", "sites_replied", "sites", "failures") if k in r}
+                         for r in infos[0]["rounds"]]
+        out["round_loss"] = round_losses([(m["repeat"], m["fold"], m["sites_training"]["rounds"])
+                                          for m in fold_results if "sites_training" in m])
         out["rounds_with_missing_sites"] = sum(1 for i in infos for r in i["rounds"] if r["sites_replied"] < r["sites"])
     else:
         pairs = {(a, b) for i in infos for a, row in i["cross_site_auroc"].items() for b in row}
@@ -49,6 +52,29 @@ def _sites_training(fold_results: list[dict]) -> dict:
             vals = [v for v in vals if v is not None and np.isfinite(v)]
             out["cross_site_auroc"].setdefault(a, {})[b] = float(np.mean(vals)) if vals else None
     return out
+
+
+def round_losses(folds: list[tuple[int, int, list[dict]]]) -> list[dict]:
+    """A federated arm's training loss per round, as the report's table and figure show it:
+    per round each site's loss and the round's weighted mean (`loss`, weighted by the sites'
+    training examples), each the mean over the folds that recorded it, and each fold's own
+    weighted mean (`per_fold`: a fold whose loss went another way stays visible). `folds`:
+    (repeat, fold, the fold's round records)."""
+    by_round: dict[int, dict] = {}
+    for repeat, fold, rounds in folds:
+        for r in rounds:
+            row = by_round.setdefault(r["round"], {"round": r["round"], "stage": r["stage"],
+                                                   "round_in_stage": r.get("round_in_stage"),
+                                                   "trainable": r["trainable"], "sites": {}, "loss": [], "per_fold": {}})
+            for site, loss in (r.get("site_loss") or {}).items():
+                if loss is not None:  # a site's undefined loss (NaN) is null in the fold's json
+                    row["sites"].setdefault(site, []).append(loss)
+            if r.get("loss") is not None:
+                row["loss"].append(r["loss"])
+                row["per_fold"][f"r{repeat}-f{fold}"] = r["loss"]
+    mean = lambda v: float(np.mean(v)) if v else None  # noqa: E731
+    return [row | {"sites": {s: mean(v) for s, v in row["sites"].items()}, "loss": mean(row["loss"]),
+                   "folds": len(row["loss"])} for _, row in sorted(by_round.items())]
 
 
 def _training_curves(fold_results: list[dict]) -> list[dict]:

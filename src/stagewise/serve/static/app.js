@@ -112,7 +112,7 @@ function renderCard(card) {
       }
       tbody.append(el("tr", {}, el("th", { scope: "row", text: label }), el("td", { class: "num", text: `${fmt(s.mean)} ± ${fmt(s.sd)}` }), el("td", { class: "num", text: ci })));
     }
-    tbody.append(el("tr", {}, el("th", { scope: "row", text: "Decision threshold" }), el("td", { class: "num", text: pct(o.threshold) }), el("td", { text: "chosen on training data" })));
+    tbody.append(el("tr", {}, el("th", { scope: "row", text: "Decision threshold" }), el("td", { class: "num", text: pct(o.threshold) }), el("td", { text: o.threshold_source || "chosen on training data" })));
     table.append(tbody);
     details.append(table);
     if (o.at_threshold) details.append(atThresholdTable(o, card.outputs.length > 1));
