@@ -62,6 +62,43 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.xdist_group(module))
 
 
+class _SharedRay:
+    """One Ray instance for the Flower simulations of consecutive `flower`-marked tests on an
+    xdist worker (`federated.simulation.one_ray_instance`, which a study's local executor
+    uses for its folds): Flower would start and stop Ray for every simulation (several seconds
+    each). It is stopped before any other test runs on that worker (one that starts a Ray
+    cluster of its own, or checks that none is left running) and at the end of the session."""
+
+    block = None
+
+    @classmethod
+    def open(cls):
+        if cls.block is None:
+            from stagewise.federated.simulation import one_ray_instance
+
+            cls.block = one_ray_instance()
+            cls.block.__enter__()
+
+    @classmethod
+    def close(cls):
+        if cls.block is not None:
+            block, cls.block = cls.block, None
+            block.__exit__(None, None, None)
+
+
+@pytest.fixture(autouse=True)
+def _ray_for_flower_tests(request):
+    if request.node.get_closest_marker("flower") and not request.node.get_closest_marker("ray_of_its_own"):
+        _SharedRay.open()
+    else:
+        _SharedRay.close()
+    yield
+
+
+def pytest_sessionfinish(session, exitstatus):
+    _SharedRay.close()
+
+
 @pytest.fixture(scope="session")
 def digits_manifest(tmp_path_factory):
     """A small real-image cohort: scikit-learn's scanned digits, 3 vs 8, two scans per patient."""

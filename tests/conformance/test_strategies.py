@@ -13,6 +13,8 @@ import torch
 
 from stagewise.recipe import ArmConfig, SitesConfig
 
+pytestmark = pytest.mark.flower  # its Flower simulations share one Ray instance (conftest)
+
 STRATEGIES = get_args(SitesConfig.model_fields["strategy"].annotation)
 
 

@@ -18,6 +18,8 @@ from stagewise.training.cache import ImageSet
 from stagewise.training.compute import resolve_compute
 from stagewise.recipe import ComputeConfig
 
+pytestmark = pytest.mark.flower  # its Flower simulations share one Ray instance (conftest)
+
 FP32 = resolve_compute(ComputeConfig(device="cpu", precision="fp32", channels_last=False))
 QUIET = {"saliency": 0, "bootstrap": 50, "report": False}
 
@@ -293,6 +295,7 @@ def test_per_site_arms_need_a_site_column_and_rounds(sites_manifest):
         recipe_from_dict(with_site | {"arms": [{**fed, "sites": {"mode": "pooled"}, "stages": [{"kind": "probe", "rounds": 2}]}]})
 
 
+@pytest.mark.ray_of_its_own
 def test_only_trainable_tensors_and_scalars_cross_the_wire(sites_manifest, monkeypatch):
     """Every Flower message of a federated fold, as the server sends and receives it. The
     simulation starts a Ray instance of its own even where RAY_ADDRESS names another cluster

@@ -23,6 +23,8 @@ from stagewise.study.rundir import RunDir
 from stagewise.training.cache import ImageSet
 from stagewise.training.start import start_network
 
+pytestmark = pytest.mark.flower  # its Flower simulations share one Ray instance (conftest)
+
 PROBE = {"kind": "probe", "epochs": 1, "batch_size": 16, "lr": 3e-3}
 QUIET = {"saliency": 0, "bootstrap": 50, "report": False}
 FIGURES = ("sensitivity", "specificity", "ppv", "npv", "balanced_accuracy")

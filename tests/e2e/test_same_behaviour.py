@@ -23,6 +23,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+pytestmark = pytest.mark.flower  # its Flower simulations share one Ray instance (conftest)
+
 SNAPSHOT = Path(__file__).with_name("behaviour_snapshot.json")
 PROBE = {"kind": "probe", "epochs": 2, "batch_size": 16, "lr": 3e-3}
 THAW = {"kind": "thaw", "epochs": 2, "batch_size": 16, "lr": 1e-3, "unfreeze": {"block3": 0.0, "block2": 0.5}}

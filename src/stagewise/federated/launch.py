@@ -8,7 +8,8 @@ settings and the Flower app they run.
 - `Coordinator`: a SuperLink (its state in the run directory, so a restart keeps the
   registered sites), the sites' public keys registered, the job submitted, its end awaited.
 - `start_site`: a SuperNode that connects to the coordinator, verifies its certificate with
-  the CA file, proves its identity with the site's key, and runs stagewise's ClientApp.
+  the CA file, proves its identity with the site's key, and runs stagewise's ClientApp in one
+  process that lives for the whole job (`federated.site_process`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from stagewise.data import load_cohort
 from stagewise.federated.deployment import RUN_DIR_ENV, SITE_KEY, JobDir
 from stagewise.federated.job import SITE_NAME, FederatedJob, SiteConfig
 from stagewise.federated.rounds import FederatedError
+from stagewise.federated.site_process import ISOLATION
 from stagewise.recipe import load_recipe, recipe_to_dict
 
 APP_TOML = """[build-system]
@@ -204,11 +206,14 @@ class Coordinator:
 
 def start_site(site_file: Path, superlink: str, ca: Path | None, key: Path | None, port: int = 9094,
                log: Path | None = None, max_wait: float | None = None) -> subprocess.Popen:
-    """A hospital's SuperNode, connected to the coordinator at `superlink` (host:port)."""
+    """A hospital's SuperNode, connected to the coordinator at `superlink` (host:port), whose
+    ClientApp tasks run in one long-lived process (`federated.site_process`), not one process
+    per message. `port`: the SuperNode's Runtime API on 127.0.0.1, which that process asks."""
     config = SiteConfig.load(site_file)
     home = config.workdir / "flower"
     home.mkdir(parents=True, exist_ok=True)
-    cmd = [_program("flower-supernode"), "--superlink", superlink, "--port", str(port),
+    cmd = [sys.executable, "-m", "stagewise.federated.site_process", str(port), "--",
+           _program("flower-supernode"), *ISOLATION, "--superlink", superlink, "--port", str(port),
            "--node-config", f'{SITE_KEY}="{Path(site_file).resolve()}"']
     cmd += ["--root-certificates", str(ca)] if ca else ["--insecure"]
     if key:
