@@ -19,12 +19,17 @@ Run as `python -m stagewise.federated.site_process RUNTIME_PORT -- SUPERNODE_COM
 
 from __future__ import annotations
 
+import faulthandler
 import logging
+import signal
 import subprocess
 import sys
+import threading
 import time
 
 ISOLATION = ["--isolation", "process"]
+_ONE_AT_A_TIME = threading.Lock()
+"""The site's work (training, scoring) runs for one task at a time; only the messaging overlaps."""
 """The SuperNode's flags that leave ClientApp tasks to this process."""
 
 
@@ -83,7 +88,8 @@ def run_task(address: str, token: str, app) -> bool:
         message, context, _run, _fab = pull_task_input(client)
         print(f"{time.strftime('%H:%M:%S')} stagewise site: answering the coordinator's "
               f"{message.metadata.message_type} message", flush=True)
-        reply = app(message=message, context=context)
+        with _ONE_AT_A_TIME:
+            reply = app(message=message, context=context)
         status, details = SubStatus.COMPLETED, ""
     except Exception as ex:  # noqa: BLE001 - answered as Flower answers it: an error reply
         logging.getLogger("stagewise").exception("the site's ClientApp raised")
@@ -102,9 +108,16 @@ def run_task(address: str, token: str, app) -> bool:
     return status == SubStatus.COMPLETED
 
 
+def _run_task_quietly(address: str, token: str, app) -> None:
+    try:
+        run_task(address, token, app)
+    except Exception:  # noqa: BLE001 - the task's reply or status could not be sent: Flower times it out
+        logging.getLogger("stagewise").exception("a ClientApp task could not be completed")
+
+
 def serve_tasks(address: str, app, alive=lambda: True, poll: float = 0.1) -> None:
-    """Answer the SuperNode's ClientApp tasks one after another while `alive()`; before the
-    SuperNode's Runtime API answers, keep asking."""
+    """Answer the SuperNode's ClientApp tasks while `alive()` (their work one at a time); before
+    the SuperNode's Runtime API answers, keep asking."""
     from flwr.proto.runtime_pb2 import AcquireTaskRequest
     from flwr.supercore.constant import TaskType
 
@@ -118,7 +131,9 @@ def serve_tasks(address: str, app, alive=lambda: True, poll: float = 0.1) -> Non
             except Exception:  # noqa: BLE001 - the SuperNode is starting or has gone: `alive` decides
                 found = None
             if found is not None and found.HasField("task") and found.token:
-                run_task(address, found.token, app)
+                # each task in a thread of its own: one whose message never arrives whole (a run
+                # stopped while it was sent) must not keep the next run's messages waiting
+                threading.Thread(target=_run_task_quietly, args=(address, found.token, app), daemon=True).start()
             else:
                 time.sleep(poll)
     finally:
@@ -129,6 +144,7 @@ def serve_tasks(address: str, app, alive=lambda: True, poll: float = 0.1) -> Non
 def main(argv: list[str]) -> int:
     """Start the SuperNode command after `--`, answer its tasks until it exits; its exit code."""
     port, command = argv[0], argv[argv.index("--") + 1:]
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 PID`: every thread's stack into the site's log
     from stagewise.federated.deployment import client_app
 
     supernode = subprocess.Popen(command)  # inherits this process's stdout/stderr (the site's log)
