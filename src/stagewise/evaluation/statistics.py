@@ -335,12 +335,14 @@ def bootstrap_curve(y, scores, patients, curve_fn: Callable[[np.ndarray, np.ndar
 
 
 def auroc(y, scores) -> float:
-    """AUROC as the Mann-Whitney statistic on midranks: roc_auc_score's value (ties count one
-    half), without its input checks, for the thousands of calls of a bootstrap."""
+    """AUROC as the Mann-Whitney statistic: the share of (positive, negative) pairs the positive
+    outscores, ties counting one half (roc_auc_score's value), counted by binary search among the
+    sorted negatives, without roc_auc_score's input checks: for the thousands of calls of a
+    bootstrap."""
     y, s = np.asarray(y).astype(bool), np.asarray(scores, dtype=float)
-    n_pos = int(y.sum())
-    n_neg = len(y) - n_pos
-    if not n_pos or not n_neg:
+    pos, neg = s[y], np.sort(s[~y])
+    if not len(pos) or not len(neg):
         return float("nan")
-    ranks = stats.rankdata(s)
-    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+    below = np.searchsorted(neg, pos, side="left")
+    ties = np.searchsorted(neg, pos, side="right") - below
+    return float((below.sum() + ties.sum() / 2) / (len(pos) * len(neg)))

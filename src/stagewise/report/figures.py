@@ -122,7 +122,7 @@ def calibration_figure(units: list[str], ev: dict, colors: dict,
             if not any(v is not None for v in smooth.get("observed") or []):
                 ax.plot(c["prob_pred"], c["prob_true"], marker="o", ms=3.5, lw=1.3, color=colors[u], label=_mpl_text(u))
                 continue
-            notes.append("line: LOWESS smooth, dots: bins")
+            notes += ["dots: bins", "line: LOWESS"]
             if smooth.get("low"):
                 notes.append("band: 95 % patient bootstrap")
                 _band(ax, smooth["prob"], smooth["low"], smooth["high"], colors[u])
@@ -130,7 +130,7 @@ def calibration_figure(units: list[str], ev: dict, colors: dict,
                     color=colors[u], label=_mpl_text(u))
             ax.plot(c["prob_pred"], c["prob_true"], ls="none", marker="o", ms=3.5, color=colors[u], alpha=0.8)
         _unit_square(ax, "upper left", xlabel="mean predicted probability", ylabel="observed fraction positive",
-                     title="\n".join([title, "; ".join(dict.fromkeys(notes))]) if notes else title)
+                     title="\n".join([title, " · ".join(dict.fromkeys(notes))]) if notes else title)
 
     return _curves_png(units, ev, "calibration_curve", draw)
 

@@ -27,7 +27,7 @@ def flow_rows(cohort: dict, ev: dict | None = None, order: list[str] | None = No
     if not flow:
         return []
     rows = [{"step": "manifest rows read", "count": flow["rows_read"], "indent": False},
-            {"step": "left out: empty outcome (cohort.drop_missing_outcome)", "count": flow["dropped_missing_outcome"],
+            {"step": "left out: empty outcome", "count": flow["dropped_missing_outcome"],
              "indent": True},
             {"step": "images analysed", "count": flow["images"], "indent": False},
             {"step": "patients analysed", "count": flow["patients"], "indent": False}]

@@ -64,7 +64,7 @@ def test_participants_and_subgroups_sections_show_the_runs_counts(tmp_path):
     for section in ("participants", "subgroups"):
         assert f'<section id="{section}">' in html and f'href="#{section}"' in html
     flow = dict(re.findall(r'<tr data-step="([^"]+)"><td[^>]*>[^<]+</td><td class="num em">(\d+)</td>', html))
-    assert flow == {"manifest rows read": "83", "left out: empty outcome (cohort.drop_missing_outcome)": "3",
+    assert flow == {"manifest rows read": "83", "left out: empty outcome": "3",
                     "images analysed": "80", "patients analysed": "40",
                     "baseline:grade: patients with an out-of-fold score": "37"}
     assert "outcome positive" in html and "35 (88 %)" in html  # 35 of 40 patients are F
