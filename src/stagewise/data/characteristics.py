@@ -8,6 +8,9 @@ such a column is marked `per_image`, and its patients can then count under sever
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pandas as pd
 
 from stagewise.data.subgroups import level_order, varies_within_patient
@@ -40,3 +43,19 @@ def characteristics(table: pd.DataFrame, groups: pd.DataFrame, subgroups: list[S
                                  "bands": s.bands} for s in specs},
         "groups": [{"by": by, "level": level, **_describe(part, columns)} for by, level, part in parts],
     }
+
+
+PREPARE_SUFFIX = ".prepare.json"
+"""Beside a manifest, what the script that wrote it left out before it (e.g. examples/
+prepare_covid_outcome.py writes covid-outcome.prepare.json): {"steps": [{"step": "...", "rows": n}]}."""
+
+
+def prepare_steps(manifest: Path) -> list[dict] | None:
+    """The counts of rows a prepare step left out before `manifest` (PREPARE_SUFFIX file beside
+    it), as [{"step", "rows"}]: counts and words only; None without a readable file."""
+    try:
+        data = json.loads(Path(manifest).with_suffix(PREPARE_SUFFIX).read_text(encoding="utf-8"))
+        steps = [{"step": str(s["step"]), "rows": int(s["rows"])} for s in data["steps"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return steps or None

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from stagewise.data.characteristics import characteristics
+from stagewise.data.characteristics import characteristics, prepare_steps
 from stagewise.data.cohort_rows import CohortRows
 from stagewise.data.manifest_csv import column_problems, read_manifest, separator_note, wanted_columns
 from stagewise.data.problems import MANIFEST_HINT, CohortError, file_key  # noqa: F401 - importable from here
@@ -49,7 +49,8 @@ class Cohort:
     """The subgroup levels (`row` and one text column per `cohort.subgroups` column), row for
     row with `table`; kept out of `table`, whose columns every fold's fingerprint hashes."""
     flow: dict = field(default_factory=dict)
-    """Participant flow: manifest rows read, dropped for an empty outcome, images kept."""
+    """Participant flow: manifest rows read, dropped for an empty outcome, images kept; and
+    `before_manifest`, the rows a prepare script says it left out (`prepare_steps`)."""
 
     @property
     def n_images(self) -> int:
@@ -134,5 +135,8 @@ def load_cohort(cfg: CohortConfig, *, decode: bool = False, workers: int | None 
     if decode and rows.paths:
         rows.check_images(workers)
     rows.raise_problems()
+    flow = rows.flow()
+    if steps := prepare_steps(manifest):
+        flow["before_manifest"] = steps
     return Cohort(table=rows.table(), config=cfg, dropped=rows.dropped_notes(), warnings=rows.image_warnings,
-                  groups=rows.groups(), flow=rows.flow())
+                  groups=rows.groups(), flow=flow)

@@ -26,14 +26,17 @@ def flow_rows(cohort: dict, ev: dict | None = None, order: list[str] | None = No
     flow = cohort.get("flow")
     if not flow:
         return []
-    rows = [{"step": "manifest rows read", "count": flow["rows_read"], "indent": False},
+    before = flow.get("before_manifest") or []
+    rows = [{"step": "before the manifest, as its prepare script counted:", "count": "", "indent": False}] if before else []
+    rows += [{"step": s["step"], "count": s["rows"], "indent": True} for s in before]
+    rows += [{"step": "manifest rows read", "count": flow["rows_read"], "indent": False},
             {"step": "left out: empty outcome", "count": flow["dropped_missing_outcome"],
              "indent": True},
             {"step": "images analysed", "count": flow["images"], "indent": False},
             {"step": "patients analysed", "count": flow["patients"], "indent": False}]
     scored = cohort.get("images_scored")  # an external validation scoring each patient's first image only
     if scored is not None and scored != flow["images"]:
-        rows.insert(3, {"step": "images scored (each patient's first)", "count": scored, "indent": True})
+        rows.insert(len(rows) - 1, {"step": "images scored (each patient's first)", "count": scored, "indent": True})
     for name in order or []:
         n = (ev or {}).get(name, {}).get("n_patients")
         if n is not None and n < flow["patients"]:

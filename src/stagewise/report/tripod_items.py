@@ -15,7 +15,9 @@ def participants_lines(cohort: dict) -> list[str]:
     flow = cohort.get("flow")
     if not flow:
         return []
-    lines = [f"{flow['rows_read']} manifest rows read; {flow['dropped_missing_outcome']} left out for an empty outcome; "
+    before = "; ".join(f"{s['step']}: {s['rows']}" for s in flow.get("before_manifest") or [])
+    lines = [f"before the manifest, its prepare step left out: {before}"] if before else []
+    lines += [f"{flow['rows_read']} manifest rows read; {flow['dropped_missing_outcome']} left out for an empty outcome; "
              f"{flow['images']} images of {flow['patients']} patients analysed"]
     ch = cohort.get("characteristics") or {}
     if ch.get("groups"):

@@ -139,3 +139,18 @@ def test_bad_subgroup_settings_are_refused_naming_the_field(subgroups, message):
     with pytest.raises(RecipeError) as err:
         _recipe(subgroups=subgroups)
     assert "cohort.subgroups" in str(err.value) and message in str(err.value)
+
+
+def test_a_prepare_scripts_counts_beside_the_manifest_join_the_flow(tmp_path):
+    from stagewise.report.participants import flow_rows
+
+    cfg = _cohort(tmp_path, _rows())
+    steps = [{"step": "source rows", "rows": 40}, {"step": "left out: lateral view", "rows": 16}]
+    (tmp_path / "m.prepare.json").write_text(json.dumps({"steps": steps}))
+    summary = load_cohort(cfg).summary()
+    assert summary["flow"]["before_manifest"] == steps
+    rows = [(r["step"], r["count"]) for r in flow_rows(summary)]
+    assert rows[:4] == [("before the manifest, as its prepare script counted:", ""), ("source rows", 40),
+                        ("left out: lateral view", 16), ("manifest rows read", 24)]
+    (tmp_path / "m.prepare.json").write_text('{"steps": [{"step": "x"}]}')  # unreadable: left out, not guessed
+    assert "before_manifest" not in load_cohort(cfg).summary()["flow"]
