@@ -16,7 +16,7 @@ def participants_lines(cohort: dict) -> list[str]:
     if not flow:
         return []
     before = "; ".join(f"{s['step']}: {s['rows']}" for s in flow.get("before_manifest") or [])
-    lines = [f"before the manifest, its prepare step left out: {before}"] if before else []
+    lines = [f"before the manifest, as its prepare script counted: {before}"] if before else []
     lines += [f"{flow['rows_read']} manifest rows read; {flow['dropped_missing_outcome']} left out for an empty outcome; "
              f"{flow['images']} images of {flow['patients']} patients analysed"]
     ch = cohort.get("characteristics") or {}

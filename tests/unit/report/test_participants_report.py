@@ -98,3 +98,24 @@ def test_figures_draw_the_smooth_and_the_bands_where_present():
     colors = {"a": "#1f77b4"}
     assert calibration_figure(["a"], ev, colors) != calibration_figure(["a"], plain, colors)
     assert decision_figure(["a"], ev, colors) != decision_figure(["a"], plain, colors)
+
+
+def test_external_checklist_states_subgroups_baselines_and_bands_only_when_computed():
+    from stagewise.report.tripod_items import external_items
+
+    ext = {"calibration_curve": CAL | {"smooth": SMOOTH}, "decision_curve": DEC | BANDS,
+           "subgroups": {"min_class": 10, "resamples": 50, "columns": {"view": {"levels": ["AP"]}},
+                         "units": {"external": {"view": {"AP": {"estimable": False}}}}},
+           "baselines": {"grade": {"n_patients": 30}}}
+    cohort = {"flow": {"rows_read": 10, "dropped_missing_outcome": 1, "images": 9, "patients": 5}}
+    done, todo = external_items({"external": ext, "cohort": cohort})
+    items = {i["topic"]: i["lines"] for i in done}
+    assert items["Participants: flow and characteristics"] == [
+        "10 manifest rows read; 1 left out for an empty outcome; 9 images of 5 patients analysed"]
+    assert items["Subgroups and fairness"][0] == "AUROC per level of view for external, with patient-bootstrap 95 % CIs (50 resamples)"
+    assert "grade" in items["Comparators"][0]
+    assert items["Uncertainty of the curves"] == ["smoothed calibration curve (LOWESS) with a 95 % patient-bootstrap band",
+                                                  "decision curves with 95 % patient-bootstrap bands of the net benefit"]
+    assert todo == []
+    done, todo = external_items({"external": {"calibration_curve": CAL, "decision_curve": DEC}, "cohort": {}})
+    assert done == [] and [t["topic"] for t in todo] == ["Subgroups and fairness"] and "--subgroup" in todo[0]["hint"]
