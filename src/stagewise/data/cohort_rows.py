@@ -52,6 +52,7 @@ class CohortRows:
         self.levels: dict[str, list[str]] = {}
         self.image_warnings: list[str] = []
         self.image_problems = False
+        self.shared_patients = False
 
     def where(self, line: int) -> str:
         """A row as messages name it: its line, and its image path where it has one."""
@@ -175,6 +176,7 @@ class CohortRows:
             for line in df.index:
                 if patient[line] and site[line]:
                     sites_of[patient[line]][site[line]].append(line)
+            self.shared_patients = any(len(by_site) > 1 for by_site in sites_of.values())
             self.problems += [
                 f"patient {pid!r} appears at several sites ("
                 + "; ".join(f"{s!r} in {rows_text(ls)}" for s, ls in by_site.items())
@@ -273,6 +275,9 @@ class CohortRows:
         hint = MANIFEST_HINT
         if self.image_problems:
             hint += " Replace unreadable or empty image files, or remove their rows."
+        if self.shared_patients:
+            hint += (f" A site holds whole patients; if column {self.cfg.site!r} rather groups one patient's images "
+                     "(a view, a scanner), name it in the cohort's `subgroups:` instead of `site:`.")
         if self.missing:
             hint += (
                 f" Relative image paths are read from {self.base}; "

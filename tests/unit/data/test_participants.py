@@ -94,8 +94,10 @@ def test_a_patient_at_two_sites_is_refused_for_a_study_but_not_when_sites_group_
     for r in rows:
         r["projection"] = r["view"]
     cfg = _cohort(tmp_path, rows, site="projection")
-    with pytest.raises(CohortError, match="appears at several sites"):
+    with pytest.raises(CohortError, match="appears at several sites") as err:
         load_cohort(cfg)
+    assert "if column 'projection' rather groups one patient's images (a view, a scanner), name it in the " \
+           "cohort's `subgroups:` instead of `site:`" in str(err.value)
     cohort = load_cohort(cfg, sites_hold_patients=False)
     assert cohort.n_patients == 12 and set(cohort.table["site"]) == {"AP", "PA"}
 
