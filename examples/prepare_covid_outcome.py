@@ -25,6 +25,10 @@ Rows are ordered by patient, then by `offset` (days since symptom onset or admis
 unknown last), so "the first image of a patient" (protocol.test_images: first) is the
 earliest one.
 
+Beside the manifest, covid-outcome.prepare.json counts the rows left out on the way (a
+duplicate file, a lateral or unknown view, no staged PNG, an unknown outcome): the study
+report's participant flow starts from it.
+
 Data: `--data`, else $STAGEWISE_DATA, else <repo root>/../shared/data. Output: `--out`,
 default <repo root>/runs/cohorts/covid-outcome.csv, or covid-outcome-without-hannover.csv
 with `--without-hannover` (runs/ is git-ignored).
@@ -33,6 +37,7 @@ with `--without-hannover` (runs/ is git-ignored).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -120,6 +125,23 @@ def without_hannover(table: pd.DataFrame) -> tuple[pd.DataFrame, int]:
     """The manifest without its Hannover images (column `hannover`), and how many rows left."""
     keep = table["hannover"] == 0
     return table[keep].reset_index(drop=True), int((~keep).sum())
+def prepare_counts(stats: dict, kept: int) -> dict:
+    """The rows left out before the manifest, for stagewise's participant flow (the report reads
+    <manifest>.prepare.json beside the manifest): counts only, no patient id."""
+    after_dup = stats["staged rows"] - stats["duplicate image rows dropped"]
+    steps = [
+        ("ieee8023 rows with a staged image", stats["staged rows"]),
+        ("left out: the same file listed twice under two patient ids", stats["duplicate image rows dropped"]),
+        ("left out: not a frontal view (PA, AP, AP Supine)", after_dup - stats["frontal rows"]),
+        ("left out: frontal, but no staged PNG", stats["frontal rows without a staged png"]),
+        ("left out: ICU outcome unknown (blank or free text)", stats["frontal rows with unknown went_icu (dropped)"]),
+    ]
+    hannover = stats.get("Hannover image rows left out (--without-hannover)")
+    if hannover is not None:
+        steps.append(("left out: Hannover images (--without-hannover)", hannover))
+    assert steps[0][1] - sum(n for _, n in steps[1:]) == kept, "the counts must add up to the manifest's rows"
+    return {"about": "rows examples/prepare_covid_outcome.py left out before this manifest",
+            "steps": [{"step": step, "rows": int(n)} for step, n in steps]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -140,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out = args.out or REPO / "runs" / "cohorts" / f"covid-outcome{'-without-hannover' if args.without_hannover else ''}.csv"
     args.out.parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(args.out, index=False)
+    args.out.with_suffix(".prepare.json").write_text(json.dumps(prepare_counts(stats, len(table)), indent=1))
 
     for k, v in stats.items():
         print(f"{k}: {v}")

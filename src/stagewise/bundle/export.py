@@ -277,9 +277,26 @@ def _write_validation(folder: Path, run_dir: Path, metrics: dict, tasks: list[di
                  "patient; once per repeat) and patient-level 95 % CIs of the study that made this bundle",
         "cohort": metrics.get("cohort", {}), "protocol": metrics.get("protocol", {}),
         "ci_settings": metrics.get("evidence", {}).get("settings", {}), "outputs": outputs,
+        "baselines": baseline_record(metrics),
     }
     (folder / VALIDATION_FILE).write_text(json.dumps(info))
     return outputs
+
+
+def baseline_record(metrics: dict) -> dict:
+    """Per routine-score baseline of the run: its orientation (+1: higher values mean the
+    outcome, -1: lower; the majority of its folds', each chosen on training data) and its
+    patient-level AUROC, so that `stagewise evaluate` scores it alike on an external cohort."""
+    out = {}
+    evidence = metrics.get("evidence", {}).get("units", {})
+    for name, unit in metrics.get("arms", {}).items():
+        if unit.get("kind") != "baseline" or not unit.get("column"):
+            continue
+        signs = [d for d in unit.get("directions") or [] if d in (1, -1)]
+        ev = evidence.get(name, {})
+        out[unit["column"]] = {"direction": (1 if sum(signs) >= 0 else -1) if signs else None,
+                               **{k: ev[k] for k in ("n_patients", "n_positive", "auroc_delong_ci") if k in ev}}
+    return out
 
 
 def _patient_oof(part: pd.DataFrame, prob_col: str, y_col: str, how: str) -> dict:

@@ -18,7 +18,11 @@ def evaluate(
     image: str = typer.Option(None, help="image path column (default: the bundle recipe's)"),
     outcome: str = typer.Option(None, help="outcome column (default: the outcome the bundle predicts)"),
     patient: str = typer.Option(None, help="patient id column (default: the bundle recipe's)"),
-    site: str = typer.Option(None, help="site column, for per-site figures (default: the bundle recipe's, if present)"),
+    site: str = typer.Option(None, help="site column, for per-site figures (default: the bundle recipe's, if present); "
+                             "it may group one patient's images under several values, e.g. a view column"),
+    subgroup: list[str] = typer.Option([], "--subgroup", help="a column to break the figures down by (repeatable): "
+                                       "COLUMN, or COLUMN:CUT,CUT for numeric bands, e.g. age:40,65 (default: the "
+                                       "bundle recipe's cohort.subgroups the manifest has)"),
     positive: list[str] = typer.Option([], "--positive", help="an outcome value read as positive (repeatable)"),
     negative: list[str] = typer.Option([], "--negative", help="an outcome value read as negative (repeatable)"),
     root: Path = typer.Option(None, help="folder relative image paths start from (default: the manifest's)"),
@@ -47,7 +51,7 @@ def evaluate(
         options = ExternalOptions(image=image, outcome=outcome, patient=patient, site=site, positive=positive,
                                   negative=negative, root=root, drop_missing_outcome=drop_missing_outcome, output=output,
                                   test_images=images, aggregate=aggregate, recalibrate=recalibrate,
-                                  fit_fraction=fit_fraction, seed=seed, bootstrap=bootstrap)
+                                  fit_fraction=fit_fraction, seed=seed, bootstrap=bootstrap, subgroups=subgroup)
         target = out_dir or Path("evaluations") / manifest.stem
         res = evaluate_bundle(bundle, manifest, target, options, engine)
         if res["bundle"].get("intensity_notice"):

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from stagewise.data.characteristics import characteristics, prepare_steps
 from stagewise.data.cohort_rows import CohortRows
 from stagewise.data.manifest_csv import column_problems, read_manifest, separator_note, wanted_columns
 from stagewise.data.problems import MANIFEST_HINT, CohortError, file_key  # noqa: F401 - importable from here
@@ -44,6 +45,12 @@ class Cohort:
     warnings: list[str] = field(default_factory=list)
     """Doubts that do not stop a run (load_cohort(decode=True): nearly black images, one
     image twice for a patient); each line already lists every row concerned: show once."""
+    groups: pd.DataFrame = field(default_factory=pd.DataFrame)
+    """The subgroup levels (`row` and one text column per `cohort.subgroups` column), row for
+    row with `table`; kept out of `table`, whose columns every fold's fingerprint hashes."""
+    flow: dict = field(default_factory=dict)
+    """Participant flow: manifest rows read, dropped for an empty outcome, images kept; and
+    `before_manifest`, the rows a prepare script says it left out (`prepare_steps`)."""
 
     @property
     def n_images(self) -> int:
@@ -83,6 +90,9 @@ class Cohort:
         out = _counts(self.table)
         if "site" in self.table:
             out["sites"] = {str(s): _counts(t) for s, t in self.table.groupby("site", sort=False)}
+        if self.flow:
+            out["flow"] = self.flow | {"patients": out["patients"]}
+        out["characteristics"] = characteristics(self.table, self.groups, self.config.subgroups)
         columns = list(dict.fromkeys([*self.config.clinical, *self.config.baselines]))
         if columns:
             out["missing"] = {c: {"rows": int(self.table[c].isna().sum()), "of_rows": int(len(self.table)),
@@ -91,13 +101,18 @@ class Cohort:
         return out
 
 
-def load_cohort(cfg: CohortConfig, *, decode: bool = False, workers: int | None = None) -> Cohort:
+def load_cohort(cfg: CohortConfig, *, decode: bool = False, workers: int | None = None,
+                sites_hold_patients: bool = True) -> Cohort:
     """Read and check the manifest; every problem is reported together, before any training.
 
     decode=True also decodes every image file (`check_images`, `workers` threads): files
     that cannot be read, tiny or constant images and one image under two patients are
     reported in the same CohortError as the manifest's problems; doubts that do not stop a
     run (nearly black images, ...) land in `Cohort.warnings`.
+
+    A study's site holds whole patients (leave-one-site-out, federated training), so a patient
+    id at two sites is refused; `sites_hold_patients=False` (an external validation, whose
+    "site" only groups figures, e.g. by view) lets one patient's images lie at several.
 
     The steps (`cohort_rows.CohortRows`) run in a fixed order, because the order of the
     messages is the order a user reads and fixes them in.
@@ -112,11 +127,16 @@ def load_cohort(cfg: CohortConfig, *, decode: bool = False, workers: int | None 
     rows.read_ids()
     rows.check_image_paths()
     rows.check_patients()
-    rows.check_sites()
+    rows.check_sites(sites_hold_patients)
     rows.read_numeric()
+    rows.read_subgroups()
     rows.read_extra_outcomes()
     rows.check_both_classes()
     if decode and rows.paths:
         rows.check_images(workers)
     rows.raise_problems()
-    return Cohort(table=rows.table(), config=cfg, dropped=rows.dropped_notes(), warnings=rows.image_warnings)
+    flow = rows.flow()
+    if steps := prepare_steps(manifest):
+        flow["before_manifest"] = steps
+    return Cohort(table=rows.table(), config=cfg, dropped=rows.dropped_notes(), warnings=rows.image_warnings,
+                  groups=rows.groups(), flow=flow)

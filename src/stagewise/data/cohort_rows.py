@@ -20,6 +20,7 @@ import pandas as pd
 
 from stagewise.data.manifest_csv import RESERVED_COLUMNS
 from stagewise.data.problems import MANIFEST_HINT, CohortError, file_key
+from stagewise.data.subgroups import read_levels, subgroup_problems
 from stagewise.recipe import CohortConfig
 
 
@@ -35,6 +36,7 @@ class CohortRows:
         self.cfg = cfg
         self.manifest = manifest
         self.df = df
+        self.rows_read = len(df)
         self.columns = set(df.columns)
         self.problems = problems
         self.raw_path = df[cfg.image].str.strip() if cfg.image in self.columns else pd.Series("", index=df.index)
@@ -47,8 +49,10 @@ class CohortRows:
         self.missing = False
         self.numeric: dict[str, list[float]] = {}
         self.extra: dict[str, list[float]] = {}
+        self.levels: dict[str, list[str]] = {}
         self.image_warnings: list[str] = []
         self.image_problems = False
+        self.shared_patients = False
 
     def where(self, line: int) -> str:
         """A row as messages name it: its line, and its image path where it has one."""
@@ -156,21 +160,23 @@ class CohortRows:
             if len(by_y) > 1
         ]
 
-    def check_sites(self) -> None:
-        """Every row names its site, and a patient id belongs to one site."""
+    def check_sites(self, whole_patients: bool = True) -> None:
+        """Every row names its site, and (`whole_patients`, a study's sites) a patient id
+        belongs to one site."""
         cfg, df, patient, site = self.cfg, self.df, self.patient, self.site
         if site is None:
             return
         self.problems += [
             f"{self.where(ln)}: the site (column {cfg.site!r}) is empty" for ln in df.index if not site[ln]
         ]
-        if patient is not None:
+        if patient is not None and whole_patients:
             # A patient id shared by two sites is usually two patients with colliding ids, and
             # would leak between folds in leave-one-site-out.
             sites_of: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
             for line in df.index:
                 if patient[line] and site[line]:
                     sites_of[patient[line]][site[line]].append(line)
+            self.shared_patients = any(len(by_site) > 1 for by_site in sites_of.values())
             self.problems += [
                 f"patient {pid!r} appears at several sites ("
                 + "; ".join(f"{s!r} in {rows_text(ls)}" for s, ls in by_site.items())
@@ -200,6 +206,15 @@ class CohortRows:
                         f"{self.where(line)}: column {col!r}: {v!r} is not a number; "
                         f"leave the cell empty for a missing value{decimal_comma}"
                     )
+
+    def read_subgroups(self) -> None:
+        """Each subgroup column's level per row kept (`data.subgroups`); a non-number in a
+        column cut into bands, too many levels, or the patient or image column is a problem."""
+        self.problems += subgroup_problems(self.cfg)
+        for spec in self.cfg.subgroups:
+            if spec.column in self.columns:
+                self.levels[spec.column], bad = read_levels(self.df, spec, self.where)
+                self.problems += bad
 
     def read_extra_outcomes(self) -> None:
         """Secondary outcomes as 1/0/NaN (missing allowed), consistent within a patient."""
@@ -260,6 +275,9 @@ class CohortRows:
         hint = MANIFEST_HINT
         if self.image_problems:
             hint += " Replace unreadable or empty image files, or remove their rows."
+        if self.shared_patients:
+            hint += (f" A site holds whole patients; if column {self.cfg.site!r} rather groups one patient's images "
+                     "(a view, a scanner), name it in the cohort's `subgroups:` instead of `site:`.")
         if self.missing:
             hint += (
                 f" Relative image paths are read from {self.base}; "
@@ -285,6 +303,15 @@ class CohortRows:
         for col, values in self.extra.items():
             table[f"y:{col}"] = np.array(values, dtype=np.float64)
         return table
+
+    def groups(self) -> pd.DataFrame:
+        """The subgroup levels (one column per subgroup, text), row for row with `table()`."""
+        return pd.DataFrame({"row": self.df.index.to_numpy(dtype=np.int64),
+                             **{c: np.array(v, dtype=object) for c, v in self.levels.items()}})
+
+    def flow(self) -> dict:
+        """Participant flow of the manifest: rows read, rows dropped (and why), rows kept."""
+        return {"rows_read": self.rows_read, "dropped_missing_outcome": len(self.dropped), "images": len(self.df)}
 
     def dropped_notes(self) -> list[str]:
         """One run-log line per row dropped for an empty outcome."""

@@ -102,6 +102,7 @@ def column_problems(cfg: CohortConfig, columns: list[str]) -> list[str]:
     if cfg.site:
         wanted.append(("site", cfg.site))
     wanted += [("clinical", c) for c in cfg.clinical] + [("baselines", c) for c in cfg.baselines]
+    wanted += [("subgroups", s.column) for s in cfg.subgroups]
     problems = []
     for key, col in wanted:
         if col not in columns:
@@ -122,7 +123,7 @@ def column_problems(cfg: CohortConfig, columns: list[str]) -> list[str]:
 def wanted_columns(cfg: CohortConfig) -> list[str]:
     """Every manifest column the recipe's cohort section names."""
     return [cfg.image, cfg.outcome, cfg.patient, *cfg.extra_outcomes, *([cfg.site] if cfg.site else []),
-            *cfg.clinical, *cfg.baselines]
+            *cfg.clinical, *cfg.baselines, *(s.column for s in cfg.subgroups)]
 
 
 def separator_note(cfg: CohortConfig, manifest: Path, sep: str, columns: set[str], problems: list[str]) -> list[str]:

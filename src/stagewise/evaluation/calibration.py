@@ -15,6 +15,8 @@ from scipy.special import expit, logit
 from sklearn.calibration import calibration_curve as _sk_calibration_curve
 from sklearn.metrics import brier_score_loss
 
+from stagewise.evaluation.statistics import bootstrap_curve
+
 _EPS = 1e-6
 
 
@@ -147,3 +149,64 @@ def decision_curve(y, p, thresholds=np.arange(0.01, 1.0, 0.01)) -> pd.DataFrame:
             "net_benefit_none": wide["none"].to_numpy(dtype=float),
         }
     )
+
+
+def net_benefit(y, p, thresholds) -> np.ndarray:
+    """Net benefit of the model at each threshold, TP/n - FP/n * t / (1 - t) treating p >= t:
+    the formula of `decision_curve` without dcurves' tables, fast enough to repeat in every
+    bootstrap resample of a decision-curve band."""
+    y, p = _labels_and_probs(y, p)
+    t = np.asarray(thresholds, dtype=float)
+    treated = p[None, :] >= t[:, None]
+    tp = (treated & (y[None, :] == 1)).sum(axis=1)
+    fp = (treated & (y[None, :] == 0)).sum(axis=1)
+    return tp / len(y) - fp / len(y) * t / (1 - t)
+
+
+SMOOTH_POINTS = 41
+"""Points of the smoothed calibration curve, evenly spread over the range of the predictions."""
+
+
+def smoothed_calibration(y, p, grid) -> np.ndarray:
+    """Observed rate against predicted probability as a LOWESS smooth of the 0/1 outcomes on the
+    predictions, evaluated at `grid` (statsmodels; span 2/3 and no robustness iterations, as
+    Harrell's `val.prob` and Van Calster et al. 2016 draw it: robustness weights would treat
+    the rarer outcome as outliers). Clipped to [0, 1]; NaN outside the predictions' range."""
+    from statsmodels.nonparametric.smoothers_lowess import lowess
+
+    y, p = _labels_and_probs(y, p)
+    grid = np.asarray(grid, dtype=float)
+    if len(np.unique(p)) < 3:  # nothing to smooth over
+        return np.full(len(grid), np.nan)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        fitted = lowess(y.astype(float), p, frac=2 / 3, it=0, xvals=grid)
+    fitted = np.clip(fitted, 0.0, 1.0)
+    fitted[(grid < p.min()) | (grid > p.max())] = np.nan
+    return fitted
+
+
+def curve_bands(y, p, thresholds, n_boot: int, seed: int, level: float = 0.95) -> dict:
+    """The smoothed calibration curve (`smoothed_calibration` on SMOOTH_POINTS points over the
+    predictions' range) and, with `n_boot` > 0, percentile bands over `n_boot` resamples of the
+    rows (one row per patient: patients are resampled) for it and for the net benefit at
+    `thresholds` (`net_benefit`). Returns {"smooth": {prob, observed[, low, high]},
+    "net_benefit": {low, high} (with n_boot only)}."""
+    y, p = _labels_and_probs(y, p)
+    grid = np.linspace(p.min(), p.max(), SMOOTH_POINTS)
+    smooth = {"prob": grid.round(5).tolist(), "observed": _rounded(smoothed_calibration(y, p, grid)),
+              "method": "LOWESS (span 2/3, no robustness iterations)"}
+    out = {"smooth": smooth}
+    if n_boot:
+        ids = np.arange(len(y))
+        low, high = bootstrap_curve(y, p, ids, lambda yy, pp: smoothed_calibration(yy, pp, grid), n_boot, seed, level)
+        smooth["low"], smooth["high"] = _rounded(low), _rounded(high)
+        low, high = bootstrap_curve(y, p, ids, lambda yy, pp: net_benefit(yy, pp, thresholds), n_boot, seed, level)
+        out["net_benefit"] = {"low": _rounded(low), "high": _rounded(high)}
+        out["resamples"] = int(n_boot)
+    return out
+
+
+def _rounded(values) -> list:
+    """Values for metrics.json: 5 decimals, None where undefined (strict JSON has no NaN)."""
+    return [None if not np.isfinite(v) else round(float(v), 5) for v in values]

@@ -12,12 +12,19 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
-from stagewise.evaluation.calibration import brier_score, calibration_curve, calibration_slope_intercept, decision_curve
+from stagewise.evaluation.calibration import (
+    brier_score,
+    calibration_curve,
+    calibration_slope_intercept,
+    curve_bands,
+    decision_curve,
+)
 from stagewise.evaluation.conclusions import study_summary
 from stagewise.evaluation.interpretation import ALPHA, interpret_comparisons, primary_choice, unit_flags
 from stagewise.evaluation.metrics import COUNTS, METRICS, decision_metrics
 from stagewise.evaluation.prior_shift import SAMPLED_PRIOR, sampling_of, shifted_predictions
-from stagewise.evaluation.recalibration import recalibrated, recalibrated_scores
+from stagewise.evaluation.patient_level import patient_table
+from stagewise.evaluation.recalibration import recalibrated
 from stagewise.evaluation.statistics import (
     bootstrap_ci,
     bootstrap_many,
@@ -26,30 +33,14 @@ from stagewise.evaluation.statistics import (
     delong_test,
     wilcoxon_test,
 )
+from stagewise.evaluation.subgroups import MIN_CLASS, subgroup_evidence
 from stagewise.recipe import Recipe
 
 FPR_GRID = np.linspace(0, 1, 51)
-
-
-def patient_table(predictions: pd.DataFrame, units: dict, how: str, recalibrate: bool = False) -> pd.DataFrame:
-    """One row per (unit, patient): y, mean score over repeats, majority decision. With
-    `recalibrate`, each fold's patient scores pass through the recalibration the fold fitted
-    on its training part (evaluation/recalibration.py) before the mean over repeats; the
-    decisions stay those of the raw scores at the fold's threshold, which the map preserves."""
-    p = predictions.dropna(subset=["prob"])
-    agg = {"mean": "mean", "max": "max", "first": "first"}[how]
-    per_fold = p.groupby(["arm", "repeat", "fold", "patient"], sort=False).agg(y=("y", "first"), score=("prob", agg)).reset_index()
-    thresholds = pd.DataFrame(
-        [{"arm": name, "repeat": f["repeat"], "fold": f["fold"], "threshold": f["threshold"]}
-         for name, u in units.items() for f in u["folds"]]
-    )
-    per_fold = per_fold.merge(thresholds, on=["arm", "repeat", "fold"], how="left")
-    per_fold["decision"] = (per_fold["score"] >= per_fold["threshold"]).astype(float)
-    if recalibrate:
-        per_fold["score"] = recalibrated_scores(per_fold, units)
-    return per_fold.groupby(["arm", "patient"], sort=False).agg(
-        y=("y", "first"), score=("score", "mean"), decision=("decision", "mean")
-    ).reset_index()
+BAND_RESAMPLES = 500
+"""At most this many patient resamples for a curve's band (ROC, smoothed calibration, net
+benefit): a band is read by eye, and each resample redraws a whole curve."""
+DECISION_THRESHOLDS = np.round(np.arange(0.02, 0.81, 0.02), 2)
 
 
 def _roc_band(y: np.ndarray, s: np.ndarray, n_boot: int, seed: int) -> dict:
@@ -94,18 +85,29 @@ def unit_evidence(table: pd.DataFrame, kind: str, n_boot: int, seed: int) -> dic
     if n_boot:
         out["bootstrap_ci"] = bootstrap_many(y, np.column_stack([s, d]), patients, pooled_metrics, METRICS,
                                              n_boot=n_boot, seed=seed)
-    out["roc"] = _roc_band(y, s, min(n_boot, 500), seed)
+    out["roc"] = _roc_band(y, s, min(n_boot, BAND_RESAMPLES), seed)
     if kind != "baseline":  # baseline scores are not probabilities: no calibration
-        out |= calibration_evidence(y, s)
+        out |= calibration_evidence(y, s, min(n_boot, BAND_RESAMPLES), seed)
     return out
 
 
-def calibration_evidence(y: np.ndarray, s: np.ndarray) -> dict:
-    """Slope, intercept and Brier, the calibration curve and the decision curve of patient scores."""
-    dc = decision_curve(y, s, thresholds=np.round(np.arange(0.02, 0.81, 0.02), 2))
+def calibration_evidence(y: np.ndarray, s: np.ndarray, n_boot: int = 0, seed: int = 0) -> dict:
+    """Slope, intercept and Brier, the calibration curve (quantile bins, and the LOWESS smooth
+    as `smooth`) and the decision curve of patient scores; with `n_boot`, patient-bootstrap
+    95 % bands of the smooth (`smooth.low/high`) and of the model's net benefit
+    (`net_benefit_model_low/high`), from `n_boot` resamples (`calibration.curve_bands`)."""
+    dc = decision_curve(y, s, thresholds=DECISION_THRESHOLDS)
+    bands = curve_bands(y, s, DECISION_THRESHOLDS, n_boot, seed)
+    decision = {c: dc[c].round(5).tolist() for c in dc.columns}
+    if "net_benefit" in bands:
+        decision["net_benefit_model_low"] = bands["net_benefit"]["low"]
+        decision["net_benefit_model_high"] = bands["net_benefit"]["high"]
+        decision["band_resamples"] = bands["resamples"]
+    curve = calibration_curve(y, s, n_bins=min(10, max(2, len(y) // 10))) | {"smooth": bands["smooth"]}
+    if "resamples" in bands:
+        curve["band_resamples"] = bands["resamples"]
     return {"calibration": calibration_slope_intercept(y, s) | {"brier": brier_score(y, s)},
-            "calibration_curve": calibration_curve(y, s, n_bins=min(10, max(2, len(y) // 10))),
-            "decision_curve": {c: dc[c].round(5).tolist() for c in dc.columns}}
+            "calibration_curve": curve, "decision_curve": decision}
 
 
 def sampling_evidence(recipe: Recipe, metrics: dict, predictions: pd.DataFrame) -> dict:
@@ -238,7 +240,23 @@ def task_evidence(predictions: pd.DataFrame, unit: str, task: str, how: str, n_b
     return out
 
 
-def compute_evidence(recipe: Recipe, metrics: dict, predictions: pd.DataFrame) -> dict:
+def study_subgroups(recipe: Recipe, metrics: dict, predictions: pd.DataFrame, groups: pd.DataFrame | None) -> dict:
+    """`subgroups.subgroup_evidence` of every full-label unit (image arms at all labels,
+    baselines, the clinical model) over the cohort's subgroup columns; {} without any."""
+    columns = (metrics.get("cohort", {}).get("characteristics") or {}).get("subgroups") or {}
+    if groups is None or groups.empty or not columns:
+        return {}
+    units = metrics["arms"]
+    names = [n for n, u in units.items() if u["kind"] != "model" or u.get("label_fraction", 1.0) == 1.0]
+    n_boot = recipe.evaluation.bootstrap
+    return {"min_class": MIN_CLASS, "resamples": n_boot, "columns": columns,
+            "units": subgroup_evidence(predictions, groups, units, names, {c: v["levels"] for c, v in columns.items()},
+                                       recipe.protocol.patient_aggregate, n_boot, recipe.seed)}
+
+
+def compute_evidence(recipe: Recipe, metrics: dict, predictions: pd.DataFrame, groups: pd.DataFrame | None = None) -> dict:
+    """Everything metrics.json's `evidence` holds; `groups`, the cohort's subgroup levels by
+    manifest row (`Cohort.groups`), adds the figures per subgroup level."""
     units = metrics["arms"]
     table = patient_table(predictions, units, recipe.protocol.patient_aggregate)
     n_boot = recipe.evaluation.bootstrap
@@ -266,8 +284,8 @@ def compute_evidence(recipe: Recipe, metrics: dict, predictions: pd.DataFrame) -
         "summary_level": alpha,
         "patient_level": "mean score over repeats; decision = majority of fold decisions (confusion counts, "
                          "sensitivity, specificity, PPV, NPV, accuracy, balanced accuracy, F1)",
-        "settings": {"bootstrap_resamples": n_boot, "roc_band_resamples": min(n_boot, 500), "level": 0.95,
-                     "resampling": "patients"},
+        "settings": {"bootstrap_resamples": n_boot, "roc_band_resamples": min(n_boot, BAND_RESAMPLES),
+                     "curve_band_resamples": min(n_boot, BAND_RESAMPLES), "level": 0.95, "resampling": "patients"},
         "units": per_unit,
         "primary": primary,
         "multiplicity": "Holm, within each test, over every comparison's p except the primary test of the primary "
@@ -275,5 +293,6 @@ def compute_evidence(recipe: Recipe, metrics: dict, predictions: pd.DataFrame) -
         "comparisons": comparisons,
         "sampling": sampling_evidence(recipe, metrics, predictions),
         "label_efficiency": label_efficiency(units),
+        "subgroups": study_subgroups(recipe, metrics, predictions, groups),
     }
 

@@ -16,7 +16,8 @@ from stagewise.version import __version__
 from stagewise.bundle import VALIDATION_FILE, Bundle, recalibrated_bundle
 from stagewise.evaluation.calibration import apply_recalibration
 from stagewise.external.manifest import bundle_recipe, load_external, patient_table, score_cohort
-from stagewise.external.validation import comparison, development_figures, recalibration, site_figures, validation_figures
+from stagewise.external.groups import breakdowns
+from stagewise.external.validation import comparison, development_figures, recalibration, validation_figures
 from stagewise.external.options import EvaluateError, ExternalOptions
 from stagewise.external.overlap import check_overlap, figures_without
 from stagewise.external.outputs import RECALIBRATED, prepare_folder, write_results
@@ -75,9 +76,9 @@ def evaluate_bundle(bundle_dir: str | Path, manifest: str | Path, out_dir: str |
     table, used = patient_table(cohort, prob, test_images, aggregate)
     threshold = float(task["threshold"])
     external = validation_figures(table, threshold, options.bootstrap, options.seed)
-    if "site" in table:
-        external["sites"] = site_figures(table, threshold, options.bootstrap, options.seed)
     validation = _read_json(bundle_dir / VALIDATION_FILE) or {}
+    external |= breakdowns(cohort, prob, used, table, aggregate, threshold, validation.get("baselines") or {},
+                           options.bootstrap, options.seed)
     oof = validation.get("outputs", {}).get(task["output"])
     development = development_figures(task, oof, options.seed)
     summary = cohort.summary()

@@ -14,7 +14,7 @@ import yaml
 from stagewise.data import Cohort, CohortError, load_cohort, load_images
 from stagewise.evaluation.metrics import patient_scores
 from stagewise.external.options import ExternalOptions
-from stagewise.recipe import CohortConfig
+from stagewise.recipe import CohortConfig, SubgroupConfig
 
 _BATCH = 32
 
@@ -38,11 +38,15 @@ def _header(manifest: Path) -> list[str]:
 
 def cohort_config(manifest: Path, options: ExternalOptions, recipe: dict, outcome: str) -> CohortConfig:
     """The manifest's columns and outcome coding: the options where given, else the bundle
-    recipe's (its outcome named `outcome`); its site column only when the manifest has it."""
+    recipe's (its outcome named `outcome`); its site column, baseline columns and subgroup
+    columns (`--subgroup`, else the recipe's) only where the manifest has them."""
     dev = recipe.get("cohort") or {}
+    header = _header(manifest)
     site = options.site
-    if site is None and dev.get("site") and dev["site"] in _header(manifest):
+    if site is None and dev.get("site") and dev["site"] in header:
         site = dev["site"]
+    subgroups = options.subgroup_configs() or [SubgroupConfig.model_validate(g) for g in dev.get("subgroups") or []
+                                               if isinstance(g, dict) and g.get("column") in header]
     values = {
         "manifest": manifest,
         "image": options.image or dev.get("image") or "path",
@@ -51,6 +55,8 @@ def cohort_config(manifest: Path, options: ExternalOptions, recipe: dict, outcom
         "site": site,
         "root": options.root,
         "drop_missing_outcome": options.drop_missing_outcome,
+        "baselines": [c for c in dev.get("baselines") or [] if c in header],
+        "subgroups": subgroups,
     }
     if options.positive or dev.get("positive"):
         values["positive"] = options.positive or dev["positive"]
@@ -84,7 +90,8 @@ def load_external(manifest: Path, options: ExternalOptions, recipe: dict, outcom
     """The checked cohort (CohortError listing every row and file problem at once, its
     advice in terms of the command's options)."""
     try:
-        return load_cohort(cohort_config(manifest, options, recipe, outcome), decode=True)
+        # an external "site" column only groups figures (e.g. by view): one patient may lie at several
+        return load_cohort(cohort_config(manifest, options, recipe, outcome), decode=True, sites_hold_patients=False)
     except CohortError as err:
         raise CohortError([_as_options(p) for p in err.problems], err.manifest, hint=_as_options(err.hint)) from None
 
@@ -112,7 +119,7 @@ def patient_table(cohort: Cohort, prob: np.ndarray, test_images: str, aggregate:
     part = t[used]
     score, y = patient_scores(prob[used], part["y"].to_numpy(), part["patient"].to_numpy(), aggregate)
     table = pd.DataFrame({"patient": part["patient"].drop_duplicates().to_numpy(), "y": y.astype(int), "score": score})
-    if "site" in t:
+    if "site" in t and not part.groupby("patient", sort=False)["site"].nunique().gt(1).any():
         table["site"] = part.groupby("patient", sort=False)["site"].first().to_numpy()
     return table, used
 

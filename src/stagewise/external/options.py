@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 from stagewise.errors import StagewiseError
+from stagewise.recipe import SubgroupConfig
 
 RECALIBRATION = ("intercept", "slope")
 """intercept: refit calibration-in-the-large only; slope: refit intercept and slope."""
@@ -27,6 +28,14 @@ class EvaluateError(StagewiseError, ValueError):
 
     def __reduce__(self):
         return (type(self), (self.problems, self.source))
+
+
+def parse_subgroup(text: str) -> SubgroupConfig:
+    """'view' or 'age:40,65' (cut points) as a subgroup entry; ValueError when it is neither."""
+    column, _, cuts = text.partition(":")
+    if not column.strip():
+        raise ValueError("no column")
+    return SubgroupConfig(column=column.strip(), bands=[float(c) for c in cuts.split(",")] if cuts.strip() else None)
 
 
 @dataclass
@@ -54,6 +63,14 @@ class ExternalOptions:
     """Share of the external patients (whole patients, stratified) the recalibration is fitted on."""
     seed: int = 0
     bootstrap: int = 2000
+    subgroups: list[str] = field(default_factory=list)
+    """Columns to break the figures down by (`--subgroup`), each COLUMN or COLUMN:CUT,CUT,... (a
+    numeric column cut into bands, e.g. age:40,65); empty: the bundle recipe's `cohort.subgroups`
+    whose columns the manifest has."""
+
+    def subgroup_configs(self) -> list[SubgroupConfig]:
+        """`subgroups` as recipe subgroup entries (`problems` names any that cannot be read)."""
+        return [parse_subgroup(text) for text in self.subgroups]
 
     def problems(self, outputs: list[str]) -> list[str]:
         """Every option that cannot work with a bundle having `outputs`."""
@@ -72,6 +89,12 @@ class ExternalOptions:
                        "between 0 and 1 (the rest are held out to evaluate it)")
         if self.bootstrap < 0:
             out.append(f"--bootstrap {self.bootstrap}: give a number of resamples >= 0 (0 turns the CIs off)")
+        for text in self.subgroups:
+            try:
+                parse_subgroup(text)
+            except ValueError:
+                out.append(f"--subgroup {text!r}: give COLUMN, or COLUMN:CUT,CUT,... with ascending numbers "
+                           "(e.g. age:40,65)")
         overlap = {v.strip().lower() for v in self.positive} & {v.strip().lower() for v in self.negative}
         if overlap:
             out.append(f"outcome value(s) {sorted(overlap)} given as both --positive and --negative; keep each in one")

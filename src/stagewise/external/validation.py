@@ -3,8 +3,8 @@
 On the external patients: the same evidence a study gives a unit (`unit_evidence`: AUROC with
 DeLong and patient-bootstrap CIs, balanced accuracy and F1, the ROC band, calibration slope,
 calibration-in-the-large, Brier, calibration and decision curves), plus the decision at the
-bundle's stored threshold (sensitivity, specificity, PPV, NPV, with patient-bootstrap CIs),
-and per site.
+bundle's stored threshold (sensitivity, specificity, PPV, NPV, with patient-bootstrap CIs);
+per site, per subgroup and against the baselines in `groups`.
 From the bundle: its cross-validated figures (fold mean ± sd from bundle.json, patient-level
 CIs and out-of-fold probabilities from oof.json), so the two stand side by side. And the
 logistic recalibration, fitted on one stated part of the external patients (whole patients,
@@ -17,13 +17,13 @@ import numpy as np
 import pandas as pd
 
 from stagewise.evaluation.calibration import apply_recalibration, fit_recalibration
-from stagewise.evaluation.evidence import site_evidence, unit_evidence
+from stagewise.evaluation.evidence import unit_evidence
 from stagewise.evaluation.metrics import binary_metrics
 from stagewise.evaluation.splits import subsample_patients
 from stagewise.external.options import EvaluateError
 
 
-def _at_threshold(y: np.ndarray, s: np.ndarray, threshold: float) -> dict:
+def at_threshold(y: np.ndarray, s: np.ndarray, threshold: float) -> dict:
     """Every metric of `binary_metrics` (sensitivity, specificity, PPV, NPV, ..., counts)
     for decisions at `threshold`, and how many patients it flags."""
     return {"threshold": float(threshold), **binary_metrics(y, s, threshold),
@@ -38,22 +38,9 @@ def validation_figures(table: pd.DataFrame, threshold: float, n_boot: int, seed:
     t = table.assign(decision=(table["score"].to_numpy() >= threshold).astype(float))
     y, s = t["y"].to_numpy(), t["score"].to_numpy()
     ev = unit_evidence(t, "model", n_boot, seed)
-    ev["at_threshold"] = _at_threshold(y, s, threshold)
+    ev["at_threshold"] = at_threshold(y, s, threshold)
     ev["mean_predicted"], ev["observed_rate"] = float(s.mean()), float(y.mean())
     return ev
-
-
-def site_figures(table: pd.DataFrame, threshold: float, n_boot: int, seed: int) -> dict:
-    """Per site: counts and AUROC with DeLong and bootstrap CIs (`site_evidence`), the
-    decisions at the threshold, the Brier score and mean predicted against observed."""
-    site_of = table.set_index("patient")["site"]
-    out = site_evidence(table, site_of, n_boot, seed)
-    for site, part in table.groupby(table["site"].astype(str), sort=False):
-        y, s = part["y"].to_numpy(), part["score"].to_numpy()
-        out[site]["at_threshold"] = _at_threshold(y, s, threshold)
-        out[site]["brier"] = float(np.mean((s - y) ** 2))
-        out[site]["mean_predicted"], out[site]["observed_rate"] = float(s.mean()), float(y.mean())
-    return out
 
 
 def development_figures(task: dict, oof: dict | None, seed: int) -> dict:

@@ -25,7 +25,7 @@ from stagewise.errors import StagewiseError
 from stagewise.recipe.arms import STRATEGY_NAMES, ArmConfig, SitesConfig, TuneConfig, strategy_text
 from stagewise.recipe.augment import AugmentConfig, BlurConfig, CropConfig, MaskConfig, MixConfig
 from stagewise.recipe.base import PositiveFloat, RecipeError
-from stagewise.recipe.cohort import WORDING_FIELDS, CohortConfig, DataConfig, SourceConfig, outcome_phrase, task_outcome
+from stagewise.recipe.cohort import REPORT_ONLY_FIELDS, WORDING_FIELDS, CohortConfig, DataConfig, SourceConfig, SubgroupConfig, outcome_phrase, task_outcome
 from stagewise.recipe.loading import (
     apply_overrides,
     load_recipe,
@@ -94,6 +94,8 @@ __all__ = [
     "TrackingConfig",
     "TuneConfig",
     "WORDING_FIELDS",
+    "REPORT_ONLY_FIELDS",
+    "SubgroupConfig",
     "apply_overrides",
     "load_recipe",
     "outcome_phrase",

@@ -12,6 +12,10 @@ from stagewise.recipe.base import StrictModel
 WORDING_FIELDS = ("outcome_label", "outcome_horizon")
 """Cohort fields that only word the outcome for people (bundle, model card, bedside page,
 report): they change no number, so they enter no fingerprint and resume every run."""
+REPORT_ONLY_FIELDS = (*WORDING_FIELDS, "subgroups")
+"""Cohort fields that change what the report shows but no fold's numbers (the wording, the
+subgroups the finished out-of-fold scores are broken down by): no fingerprint holds them, so
+adding or changing one resumes every finished fold."""
 
 
 def outcome_phrase(column: str, label: str | None = None, horizon: str | None = None,
@@ -27,6 +31,22 @@ def task_outcome(task: dict, name_column: bool = False) -> str:
     """`outcome_phrase` of a bundle output (bundle.json's `tasks`; a bundle made before the
     wording fields existed gives its column name)."""
     return outcome_phrase(task["outcome"], task.get("outcome_label"), task.get("outcome_horizon"), name_column)
+
+
+class SubgroupConfig(StrictModel):
+    """One manifest column the report breaks performance down by (see `CohortConfig.subgroups`)."""
+
+    column: str
+    bands: list[float] | None = None
+    """Cut points of a numeric column, ascending: [40, 65] gives the bands "< 40", "40 to < 65"
+    and ">= 65". Unset: every distinct value of the column is a level of its own."""
+
+    @field_validator("bands")
+    @classmethod
+    def _ascending(cls, value: list[float] | None) -> list[float] | None:
+        if value is not None and (not value or any(b <= a for a, b in zip(value, value[1:]))):
+            raise ValueError("give one or more cut points in ascending order, e.g. [40, 65]")
+        return value
 
 
 class CohortConfig(StrictModel):
@@ -52,12 +72,33 @@ class CohortConfig(StrictModel):
     clinical: list[str] = []
     baselines: list[str] = []
     """Columns holding routine clinical scores (e.g. an IRDS grade), carried for baselines."""
+    subgroups: list[SubgroupConfig] = []
+    """Columns whose levels the report and `stagewise evaluate` break performance down by
+    (TRIPOD+AI: fairness, subgroups), e.g. `[sex, view, {column: age, bands: [40, 65]}]`: a
+    plain name makes each distinct value a level (at most 12; an empty cell is "not recorded"),
+    `{column, bands}` cuts a numeric column at the given points. A column may vary between one
+    patient's images (a view): each level then uses the patients' images of that level.
+    Report only: the folds' numbers do not change, so no fingerprint holds it."""
     root: Path | None = None
     positive: list[str] = ["1", "1.0", "true", "yes", "y", "positive"]
     """Outcome values read as the positive class (compared case-insensitively)."""
     negative: list[str] = ["0", "0.0", "false", "no", "n", "negative"]
     drop_missing_outcome: bool = False
     """Drop rows whose outcome is empty instead of reporting them as errors."""
+
+    @field_validator("subgroups", mode="before")
+    @classmethod
+    def _plain_names(cls, value):
+        """A plain column name is a subgroup without bands."""
+        return [{"column": v} if isinstance(v, str) else v for v in value] if isinstance(value, list) else value
+
+    @field_validator("subgroups")
+    @classmethod
+    def _once(cls, value: list[SubgroupConfig]) -> list[SubgroupConfig]:
+        twice = sorted({s.column for s in value if [t.column for t in value].count(s.column) > 1})
+        if twice:
+            raise ValueError(f"column(s) {', '.join(twice)} listed more than once")
+        return value
 
     @field_validator(*WORDING_FIELDS)
     @classmethod

@@ -12,6 +12,7 @@ from __future__ import annotations
 from stagewise.recipe import outcome_phrase, strategy_text
 from stagewise.report.federated import fold_stages, is_federated, recorded_sites, round_schedule, unfreeze_text
 from stagewise.report.formatting import DASH, fmt_setting
+from stagewise.report.tripod_items import SUBGROUP_HINT, curve_lines, participants_lines, subgroup_lines
 from stagewise.report.unit_order import is_full_label, ordered_units, recipe_arms
 
 
@@ -52,6 +53,7 @@ def checklist(metrics: dict, recipe: dict, ctx: dict) -> tuple[list[dict], list[
     order = ordered_units(arms)
     models = [n for n in order if arms[n].get("kind") == "model"]
     auto = [_partition_item(metrics, ctx, arms, order, models)]
+    auto += _tripod_items(metrics, evidence)
     auto += _model_items(recipe, arms, models, r_arms)
     auto += _federated_items(arms, models, r_arms)
     auto += _selection_items(ctx, protocol)
@@ -60,7 +62,20 @@ def checklist(metrics: dict, recipe: dict, ctx: dict) -> tuple[list[dict], list[
     if missing is not None:
         auto.append(_item("Missing data", "TRIPOD+AI", _missing_lines(missing, r_cohort)))
     auto += _failure_and_software_items(metrics, ctx, arms, models)
-    return auto, _user_items(r_cohort, missing)
+    user = _user_items(r_cohort, missing)
+    if not (evidence.get("subgroups") or {}).get("units"):
+        user.append({"topic": "Subgroups and fairness", "guide": "TRIPOD+AI", "hint": SUBGROUP_HINT})
+    return auto, user
+
+
+def _tripod_items(metrics: dict, evidence: dict) -> list[dict]:
+    """Participants (the flow, the characteristics table) and subgroup performance, where computed."""
+    items = []
+    if lines := participants_lines(metrics.get("cohort", {})):
+        items.append(_item("Participants: flow and characteristics", "TRIPOD+AI", lines))
+    if lines := subgroup_lines(evidence.get("subgroups") or {}):
+        items.append(_item("Subgroups and fairness", "TRIPOD+AI", lines))
+    return items
 
 
 def _item(topic: str, guide: str, lines: list[str]) -> dict:
@@ -181,6 +196,7 @@ def _statistics_items(metrics: dict, recipe: dict, arms: dict, order: list[str],
         f"calibration curve, slope, intercept and Brier score for {', '.join(calibrated)}" if calibrated
         else "calibration not computed",
         "decision curves (net benefit vs treat-all / treat-none)" if any(ev.get(n, {}).get("decision_curve") for n in order) else "",
+        *curve_lines(ev, calibrated),
         "baseline scores are not probabilities: no calibration for them" if baselines else "",
     ]))
     return items

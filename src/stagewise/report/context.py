@@ -20,6 +20,7 @@ from stagewise.report.checklist import checklist
 from stagewise.report.federated import federated_sections, nav_with_federated
 from stagewise.report.figures import palette, saliency_colorbar
 from stagewise.report.formatting import DASH
+from stagewise.report.participants import participants_section, subgroup_table, with_tripod_nav
 from stagewise.report.run_files import read_run
 from stagewise.report.sections import (
     calibration_rows,
@@ -111,9 +112,12 @@ def build_context(run_dir: str | Path) -> dict:
         "fold_units": order,
         "fold_rows": fold_rows,
         "figures": figures,
+        "participants": participants_section(cohort, ev, order),
+        "subgroups": subgroup_table(evidence.get("subgroups") or {}, order),
     } | run_footer(metrics, env, arms, order, recipe_text)
     ctx["checklist_auto"], ctx["checklist_user"] = checklist(metrics, recipe, ctx)
     ctx["nav"] = nav_items(comparisons, figures, pooled, tuning, training_curves, saliency,
                            bool(ctx["conclusions"]["sentences"]))
     ctx["nav"] = nav_with_federated(ctx["nav"], ctx["federated"])
+    ctx["nav"] = with_tripod_nav(ctx["nav"], ctx)
     return ctx

@@ -15,6 +15,7 @@ from pathlib import Path
 from stagewise.report.external_checklist import external_checklist
 from stagewise.report.figures import calibration_figure, decision_figure, palette, roc_figure, site_forest_figure
 from stagewise.report.formatting import DASH, finite, fmt_ci, fmt_mean_sd, fmt_num, fmt_point_ci
+from stagewise.report.participants import SITES_NOTE, baseline_rows, participants_section, subgroup_table
 
 EXTERNAL, DEVELOPMENT = "external cohort", "development (out-of-fold)"
 EVALUATED, WITHOUT = "evaluated cohort, every patient", "without the training-set patients"
@@ -153,6 +154,10 @@ def build_external_context(folder: str | Path) -> dict:
         },
         "seconds": fmt_num(res.get("seconds"), 1),
         **ov,
+        "participants": participants_section(cohort),
+        "subgroups": subgroup_table(ext.get("subgroups") or {}, ["external"]),
+        "baselines": baseline_rows(ext.get("baselines") or {}),
+        "sites_note": SITES_NOTE if ext.get("sites") and ext.get("sites_hold_patients") is False else "",
     }
     ctx["checklist_auto"], ctx["checklist_user"] = external_checklist(res)
     return ctx

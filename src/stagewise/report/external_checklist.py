@@ -11,6 +11,7 @@ interpretation are the authors' to write.
 from __future__ import annotations
 
 from stagewise.report.formatting import DASH, fmt_num, fmt_setting
+from stagewise.report.tripod_items import external_items
 
 
 def _independence(overlap: dict, without: dict) -> list[str]:
@@ -100,4 +101,5 @@ def external_checklist(res: dict) -> tuple[list[dict], list[dict]]:
         {"topic": "Interpretation", "guide": "TRIPOD+AI",
          "hint": "what the loss or gain in transfer means for the intended use; whether recalibration is needed locally"},
     ]
-    return auto, user
+    more, todo = external_items(res)
+    return auto + more, user + todo

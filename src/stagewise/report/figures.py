@@ -98,29 +98,56 @@ def roc_figure(units: list[str], ev: dict, colors: dict) -> str | None:
     return _curves_png(units, ev, "roc", draw)
 
 
+def _band(ax, x: list, low: list | None, high: list | None, color: str) -> None:
+    """A curve's 95 % band where metrics.json has one (None entries: no band at that point)."""
+    if not low or not high:
+        return
+    nan = float("nan")
+    ax.fill_between(x, [nan if v is None else v for v in low], [nan if v is None else v for v in high],
+                    color=color, alpha=0.13, lw=0)
+
+
 def calibration_figure(units: list[str], ev: dict, colors: dict,
                        title: str = "Calibration (quantile bins of patients)") -> str | None:
-    """Calibration curves (quantile bins of patients); None when no unit has one."""
+    """Calibration curves: the quantile bins of patients as points, the LOWESS smooth as a line
+    and its patient-bootstrap 95 % band where metrics.json has them (runs before the smooth
+    existed: the bins joined by lines); None when no unit has a curve."""
 
     def draw(ax, shown: list[str]) -> None:
         ax.plot([0, 1], [0, 1], ls="--", lw=0.8, color=_REFERENCE, label="perfect calibration")
+        notes = []
         for u in shown:
             c = ev[u]["calibration_curve"]
-            ax.plot(c["prob_pred"], c["prob_true"], marker="o", ms=3.5, lw=1.3, color=colors[u], label=_mpl_text(u))
+            smooth = c.get("smooth") or {}
+            if not any(v is not None for v in smooth.get("observed") or []):
+                ax.plot(c["prob_pred"], c["prob_true"], marker="o", ms=3.5, lw=1.3, color=colors[u], label=_mpl_text(u))
+                continue
+            notes += ["dots: bins", "line: LOWESS"]
+            if smooth.get("low"):
+                notes.append("band: 95 % patient bootstrap")
+                _band(ax, smooth["prob"], smooth["low"], smooth["high"], colors[u])
+            ax.plot(smooth["prob"], [float("nan") if v is None else v for v in smooth["observed"]], lw=1.5,
+                    color=colors[u], label=_mpl_text(u))
+            ax.plot(c["prob_pred"], c["prob_true"], ls="none", marker="o", ms=3.5, color=colors[u], alpha=0.8)
         _unit_square(ax, "upper left", xlabel="mean predicted probability", ylabel="observed fraction positive",
-                     title=title)
+                     title="\n".join([title, " · ".join(dict.fromkeys(notes))]) if notes else title)
 
     return _curves_png(units, ev, "calibration_curve", draw)
 
 
 def decision_figure(units: list[str], ev: dict, colors: dict, title: str = "Decision curves") -> str | None:
-    """Decision curves with treat-all and treat-none (from the first unit shown); None without curves."""
+    """Decision curves with their patient-bootstrap 95 % bands where metrics.json has them, and
+    treat-all and treat-none (from the first unit shown); None without curves."""
 
     def draw(ax, shown: list[str]) -> None:
         ref = ev[shown[0]]["decision_curve"]
         tops = [max(ref["net_benefit_all"], default=0)]
+        banded = False
         for u in shown:
             d = ev[u]["decision_curve"]
+            if d.get("net_benefit_model_low"):
+                banded = True
+                _band(ax, d["threshold"], d["net_benefit_model_low"], d["net_benefit_model_high"], colors[u])
             ax.plot(d["threshold"], d["net_benefit_model"], color=colors[u], lw=1.5, label=_mpl_text(u))
             tops.append(max(d["net_benefit_model"], default=0))
         ax.plot(ref["threshold"], ref["net_benefit_all"], color="#333333", lw=1.0, ls="-.", label="treat all")
@@ -128,7 +155,8 @@ def decision_figure(units: list[str], ev: dict, colors: dict, title: str = "Deci
         top = max(max(tops), 0.01)
         ax.set_ylim(-0.15 * top, 1.08 * top)
         ax.set_xlim(min(ref["threshold"]), max(ref["threshold"]))
-        ax.set(xlabel="threshold probability", ylabel="net benefit", title=title)
+        ax.set(xlabel="threshold probability", ylabel="net benefit",
+               title=f"{title}\nband: 95 % patient bootstrap" if banded else title)
         ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
 
     return _curves_png(units, ev, "decision_curve", draw)

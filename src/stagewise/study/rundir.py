@@ -26,7 +26,7 @@ import yaml
 from stagewise.version import __version__
 from stagewise.errors import RunError
 from stagewise.io import atomic_write, check_writable, strict_json
-from stagewise.recipe import WORDING_FIELDS, ArmConfig, Recipe, recipe_to_dict
+from stagewise.recipe import REPORT_ONLY_FIELDS, ArmConfig, Recipe, recipe_to_dict
 
 
 MARKER = ".stagewise-run"
@@ -37,8 +37,13 @@ OWN_FILES = ("recipe.yaml", "environment.json", "predictions.csv", "metrics.json
 FINGERPRINTED = ("seed", "cohort.", "data.", "protocol.", "compute.device", "compute.precision",
                  "compute.channels_last", "evaluation.recalibrate")
 """Recipe keys (prefixes) that enter `unit_fingerprint` besides the unit's own arm."""
-NOT_FINGERPRINTED = tuple(f"cohort.{f}" for f in WORDING_FIELDS)
-"""Keys under those prefixes that word the outcome only: they decide no number."""
+NOT_FINGERPRINTED = tuple(f"cohort.{f}" for f in REPORT_ONLY_FIELDS)
+"""Keys under those prefixes (and the keys below them) that change only what the report shows
+(the outcome's wording, the subgroups): they decide no number."""
+
+
+def _report_only(key: str) -> bool:
+    return any(key == k or key.startswith(k + ".") for k in NOT_FINGERPRINTED)
 
 
 def _flat_settings(value, prefix: str = "", out: dict | None = None) -> dict:
@@ -63,14 +68,14 @@ def recipe_differences(old: dict, new: dict, keys: tuple[str, ...] = (), limit: 
     """The settings that differ between two recipe dicts, as 'key (run: old, now: new)' with
     dotted keys (arms by name: `arms[probe].stages.0.lr`), at most `limit` of them; with
     `keys`, only keys starting with one of them (`protocol.label_fractions` never counts:
-    adding a fraction keeps the finished arms, nor does the outcome's wording). Second: whether one of them is a setting the
+    adding a fraction keeps the finished arms, nor do the outcome's wording and the subgroups). Second: whether one of them is a setting the
     old recipe lacks inside an object it has (a field a later stagewise added, not a stage or
     arm the user added)."""
     a, b = _flat_settings(old), _flat_settings(new)
     absent = object()
     show = lambda v: "not set" if v is absent else json.dumps(v)  # noqa: E731
     wanted = lambda k: ((not keys or k.startswith(keys)) and not k.startswith("protocol.label_fractions")  # noqa: E731
-                        and k not in NOT_FINGERPRINTED)
+                        and not _report_only(k))
     changed = [k for k in sorted(set(a) | set(b)) if wanted(k) and a.get(k, absent) != b.get(k, absent)]
 
     def added_field(k: str) -> bool:
@@ -95,7 +100,7 @@ def unit_fingerprint(recipe: Recipe, kind: str, arm: ArmConfig | None, fraction:
     protocol.pop("label_fractions")  # adding a fraction must not invalidate finished arms
     relevant = {
         "seed": recipe.seed,
-        "cohort": recipe.cohort.model_dump(mode="json", exclude=set(WORDING_FIELDS)),  # wording decides no number
+        "cohort": recipe.cohort.model_dump(mode="json", exclude=set(REPORT_ONLY_FIELDS)),  # they decide no number
         "cohort_content": cohort,
         "protocol": protocol,
         "kind": kind,

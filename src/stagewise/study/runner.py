@@ -166,7 +166,7 @@ def _run(recipe: Recipe, run: RunDir, reporter: Reporter, tracker: StudyTracker)
         "wall_seconds_this_session": time.perf_counter() - t_start,
     }
     predictions = pd.concat(all_preds, ignore_index=True)
-    metrics["evidence"] = compute_evidence(recipe, metrics, predictions)
+    metrics["evidence"] = compute_evidence(recipe, metrics, predictions, study.cohort.groups)
     run.write_results(predictions, metrics)
     if recipe.evaluation.report:
         from stagewise.report.html import write_report

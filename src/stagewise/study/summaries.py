@@ -158,7 +158,9 @@ def unit_summary(unit: Unit, fold_results: list[dict]) -> dict:
             out["tuning"] = [{"repeat": m["repeat"], "fold": m["fold"], "chosen": m["tuning"]["chosen"]} for m in fold_results]
         out["saliency"] = [s for m in fold_results for s in m.get("saliency", [])]
     elif unit.kind == "baseline":
-        out |= {"backbone": f"score column {unit.column}", "stages": ["baseline"]}
+        out |= {"backbone": f"score column {unit.column}", "stages": ["baseline"], "column": unit.column,
+                # per fold: +1 where higher values meant the outcome on its training part, -1 where lower did
+                "directions": [m.get("direction") for m in fold_results]}
     else:
         out |= {"backbone": "logistic regression on clinical columns", "stages": ["clinical"]}
     return out
