@@ -142,7 +142,7 @@ def test_disk_full_during_a_run_names_the_path_and_reaches_the_log(manifest, tmp
 
 
 def test_saliency_titles_name_manifest_rows_not_files(manifest, tmp_path, monkeypatch):
-    import stagewise.evaluation.saliency as saliency
+    import stagewise.study.saliency_maps as saliency
 
     titles = []
     real = saliency.save_overlay
