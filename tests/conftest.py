@@ -66,8 +66,8 @@ class _SharedRay:
     """One Ray instance for the Flower simulations of consecutive `flower`-marked tests on an
     xdist worker (`federated.simulation.one_ray_instance`, which a study's local executor
     uses for its folds): Flower would start and stop Ray for every simulation (several seconds
-    each). It is stopped before any other test runs on that worker (one that starts a Ray
-    cluster of its own, or checks that none is left running) and at the end of the session."""
+    each). It is stopped before a `ray_of_its_own` test (one that starts a Ray cluster of its
+    own, or checks that none is left running) and at the end of the session."""
 
     block = None
 
@@ -88,9 +88,19 @@ class _SharedRay:
 
 @pytest.fixture(autouse=True)
 def _ray_for_flower_tests(request):
-    if request.node.get_closest_marker("flower") and not request.node.get_closest_marker("ray_of_its_own"):
+    """xdist hands a worker tests of several modules in turn: the shared instance stays up
+    between `flower` tests and is stopped only before a test that needs Ray to itself."""
+    if request.node.get_closest_marker("ray_of_its_own"):
+        _SharedRay.close()
+    elif request.node.get_closest_marker("flower"):
         _SharedRay.open()
-    else:
+    yield
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _no_shared_ray_in_modules_that_start_their_own(request):
+    """Before such a module's own module-scoped fixtures (a Ray cluster) are made."""
+    if request.node.get_closest_marker("ray_of_its_own"):
         _SharedRay.close()
     yield
 

@@ -12,6 +12,8 @@ import pytest
 from conftest import same_numbers, small_recipe
 from stagewise.recipe import ComputeConfig
 
+pytestmark = pytest.mark.ray_of_its_own  # starts Ray itself: the tests' shared instance is stopped first (conftest)
+
 EXECUTORS = get_args(ComputeConfig.model_fields["executor"].annotation)
 ARMS = [{"name": "a", "backbone": "scratch:tinycnn", "stages": [{"kind": "probe", "epochs": 1, "batch_size": 16}]}]
 

@@ -6,6 +6,8 @@ import pytest
 from conftest import small_recipe
 from stagewise.study import run_study
 
+pytestmark = pytest.mark.ray_of_its_own  # starts Ray itself: the tests' shared instance is stopped first (conftest)
+
 QUIET = {"saliency": 0, "bootstrap": 50, "report": False}
 
 
