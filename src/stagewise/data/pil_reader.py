@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from stagewise.data.reader_base import ImageReadError, check_pixels, minmax
+from stagewise.errors import StagewiseError
 
 # Extensions Pillow reads: content that starts like a DICOM group is still given to Pillow.
 PIL_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp"}
@@ -99,7 +100,7 @@ def read_pil(path: Path, content: io.BytesIO | None = None) -> np.ndarray:
                 check_pixels(path, (im.height, im.width))  # the header only: nothing decoded yet
                 im.load()  # decoding is lazy: truncation only shows here
                 im = ImageOps.exif_transpose(im)
-    except ImageReadError:
+    except StagewiseError:  # the pixel limit's refusal, or its setting's error
         raise
     except Image.DecompressionBombError as err:  # over twice Pillow's own limit, refused by Pillow at open
         raise ImageReadError(path, f"the image declares more pixels than Pillow decodes ({err}); downsample it or "
