@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 from conftest import small_recipe
 from stagewise.cli import app
 from stagewise.bundle import Bundle, export_bundle
+from stagewise.bundle.integrity import seal
 from stagewise.evaluation.calibration import apply_recalibration, calibration_slope_intercept
 from stagewise.external import EvaluateError, ExternalOptions, evaluate_bundle
 from stagewise.external.validation import recalibration
@@ -114,6 +115,7 @@ def test_an_older_bundle_says_its_intensity_convention_in_the_evaluation(bundle_
     shutil.copytree(bundle_dir, old)
     info = json.loads((old / "bundle.json").read_text())
     assert info.pop("intensity")["convention"] == "storable-range-v1"
+    info.pop("integrity")  # nor the digests of its files
     (old / "bundle.json").write_text(json.dumps(info))
     args = ["--image", "scan", "--outcome", "icu", "--patient", "pid", "--positive", "admitted", "--negative", "ward",
             "--bootstrap", "0"]
@@ -256,6 +258,7 @@ def test_the_evaluation_names_the_outcome_in_the_bundles_words(bundle_dir, site_
     info = json.loads((worded / "bundle.json").read_text())
     info["tasks"][0] |= {"outcome_label": "admission to intensive care", "outcome_horizon": "within 30 days of the radiograph"}
     (worded / "bundle.json").write_text(json.dumps(info))
+    seal(worded)  # as the export of that recipe would have recorded it
     phrase = "admission to intensive care within 30 days of the radiograph (column outcome)"
     evaluate_bundle(worded, site_b, tmp_path / "eval", options=_options(bootstrap=0))
     res = json.loads((tmp_path / "eval" / "external.json").read_text())

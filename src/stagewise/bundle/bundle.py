@@ -4,7 +4,6 @@ recalibration applied. `predict`, `evaluate` and `serve` all score through this 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,11 +11,13 @@ import numpy as np
 import pandas as pd
 import torch
 
+from stagewise.bundle.integrity import BundleError, verify
 from stagewise.bundle.network import SharedHeads, load_heads
+from stagewise.bundle.schema import check_onnx, check_outputs, read_info
 from stagewise.data import ImageReadError, read_image
 from stagewise.data.preprocess import to_cube, to_square
 from stagewise.data.readers import INTENSITY_CONVENTION
-from stagewise.errors import RunError
+from stagewise.errors import RunError, StagewiseError
 from stagewise.evaluation.calibration import apply_recalibration
 from stagewise.models import create_backbone
 
@@ -27,17 +28,39 @@ class Bundle:
     info: dict
     model: SharedHeads
     _onnx: object = field(default=None, repr=False)
+    integrity_notice: str | None = None  # set by `load` for a bundle that records no digests
 
     @classmethod
     def load(cls, path: str | Path) -> "Bundle":
-        """Read a bundle (safetensors only: nothing is unpickled); weights that do not fit
-        their architecture are an error naming the file."""
+        """Read a bundle (safetensors only: nothing is unpickled) after checking it whole:
+        bundle.json against its schema, every file against the digests recorded at export
+        (`integrity.verify`), the tasks against the heads' outputs and the ONNX graph's input
+        size. Any problem is a BundleError naming the file and what to do; a bundle exported
+        before digests were recorded loads with a notice (`integrity_notice`)."""
         path = Path(path)
         if not (path / "bundle.json").is_file():
             raise RunError(f"{path}: not a stagewise bundle (no bundle.json); make one with `stagewise export`")
-        backbone = create_backbone(f"file:{path / 'backbone.safetensors'}")
-        model = SharedHeads(backbone, load_heads(path / "heads.safetensors")).float().eval()
-        return cls(path, json.loads((path / "bundle.json").read_text()), model)
+        info = read_info(path)
+        notice = verify(path, info, ("backbone.safetensors", "heads.safetensors"))
+        backbone = _load_part(path / "backbone.safetensors", lambda f: create_backbone(f"file:{f}"))
+        heads = _load_part(path / "heads.safetensors", load_heads)
+        check_outputs(path, info, heads)
+        check_onnx(path, info)
+        bundle = cls(path, info, SharedHeads(backbone, heads).float().eval())
+        bundle.integrity_notice = notice
+        return bundle
+
+    @property
+    def notices(self) -> list[str]:
+        """Every sentence a user of this bundle should read before its scores: an older
+        bundle's unchecked files or intensity convention, and each recalibrated output."""
+        said = [n for n in (self.integrity_notice, self.intensity_notice) if n]
+        for t in self.info["tasks"]:
+            r = t.get("recalibration")
+            if r:
+                said.append(f"output {t['output']}: its probabilities pass through the recalibration recorded in the "
+                            f"bundle, p' = sigmoid({r['intercept']:.4f} + {r['slope']:.4f} logit p)")
+        return said
 
     @property
     def intensity_notice(self) -> str | None:
@@ -126,3 +149,16 @@ class Bundle:
             table[f"decision:{task['output']}"] = decision
         table["error"] = errors
         return table
+
+
+def _load_part(file: Path, load):
+    """`load(file)`, a weights file of the bundle; anything unreadable is a BundleError naming it."""
+    if not file.is_file():
+        raise BundleError(f"{file} is missing: the bundle is incomplete; copy the whole bundle folder again or export it "
+                          "again from its run")
+    try:
+        return load(file)
+    except Exception as err:  # safetensors' own errors, a foreign header, shapes that do not fit
+        why = str(err) if isinstance(err, StagewiseError) else type(err).__name__
+        raise BundleError(f"{file} is not a readable bundle weights file ({why}); copy the whole bundle folder again or "
+                          "export it again from its run") from None

@@ -10,10 +10,13 @@ and moved into place at the end, so an interrupted export never leaves a mixed b
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import tempfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -22,12 +25,12 @@ import yaml
 
 from stagewise.version import __version__
 from stagewise.data.readers import INTENSITY_CONVENTION, INTENSITY_DESCRIPTION
-from stagewise.evaluation.calibration import apply_recalibration
 from stagewise.bundle.model_card import card_facts, render_model_card
-from stagewise.bundle.oof import VALIDATION_FILE, threshold_figures, write_validation
+from stagewise.bundle.oof import threshold_figures, write_validation
 from stagewise.bundle.training_set import record_training_set, training_set_summary, write_training_set
 from stagewise.data import Cohort, load_cohort
 from stagewise.data.fingerprint import cohort_digest
+from stagewise.bundle.integrity import seal
 from stagewise.bundle.network import SharedHeads, save_heads
 from stagewise.models import Backbone, Network, load_network, save_backbone
 from stagewise.recipe import Recipe, recipe_from_dict, recipe_to_dict, shareable_backbone, shareable_recipe
@@ -37,13 +40,35 @@ from stagewise.study.rundir import unit_fingerprint
 from stagewise.study.tracking import log_bundle
 
 
+@contextlib.contextmanager
+def interrupt_after():
+    """Ctrl-C (SIGINT) held while the block runs, then raised as KeyboardInterrupt. The ONNX
+    exporter does not survive an interrupt inside it (the process aborted, leaving its
+    temporary folder behind); held until the step ends, the interrupt unwinds through
+    `build_bundle`, which removes the unfinished bundle. Outside the main thread (where no
+    signal arrives) the block just runs."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    previous = signal.signal(signal.SIGINT, lambda *_: caught.append(True))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
+
+
 def export_onnx(model: torch.nn.Module, path: Path, image_size: int) -> Path:
+    """`model` as ONNX in `path` (batch size free); Ctrl-C waits for the end of this step."""
     example = torch.rand(2, 1, *([image_size] * model.backbone.spatial_dims))
     model = model.float().to(memory_format=torch.contiguous_format).eval()
-    torch.onnx.export(
-        model, (example,), str(path), input_names=["image"], output_names=["probability"],
-        dynamic_shapes={"x": {0: torch.export.Dim("batch")}}, dynamo=True, verbose=False,
-    )
+    with interrupt_after():
+        torch.onnx.export(
+            model, (example,), str(path), input_names=["image"], output_names=["probability"],
+            dynamic_shapes={"x": {0: torch.export.Dim("batch")}}, dynamo=True, verbose=False,
+        )
     return path
 
 
@@ -161,12 +186,14 @@ def _check_fold_cohort(run_dir: Path, recipe: Recipe, configs: dict, arms: list[
 def build_bundle(out: Path, fill) -> Path:
     """Make the bundle `out`: `fill(folder)` writes its files into a fresh temporary folder
     beside it, which then replaces `out` whole (an interrupted export leaves no mixed bundle).
-    Every bundle, whatever trained its model, is written through here."""
+    Every bundle, whatever trained its model, is written through here, and sealed here: the
+    digests of its files go into its bundle.json (`integrity.seal`)."""
     _prepare_target(out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     try:
         os.chmod(tmp, 0o755)
         fill(tmp)
+        seal(tmp)  # the digests of every file, checked at each load
         _move_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -241,63 +268,6 @@ def _task_threshold(unit: dict, outcome: str, refit: bool, run_dir: Path, arm: s
     if refit:
         return float(np.median([f["tasks"][outcome]["threshold"] for f in unit["folds"]]))
     return json.loads((run_dir / "folds" / arm / f"{fold}.json").read_text())["metrics"]["tasks"][outcome]["threshold"]
-
-
-def recalibrated_bundle(source: str | Path, out: str | Path, output: str, recalibration: dict,
-                        training_set: dict | None = None) -> Path:
-    """A copy of bundle `source` in `out` whose `output` probabilities pass through a logistic
-    recalibration, p' = sigmoid(intercept + slope logit p), recorded in bundle.json (with what
-    it was fitted on), so that `predict` and `serve` apply it. Its threshold is mapped the same
-    way (the decisions stay those of the stored threshold) and its out-of-fold validation
-    probabilities too (their order, and so each new probability's place among them, stays).
-    A bundle already recalibrated composes the two maps into one. `training_set`, when given,
-    replaces the source's training_set.json (`training_set.with_recalibration`: the source's
-    training images and patients and those the recalibration was fitted on)."""
-    source, out = Path(source), Path(out)
-    info = json.loads((source / "bundle.json").read_text())
-    task = next(t for t in info["tasks"] if t["output"] == output)
-    a, b = float(recalibration["intercept"]), float(recalibration["slope"])
-    previous = task.get("recalibration")
-    if previous:  # sigmoid(a + b logit(sigmoid(a0 + b0 logit p))) = sigmoid(a + b a0 + b b0 logit p)
-        a, b = a + b * previous["intercept"], b * previous["slope"]
-    task.setdefault("threshold_before_recalibration", task["threshold"])
-    task["recalibration"] = {**recalibration, "intercept": a, "slope": b, "composed_with_earlier": bool(previous)}
-    if training_set is not None:
-        info["training_set"] = training_set_summary(training_set)
-    task["threshold"] = float(apply_recalibration(task["threshold_before_recalibration"], a, b))
-    if task.get("at_threshold"):  # a monotone map: the same decisions, so the same figures, at the mapped threshold
-        task["at_threshold"]["threshold"] = task["threshold"]
-
-    def fill(tmp: Path) -> None:
-        for f in source.iterdir():
-            if f.is_file() and f.name not in ("bundle.json", "MODEL_CARD.md", VALIDATION_FILE):
-                shutil.copyfile(f, tmp / f.name)
-        if training_set is not None:
-            write_training_set(tmp, training_set)
-        (tmp / "bundle.json").write_text(json.dumps(info, indent=2))
-        card = render_model_card(info) + (
-            f"\nRecalibrated (`{output}`, logistic, {recalibration['method']}): p' = sigmoid({a:.4f} + {b:.4f} logit p), "
-            f"fitted on {recalibration['fitted_on']['n_patients']} patients ({recalibration['fitted_on']['n_positive']} "
-            f"positive) of {recalibration['fitted_on'].get('cohort', 'an external cohort')}; the threshold maps to "
-            f"{task['threshold']:.4f}.\n")
-        (tmp / "MODEL_CARD.md").write_text(card)
-        if (source / VALIDATION_FILE).is_file():
-            oof = json.loads((source / VALIDATION_FILE).read_text())
-            v = oof.get("outputs", {}).get(output)
-            if v:
-                original = v.get("probability_before_recalibration", v["probability"])
-                v["probability_before_recalibration"] = original
-                v["probability"] = np.round(apply_recalibration(original, a, b), 6).tolist()
-                patients = v.get("patients")
-                if patients:
-                    original = patients.get("score_before_recalibration", patients["score"])
-                    patients["score_before_recalibration"] = original
-                    patients["score"] = np.asarray(apply_recalibration(original, a, b), dtype=float).tolist()
-            (tmp / VALIDATION_FILE).write_text(json.dumps(oof))
-        for path in tmp.iterdir():
-            os.chmod(path, 0o644)
-
-    return build_bundle(out, fill)
 
 
 def _refit(recipe: Recipe, run_dir: Path, arm: str, unit: dict) -> tuple[Network, float, dict]:

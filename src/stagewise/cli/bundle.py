@@ -9,7 +9,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from stagewise.cli.console import console, guard, out
+from stagewise.cli.console import PIXELS_HELP, console, guard, out, set_max_image_pixels
 from stagewise.errors import RunError
 
 
@@ -51,6 +51,7 @@ def predict_cmd(
     images: list[Path] = typer.Argument(..., help="PNG, JPEG, DICOM or NIfTI files, or folders of them"),
     engine: str = typer.Option("torch", help="torch or onnx"),
     csv: Path = typer.Option(None, help="also write the table to this CSV file"),
+    max_image_pixels: int = typer.Option(None, "--max-image-pixels", help=PIXELS_HELP),
 ) -> None:
     """Per-image probability and decision, on the CPU. Files that cannot be scored are named
     with the reason, the others are scored, and the exit status is 1.
@@ -58,14 +59,19 @@ def predict_cmd(
     Example: stagewise predict runs/covid-outcome-icu/bundles/probe-thaw scans/ --csv scores.csv
     """
     from stagewise.bundle import Bundle
+    from stagewise.io import atomic_write_with, check_writable
+
+    set_max_image_pixels(max_image_pixels)
 
     def go():
         files = _image_files(images)
         if not files:
             raise RunError(f"no image files in {', '.join(map(str, images))} (looked for {', '.join(IMAGE_SUFFIXES)})")
+        if csv:  # before any scoring: a CSV that cannot be written is said at once
+            check_writable(csv.parent)
         loaded = Bundle.load(bundle)
-        if loaded.intensity_notice:
-            console.print(f"[yellow]note:[/yellow] {escape(loaded.intensity_notice)}")
+        for notice in loaded.notices:
+            console.print(f"[yellow]note:[/yellow] {escape(notice)}")
         table = loaded.predict(files, engine=engine)
         scored = table[table["error"].isna()].drop(columns="error")
         view = Table(*scored.columns)
@@ -73,7 +79,7 @@ def predict_cmd(
             view.add_row(*[f"{v:.4f}" if isinstance(v, float) else str(v) for v in row])
         out.print(view)
         if csv:
-            table.to_csv(csv, index=False)
+            atomic_write_with(csv, lambda path: table.to_csv(path, index=False))
         failed = table[table["error"].notna()]
         for file, reason in zip(failed["image"], failed["error"]):
             console.print(f"[bold red]not scored:[/bold red] {escape(file)}: {escape(reason)}")

@@ -92,3 +92,22 @@ def guard(fn, *args):
     except known_errors() as err:
         console.print(f"[bold red]error:[/bold red] {escape(str(err))}")
         raise typer.Exit(2)
+
+
+PIXELS_HELP = ("most pixels (rows x columns x frames) an image may declare before it is decoded; default 134217728 "
+               "(also the environment variable STAGEWISE_MAX_IMAGE_PIXELS)")
+
+
+def set_max_image_pixels(value: int | None) -> None:
+    """`--max-image-pixels`: the readers' pixel limit for this process and those it starts,
+    through the environment variable they read (`data.reader_base.max_image_pixels`)."""
+    import os
+
+    from stagewise.data.reader_base import MAX_PIXELS_ENV
+
+    if value is None:
+        return
+    if value < 1:
+        console.print("[bold red]error:[/bold red] --max-image-pixels must be a positive number of pixels")
+        raise typer.Exit(2)
+    os.environ[MAX_PIXELS_ENV] = str(value)

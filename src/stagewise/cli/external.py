@@ -54,8 +54,9 @@ def evaluate(
                                   fit_fraction=fit_fraction, seed=seed, bootstrap=bootstrap, subgroups=subgroup)
         target = out_dir or Path("evaluations") / manifest.stem
         res = evaluate_bundle(bundle, manifest, target, options, engine)
-        if res["bundle"].get("intensity_notice"):
-            out.print(f"[yellow]note:[/yellow] {escape(res['bundle']['intensity_notice'])}")
+        for key in ("integrity_notice", "intensity_notice"):
+            if res["bundle"].get(key):
+                out.print(f"[yellow]note:[/yellow] {escape(res['bundle'][key])}")
         overlap = res["overlap"]
         word = "external" if overlap["external"] else "this cohort"
         said = escape(" ".join(filter(None, (overlap["sentence"], overlap.get("limits")))))

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from stagewise.cli.console import guard
+from stagewise.cli.console import PIXELS_HELP, guard, set_max_image_pixels
 
 
 def serve(
@@ -16,6 +16,9 @@ def serve(
     max_upload_mb: float = typer.Option(64.0, "--max-upload-mb", help="largest file accepted, in MB (2^20 bytes)"),
     engine: str = typer.Option("auto", help="auto (ONNX Runtime when the bundle has model.onnx), onnx or torch"),
     concurrency: int = typer.Option(2, help="files scored at the same time; more requests wait their turn"),
+    upload_timeout: float = typer.Option(30.0, "--upload-timeout",
+                                         help="seconds an upload may send nothing before it is dropped (408)"),
+    max_image_pixels: int = typer.Option(None, "--max-image-pixels", help=PIXELS_HELP),
 ) -> None:
     """A local web page and HTTP API that score images with a bundle, show what the network
     saw and where it looked. Uploads stay in memory; nothing is stored.
@@ -24,4 +27,5 @@ def serve(
     """
     from stagewise.serve import run_server
 
-    guard(run_server, bundle, host, port, max_upload_mb, engine, concurrency)
+    set_max_image_pixels(max_image_pixels)
+    guard(run_server, bundle, host, port, max_upload_mb, engine, concurrency, upload_timeout)

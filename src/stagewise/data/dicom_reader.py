@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stagewise.data.reader_base import ImageReadError, minmax
+from stagewise.data.reader_base import ImageReadError, check_pixels, minmax
 
 DICOM_SUFFIXES = {".dcm", ".dicom"}
 # ITU-R BT.601 luma, the weights PIL's convert("L") uses, so RGB PNG and RGB DICOM agree.
@@ -28,6 +28,7 @@ def read_dicom(path: Path, content: io.BytesIO | None = None) -> np.ndarray:
     import pydicom
     from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
 
+    _check_header(path, content)
     try:
         # force: DICOM files written without the 128-byte preamble are still common.
         ds = pydicom.dcmread(path if content is None else content, force=True)
@@ -50,8 +51,6 @@ def read_dicom(path: Path, content: io.BytesIO | None = None) -> np.ndarray:
             "transfer syntax may need a decoder plugin, or the file may be truncated",
         ) from None
 
-    if int(ds.get("NumberOfFrames", 1) or 1) > 1:
-        arr = arr[0]
     photometric = str(ds.get("PhotometricInterpretation", "")).strip()
     try:
         if photometric == "PALETTE COLOR":
@@ -82,6 +81,29 @@ def read_dicom(path: Path, content: io.BytesIO | None = None) -> np.ndarray:
     if photometric == "MONOCHROME1":
         img = np.float32(1.0) - img  # MONOCHROME1 stores low = bright
     return img
+
+
+def _check_header(path: Path, content: io.BytesIO | None) -> None:
+    """Before any pixel is decoded: one frame only (a series, volume or cine loop is not one
+    2D image, and no frame of it is chosen silently), and no more pixels than the limit."""
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(path if content is None else content, force=True, stop_before_pixels=True)
+    except Exception:  # the full read below says what is wrong
+        return
+    finally:
+        if content is not None:
+            content.seek(0)
+    try:
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        dims = (int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0))
+    except (TypeError, ValueError):
+        return
+    if frames > 1:
+        raise ImageReadError(path, f"the DICOM file has {frames} frames (a series, volume or cine loop); stagewise scores "
+                                   "single-frame 2D images: export the image to use as a file of its own")
+    check_pixels(path, dims)
 
 
 def _stored_range(ds) -> tuple[float, float]:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stagewise.data.reader_base import ImageReadError, minmax
+from stagewise.data.reader_base import ImageReadError, check_pixels, minmax
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 # Percentiles that bound a volume's intensities: a few hot voxels (vessels, artefacts)
@@ -120,6 +120,7 @@ def _nifti_volume(img, path: Path) -> np.ndarray:
             f"the NIfTI file holds data of shape {shape}, not a 3D volume; stagewise reads 3D volumes "
             "(of a 4D file, the first volume): store the scan as a 3D NIfTI",
         )
+    check_pixels(path, shape[:3])  # the header's shape: no voxel read yet
     try:
         while img.ndim > 3:  # 4D (time, echoes) or 5D: the first volume, read lazily
             img = img.slicer[..., 0]

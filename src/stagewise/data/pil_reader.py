@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import io
 import struct
+import warnings
 from pathlib import Path
 
 import numpy as np
 
-from stagewise.data.reader_base import ImageReadError, minmax
+from stagewise.data.reader_base import ImageReadError, check_pixels, minmax
+from stagewise.errors import StagewiseError
 
 # Extensions Pillow reads: content that starts like a DICOM group is still given to Pillow.
 PIL_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp"}
@@ -90,10 +92,19 @@ def read_pil(path: Path, content: io.BytesIO | None = None) -> np.ndarray:
 
     source = path if content is None else content
     try:
-        with Image.open(source) as im:
-            is_png = im.format == "PNG"
-            im.load()  # decoding is lazy: truncation only shows here
-            im = ImageOps.exif_transpose(im)
+        with warnings.catch_warnings():
+            # Pillow's own bomb warning is replaced by the reader's pixel limit (check_pixels)
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(source) as im:
+                is_png = im.format == "PNG"
+                check_pixels(path, (im.height, im.width))  # the header only: nothing decoded yet
+                im.load()  # decoding is lazy: truncation only shows here
+                im = ImageOps.exif_transpose(im)
+    except StagewiseError:  # the pixel limit's refusal, or its setting's error
+        raise
+    except Image.DecompressionBombError as err:  # over twice Pillow's own limit, refused by Pillow at open
+        raise ImageReadError(path, f"the image declares more pixels than Pillow decodes ({err}); downsample it or "
+                                   "export it as DICOM") from None
     except Exception as err:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
         raise ImageReadError(
             path,
@@ -116,3 +127,4 @@ def read_pil(path: Path, content: io.BytesIO | None = None) -> np.ndarray:
         return arr.copy() if arr.min() >= 0 and arr.max() <= 1 else minmax(arr)
     # Every other mode (1, L, LA, P, RGB, RGBA, CMYK, YCbCr, ...) is 8 bits per channel.
     return np.asarray(im.convert("L"), dtype=np.float32) / np.float32(255.0)
+

@@ -139,7 +139,8 @@ def _bundle_facts(bundle: Bundle, task: dict, threshold: float, validation: dict
             "image_size": bundle.info["image_size"], "resize": bundle.info["resize"], "threshold": threshold,
             "recalibration": task.get("recalibration"), "development_cohort": validation.get("cohort", {}),
             "development_protocol": protocol, "intensity": bundle.info.get("intensity"),
-            "intensity_notice": bundle.intensity_notice, "training_set": bundle.info.get("training_set")}
+            "intensity_notice": bundle.intensity_notice, "integrity_notice": bundle.integrity_notice,
+            "training_set": bundle.info.get("training_set")}
 
 
 def _image_table(t: pd.DataFrame, prob: np.ndarray, used: np.ndarray, output: str) -> pd.DataFrame:

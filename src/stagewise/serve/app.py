@@ -33,7 +33,7 @@ from stagewise.bundle import Bundle
 from stagewise.serve.card import model_card
 from stagewise.serve.refusals import Problem
 from stagewise.serve.scorer import Scorer, heatmap_data_url, png_data_url
-from stagewise.serve.upload import FIELD, read_upload
+from stagewise.serve.upload import FIELD, UPLOAD_TIMEOUT_S, read_upload
 from stagewise.serve.wording import heatmap_note, output_wording, overall_note
 
 log = logging.getLogger("stagewise.serve")
@@ -93,7 +93,7 @@ class ErrorBody(BaseModel):
     message: str = Field(description="a sentence for the person who sent the file")
 
 
-_ERRORS = {s: {"model": ErrorBody} for s in (400, 413, 415, 422, 500)}
+_ERRORS = {s: {"model": ErrorBody} for s in (400, 408, 413, 415, 422, 500)}
 _UPLOAD_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
     "type": "object", "required": [FIELD],
     "properties": {FIELD: {"type": "string", "format": "binary",
@@ -102,10 +102,12 @@ _UPLOAD_BODY = {"requestBody": {"required": True, "content": {"multipart/form-da
 
 
 def create_app(bundle: Bundle | str | Path, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB, engine: str = "auto",
-               concurrency: int = 2, allowed_hosts: list[str] | None = None) -> FastAPI:
+               concurrency: int = 2, allowed_hosts: list[str] | None = None,
+               upload_timeout_s: float = UPLOAD_TIMEOUT_S) -> FastAPI:
     """The application for one bundle. `concurrency` bounds the files scored at once (the
     rest wait their turn); `allowed_hosts` (e.g. the loopback names) guards against DNS
-    rebinding when set."""
+    rebinding when set; an upload that sends nothing for `upload_timeout_s` seconds is
+    answered 408 and its connection closed."""
     bundle = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
     scorer = Scorer(bundle, engine)
     max_upload = int(max_upload_mb * 2**20)
@@ -123,7 +125,7 @@ def create_app(bundle: Bundle | str | Path, max_upload_mb: float = DEFAULT_MAX_U
     _add_headers(app, allowed)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     _add_info_routes(app, bundle, scorer, card, max_upload)
-    _add_scoring_routes(app, scorer, max_upload, limiter)
+    _add_scoring_routes(app, scorer, max_upload, limiter, upload_timeout_s)
     _add_docs(app)
     return app
 
@@ -172,17 +174,20 @@ def _add_info_routes(app: FastAPI, bundle: Bundle, scorer: Scorer, card: dict, m
                 "outputs": {o: {"probability": v["probability"], "label": v["label"]} for o, v in outs.items()}}
 
 
-def _add_scoring_routes(app: FastAPI, scorer: Scorer, max_upload: int, limiter: anyio.CapacityLimiter) -> None:
+def _add_scoring_routes(app: FastAPI, scorer: Scorer, max_upload: int, limiter: anyio.CapacityLimiter,
+                        upload_timeout_s: float) -> None:
     """POST /predict and /explain: read the upload, score it in a worker thread (at most
     `limiter` at once, the event loop stays free), answer problems as plain sentences."""
 
     async def run(request: Request, explain: bool):
         started = time.perf_counter()
         try:
-            data, name = await read_upload(request, max_upload)
+            data, name = await read_upload(request, max_upload, upload_timeout_s)
             result = await anyio.to_thread.run_sync(partial(_work, scorer, data, name, explain), limiter=limiter)
         except Problem as problem:
-            return JSONResponse(problem.body(), status_code=problem.status)
+            # a stalled upload's connection is closed with the answer, not kept open for its rest
+            headers = {"Connection": "close"} if problem.status == 408 else None
+            return JSONResponse(problem.body(), status_code=problem.status, headers=headers)
         except Exception as err:  # never a trace to the client; the log gets the type and frames, not the message
             frames = "".join(traceback.format_tb(err.__traceback__))
             log.error("internal error while scoring (%s):\n%s", type(err).__name__, frames)

@@ -26,6 +26,12 @@ _FORMATS = "PNG, JPEG or DICOM"
 # (start of the reader's reason, status, code, message); the first match wins.
 _READ_PROBLEMS = [
     ("the file is empty", 400, "empty_file", "The file is empty (0 bytes); it may be an interrupted copy or download."),
+    ("the image declares", 413, "too_large",
+     "This image declares more pixels than this server decodes. Send a smaller export of it, or start the server "
+     "with a larger --max-image-pixels."),
+    ("the DICOM file has", 422, "wrong_kind", "This DICOM file holds several frames (a series, volume or cine loop); "
+                                              "only single-frame DICOM images are scored. Send the one image to score "
+                                              "as a file of its own."),
     ("not a readable image (UnidentifiedImageError", 415, "not_an_image",
      f"This file is not an image that can be read here. Send a {_FORMATS} file."),
     ("not a readable image", 422, "corrupt_image",

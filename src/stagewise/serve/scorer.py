@@ -23,7 +23,7 @@ import torch
 
 from stagewise.data.readers import ImageReadError, read_image_bytes
 from stagewise.bundle import VALIDATION_FILE, Bundle
-from stagewise.serve.refusals import Problem, read_problem, wrong_kind
+from stagewise.serve.refusals import read_problem, wrong_kind
 
 # DICOM elements read to describe a file to the person who sent it: how it was displayed and
 # scored, nothing that identifies anyone. Only these tags are parsed (pydicom specific_tags).
@@ -84,10 +84,7 @@ class Scorer:
     # -- reading ---------------------------------------------------------------------------
     def read(self, data: bytes, name: str) -> Scored:
         source = describe(data, name)
-        if source.get("frames", 1) > 1 and self.bundle.spatial_dims == 2:
-            raise Problem(422, "wrong_kind", f"This DICOM file holds {source['frames']} frames (a series, volume or "
-                                             "cine loop); this model scores a single 2D image such as a radiograph.")
-        try:
+        try:  # the reader refuses a multi-frame DICOM and an image over the pixel limit, as for `predict`
             img = read_image_bytes(data, name)
             if img.ndim != self.bundle.spatial_dims:
                 raise wrong_kind(img.ndim, self.bundle.spatial_dims)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from stagewise.bundle import Bundle
 from stagewise.errors import RunError
+from stagewise.serve.upload import UPLOAD_TIMEOUT_S
 
 LOOPBACK_NAMES = ["127.0.0.1", "localhost", "::1"]
 
@@ -32,18 +33,21 @@ def log_config() -> dict:
 
 
 def run_server(bundle_path: str | Path, host: str = "127.0.0.1", port: int = 8000, max_upload_mb: float = 64.0,
-               engine: str = "auto", concurrency: int = 2) -> None:
+               engine: str = "auto", concurrency: int = 2, upload_timeout_s: float = UPLOAD_TIMEOUT_S) -> None:
     import uvicorn
 
     from stagewise.serve.app import create_app
 
     if max_upload_mb <= 0:
         raise RunError("--max-upload-mb must be positive")
+    if upload_timeout_s <= 0:
+        raise RunError("--upload-timeout must be a positive number of seconds")
     bundle = Bundle.load(bundle_path)
     loopback = is_loopback(host)
     try:
         app = create_app(bundle, max_upload_mb, engine, concurrency,
-                         allowed_hosts=LOOPBACK_NAMES + ([host] if host not in LOOPBACK_NAMES else []) if loopback else None)
+                         allowed_hosts=LOOPBACK_NAMES + ([host] if host not in LOOPBACK_NAMES else []) if loopback else None,
+                         upload_timeout_s=upload_timeout_s)
     except ValueError as err:
         raise RunError(str(err)) from None
     app.state.scorer.warm_up()
@@ -51,9 +55,11 @@ def run_server(bundle_path: str | Path, host: str = "127.0.0.1", port: int = 800
     print(f"stagewise serve: {bundle.info['recipe']} ({', '.join(t['output'] for t in bundle.info['tasks'])}), "
           f"engine {app.state.scorer.engine}; page at http://{shown}:{port}/ , API docs at /docs. Research use only. "
           f"Uploads up to {max_upload_mb:g} MB, kept in memory, never stored.", file=sys.stderr, flush=True)
-    if bundle.intensity_notice:
-        print(f"note: {bundle.intensity_notice}", file=sys.stderr, flush=True)
+    for notice in bundle.notices:
+        print(f"note: {notice}", file=sys.stderr, flush=True)
     if not loopback:
         print(f"warning: listening on {host}: other computers on the network can reach this server, and it has no "
               "login. Use the default --host 127.0.0.1 unless a firewall or proxy protects it.", file=sys.stderr, flush=True)
-    uvicorn.run(app, host=host, port=port, log_config=log_config(), access_log=True, server_header=False)
+    # an idle connection between requests is closed after 5 s; a stalled upload after upload_timeout_s (upload.py)
+    uvicorn.run(app, host=host, port=port, log_config=log_config(), access_log=True, server_header=False,
+                timeout_keep_alive=5)

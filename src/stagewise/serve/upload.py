@@ -9,6 +9,9 @@ the extension is kept (it chooses the reader, as a path's does); the name itself
 
 from __future__ import annotations
 
+import contextlib
+
+import anyio
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect, Request
@@ -22,6 +25,9 @@ _FRAMING = 64 * 1024
 # declared larger than that is refused before any of it is read.
 _DRAIN_FACTOR = 4
 FIELD = "file"
+# An upload that sends nothing for this long is answered 408 and dropped: a client that opens
+# uploads and stalls (a broken link, or many on purpose) must not hold connections forever.
+UPLOAD_TIMEOUT_S = 30.0
 # The extensions kept from an upload's file name (longest first); any other name becomes "upload".
 KNOWN_SUFFIXES = (".nii.gz", ".dicom", ".jpeg", ".tiff", ".png", ".jpg", ".dcm", ".nii", ".bmp", ".tif")
 
@@ -81,9 +87,10 @@ class _Part:
         self.current = None
 
 
-async def read_upload(request: Request, limit: int) -> tuple[bytes, str]:
+async def read_upload(request: Request, limit: int, idle_s: float = UPLOAD_TIMEOUT_S) -> tuple[bytes, str]:
     """(content, name) of the multipart field `file`; `name` is "upload" plus the original
-    extension. Problems (not multipart, no file, too large, malformed) raise `Problem`."""
+    extension. Problems (not multipart, no file, too large, malformed, nothing received for
+    `idle_s` seconds) raise `Problem`."""
     mime, options = parse_options_header(request.headers.get("content-type", ""))
     if mime != b"multipart/form-data" or not options.get(b"boundary"):
         raise Problem(415, "not_multipart", f"Send the image as multipart/form-data, in the form field '{FIELD}'.")
@@ -91,7 +98,8 @@ async def read_upload(request: Request, limit: int) -> tuple[bytes, str]:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > body_limit:
         if int(declared) <= _DRAIN_FACTOR * body_limit:
-            await _drain(request, _DRAIN_FACTOR * body_limit)
+            with contextlib.suppress(TimeoutError):  # a stalled body is not waited for: the answer is the same
+                await _drain_stream(_with_idle_timeout(request.stream(), idle_s), _DRAIN_FACTOR * body_limit)
         raise _too_large(limit)
     part = _Part(limit)
     parser = MultipartParser(options[b"boundary"], {
@@ -101,7 +109,7 @@ async def read_upload(request: Request, limit: int) -> tuple[bytes, str]:
         "on_part_end": part.on_part_end,
     })
     total = 0
-    stream = request.stream()
+    stream = _with_idle_timeout(request.stream(), idle_s)
     try:
         async for chunk in stream:
             total += len(chunk)
@@ -115,6 +123,9 @@ async def read_upload(request: Request, limit: int) -> tuple[bytes, str]:
                                           f"form field '{FIELD}'.") from None
     except ClientDisconnect:
         raise Problem(400, "bad_request", "The upload was interrupted before it was complete.") from None
+    except TimeoutError:
+        raise Problem(408, "upload_timeout", f"The upload stalled: nothing arrived for {idle_s:g} seconds. Send the "
+                                             "file again.") from None
     if part.overflow:
         raise _too_large(limit)
     if part.data is None:
@@ -122,10 +133,6 @@ async def read_upload(request: Request, limit: int) -> tuple[bytes, str]:
     if not part.data:
         raise Problem(400, "empty_file", "The file is empty (0 bytes); it may be an interrupted copy or download.")
     return bytes(part.data), "upload" + part.suffix
-
-
-async def _drain(request: Request, cap: int) -> None:
-    await _drain_stream(request.stream(), cap)
 
 
 async def _drain_stream(stream, left: int) -> None:
@@ -137,3 +144,14 @@ async def _drain_stream(stream, left: int) -> None:
                 return
     except ClientDisconnect:
         return
+
+
+async def _with_idle_timeout(stream, idle_s: float):
+    """The body's chunks; TimeoutError when the next one takes longer than `idle_s` seconds."""
+    while True:
+        try:
+            with anyio.fail_after(idle_s):
+                chunk = await stream.__anext__()
+        except StopAsyncIteration:
+            return
+        yield chunk

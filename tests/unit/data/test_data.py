@@ -159,12 +159,15 @@ def test_dicom_without_extension_and_constant_image(tmp_path):
     np.testing.assert_allclose(img, 7 / 65535)
 
 
-def test_dicom_multiframe_takes_first_frame(tmp_path):
+def test_dicom_multiframe_is_refused_alike_from_a_path_and_from_memory(tmp_path):
+    """One rule for `predict` (a path) and `serve` (bytes): no frame of a series is chosen silently."""
     frames = np.stack([RAMP, RAMP[:, ::-1]])
     path = write_dicom(tmp_path / "a.dcm", frames.reshape(-1, RAMP.shape[1]), NumberOfFrames=2, Rows=4)
-    img = read_image(path)
-    assert img.shape == RAMP.shape
-    assert img[0, 0] == 0.0 and img[0, -1] == pytest.approx(1000 / 65535)
+    with pytest.raises(ImageReadError, match="the DICOM file has 2 frames") as from_path:
+        read_image(path)
+    with pytest.raises(ImageReadError) as from_bytes:
+        read_image_bytes(path.read_bytes(), "a.dcm")
+    assert from_path.value.reason == from_bytes.value.reason
 
 
 def png(path: Path, pixels: np.ndarray, sbit: int | None = None) -> Path:

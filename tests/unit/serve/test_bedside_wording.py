@@ -12,6 +12,7 @@ import pytest
 
 from conftest import small_recipe
 from stagewise.bundle import Bundle, export_bundle
+from stagewise.bundle.integrity import seal
 from stagewise.serve import create_app
 from stagewise.serve.wording import FLAT_MAP, NO_SPATIAL_MAP
 from stagewise.study import run_study
@@ -39,6 +40,7 @@ def worded_dir(bundle_dir):
     info = json.loads((out / "bundle.json").read_text())
     info["tasks"][0] |= {"outcome_label": LABEL, "outcome_horizon": HORIZON}
     (out / "bundle.json").write_text(json.dumps(info))
+    seal(out)  # as the export of that recipe would have recorded it
     return out
 
 
