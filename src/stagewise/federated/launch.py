@@ -27,6 +27,7 @@ from pathlib import Path
 import yaml
 
 from stagewise.data import load_cohort
+from stagewise.federated.credentials import check_server_certificates
 from stagewise.federated.deployment import RUN_DIR_ENV, SITE_KEY, JobDir
 from stagewise.federated.job import SITE_NAME, FederatedJob, SiteConfig
 from stagewise.federated.rounds import FederatedError
@@ -109,6 +110,13 @@ class Coordinator:
     log: Path | None = None
     process: subprocess.Popen | None = None
 
+    def __post_init__(self):
+        # Flower's programs run with the run directory's Flower home as their working folder:
+        # a relative path given on the command line would name another file there
+        self.run_dir = Path(self.run_dir).resolve()
+        self.certs = Path(self.certs).resolve() if self.certs else None
+        self.site_keys = [Path(k).resolve() for k in self.site_keys]
+
     @property
     def home(self) -> Path:
         return self.run_dir / "federation" / "flower"
@@ -122,6 +130,14 @@ class Coordinator:
 
     def start(self, timeout: float = 60.0) -> None:
         """Start the SuperLink and register the sites' keys."""
+        if self.certs:
+            try:
+                check_server_certificates(self.certs)  # a clear error, not the SuperLink's traceback
+            except ValueError as err:
+                raise FederatedError(str(err)) from None
+        if missing := [str(k) for k in self.site_keys if not k.is_file()]:
+            raise FederatedError(f"{', '.join(missing)}: no such site key (each hospital makes one with "
+                                 "`stagewise federation key` and sends its .pub file)")
         self.home.mkdir(parents=True, exist_ok=True)
         cmd = [_program("flower-superlink"), "--host", self.host, "--port", str(self.port),
                "--database", str(self.home / "superlink.db"), "--disable-runtime-dependency-installation"]
@@ -204,12 +220,24 @@ class Coordinator:
         stop_process(self.process)
 
 
+def site_credentials(ca: Path | None, key: Path | None) -> tuple[Path | None, Path | None]:
+    """The coordinator's CA file and the site's private key as absolute paths (Flower reads
+    them from another working folder); a clear error naming a file that is not there."""
+    ca, key = (Path(p).resolve() if p else None for p in (ca, key))
+    for what, path in (("--ca (the coordinator's ca.pem)", ca), ("--key (this site's <site>.key)", key)):
+        if path is not None and not path.is_file():
+            raise FederatedError(f"{path}: no such file, given as {what}; a hospital makes its key with "
+                                 "`stagewise federation key` and receives ca.pem from the coordinator")
+    return ca, key
+
+
 def start_site(site_file: Path, superlink: str, ca: Path | None, key: Path | None, port: int = 9094,
                log: Path | None = None, max_wait: float | None = None) -> subprocess.Popen:
     """A hospital's SuperNode, connected to the coordinator at `superlink` (host:port), whose
     ClientApp tasks run in one long-lived process (`federated.site_process`), not one process
     per message. `port`: the SuperNode's Runtime API on 127.0.0.1, which that process asks."""
     config = SiteConfig.load(site_file)
+    ca, key = site_credentials(ca, key)
     home = config.workdir / "flower"
     home.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "stagewise.federated.site_process", str(port), "--",
@@ -293,4 +321,4 @@ def _zombie(pid: int) -> bool:
         return True
 
 
-__all__ = ["Coordinator", "prepare_site", "run_site", "start_site", "stop_process"]
+__all__ = ["Coordinator", "prepare_site", "run_site", "site_credentials", "start_site", "stop_process"]
