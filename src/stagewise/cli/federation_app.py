@@ -196,6 +196,7 @@ def federation_site(
     import os
 
     from stagewise.federated.launch import prepare_site, run_site, site_credentials
+    from stagewise.federated.site_process import REFUSED_EXIT, REFUSED_LINE
 
     def go():
         _stop_on_sigterm()
@@ -208,6 +209,11 @@ def federation_site(
             code = run_site(site_file, server, site_ca, site_key, port, workdir / "supernode.log", wait, on_retry=note)
         except KeyboardInterrupt:
             code = 130
+        if code == REFUSED_EXIT:
+            log = (workdir / "supernode.log").read_text(errors="replace")
+            reason = log[log.rindex(REFUSED_LINE) + len(REFUSED_LINE):].splitlines()[0]
+            console.print(f"[bold red]{escape(reason)}[/bold red]")
+            raise typer.Exit(2)
         if code not in (0, 130, -15):
             console.print(f"[bold red]the site stopped (exit {code}):[/bold red] see {workdir / 'supernode.log'}")
             raise typer.Exit(2)

@@ -103,6 +103,22 @@ def make_site_key(folder: str | Path, site: str) -> dict[str, Path]:
     return paths
 
 
+def key_fingerprint(pub: str | Path) -> str:
+    """A site's public key as `ssh-keygen -l` names it (SHA256 of the key blob): what the
+    job's list of admitted keys records, never the key file's path."""
+    import base64
+    import hashlib
+
+    fields = Path(pub).read_text().split()
+    if len(fields) < 2:
+        raise ValueError(f"{pub}: not an OpenSSH public key (`stagewise federation key` makes <site>.pub)")
+    try:
+        blob = base64.b64decode(fields[1], validate=True)
+    except ValueError:
+        raise ValueError(f"{pub}: not an OpenSSH public key (`stagewise federation key` makes <site>.pub)") from None
+    return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
+
+
 def check_server_certificates(folder: str | Path) -> None:
     """Refuse, naming the files, a certificate folder the SuperLink could not serve from:
     a missing file, files swapped (the CA where the server certificate belongs, a key that is
