@@ -206,6 +206,8 @@ def run_job(grid, job_dir: JobDir, run_id: str = "") -> dict:
         site_metrics = _evaluate(wire, names, out, {"arm": job.arm.name, "fit": fit, "job": digest}, cfg.round_timeout)
         record = {"fit": fit, "resumed_after_round": resumed, "sites": site_metrics, "rounds": out.rounds,
                   "full_model_bytes": out.full_model_bytes}
+        if dropped := wire.take_dropped():  # replies to the evaluation from nodes not of this job
+            record["dropped_replies_from_nodes"] = dropped
         if fit == FINAL:
             start.load_state_dict(out.global_state)
             save_network(start, job_dir.path / "model" / f"{job.arm.name}.safetensors")
