@@ -11,7 +11,10 @@ OS processes on 127.0.0.1, with TLS certificates and site keys made by the test.
 
 import json
 import re
+import ssl
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +30,7 @@ from stagewise.cli import app
 from stagewise.data import load_images
 from stagewise.errors import RunError
 from stagewise.federated.credentials import make_certificates, make_site_key
-from stagewise.federated.deployment import JobDir, simulate_job
+from stagewise.federated.deployment import DiskSite, JobDir, JobRefused, simulate_job
 from stagewise.federated.launch import Coordinator, prepare_site, start_site, stop_process
 from stagewise.models import Network, build_arch, load_network
 
@@ -69,6 +72,16 @@ def _sites(root: Path, recipe: Path, manifests: dict, names: str = "AB") -> dict
     return out
 
 
+def _command_lines() -> list[list[str]]:
+    out = []
+    for f in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            out.append([a for a in f.read_bytes().decode(errors="replace").split("\0") if a])
+        except OSError:
+            continue
+    return [c for c in out if c]
+
+
 def _wait_for(condition, timeout: float, what: str):
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
@@ -96,10 +109,24 @@ def test_a_deployment_over_tls_equals_the_simulation_and_admits_only_known_sites
     processes = []
     try:
         coordinator.start()
+        # the job's list of admitted sites: A and B by key fingerprint and node, never C
+        admitted = deployed.admitted()
+        assert sorted(admitted) == ["A", "B"] and all(a["key"].startswith("SHA256:") for a in admitted.values())
+        assert str(tmp_path) not in (deployed.fed / "admitted.json").read_text()
+        # the hospitals' port serves the Fleet API only: no key can be admitted, no task taken through it
+        tls = ssl.create_default_context(cafile=str(certs["ca"]))
+        for path in ("/v1/control/register-node", "/v1/control/list-nodes", "/v1/runtime/acquire-task"):
+            with pytest.raises(urllib.error.HTTPError, match="404"):
+                urllib.request.urlopen(urllib.request.Request(f"https://127.0.0.1:{port}{path}", data=b""),
+                                       context=tls, timeout=10)
         for i, s in enumerate("ABC"):
             processes.append(start_site(sites[s]["file"], f"127.0.0.1:{port}", certs["ca"], sites[s]["key"],
                                         port=free_port(), log=tmp_path / f"site-{s}.log", max_wait=20))
         run_id = coordinator.submit()
+        # the ServerApp's per-run token is in a file only its owner reads, not on a command line (`ps`)
+        server_app = _wait_for(lambda: [c for c in _command_lines() if any(a.endswith("flwr-serverapp") for a in c[:2])
+                                        and f":{coordinator.control_port}" in " ".join(c)], 120, "the ServerApp")
+        assert all("--token-file" in c and "--token" not in c for c in server_app), server_app
         # the same job in Flower's simulation engine, while the deployment's processes work
         simulate_job(simulated.path, [rehearsal["A"], rehearsal["B"]])
         status = coordinator.wait(run_id, 420)
@@ -157,6 +184,7 @@ def test_a_site_lost_mid_round_is_survived_and_a_stopped_coordinator_resumes(hos
         return c
 
     first = coordinator()
+    nodes = job.admitted()
     a = start_site(sites["A"]["file"], f"127.0.0.1:{port}", certs["ca"], sites["A"]["key"], port=free_port())
     b_log = tmp_path / "site-B.log"
     b = start_site(sites["B"]["file"], f"127.0.0.1:{port}", certs["ca"], sites["B"]["key"], port=free_port(), log=b_log)
@@ -181,6 +209,7 @@ def test_a_site_lost_mid_round_is_survived_and_a_stopped_coordinator_resumes(hos
             if c is not None:
                 c.stop()
 
+    assert sorted(nodes) == ["A", "B"] and job.admitted() == nodes  # the restart found the keys admitted
     fit = json.loads(job.fit_file("final").read_text())
     assert fit["resumed_after_round"] >= 1  # finished rounds were not run again
     assert [r["round"] for r in fit["rounds"]] == [1, 2]
@@ -239,6 +268,11 @@ def test_a_job_that_cannot_be_deployed_and_bad_site_input_get_clear_errors(hospi
     theirs.write_job(changed, "fed", sites=1)
     work = SiteWork(SiteConfig.load(site_file), "fed")
     assert work.digest() != theirs.spec()["digest"]
+    # the site's answer to the coordinator's greeting says, in words, that it refuses and why
+    with pytest.raises(JobRefused, match=rf"site A refuses the coordinator's job {theirs.spec()['digest']}: this "
+                       rf"site's recipe makes job {work.digest()}"):
+        DiskSite(work).greet({"job": theirs.spec()["digest"], "arm": "fed"})
+    assert DiskSite(work).greet({"job": work.digest(), "arm": "fed"}) == {"site": "A", "job": work.digest()}
     # and a coordinator refuses to continue a run directory made for another job
     with pytest.raises(FederatedError, match="use a new run directory"):
         theirs.write_job(recipe, "fed", sites=1)

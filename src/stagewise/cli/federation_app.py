@@ -82,7 +82,9 @@ def federation_coordinate(
                                         "only these nodes may join"),
     certs: Path = typer.Option(..., "--certs", help="folder with ca.pem, server.pem, server.key (federation certs)"),
     out_dir: Path = typer.Option(None, "--out", "-o", help="run directory (default: runs/<recipe name>-<arm>)"),
-    host: str = typer.Option("0.0.0.0", help="address to listen on"),
+    host: str = typer.Option("127.0.0.1", help="address the hospitals' API listens on; the default, 127.0.0.1, is "
+                             "reachable from this computer only: give the address the hospitals connect to "
+                             "(or 0.0.0.0 for every interface) to let them in"),
     port: int = typer.Option(9093, help="port the hospitals connect to"),
     sites: int = typer.Option(None, help="sites expected (default: one per --site-key)"),
     cv: bool = typer.Option(True, "--cv/--no-cv", help="cross-validate on each site's own folds"),
@@ -94,10 +96,11 @@ def federation_coordinate(
     listed sites only; each hospital joins with `stagewise federation site`. Stopped, it
     continues from the last finished round when run again with the same -o.
 
-    Example: stagewise federation coordinate fed.yaml --arm fedavg --certs certs --site-key a.pub --site-key b.pub
+    Example: stagewise federation coordinate fed.yaml --arm fedavg --certs certs --site-key a.pub --site-key b.pub --host 0.0.0.0
     """
     from stagewise.federated.deployment import JobDir
     from stagewise.federated.launch import Coordinator
+    from stagewise.serve.server import is_loopback
 
     def go():
         from stagewise.recipe import load_recipe
@@ -108,7 +111,10 @@ def federation_coordinate(
         coordinator = Coordinator(target, certs, host=host, port=port, site_keys=list(site_key))
         try:
             coordinator.start()
-            out.print(f"coordinator listening on {coordinator.address}; waiting for {sites or len(site_key)} sites")
+            reach = (" (this computer only: hospitals elsewhere cannot connect; give --host the address they use)"
+                     if is_loopback(host) else "")
+            out.print(f"coordinator listening on {coordinator.address}{reach}; waiting for {sites or len(site_key)} "
+                      "sites")
             status = coordinator.wait(coordinator.submit(), timeout)
         except KeyboardInterrupt:
             console.print(f"[yellow]interrupted.[/yellow] Finished rounds are saved in {target}; run the same command "
@@ -189,18 +195,25 @@ def federation_site(
     """
     import os
 
-    from stagewise.federated.launch import prepare_site, run_site
+    from stagewise.federated.launch import prepare_site, run_site, site_credentials
+    from stagewise.federated.site_process import REFUSED_EXIT, REFUSED_LINE
 
     def go():
         _stop_on_sigterm()
+        site_ca, site_key = site_credentials(ca, key)  # before the manifest check, which takes a while
         site_file = prepare_site(recipe, manifest, site, workdir, threads or os.cpu_count() or 1)
         out.print(f"{site}: manifest checked; connecting to {server} (Ctrl-C to leave)")
         note = lambda s: out.print(f"{site}: coordinator not reachable, or this site not admitted yet "  # noqa: E731
                                    f"({s:.0f} s); trying again")
         try:
-            code = run_site(site_file, server, ca, key, port, workdir / "supernode.log", wait, on_retry=note)
+            code = run_site(site_file, server, site_ca, site_key, port, workdir / "supernode.log", wait, on_retry=note)
         except KeyboardInterrupt:
             code = 130
+        if code == REFUSED_EXIT:
+            log = (workdir / "supernode.log").read_text(errors="replace")
+            reason = log[log.rindex(REFUSED_LINE) + len(REFUSED_LINE):].splitlines()[0]
+            console.print(f"[bold red]{escape(reason)}[/bold red]")
+            raise typer.Exit(2)
         if code not in (0, 130, -15):
             console.print(f"[bold red]the site stopped (exit {code}):[/bold red] see {workdir / 'supernode.log'}")
             raise typer.Exit(2)

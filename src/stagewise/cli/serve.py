@@ -12,7 +12,7 @@ from stagewise.cli.console import PIXELS_HELP, guard, set_max_image_pixels
 def serve(
     bundle: Path = typer.Argument(..., help="a bundle folder made by `stagewise export`"),
     host: str = typer.Option("127.0.0.1", help="address to listen on; the default is reachable from this computer only"),
-    port: int = typer.Option(8000, help="port to listen on"),
+    port: int = typer.Option(8000, min=1, max=65535, help="port to listen on (1-65535)"),
     max_upload_mb: float = typer.Option(64.0, "--max-upload-mb", help="largest file accepted, in MB (2^20 bytes)"),
     engine: str = typer.Option("auto", help="auto (ONNX Runtime when the bundle has model.onnx), onnx or torch"),
     concurrency: int = typer.Option(2, help="files scored at the same time; more requests wait their turn"),

@@ -21,6 +21,9 @@ from cryptography.x509.oid import NameOID
 from stagewise.io import atomic_write
 
 CA_FILE, SERVER_CERT, SERVER_KEY = "ca.pem", "server.pem", "server.key"
+LOOPBACK = ["127.0.0.1", "localhost"]
+"""Always in the server certificate: the coordinator's own programs (the `flwr` CLI that
+admits the keys, the ServerApp) reach its SuperLink on this machine."""
 
 
 def _write(path: Path, data: bytes, private: bool = False) -> None:
@@ -67,7 +70,8 @@ def make_certificates(folder: str | Path, hosts: list[str], days: int = 825) -> 
     cert = (x509.CertificateBuilder().subject_name(_name(hosts[0])).issuer_name(ca.subject)
             .public_key(key.public_key()).serial_number(x509.random_serial_number())
             .not_valid_before(now).not_valid_after(until)
-            .add_extension(x509.SubjectAlternativeName([_san(h) for h in hosts]), critical=False)
+            .add_extension(x509.SubjectAlternativeName([_san(h) for h in dict.fromkeys([*hosts, *LOOPBACK])]),
+                           critical=False)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
             .sign(ca_key, hashes.SHA384()))
@@ -82,6 +86,11 @@ def make_certificates(folder: str | Path, hosts: list[str], days: int = 825) -> 
 def make_site_key(folder: str | Path, site: str) -> dict[str, Path]:
     """A hospital's node key pair: `<site>.key` (stays at the hospital) and `<site>.pub`
     (sent to the coordinator, who admits it with `stagewise federation coordinate --site-key`)."""
+    from stagewise.federated.job import SITE_NAME  # job imports torch: only this command needs it
+
+    if not SITE_NAME.match(site):  # the name becomes a file name: never a path out of `folder`
+        raise ValueError(f"site name {site!r}: use letters, digits, '_', '.', '-' (at most 64, starting with a "
+                         "letter or digit), no '/' and no patient data")
     folder = Path(folder)
     paths = {"key": folder / f"{site}.key", "pub": folder / f"{site}.pub"}
     if present := [str(p) for p in paths.values() if p.exists()]:
@@ -92,3 +101,60 @@ def make_site_key(folder: str | Path, site: str) -> dict[str, Path]:
     _write(paths["pub"], key.public_key().public_bytes(serialization.Encoding.OpenSSH,
                                                        serialization.PublicFormat.OpenSSH) + f" {site}\n".encode())
     return paths
+
+
+def key_fingerprint(pub: str | Path) -> str:
+    """A site's public key as `ssh-keygen -l` names it (SHA256 of the key blob): what the
+    job's list of admitted keys records, never the key file's path."""
+    import base64
+    import hashlib
+
+    fields = Path(pub).read_text().split()
+    if len(fields) < 2:
+        raise ValueError(f"{pub}: not an OpenSSH public key (`stagewise federation key` makes <site>.pub)")
+    try:
+        blob = base64.b64decode(fields[1], validate=True)
+    except ValueError:
+        raise ValueError(f"{pub}: not an OpenSSH public key (`stagewise federation key` makes <site>.pub)") from None
+    return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
+
+
+def check_server_certificates(folder: str | Path) -> None:
+    """Refuse, naming the files, a certificate folder the SuperLink could not serve from:
+    a missing file, files swapped (the CA where the server certificate belongs, a key that is
+    not the server certificate's), or a server certificate the CA did not sign."""
+    folder = Path(folder)
+    paths = {n: folder / n for n in (CA_FILE, SERVER_CERT, SERVER_KEY)}
+    if missing := [str(p) for p in paths.values() if not p.is_file()]:
+        raise ValueError(f"{', '.join(missing)}: not found; --certs names the folder `stagewise federation certs` "
+                         f"wrote ({CA_FILE}, {SERVER_CERT}, {SERVER_KEY})")
+    certs = {}
+    for name in (CA_FILE, SERVER_CERT):
+        try:
+            certs[name] = x509.load_pem_x509_certificate(paths[name].read_bytes())
+        except ValueError:
+            raise ValueError(f"{paths[name]} is not a PEM certificate (a key file in its place? the files may be "
+                             "swapped): make them again with `stagewise federation certs`") from None
+    try:
+        key = serialization.load_pem_private_key(paths[SERVER_KEY].read_bytes(), password=None)
+    except (ValueError, TypeError):
+        raise ValueError(f"{paths[SERVER_KEY]} is not an unencrypted PEM private key (a certificate in its place? "
+                         "the files may be swapped)") from None
+    ca, cert = certs[CA_FILE], certs[SERVER_CERT]
+    if not _is_ca(ca) or _is_ca(cert):
+        raise ValueError(f"{paths[CA_FILE]} and {paths[SERVER_CERT]} look swapped: {CA_FILE} must be the certificate "
+                         f"authority, {SERVER_CERT} the server's certificate")
+    if cert.issuer != ca.subject:
+        raise ValueError(f"{paths[SERVER_CERT]} was not issued by {paths[CA_FILE]}: use the files one "
+                         "`stagewise federation certs` made together")
+    pem = serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    if key.public_key().public_bytes(*pem) != cert.public_key().public_bytes(*pem):
+        raise ValueError(f"{paths[SERVER_KEY]} is not the key of {paths[SERVER_CERT]}: use the files one "
+                         "`stagewise federation certs` made together")
+
+
+def _is_ca(cert: x509.Certificate) -> bool:
+    try:
+        return bool(cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
+    except x509.ExtensionNotFound:
+        return False

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from stagewise.federated.job import FINAL, FederatedJob, SiteConfig, SiteWork
-from stagewise.federated.rounds import (AuditedGrid, FederatedError, FederatedResult, round_plan, serve_rounds,
+from stagewise.federated.rounds import (AdmittedGrid, AuditedGrid, FederatedError, FederatedResult, round_plan, serve_rounds,
                                         subset_of, wait_for_sites)
 from stagewise.federated.simulation import simulation_backend
 from stagewise.models import save_network
@@ -75,6 +75,20 @@ class JobDir:
 
     def spec(self) -> dict:
         return json.loads((self.path / JOB_FILE).read_text())
+
+    def admit(self, nodes: dict[int, str], fingerprints: dict[str, str]) -> None:
+        """The job's list of admitted sites (`federation/admitted.json`), written by the
+        coordinator once it registered their keys: site name, key fingerprint, node id. The
+        ServerApp answers these nodes only."""
+        sites = {name: {"key": fingerprints[name], "node": int(node)} for node, name in nodes.items()}
+        self.fed.mkdir(parents=True, exist_ok=True)
+        atomic_write(self.fed / "admitted.json", json.dumps({"sites": dict(sorted(sites.items()))}, indent=1))
+
+    def admitted(self) -> dict[str, dict]:
+        """Site name -> {"key", "node"} of the admitted sites; {} when no list was written
+        (a simulation, or a test coordinator without keys)."""
+        path = self.fed / "admitted.json"
+        return json.loads(path.read_text())["sites"] if path.is_file() else {}
 
     def job(self) -> FederatedJob:
         spec = self.spec()
@@ -171,8 +185,12 @@ def run_job(grid, job_dir: JobDir, run_id: str = "") -> dict:
     # (a Ray actor in the simulation, a fresh ClientApp process in a deployment), which on a
     # busy machine takes longer than a round may; it gets the connection timeout as well.
     connect = float(spec.get("connect_timeout", cfg.round_timeout))
-    names = _greet(wire, n, min(cfg.min_sites or n, n), job.arm.name, digest, connect,
-                   max(connect, cfg.round_timeout))
+    admitted = {site["node"] for site in job_dir.admitted().values()}
+    names = _greet(AdmittedGrid(wire, admitted) if admitted else wire, n, min(cfg.min_sites or n, n), job.arm.name,
+                   digest, connect, max(connect, cfg.round_timeout))
+    # from here on only the greeted sites (admitted, running this job) are asked and heard:
+    # a node that connects later, or whose key the coordinator did not list, is dropped
+    wire = AdmittedGrid(wire, set(names))
     order = lambda m: names.get(m.metadata.src_node_id, "")  # noqa: E731 - aggregation in site-name order
     for fit in job.fits():
         if job_dir.fit_file(fit).is_file():
@@ -188,6 +206,8 @@ def run_job(grid, job_dir: JobDir, run_id: str = "") -> dict:
         site_metrics = _evaluate(wire, names, out, {"arm": job.arm.name, "fit": fit, "job": digest}, cfg.round_timeout)
         record = {"fit": fit, "resumed_after_round": resumed, "sites": site_metrics, "rounds": out.rounds,
                   "full_model_bytes": out.full_model_bytes}
+        if dropped := wire.take_dropped():  # replies to the evaluation from nodes not of this job
+            record["dropped_replies_from_nodes"] = dropped
         if fit == FINAL:
             start.load_state_dict(out.global_state)
             save_network(start, job_dir.path / "model" / f"{job.arm.name}.safetensors")
@@ -289,6 +309,12 @@ def _site_work(site_file: str, arm: str) -> SiteWork:
     return _WORK[key]
 
 
+class JobRefused(FederatedError):
+    """A site's refusal of a coordinator's job: the site leaves (`site_process` ends)."""
+
+    ends_site = True
+
+
 class DiskSite:
     """A hospital's side of a deployed job: its own manifest, folds, image cache and state
     between rounds on its own disk (`job.SiteWork`); every message names the job, and one
@@ -298,7 +324,14 @@ class DiskSite:
         self.work = work
 
     def greet(self, config) -> dict:
-        return {"site": self.work.config.site, "job": self.work.digest()}
+        """Who this site is; a coordinator that runs another job is refused, in words on the
+        site's screen and log as well as in the error reply the coordinator records."""
+        theirs, ours = str(config["job"]), self.work.digest()
+        if theirs != ours:
+            raise JobRefused(f"site {self.work.config.site} refuses the coordinator's job {theirs}: this site's "
+                             f"recipe makes job {ours}; the arm, data settings, "
+                             "protocol, seed or outcome differ. Take the coordinator's recipe and start again.")
+        return {"site": self.work.config.site, "job": ours}
 
     def train(self, config, received):
         _check_job(self.work, str(config["job"]))
@@ -352,5 +385,5 @@ def simulate_job(job_dir: str | Path, site_files: list[str], threads_per_site: i
     return json.loads((folder.path / "results.json").read_text())
 
 
-__all__ = ["JobDir", "RUN_DIR_ENV", "SITE_KEY", "client_app", "make_client_app", "make_server_app", "run_job",
+__all__ = ["JobDir", "JobRefused", "RUN_DIR_ENV", "SITE_KEY", "client_app", "make_client_app", "make_server_app", "run_job",
            "server_app", "simulate_job", "summarize_job"]

@@ -27,10 +27,12 @@ from pathlib import Path
 import yaml
 
 from stagewise.data import load_cohort
+from stagewise.federated.credentials import check_server_certificates, key_fingerprint
 from stagewise.federated.deployment import RUN_DIR_ENV, SITE_KEY, JobDir
 from stagewise.federated.job import SITE_NAME, FederatedJob, SiteConfig
 from stagewise.federated.rounds import FederatedError
-from stagewise.federated.site_process import ISOLATION
+from stagewise.federated.site_process import ISOLATION, REFUSED_EXIT
+from stagewise.federated.superlink_process import READY
 from stagewise.recipe import load_recipe, recipe_to_dict
 
 APP_TOML = """[build-system]
@@ -51,6 +53,15 @@ publisher = "stagewise"
 serverapp = "stagewise.federated.deployment:server_app"
 clientapp = "stagewise.federated.deployment:client_app"
 """
+
+
+def _free_local_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on now (the SuperLink's control port)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _flower_env(home: Path, extra: dict | None = None) -> dict:
@@ -109,6 +120,13 @@ class Coordinator:
     log: Path | None = None
     process: subprocess.Popen | None = None
 
+    def __post_init__(self):
+        # Flower's programs run with the run directory's Flower home as their working folder:
+        # a relative path given on the command line would name another file there
+        self.run_dir = Path(self.run_dir).resolve()
+        self.certs = Path(self.certs).resolve() if self.certs else None
+        self.site_keys = [Path(k).resolve() for k in self.site_keys]
+
     @property
     def home(self) -> Path:
         return self.run_dir / "federation" / "flower"
@@ -117,13 +135,21 @@ class Coordinator:
     def address(self) -> str:
         return f"{self.host}:{self.port}"
 
-    def _local_address(self) -> str:
-        return f"{'127.0.0.1' if self.host in ('0.0.0.0', '::') else self.host}:{self.port}"
-
     def start(self, timeout: float = 60.0) -> None:
-        """Start the SuperLink and register the sites' keys."""
+        """Start the SuperLink (the hospitals' Fleet API on host:port, its control and runtime
+        APIs on 127.0.0.1 only: `federated.superlink_process`) and admit the sites' keys."""
+        if self.certs:
+            try:
+                check_server_certificates(self.certs)  # a clear error, not the SuperLink's traceback
+            except ValueError as err:
+                raise FederatedError(str(err)) from None
+        if missing := [str(k) for k in self.site_keys if not k.is_file()]:
+            raise FederatedError(f"{', '.join(missing)}: no such site key (each hospital makes one with "
+                                 "`stagewise federation key` and sends its .pub file)")
         self.home.mkdir(parents=True, exist_ok=True)
-        cmd = [_program("flower-superlink"), "--host", self.host, "--port", str(self.port),
+        self.control_port = _free_local_port()
+        cmd = [sys.executable, "-m", "stagewise.federated.superlink_process", self.host, str(self.port), "--",
+               "--host", "127.0.0.1", "--port", str(self.control_port), "--isolation", "process",
                "--database", str(self.home / "superlink.db"), "--disable-runtime-dependency-installation"]
         ca = None
         if self.certs:
@@ -134,15 +160,16 @@ class Coordinator:
             cmd += ["--insecure"]
         if self.site_keys:
             cmd += ["--enable-supernode-auth"]
-        _write_connection(self.home, self._local_address(), ca)
+        _write_connection(self.home, f"127.0.0.1:{self.control_port}", ca)
         self.log = self.home / "superlink.log"
         self._log_start = self.log.stat().st_size if self.log.is_file() else 0  # the log of earlier starts is kept
         out = self.log.open("ab")
         self.process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                        env=_flower_env(self.home, {RUN_DIR_ENV: str(self.run_dir.resolve())}))
+                                        env=_flower_env(self.home, {RUN_DIR_ENV: str(self.run_dir)}))
         self._wait_ready(timeout)
-        for key in self.site_keys:
-            self._register(key)
+        if self.site_keys:  # the job's list: the ServerApp answers these nodes only
+            nodes = {self._register(key): key.stem for key in self.site_keys}
+            JobDir(self.run_dir).admit(nodes, {key.stem: key_fingerprint(key) for key in self.site_keys})
 
     def _flwr(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess:
         return subprocess.run([_program("flwr"), *args], capture_output=True, text=True, timeout=timeout,
@@ -153,22 +180,30 @@ class Coordinator:
         while time.monotonic() - t0 < timeout:
             if self.process.poll() is not None:
                 raise FederatedError(f"the SuperLink stopped at start (exit {self.process.returncode}); see {self.log}")
-            if b"Uvicorn running" in self.log.read_bytes()[self._log_start:]:
+            if READY.encode() in self.log.read_bytes()[self._log_start:]:
                 return
             time.sleep(0.3)
         raise FederatedError(f"the SuperLink did not start within {timeout:.0f} s; see {self.log}")
 
-    def _register(self, key: Path) -> None:
-        """Admit a site's public key (again, on a restart: the SuperLink's database keeps it)."""
-        if not key.is_file():
-            raise FederatedError(f"{key}: no such site key (each hospital makes one with `stagewise federation key`)")
+    def _register(self, key: Path) -> int:
+        """Admit a site's public key; its node id. On a restart the SuperLink's database has
+        it already, and the node id recorded at the first start is the one."""
         for _ in range(5):  # the HTTP API may come up a moment after the server says it runs
-            res = self._flwr("supernode", "register", str(key.resolve()), "coordinator", "--name", key.stem)
+            res = self._flwr("supernode", "register", str(key), "coordinator", "--name", key.stem, "--format", "json")
             if res.returncode == 0 or "unavailable" not in (res.stdout + res.stderr).lower():
                 break
             time.sleep(1.0)
-        if res.returncode != 0 and "already" not in (res.stdout + res.stderr).lower():
-            raise FederatedError(f"could not admit site key {key.name}: {(res.stdout + res.stderr).strip()[-400:]}")
+        text = res.stdout + res.stderr
+        if res.returncode == 0 and "{" in res.stdout:
+            try:
+                return int(json.loads(res.stdout[res.stdout.index("{"):])["node-id"])
+            except (ValueError, KeyError):
+                pass
+        if "already" in text.lower():
+            known = JobDir(self.run_dir).admitted().get(key.stem, {})
+            if known.get("key") == key_fingerprint(key):
+                return int(known["node"])
+        raise FederatedError(f"could not admit site key {key.name}: {text.strip()[-400:]}")
 
     def submit(self) -> str:
         """Submit the job (a Flower app with no code: stagewise's own components)."""
@@ -204,12 +239,24 @@ class Coordinator:
         stop_process(self.process)
 
 
+def site_credentials(ca: Path | None, key: Path | None) -> tuple[Path | None, Path | None]:
+    """The coordinator's CA file and the site's private key as absolute paths (Flower reads
+    them from another working folder); a clear error naming a file that is not there."""
+    ca, key = (Path(p).resolve() if p else None for p in (ca, key))
+    for what, path in (("--ca (the coordinator's ca.pem)", ca), ("--key (this site's <site>.key)", key)):
+        if path is not None and not path.is_file():
+            raise FederatedError(f"{path}: no such file, given as {what}; a hospital makes its key with "
+                                 "`stagewise federation key` and receives ca.pem from the coordinator")
+    return ca, key
+
+
 def start_site(site_file: Path, superlink: str, ca: Path | None, key: Path | None, port: int = 9094,
                log: Path | None = None, max_wait: float | None = None) -> subprocess.Popen:
     """A hospital's SuperNode, connected to the coordinator at `superlink` (host:port), whose
     ClientApp tasks run in one long-lived process (`federated.site_process`), not one process
     per message. `port`: the SuperNode's Runtime API on 127.0.0.1, which that process asks."""
     config = SiteConfig.load(site_file)
+    ca, key = site_credentials(ca, key)
     home = config.workdir / "flower"
     home.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "stagewise.federated.site_process", str(port), "--",
@@ -239,7 +286,7 @@ def run_site(site_file: Path, superlink: str, ca: Path | None, key: Path | None,
             stop_process(process)
         text = log.read_bytes()[start:].decode(errors="replace")
         refused = "could not establish a connection" in text or "Failed to activate" in text
-        if code == 0 or not refused or time.monotonic() - t0 + retry_every > wait:
+        if code == REFUSED_EXIT or code == 0 or not refused or time.monotonic() - t0 + retry_every > wait:
             return code
         if on_retry is not None:
             on_retry(time.monotonic() - t0)
@@ -293,4 +340,4 @@ def _zombie(pid: int) -> bool:
         return True
 
 
-__all__ = ["Coordinator", "prepare_site", "run_site", "start_site", "stop_process"]
+__all__ = ["Coordinator", "prepare_site", "run_site", "site_credentials", "start_site", "stop_process"]

@@ -99,6 +99,32 @@ class AuditedGrid:
         return replies
 
 
+class AdmittedGrid:
+    """A Flower Grid restricted to `nodes`: only they are counted, sent messages and heard.
+    A reply from any other node (a key the coordinator did not list, a site that joined
+    after the greeting checked its recipe) is dropped and kept in `dropped` for the record."""
+
+    def __init__(self, grid, nodes):
+        self.grid, self.nodes, self.dropped = grid, set(nodes), []
+
+    def get_node_ids(self):
+        return [n for n in self.grid.get_node_ids() if n in self.nodes]
+
+    def send_and_receive(self, messages, timeout):
+        replies = []
+        for m in self.grid.send_and_receive([m for m in messages if m.metadata.dst_node_id in self.nodes],
+                                            timeout=timeout):
+            if m.metadata.src_node_id in self.nodes:
+                replies.append(m)
+            else:
+                self.dropped.append(int(m.metadata.src_node_id))
+        return replies
+
+    def take_dropped(self) -> list[int]:
+        dropped, self.dropped = self.dropped, []
+        return dropped
+
+
 def wait_for_sites(grid, n: int, timeout: float) -> list[int]:
     """Node ids once `n` sites are connected, or a FederatedError after `timeout` seconds."""
     t0 = time.monotonic()
@@ -136,6 +162,7 @@ def serve_rounds(grid, cfg: SitesConfig, plan, start: Network, out: FederatedRes
         config = ConfigRecord({"stage": stage_index, "round": r, "trainable": ",".join(trainable), "step": t,
                                **(extra_config or {})})
         replies = list(grid.send_and_receive(strategy.configure_train(t, down, config, grid), timeout=cfg.round_timeout))
+        dropped = grid.take_dropped() if isinstance(grid, AdmittedGrid) else []
         ok = sorted((m for m in replies if not m.has_error()), key=order)
         failed = [str(m.error.reason)[:200] for m in replies if m.has_error()]
         if len(ok) < need:
@@ -152,7 +179,10 @@ def serve_rounds(grid, cfg: SitesConfig, plan, start: Network, out: FederatedRes
             "sites_replied": len(ok), "sites": n, "failures": failed + ["no reply"] * max(0, n - len(replies)),
             "loss": float(metrics["loss"]) if metrics is not None and "loss" in metrics else None,
             **_site_losses(ok, site_of or (lambda m: str(order(m)))),
+            **({"dropped_replies_from_nodes": dropped} if dropped else {}),
         })
+        if dropped:
+            log.warning("federated round %d: replies from nodes %s dropped (not sites of this job)", t, dropped)
         if len(ok) < n:
             log.warning("federated round %d completed with %d of %d sites: %s", t, len(ok), n,
                         out.rounds[-1]["failures"])

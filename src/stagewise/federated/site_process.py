@@ -28,13 +28,19 @@ import threading
 import time
 
 ISOLATION = ["--isolation", "process"]
+REFUSED_LINE = "stagewise site: refused: "
+"""How a refusal of the coordinator's job starts in the site's log (`federation site` shows it)."""
+REFUSED_EXIT = 3
+"""The exit code of a site that refused the coordinator's job (not retried)."""
+LEAVING = threading.Event()
 _ONE_AT_A_TIME = threading.Lock()
 """The site's work (training, scoring) runs for one task at a time; only the messaging overlaps."""
 """The SuperNode's flags that leave ClientApp tasks to this process."""
 
 
-def _runtime_client(address: str, token: str | None = None):
-    """A client of the SuperNode's Runtime API. Flower's own retry policy is not used: on a
+def runtime_client(address: str, token: str | None = None, root_certificates: bytes | None = None):
+    """A client of a Runtime API: the SuperNode's (plain, on 127.0.0.1) or, with
+    `root_certificates`, the coordinator's SuperLink's (TLS). Flower's own retry policy is not used: on a
     refused token (a task of a run that has since stopped) it interrupts its own process,
     right for a one-message `flwr-clientapp`, fatal for this one. Here a transport error is
     retried for at most a minute and any refusal ends that one task (`run_task`); a client
@@ -50,7 +56,8 @@ def _runtime_client(address: str, token: str | None = None):
         interceptors.append(RuntimeTokenHttpInterceptor(token))
     retry = RetryInvoker(lambda: exponential(max_delay=5), httpx.TransportError,
                          max_tries=None if token else 1, max_time=60.0)
-    return RuntimeHttpClient.from_server_address(server_address=address, insecure=True, root_certificates=None,
+    return RuntimeHttpClient.from_server_address(server_address=address, insecure=root_certificates is None,
+                                                 root_certificates=root_certificates,
                                                  interceptors=interceptors, retry_invoker=retry)
 
 
@@ -79,7 +86,7 @@ def run_task(address: str, token: str, app) -> bool:
     from flwr.supercore.heartbeat import HeartbeatSender
     from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
 
-    client = _runtime_client(address, token)
+    client = runtime_client(address, token)
     heartbeat = HeartbeatSender(_heartbeat(client))
     heartbeat.start()
     message = context = reply = None
@@ -92,7 +99,11 @@ def run_task(address: str, token: str, app) -> bool:
             reply = app(message=message, context=context)
         status, details = SubStatus.COMPLETED, ""
     except Exception as ex:  # noqa: BLE001 - answered as Flower answers it: an error reply
-        logging.getLogger("stagewise").exception("the site's ClientApp raised")
+        if getattr(ex, "ends_site", False):  # this site refuses the job: said on its screen, then it leaves
+            print(f"{REFUSED_LINE}{ex}", flush=True)
+            LEAVING.set()
+        else:
+            logging.getLogger("stagewise").exception("the site's ClientApp raised")
         details = f"{type(ex)}:<'{ex}'>"
         if message is not None:
             reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=details), reply_to=message)
@@ -125,7 +136,7 @@ def serve_tasks(address: str, app, alive=lambda: True, poll: float = 0.1) -> Non
     try:
         while alive():
             try:
-                client = client or _runtime_client(address)
+                client = client or runtime_client(address)
                 found = client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP.value],
                                                               agentapp_fab_hashes=[]))
             except Exception:  # noqa: BLE001 - the SuperNode is starting or has gone: `alive` decides
@@ -149,12 +160,14 @@ def main(argv: list[str]) -> int:
 
     supernode = subprocess.Popen(command)  # inherits this process's stdout/stderr (the site's log)
     try:
-        serve_tasks(f"127.0.0.1:{port}", client_app, alive=lambda: supernode.poll() is None)
+        serve_tasks(f"127.0.0.1:{port}", client_app, alive=lambda: supernode.poll() is None and not LEAVING.is_set())
+        if LEAVING.is_set():
+            time.sleep(2.0)  # the error reply reaches the coordinator before this SuperNode leaves
     finally:
         if supernode.poll() is None:
             supernode.terminate()
             supernode.wait(30)
-    return supernode.returncode
+    return REFUSED_EXIT if LEAVING.is_set() else supernode.returncode
 
 
 if __name__ == "__main__":

@@ -169,6 +169,21 @@ def describe(data: bytes, name: str) -> dict:
     return {"format": "other"}
 
 
+MODALITIES = frozenset("CR DX CT MR MG US PT NM XA RF OT SC".split())
+"""DICOM Modality terms (PS3.3 C.7.3.1.1.1) of the images a bundle may score."""
+VIEW_POSITIONS = frozenset("AP PA LL RL LLD RLD LLO RLO LATERAL LAT CC MLO ML LM LMO FB SIO XCC XCCL XCCM AXIAL "
+                           "SAGITTAL CORONAL".split())
+"""Radiographic view terms (DICOM ViewPosition and mammography views): the tags are free text
+that a sender may fill with anything, a patient's name included."""
+
+
+def vocabulary_term(value: str, terms: frozenset[str]) -> str:
+    """`value` when it is one of `terms` (case and spaces aside), else "other": a free-text
+    DICOM tag is never echoed back as written."""
+    term = value.strip().upper()
+    return term if term in terms else "other"
+
+
 def _describe_dicom(data: bytes) -> dict:
     import pydicom
 
@@ -183,10 +198,10 @@ def _describe_dicom(data: bytes) -> dict:
     except Exception:  # a damaged header: the reader will say what is wrong
         return out
     out["frames"] = frames
-    if modality.isalnum() and len(modality) <= 4:
-        out["modality"] = modality
-    if view.replace(" ", "").isalnum() and len(view) <= 16:
-        out["view_position"] = view
+    if modality:
+        out["modality"] = vocabulary_term(modality, MODALITIES)
+    if view:
+        out["view_position"] = vocabulary_term(view, VIEW_POSITIONS)
     if photometric == "MONOCHROME1":
         out["notes"].append("stored inverted (MONOCHROME1): shown here with dense structures bright")
     out["notes"].append("the window stored in the file was applied" if windowed

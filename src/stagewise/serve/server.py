@@ -22,12 +22,21 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def check_port(port: int) -> int:
+    if not 1 <= port <= 65535:  # uvicorn would listen on the port modulo 65536 and print this one
+        raise RunError(f"--port {port}: a port is a number from 1 to 65535")
+    return port
+
+
 def log_config() -> dict:
     """uvicorn's logging, plus the application's own logger. The access log holds the method,
-    path and status of each request (never an upload's name or content)."""
+    path and status of each request: never its query string (a client may put a patient id
+    there), never an upload's name or content."""
     from uvicorn.config import LOGGING_CONFIG
 
-    config = {**LOGGING_CONFIG, "loggers": {**LOGGING_CONFIG["loggers"]}}
+    config = {**LOGGING_CONFIG, "loggers": {**LOGGING_CONFIG["loggers"]},
+              "formatters": {**LOGGING_CONFIG["formatters"]}}
+    config["formatters"]["access"] = {**config["formatters"]["access"], "()": "stagewise.serve.access_log.PathOnlyAccessFormatter"}
     config["loggers"]["stagewise.serve"] = {"handlers": ["default"], "level": "INFO", "propagate": False}
     return config
 
@@ -38,6 +47,7 @@ def run_server(bundle_path: str | Path, host: str = "127.0.0.1", port: int = 800
 
     from stagewise.serve.app import create_app
 
+    check_port(port)
     if max_upload_mb <= 0:
         raise RunError("--max-upload-mb must be positive")
     if upload_timeout_s <= 0:

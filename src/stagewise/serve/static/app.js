@@ -202,7 +202,7 @@ function render(li, file, body, id) {
   node.querySelector(".name").textContent = file.name;
   const src = body.source || {};
   const facts = [src.format !== "other" ? src.format : null, src.modality, src.view_position,
-    src.width ? `${src.width} × ${src.height} px${src.depth ? ` × ${src.depth}` : ""}` : null].filter(Boolean);
+    src.width ? `${src.width} × ${src.height} px${src.depth ? ` × ${src.depth}` : ""}` : null].filter((f) => f && f !== "other");
   node.querySelector(".source").textContent = facts.join(" · ");
   const net = node.querySelector("img.net");
   const cam = node.querySelector("img.cam");

@@ -1,0 +1,130 @@
+"""Who a coordinator's job hears: the nodes of the sites it admitted and greeted, no other;
+and a site that refuses the coordinator's job says so where its operator looks."""
+
+from types import SimpleNamespace
+
+from typer.testing import CliRunner
+
+from stagewise.cli import app
+from stagewise.federated.rounds import AdmittedGrid
+
+
+def _message(src=None, dst=None):
+    return SimpleNamespace(metadata=SimpleNamespace(src_node_id=src, dst_node_id=dst))
+
+
+class _Grid:
+    """Nodes 1, 2 admitted; node 99 registered a key of its own and answers everything."""
+
+    def __init__(self):
+        self.sent = []
+
+    def get_node_ids(self):
+        return [1, 2, 99]
+
+    def send_and_receive(self, messages, timeout):
+        self.sent += [m.metadata.dst_node_id for m in messages]
+        return [_message(src=m.metadata.dst_node_id) for m in messages] + [_message(src=99)]
+
+
+def test_a_node_outside_the_jobs_list_is_never_asked_and_its_replies_are_dropped_and_recorded():
+    inner = _Grid()
+    grid = AdmittedGrid(inner, {1, 2})
+    assert grid.get_node_ids() == [1, 2]
+    replies = grid.send_and_receive([_message(dst=n) for n in (1, 2, 99)], timeout=1)
+    assert inner.sent == [1, 2]  # the model never goes to node 99
+    assert [m.metadata.src_node_id for m in replies] == [1, 2]
+    assert grid.take_dropped() == [99] and grid.take_dropped() == []
+
+
+def test_a_refused_site_is_told_in_words_on_its_screen(tmp_path, monkeypatch):
+    import stagewise.federated.launch as launch
+    from stagewise.federated.site_process import REFUSED_EXIT, REFUSED_LINE
+
+    reason = "site A refuses the coordinator's job 1234: this site's recipe makes job 5678"
+    work = tmp_path / "work"
+
+    def refused_site(site_file, server, ca, key, port, log, wait, on_retry=None):
+        log.write_text(f"some Flower lines\n{REFUSED_LINE}{reason}\nmore lines\n")
+        return REFUSED_EXIT
+
+    monkeypatch.setattr(launch, "prepare_site", lambda *a: work / "site.json")
+    monkeypatch.setattr(launch, "run_site", refused_site)
+    work.mkdir()
+    for name in ("ca.pem", "A.key"):
+        (tmp_path / name).write_text("x")
+    result = CliRunner().invoke(app, ["federation", "site", "r.yaml", "--manifest", "m.csv", "--site", "A",
+                                      "--server", "127.0.0.1:1", "--ca", str(tmp_path / "ca.pem"),
+                                      "--key", str(tmp_path / "A.key"), "--workdir", str(work)])
+    assert result.exit_code == 2 and reason in " ".join(result.output.split())
+
+
+def test_the_hospitals_listener_passes_the_fleet_api_only():
+    import asyncio
+
+    from stagewise.federated.superlink_process import fleet_only
+
+    reached = []
+
+    async def flower(scope, receive, send):
+        reached.append(scope["path"])
+
+    async def call(path):
+        sent = []
+
+        async def send(message):
+            sent.append(message)
+
+        await fleet_only(flower)({"type": "http", "path": path}, None, send)
+        return sent[0]["status"] if sent else None
+
+    statuses = {p: asyncio.run(call(p)) for p in ("/v1/fleet/pull-messages", "/v1/control/register-node",
+                                                   "/v1/runtime/acquire-task", "/docs", "/v1/fleetx")}
+    assert reached == ["/v1/fleet/pull-messages"]
+    assert statuses == {"/v1/fleet/pull-messages": None, "/v1/control/register-node": 404,
+                        "/v1/runtime/acquire-task": 404, "/docs": 404, "/v1/fleetx": 404}
+
+
+
+def test_a_round_drops_and_records_a_reply_from_a_node_outside_the_job(monkeypatch):
+    """The round loop over a grid where node 99 (a key the coordinator never listed) pushes an
+    update too: it is never sent the model, its update is not averaged, the round says so."""
+    import torch
+    from flwr.app import ArrayRecord, MetricRecord
+
+    import stagewise.federated.rounds as rounds
+    from stagewise.models import Network, create_backbone
+    from stagewise.recipe import ArmConfig
+
+    arm = ArmConfig.model_validate({"name": "fed", "backbone": "scratch:tinycnn", "sites": {"mode": "federated"},
+                                    "stages": [{"kind": "probe", "epochs": 1, "rounds": 1}]})
+    start = Network.build(create_backbone("scratch:tinycnn"), 1)
+    head = {k: v for k, v in start.state_dict().items() if k.startswith("head.")}
+
+    def reply(node, value):
+        arrays = ArrayRecord(torch_state_dict={k: torch.full_like(v, value) for k, v in head.items()})
+        return SimpleNamespace(metadata=SimpleNamespace(src_node_id=node), has_error=lambda: False,
+                               content={"arrays": arrays, "metrics": MetricRecord({"num-examples": 10, "loss": 0.5})})
+
+    class Strategy:  # sends to every node the grid names; averages what it is given
+        def configure_train(self, t, down, config, grid):
+            return [_message(dst=n) for n in grid.get_node_ids()]
+
+        def aggregate_train(self, t, replies):
+            mean = {k: sum(r.content["arrays"].to_torch_state_dict()[k] for r in replies) / len(replies) for k in head}
+            return ArrayRecord(torch_state_dict=mean), MetricRecord({"loss": 0.5})
+
+    class Grid(_Grid):
+        def send_and_receive(self, messages, timeout):
+            self.sent += [m.metadata.dst_node_id for m in messages]
+            return [reply(m.metadata.dst_node_id, 1.0) for m in messages] + [reply(99, 1e6)]
+
+    monkeypatch.setattr(rounds, "make_strategy", lambda cfg, n: Strategy())
+    inner = Grid()
+    out = rounds.FederatedResult.starting_from(start)
+    rounds.serve_rounds(AdmittedGrid(inner, {1, 2}), arm.sites, rounds.round_plan(arm, start.group_names), start,
+                        out, 2, order=lambda m: m.metadata.src_node_id)
+    (record,) = out.rounds
+    assert inner.sent == [1, 2] and record["sites_replied"] == 2
+    assert record["dropped_replies_from_nodes"] == [99]
+    assert all(torch.equal(out.global_state[k], torch.ones_like(v)) for k, v in head.items())  # 99 not averaged
