@@ -195,8 +195,6 @@ class StudyTracker:
             b = arm.backbone
             params[_key(f"backbone.{arm.name}")] = shareable_backbone(b.name)
             params[_key(f"backbone.{arm.name}.source")] = b.name.split(":", 1)[0]
-            if b.weights is not None:
-                params[_key(f"backbone.{arm.name}.weights_file")] = Path(str(b.weights)).name
         params["compute.resolved"] = compute_label
         if n_threads:
             params["compute.torch_threads"] = str(n_threads)
