@@ -79,6 +79,7 @@ def run_study(recipe: Recipe, out_dir: str | Path, reporter: Reporter | None = N
     log.addHandler(handler)
     log.setLevel(logging.INFO)
     tracker = open_tracker(recipe, run.path)  # connects only after the study's checks
+    tracker.notify = getattr(reporter, "message", None)  # a tracking failure is said on screen too
     try:
         return _run(recipe, run, reporter, tracker)
     except KeyboardInterrupt:
