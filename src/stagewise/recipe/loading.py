@@ -68,9 +68,8 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
-def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
-    """Read and validate a YAML recipe; paths inside it are relative to the recipe file.
-    `overrides` (FIELD=VALUE, dotted) change fields before validation."""
+def read_recipe_data(path: str | Path, overrides: list[str] | None = None) -> dict:
+    """A recipe file's YAML mapping with `overrides` applied, not yet validated."""
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"{path}: no such recipe file")
@@ -80,7 +79,14 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         raise RecipeError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: a recipe is a YAML mapping with name, cohort and arms")
-    data = apply_overrides(data, overrides or [])
+    return apply_overrides(data, overrides or [])
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read and validate a YAML recipe; paths inside it are relative to the recipe file.
+    `overrides` (FIELD=VALUE, dotted) change fields before validation."""
+    path = Path(path)
+    data = read_recipe_data(path, overrides)
     return recipe_from_dict(data, source=str(path), base_dir=path.parent.resolve())
 
 
