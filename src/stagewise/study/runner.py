@@ -90,6 +90,16 @@ def numeric_warnings_to_log(show):
     return showwarning
 
 
+def report_damaged(run: RunDir, reporter: Reporter) -> None:
+    """Name the folds found damaged (and set aside) in log.txt and on screen."""
+    say = getattr(reporter, "message", None)
+    for message in run.damaged:
+        log.warning("damaged fold %s", message)
+        if say is not None:
+            say(f"damaged fold {message}")
+    run.damaged.clear()
+
+
 def run_study(recipe: Recipe, out_dir: str | Path, reporter: Reporter | None = None) -> StudyResult:
     """Run every unit on the same folds; resume from finished folds in `out_dir`. Without a
     `reporter`, progress goes to stderr as plain lines (`stagewise.study.progress.LineReporter`);
@@ -165,12 +175,7 @@ def _run(recipe: Recipe, run: RunDir, reporter: Reporter, tracker: StudyTracker)
         for unit in units:
             for split in study.splits:
                 done = run.read_fold(unit.folder, split.name, fingerprints[unit.name])
-                for message in run.damaged:
-                    log.warning("damaged fold %s", message)
-                    say = getattr(reporter, "message", None)  # named on screen too, not in log.txt only
-                    if say is not None:
-                        say(f"damaged fold {message}")
-                run.damaged.clear()
+                report_damaged(run, reporter)
                 if done is not None:
                     results[unit.name, split.name] = done
                     reporter.fold_done(unit.name, split, done[0]["metrics"], resumed=True)
