@@ -71,9 +71,11 @@ class RunLog(logging.FileHandler):
     failed = False
 
     def handleError(self, record: logging.LogRecord) -> None:
-        if not self.failed:
+        err = sys.exc_info()[1]
+        if not isinstance(err, OSError):  # not the disk: logging's own report of a bad record
+            super().handleError(record)
+        elif not self.failed:
             self.failed = True
-            err = sys.exc_info()[1]
             print(f"[stagewise] cannot write {self.baseFilename}: {getattr(err, 'strerror', None) or err}; "
                   "the log lines from here on are not kept", file=sys.stderr, flush=True)
 
