@@ -4,6 +4,8 @@ traceback, and the root options (`--version`)."""
 
 from __future__ import annotations
 
+import errno
+
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -85,12 +87,24 @@ def known_errors() -> tuple[type[BaseException], ...]:
     return (StagewiseError, FloatingPointError)
 
 
+STORAGE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+"""A full disk, a quota, a read-only or forbidden folder: the file and the reason are the whole story."""
+
+
 def guard(fn, *args):
-    """`fn(*args)`; a known error is printed (no traceback) and exits with status 2."""
+    """`fn(*args)`; a known error is printed (no traceback) and exits with status 2, as is a
+    file that cannot be written for a full disk or a read-only folder wherever it happens."""
     try:
         return fn(*args)
     except known_errors() as err:
         console.print(f"[bold red]error:[/bold red] {escape(str(err))}")
+        raise typer.Exit(2)
+    except OSError as err:
+        if err.errno not in STORAGE_ERRORS:
+            raise
+        where = f"{err.filename}: " if err.filename else ""
+        console.print(f"[bold red]error:[/bold red] {escape(where)}{escape(err.strerror or str(err))}. Free space, or "
+                      "choose a folder you can write (e.g. another output directory)")
         raise typer.Exit(2)
 
 

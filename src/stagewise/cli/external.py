@@ -46,13 +46,18 @@ def evaluate(
     Example: stagewise evaluate bundles/probe site-b.csv --outcome icu --positive yes --negative no -o eval-site-b
     """
     from stagewise.external import ExternalOptions, evaluate_bundle
+    from stagewise.external.outputs import default_folder
 
     def go():
         options = ExternalOptions(image=image, outcome=outcome, patient=patient, site=site, positive=positive,
                                   negative=negative, root=root, drop_missing_outcome=drop_missing_outcome, output=output,
                                   test_images=images, aggregate=aggregate, recalibrate=recalibrate,
                                   fit_fraction=fit_fraction, seed=seed, bootstrap=bootstrap, subgroups=subgroup)
-        target = out_dir or Path("evaluations") / manifest.stem
+        target = out_dir or default_folder(manifest)
+        if out_dir is None and target != Path("evaluations") / manifest.stem:
+            out.print(f"[yellow]note:[/yellow] {escape(str(Path('evaluations') / manifest.stem))} holds an earlier "
+                      f"evaluation of another manifest named {escape(manifest.name)}; this one goes to "
+                      f"{escape(str(target))}")
         res = evaluate_bundle(bundle, manifest, target, options, engine)
         for key in ("integrity_notice", "intensity_notice"):
             if res["bundle"].get(key):

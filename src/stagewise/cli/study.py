@@ -96,11 +96,18 @@ def validate(
 
     Example: stagewise validate examples/covid-outcome.yaml --set protocol.repeats=1
     """
-    from stagewise.study.preflight import check_study, missing_manifest_hint
-    from stagewise.recipe import load_recipe
+    from stagewise.study.preflight import check_study, cohort_alone_problems, missing_manifest_hint
+    from stagewise.recipe import RecipeError, load_recipe, read_recipe_data
 
     def go():
-        r = load_recipe(recipe, overrides)
+        try:
+            r = load_recipe(recipe, overrides)
+        except RecipeError as err:  # the cohort's problems too, not only once the recipe is fixed
+            data = read_recipe_data(recipe, overrides)
+            cohort = cohort_alone_problems(data, recipe.parent.resolve())
+            if not cohort:
+                raise
+            raise RecipeError(f"{err}\nand the cohort, checked on its own:\n" + "\n".join(cohort)) from None
         hint = missing_manifest_hint(recipe, r.cohort.manifest)
         if hint:
             raise RunError(hint)

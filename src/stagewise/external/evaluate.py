@@ -64,7 +64,7 @@ def evaluate_bundle(bundle_dir: str | Path, manifest: str | Path, out_dir: str |
         raise EvaluateError(problems)
     j = outputs.index(options.output) if options.output else 0
     task = bundle.info["tasks"][j]
-    prepare_folder(out)
+    prepare_folder(out, manifest)
     recipe = bundle_recipe(bundle_dir)
     protocol = recipe.get("protocol") or {}
     test_images = options.test_images or protocol.get("test_images", "all")
@@ -110,7 +110,7 @@ def evaluate_bundle(bundle_dir: str | Path, manifest: str | Path, out_dir: str |
         results["recalibration"] = record
     images = _image_table(cohort.table, prob, used, task["output"]).assign(in_training_set=overlap.flag)
     results["seconds"] = time.perf_counter() - t0
-    write_results(out, results, images, table)
+    write_results(out, results, images, table, manifest)
     if options.recalibrate:
         provenance = {k: record[k] for k in ("method", "fit_fraction", "seed", "fitted_on")}
         provenance["fitted_on"] = provenance["fitted_on"] | {"cohort": FITTED_ON[overlap.record["external"]]}

@@ -15,7 +15,7 @@ is plain data that the rest of stagewise reads; import them from `stagewise.reci
 - `arms`: `TuneConfig`, `SitesConfig`, `ArmConfig`.
 - `study`: `ProtocolConfig`, `ComputeConfig`, `PrimaryComparison`, `EvaluationConfig`,
   `TrackingConfig` and the `Recipe` itself.
-- `loading`: `load_recipe`, `recipe_from_dict`, `apply_overrides`, `recipe_to_dict`,
+- `loading`: `load_recipe`, `read_recipe_data`, `recipe_from_dict`, `apply_overrides`, `recipe_to_dict`,
   `shareable_recipe`, `shareable_backbone`.
 """
 
@@ -29,6 +29,7 @@ from stagewise.recipe.cohort import REPORT_ONLY_FIELDS, WORDING_FIELDS, CohortCo
 from stagewise.recipe.loading import (
     apply_overrides,
     load_recipe,
+    read_recipe_data,
     recipe_from_dict,
     recipe_to_dict,
     shareable_backbone,
@@ -98,6 +99,7 @@ __all__ = [
     "SubgroupConfig",
     "apply_overrides",
     "load_recipe",
+    "read_recipe_data",
     "outcome_phrase",
     "parse_stage",
     "recipe_from_dict",

@@ -68,9 +68,8 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
-def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
-    """Read and validate a YAML recipe; paths inside it are relative to the recipe file.
-    `overrides` (FIELD=VALUE, dotted) change fields before validation."""
+def read_recipe_data(path: str | Path, overrides: list[str] | None = None) -> dict:
+    """A recipe file's YAML mapping with `overrides` applied, not yet validated."""
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"{path}: no such recipe file")
@@ -80,7 +79,14 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         raise RecipeError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: a recipe is a YAML mapping with name, cohort and arms")
-    data = apply_overrides(data, overrides or [])
+    return apply_overrides(data, overrides or [])
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read and validate a YAML recipe; paths inside it are relative to the recipe file.
+    `overrides` (FIELD=VALUE, dotted) change fields before validation."""
+    path = Path(path)
+    data = read_recipe_data(path, overrides)
     return recipe_from_dict(data, source=str(path), base_dir=path.parent.resolve())
 
 
@@ -88,26 +94,37 @@ def recipe_to_dict(recipe: Recipe) -> dict:
     return recipe.model_dump(mode="json")
 
 
-def _file_name(value) -> str | None:
-    return None if value is None else Path(str(value)).name
+SITE_FILE = "(a file at the site)"
+"""What a shared recipe says in place of a manifest's or a weights file's name: a file name
+chosen at a site may name a patient (`Smith_John_MRN12345_cohort.csv`)."""
+
+
+def _site_file(value) -> str | None:
+    return None if value is None else SITE_FILE
 
 
 def shareable_backbone(name: str) -> str:
-    """A backbone spec without the local folders of `file:`/`run:` paths."""
+    """A backbone spec without the names and folders of `file:`/`run:` paths (the arm a
+    `run:` names is a recipe's, and stays)."""
     source, _, rest = name.partition(":")
-    return f"{source}:{_file_name(rest.partition('#')[0])}" if source in ("file", "run") else name
+    if source == "dual":
+        return f"dual:{shareable_backbone(rest)}"
+    if source not in ("file", "run"):
+        return name
+    arm = rest.partition("#")[2]
+    return f"{source}:{SITE_FILE}" + (f"#{arm}" if arm else "")
 
 
 def shareable_recipe(data: dict) -> dict:
     """A resolved recipe (as `recipe_to_dict` gives it) as it may leave the site, in a bundle
-    or a report: manifests and weight files reduced to their file names, roots and caches
-    dropped, so that no local folder (which may name a patient) is shared."""
+    or a report: manifests and weight files named only as `SITE_FILE`, roots and caches
+    dropped, so that no local file or folder name (which may name a patient) is shared."""
     data = copy.deepcopy(data)
     if isinstance(data.get("tracking"), dict):  # a server address (or its credentials) stays at the site
         data["tracking"]["uri"] = None
     cohort = data.get("cohort") or {}
     if "manifest" in cohort:
-        cohort["manifest"] = _file_name(cohort["manifest"])
+        cohort["manifest"] = _site_file(cohort["manifest"])
     if cohort.get("root") is not None:
         cohort["root"] = None
     for arm in data.get("arms") or []:
@@ -116,10 +133,10 @@ def shareable_recipe(data: dict) -> dict:
             arm["backbone"] = shareable_backbone(b)
         elif isinstance(b, dict):
             b["name"] = shareable_backbone(str(b.get("name", "")))
-            b["weights"] = _file_name(b.get("weights"))
+            b["weights"] = _site_file(b.get("weights"))
             b["cache_dir"] = None
         for stage in arm.get("stages") or []:
             if isinstance(stage, dict) and isinstance(stage.get("source"), dict):
-                stage["source"]["manifest"] = _file_name(stage["source"].get("manifest"))
+                stage["source"]["manifest"] = _site_file(stage["source"].get("manifest"))
                 stage["source"]["root"] = None
     return data

@@ -20,7 +20,7 @@ from stagewise.data.source import load_source
 from stagewise.evaluation.splits import SplitError, make_splits
 from stagewise.models import BackboneError, WeightsUnavailable, build_arch, create_backbone
 from stagewise.models.registry import get_source
-from stagewise.recipe import ArmConfig, ProtocolConfig, Recipe
+from stagewise.recipe import ArmConfig, CohortConfig, ProtocolConfig, Recipe
 from stagewise.training.stages import stage_kind
 from stagewise.training.engine import StageError, plan_stage
 from stagewise.study.units import study_units
@@ -156,6 +156,26 @@ def site_column_problems(recipe: Recipe) -> list[str]:
     multi = [a.name for a in recipe.arms if a.sites.mode != "pooled"]
     if multi and not recipe.cohort.site:
         return [f"arms {multi} train per site (sites.mode) but cohort.site names no site column"]
+    return []
+
+
+def cohort_alone_problems(data: dict, base_dir: Path) -> list[str]:
+    """The cohort's problems (manifest rows, image files) of a recipe that is itself invalid,
+    so that `validate` reports them with the recipe's errors instead of after they are fixed;
+    [] when the cohort section is itself invalid (the recipe's errors say so) or has none."""
+    cohort = data.get("cohort")
+    try:
+        cfg = CohortConfig.model_validate(cohort)
+    except ValueError:
+        return []
+    if not Path(cfg.manifest).is_absolute():
+        cfg.manifest = (base_dir / cfg.manifest).resolve()
+    if cfg.root is not None and not Path(cfg.root).is_absolute():
+        cfg.root = (base_dir / cfg.root).resolve()
+    try:
+        load_cohort(cfg, decode=True)
+    except CohortError as err:
+        return [str(err)]
     return []
 
 

@@ -24,6 +24,7 @@ import pandas as pd
 import yaml
 
 from stagewise.version import __version__
+from stagewise.data.fingerprint import arm_inputs_digest
 from stagewise.errors import RunError
 from stagewise.io import atomic_write, check_writable, strict_json
 from stagewise.recipe import REPORT_ONLY_FIELDS, ArmConfig, Recipe, recipe_to_dict
@@ -95,7 +96,10 @@ def unit_fingerprint(recipe: Recipe, kind: str, arm: ArmConfig | None, fraction:
     """Hash of what decides a unit's fold results: cohort settings and content (`cohort`, a
     `cohort_digest`), data, protocol, seed, precision and the unit itself (arm and label
     fraction, baseline column, or clinical columns); for model units also
-    `evaluation.recalibrate` when set, since its fit needs the training predictions."""
+    `evaluation.recalibrate` when set, since its fit needs the training predictions, and the
+    content of the files the arm reads besides the cohort (`arm_inputs_digest`: weights
+    files, source manifests and their images), only for arms that read any: the fingerprints
+    of other arms stay those of earlier runs."""
     protocol = recipe.protocol.model_dump(mode="json")
     protocol.pop("label_fractions")  # adding a fraction must not invalidate finished arms
     relevant = {
@@ -114,6 +118,8 @@ def unit_fingerprint(recipe: Recipe, kind: str, arm: ArmConfig | None, fraction:
         }
         if recipe.evaluation.recalibrate != "none":  # fitted on training predictions, which folds do not keep
             relevant["recalibrate"] = recipe.evaluation.recalibrate
+        if (inputs := arm_inputs_digest(arm)) is not None:
+            relevant["inputs"] = inputs
     else:
         relevant["column"] = column
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
@@ -121,7 +127,8 @@ def unit_fingerprint(recipe: Recipe, kind: str, arm: ArmConfig | None, fraction:
 
 def pretrain_fingerprint(recipe: Recipe, arm: ArmConfig) -> str:
     """Hash of what decides an arm's pretrained backbone: its backbone, data size, seed and
-    the stages on source manifests."""
+    the stages on source manifests, and the content of the files they read (weights files,
+    source manifests and their images)."""
     relevant = {
         "seed": recipe.seed,
         "data": recipe.data.model_dump(mode="json"),
@@ -129,6 +136,8 @@ def pretrain_fingerprint(recipe: Recipe, arm: ArmConfig) -> str:
         "backbone": arm.backbone.model_dump(mode="json"),
         "stages": [s.model_dump(mode="json") for s in arm.stages if s.external],
     }
+    if (inputs := arm_inputs_digest(arm)) is not None:
+        relevant["inputs"] = inputs
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -249,7 +258,8 @@ class RunDir:
                         "settings the run's values again (e.g. `--set key=value`)")
             else:
                 what = ("the same recipe as its recipe.yaml but different data: the cohort's rows, labels, patients "
-                        "or image files changed")
+                        "or image files, or a file an arm reads (its backbone's weights file, a source manifest or "
+                        "its images) changed")
         raise RunError(
             f"{self.path}: unit(s) {changed} were run with {what}. Nothing was written. "
             f"Choose a new output directory, or delete {', '.join(str(self.folds_dir / c) for c in changed)} "

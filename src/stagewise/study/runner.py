@@ -8,7 +8,9 @@ labels), a baseline score column, or the clinical-only model.
 from __future__ import annotations
 
 import logging
+import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,6 +64,44 @@ def record_fold(run: RunDir, recipe: Recipe, unit: Unit, split: Split, fingerpri
     return meta, preds
 
 
+class RunLog(logging.FileHandler):
+    """log.txt of a run. A write that fails (a full disk) is said once on stderr, not as one
+    logging traceback per line; the error that stops the run is still shown by the caller."""
+
+    failed = False
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        err = sys.exc_info()[1]
+        if not isinstance(err, OSError):  # not the disk: logging's own report of a bad record
+            super().handleError(record)
+        elif not self.failed:
+            self.failed = True
+            print(f"[stagewise] cannot write {self.baseFilename}: {getattr(err, 'strerror', None) or err}; "
+                  "the log lines from here on are not kept", file=sys.stderr, flush=True)
+
+
+def numeric_warnings_to_log(show):
+    """A `warnings.showwarning` that writes numpy's RuntimeWarnings (an empty slice, a division
+    by zero in a metric of a small fold) into log.txt instead of printing them raw amid the
+    progress lines; every other warning goes to `show`."""
+    def showwarning(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, RuntimeWarning):
+            log.warning("%s: %s (%s:%d)", category.__name__, message, Path(filename).name, lineno)
+        else:
+            show(message, category, filename, lineno, file, line)
+    return showwarning
+
+
+def report_damaged(run: RunDir, reporter: Reporter) -> None:
+    """Name the folds found damaged (and set aside) in log.txt and on screen."""
+    say = getattr(reporter, "message", None)
+    for message in run.damaged:
+        log.warning("damaged fold %s", message)
+        if say is not None:
+            say(f"damaged fold {message}")
+    run.damaged.clear()
+
+
 def run_study(recipe: Recipe, out_dir: str | Path, reporter: Reporter | None = None) -> StudyResult:
     """Run every unit on the same folds; resume from finished folds in `out_dir`. Without a
     `reporter`, progress goes to stderr as plain lines (`stagewise.study.progress.LineReporter`);
@@ -74,13 +114,21 @@ def run_study(recipe: Recipe, out_dir: str | Path, reporter: Reporter | None = N
     run = RunDir(Path(out_dir))
     run.check_owned()
     run.lock()
-    handler = logging.FileHandler(run.path / "log.txt")
+    try:
+        handler = RunLog(run.path / "log.txt")
+    except OSError as err:
+        run.unlock()
+        raise RunError(f"cannot write {run.path / 'log.txt'}: {err.strerror or err}. Free space or choose another "
+                       "output directory.") from None
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     log.addHandler(handler)
     log.setLevel(logging.INFO)
     tracker = open_tracker(recipe, run.path)  # connects only after the study's checks
+    tracker.notify = getattr(reporter, "message", None)  # a tracking failure is said on screen too
     try:
-        return _run(recipe, run, reporter, tracker)
+        with warnings.catch_warnings():
+            warnings.showwarning = numeric_warnings_to_log(warnings.showwarning)
+            return _run(recipe, run, reporter, tracker)
     except KeyboardInterrupt:
         log.error("interrupted; finished folds are kept and a rerun resumes from them")
         tracker.stop("KILLED")
@@ -129,9 +177,7 @@ def _run(recipe: Recipe, run: RunDir, reporter: Reporter, tracker: StudyTracker)
         for unit in units:
             for split in study.splits:
                 done = run.read_fold(unit.folder, split.name, fingerprints[unit.name])
-                for message in run.damaged:
-                    log.warning("damaged fold %s", message)
-                run.damaged.clear()
+                report_damaged(run, reporter)
                 if done is not None:
                     results[unit.name, split.name] = done
                     reporter.fold_done(unit.name, split, done[0]["metrics"], resumed=True)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 from stagewise.evaluation.metrics import summarize
+from stagewise.recipe import shareable_backbone
 from stagewise.study.units import Unit
 
 
@@ -147,7 +148,8 @@ def unit_summary(unit: Unit, fold_results: list[dict]) -> dict:
         names = list(dict.fromkeys(s for folds in site_folds for s in folds))
         out["sites"] = {s: summarize([f[s] for f in site_folds if s in f]) for s in names}
     if unit.kind == "model":
-        out |= {"backbone": unit.arm.backbone.name, "stages": [s.kind for s in unit.arm.stages],
+        out |= {"backbone": shareable_backbone(unit.arm.backbone.name),  # metrics.json leaves the site
+                "stages": [s.kind for s in unit.arm.stages],
                 "label_fraction": unit.fraction, "base_arm": unit.arm.name, "training": unit.arm.sites.mode}
         if unit.arm.sites.mode != "pooled":
             out["sites_training"] = _sites_training(fold_results)

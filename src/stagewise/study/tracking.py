@@ -22,12 +22,16 @@ A resumed run continues the same MLflow run (its id is kept in `tracking.json` i
 directory): a fold whose MLflow run finished is not logged again, one that was cut off is
 logged anew, and folds finished while tracking was off are logged from their records.
 A tracking server that cannot be reached stops the run before anything is written; one that
-fails later only stops the tracking for this session (a warning in log.txt): the study goes
-on, and the next resume logs what is missing.
+fails later only stops the tracking for this session (a warning in log.txt and on screen): the
+study goes on, and the next resume logs what is missing. Every request to a server waits at
+most `HTTP_TIMEOUT_S` seconds and is retried `HTTP_RETRIES` times (MLflow's own defaults, 120 s
+and 7 retries with backoff, kept a study silent for minutes when a server stopped answering);
+MLFLOW_HTTP_REQUEST_TIMEOUT / MLFLOW_HTTP_REQUEST_MAX_RETRIES set by the user win.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -50,6 +54,21 @@ STATE_FILE = "tracking.json"
 LOCAL_DB, LOCAL_ARTIFACTS = "mlflow.db", "mlartifacts"
 STUDY_TAG, UNIT_TAG, FOLD_TAG = "stagewise.study", "stagewise.unit", "stagewise.fold"
 SHARED_PREDICTION_COLUMNS_DROPPED = ("image", "patient")
+HTTP_TIMEOUT_S, HTTP_RETRIES = 10, 1
+
+
+@contextlib.contextmanager
+def bounded_requests():
+    """MLflow's HTTP requests within this block wait `HTTP_TIMEOUT_S` and retry `HTTP_RETRIES`
+    times, unless the user's environment says otherwise (MLflow reads both at each request)."""
+    ours = {k: str(v) for k, v in (("MLFLOW_HTTP_REQUEST_TIMEOUT", HTTP_TIMEOUT_S),
+                                   ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", HTTP_RETRIES)) if k not in os.environ}
+    os.environ.update(ours)
+    try:
+        yield
+    finally:
+        for k in ours:
+            os.environ.pop(k, None)
 
 
 def tracking_uri(recipe: Recipe, run_dir: Path) -> str | None:
@@ -123,6 +142,8 @@ class StudyTracker:
         self.experiment_id: str | None = None
         self.units: dict[str, str] = {}
         self.folds: dict[tuple[str, str], tuple[str, str]] = {}  # (unit, fold) -> (run id, status)
+        self.notify = None
+        """Called with the sentence that says tracking stopped (the study's screen), besides log.txt."""
 
     @property
     def on(self) -> bool:
@@ -133,6 +154,10 @@ class StudyTracker:
         """Connect, create or continue the study's MLflow run, log its parameters."""
         if self.uri is None:
             return
+        with bounded_requests():
+            self._start(compute_label, n_threads)
+
+    def _start(self, compute_label: str, n_threads: int | None) -> None:
         _check_reachable(self.uri)
         from mlflow.tracking import MlflowClient
 
@@ -195,8 +220,6 @@ class StudyTracker:
             b = arm.backbone
             params[_key(f"backbone.{arm.name}")] = shareable_backbone(b.name)
             params[_key(f"backbone.{arm.name}.source")] = b.name.split(":", 1)[0]
-            if b.weights is not None:
-                params[_key(f"backbone.{arm.name}.weights_file")] = Path(str(b.weights)).name
         params["compute.resolved"] = compute_label
         if n_threads:
             params["compute.torch_threads"] = str(n_threads)
@@ -221,11 +244,15 @@ class StudyTracker:
         if not self.on:
             return
         try:
-            fn(*args)
+            with bounded_requests():
+                fn(*args)
         except Exception as err:  # noqa: BLE001 - the study goes on; the next resume logs what is missing
-            log.warning("MLflow tracking stopped for this session (%s: %s: %s); the study goes on, and a rerun logs "
-                        "what is missing", what, type(err).__name__, str(err)[:300])
+            text = (f"MLflow tracking at {self.uri} stopped for this session ({what}: {type(err).__name__}: "
+                    f"{str(err)[:300]}); the study goes on, and a rerun logs what is missing")
+            log.warning("%s", text)
             self.client = None
+            if self.notify is not None:
+                self.notify(text)
 
     def _unit_run(self, unit) -> str:
         if unit.name not in self.units:
@@ -341,8 +368,9 @@ def log_bundle(run_dir: str | Path, bundle: str | Path) -> bool:
         _check_reachable(state["uri"])
         from mlflow.tracking import MlflowClient
 
-        MlflowClient(tracking_uri=state["uri"]).log_artifacts(state["run_id"], str(bundle),
-                                                               artifact_path=f"bundles/{Path(bundle).name}")
+        with bounded_requests():
+            MlflowClient(tracking_uri=state["uri"]).log_artifacts(state["run_id"], str(bundle),
+                                                                   artifact_path=f"bundles/{Path(bundle).name}")
     except Exception as err:  # noqa: BLE001
         log.warning("bundle not logged to MLflow (%s: %s)", type(err).__name__, str(err)[:300])
         return False
