@@ -25,6 +25,8 @@ from stagewise.study import run_study
 
 ray = pytest.importorskip("ray")
 
+pytestmark = pytest.mark.ray_of_its_own  # starts Ray itself: the tests' shared instance is stopped first (conftest)
+
 PROBE = {"kind": "probe", "epochs": 3, "batch_size": 16, "lr": 3e-3}
 QUIET = {"saliency": 2, "bootstrap": 0, "report": False}
 
@@ -33,8 +35,6 @@ QUIET = {"saliency": 2, "bootstrap": 0, "report": False}
 # (shows that the hook saw the workers' writes).
 SITECUSTOMIZE = '''
 import os, sys
-
-pytestmark = pytest.mark.ray_of_its_own  # starts Ray itself: the tests' shared instance is stopped first (conftest)
 _watch, _log = os.environ.get("STAGEWISE_TEST_WATCH"), os.environ.get("STAGEWISE_TEST_WATCH_LOG")
 if _watch and _log:
     _busy = []
