@@ -17,6 +17,7 @@ class TuneConfig(StrictModel):
     grid: dict[str, list] = Field(min_length=1)
     """Dotted paths into the arm -> candidate values, e.g. `stages.0.lr: [1.0e-3, 3.0e-3]`."""
     inner_folds: int = Field(3, ge=2)
+    """Folds of the inner CV (grouped by patient, inside each outer training fold)."""
 
     @field_validator("grid")
     @classmethod
@@ -70,10 +71,15 @@ class ArmConfig(StrictModel):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
     """Used as a folder name in the run directory: letters, digits, `_ . + -`."""
     backbone: BackboneConfig
+    """The pretrained network (`source:name`, e.g. `xrv:resnet50-res512-all`), or its spec with a local weights file."""
     head: HeadConfig = HeadConfig()
+    """The head on the backbone's features."""
     stages: list[StageConfig] = Field(min_length=1)
+    """The training stages in order; each stage's `kind` picks its fields."""
     tune: TuneConfig | None = None
+    """Nested CV over a grid of this arm's settings; unset: no tuning."""
     sites: SitesConfig = SitesConfig()
+    """Pooled, local or federated training across the cohort's sites."""
 
     @model_validator(mode="after")
     def _rounds_only_federated(self) -> "ArmConfig":

@@ -12,6 +12,7 @@ from stagewise.recipe.base import PositiveFloat, StrictModel
 
 class MixConfig(StrictModel):
     alpha: float = Field(1.0, gt=0)
+    """The mixing weight is drawn from Beta(alpha, alpha)."""
     p: float = Field(0.5, ge=0, le=1)
     """Fraction of batches that are mixed."""
 
@@ -29,6 +30,7 @@ class CropConfig(StrictModel):
     BPD code (scale 0.95-1.05, default ratio)."""
 
     scale: tuple[PositiveFloat, Annotated[float, Field(gt=0, le=2)]] = (0.95, 1.05)
+    """Area range of the box, as fractions of the image area."""
     ratio: tuple[PositiveFloat, PositiveFloat] = (3 / 4, 4 / 3)
     """Aspect ratio (width / height) range of the box."""
     p: float = Field(1.0, ge=0, le=1)
@@ -46,7 +48,9 @@ class BlurConfig(StrictModel):
     kernel: int = Field(9, ge=3)
     """Kernel size in pixels (odd)."""
     sigma: tuple[PositiveFloat, PositiveFloat] = (0.05, 2.0)
+    """Range of the blur's standard deviation in pixels."""
     p: float = Field(0.5, ge=0, le=1)
+    """Share of images blurred."""
 
     @field_validator("kernel")
     @classmethod
@@ -66,7 +70,9 @@ class MaskConfig(StrictModel):
     each pixel is set to `value` with probability `fraction`."""
 
     fraction: float = Field(0.25, gt=0, lt=1)
+    """Probability that a pixel of a masked image is set to `value`."""
     p: float = Field(0.1, ge=0, le=1)
+    """Share of images masked."""
     value: float = Field(0.0, ge=0, le=1)
     """Fill on the [0, 1] image scale. The BPD code zeroes pixels after normalising, which is
     0.5 here for torchxrayvision inputs ([-1024, 1024]) and about the ImageNet mean for RGB."""
@@ -74,6 +80,7 @@ class MaskConfig(StrictModel):
 
 class AugmentConfig(StrictModel):
     flip: bool = False
+    """Mirror each image left to right with probability 0.5 (a volume: each axis on its own)."""
     rotate: float = Field(0.0, ge=0, le=180)
     """Maximum rotation in degrees."""
     translate: float = Field(0.0, ge=0, le=0.5)

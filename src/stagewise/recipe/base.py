@@ -18,7 +18,8 @@ class RecipeError(StagewiseError, ValueError):
 
 class StrictModel(BaseModel):
     # extra="forbid": a misspelled key is an error, not a silently ignored setting.
-    model_config = ConfigDict(extra="forbid")
+    # use_attribute_docstrings: a field's docstring is its description (recipe/reference.py).
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
 
 def format_errors(err: ValidationError, source: str, stage_kinds: tuple[str, ...]) -> str:

@@ -37,6 +37,7 @@ class SubgroupConfig(StrictModel):
     """One manifest column the report breaks performance down by (see `CohortConfig.subgroups`)."""
 
     column: str
+    """The manifest column."""
     bands: list[float] | None = None
     """Cut points of a numeric column, ascending: [40, 65] gives the bands "< 40", "40 to < 65"
     and ">= 65". Unset: every distinct value of the column is a level of its own."""
@@ -53,6 +54,7 @@ class CohortConfig(StrictModel):
     """Where the images and labels are: a CSV manifest, one row per image."""
 
     manifest: Path
+    """The CSV file, one row per image (relative to the recipe file)."""
     image: str = "path"
     """Column holding image paths, relative to `root` (default: the manifest's folder)."""
     outcome: str = "outcome"
@@ -68,8 +70,11 @@ class CohortConfig(StrictModel):
     """Further binary outcomes learned by the same network (multi-task); empty cells are
     missing labels, masked out of the loss and the metrics."""
     patient: str = "patient"
+    """Column of patient ids: folds never split a patient's images."""
     site: str | None = None
+    """Column of the hospital each image comes from (needed by local and federated arms and by leave_one_site_out)."""
     clinical: list[str] = []
+    """Numeric clinical columns for the clinical-only model and fusion heads (`head.fusion`)."""
     baselines: list[str] = []
     """Columns holding routine clinical scores (e.g. an IRDS grade), carried for baselines."""
     subgroups: list[SubgroupConfig] = []
@@ -80,9 +85,11 @@ class CohortConfig(StrictModel):
     patient's images (a view): each level then uses the patients' images of that level.
     Report only: the folds' numbers do not change, so no fingerprint holds it."""
     root: Path | None = None
+    """Folder that relative image paths start from (default: the manifest's folder)."""
     positive: list[str] = ["1", "1.0", "true", "yes", "y", "positive"]
     """Outcome values read as the positive class (compared case-insensitively)."""
     negative: list[str] = ["0", "0.0", "false", "no", "n", "negative"]
+    """Outcome values read as the negative class (compared case-insensitively)."""
     drop_missing_outcome: bool = False
     """Drop rows whose outcome is empty instead of reporting them as errors."""
 
@@ -123,6 +130,7 @@ class CohortConfig(StrictModel):
 
 class DataConfig(StrictModel):
     image_size: int = Field(224, ge=8, le=2048)
+    """Side in pixels of the square each image is brought to (see `resize`)."""
     resize: Literal["pad", "crop", "stretch"] = "pad"
     """pad: keep aspect ratio, pad to a square; crop: centre-crop to a square; stretch."""
 
@@ -132,9 +140,12 @@ class SourceConfig(StrictModel):
     """Images (and labels) for a `pretrain` or `ssl` stage other than the study's cohort."""
 
     manifest: Path
+    """The source CSV, one row per image (relative to the recipe file)."""
     image: str = "path"
+    """Column holding image paths, relative to `root`."""
     targets: list[str] = []
     """pretrain: label column(s); one column for classification/regression, several for multilabel."""
     task: Literal["classification", "multilabel", "regression"] = "classification"
+    """The source task: one class column, several 0/1 columns, or one numeric column."""
     root: Path | None = None
     """Folder that relative image paths start from (default: the manifest's folder)."""

@@ -13,6 +13,7 @@ class BackboneConfig(StrictModel):
     `timm:resnet18`, `scratch:resnet18` or `file:weights.safetensors`."""
 
     name: str
+    """`source:name`; `stagewise backbones` lists the sources and their names."""
     weights: Path | None = None
     """A local weights file that replaces the library download (same format as the library's)."""
     cache_dir: Path | None = None
@@ -33,6 +34,7 @@ class BackboneConfig(StrictModel):
 
 class HeadConfig(StrictModel):
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    """Dropout before each of the head's linear layers."""
     hidden: int | None = None
     """Width of a hidden layer (small MLP head); None gives a linear head."""
     fusion: bool = False

@@ -26,7 +26,9 @@ class Stage(StrictModel):
     runs on a source manifest runs centrally before the sites train, whatever this says."""
 
     epochs: int = Field(10, ge=1)
+    """Passes over the training rows (a federated stage: local epochs per round)."""
     batch_size: int = Field(16, ge=1)
+    """Training images per optimiser step."""
     lr: PositiveFloat | dict[str, PositiveFloat] = 1e-3
     """One LR for the head (and all trainable groups), or one per group name (`head`, `layer4`, ...)."""
     lr_decay: float | None = Field(None, gt=0, le=1)
@@ -35,7 +37,9 @@ class Stage(StrictModel):
     """AdamW weight decay: one value, or one per group name like `lr` (`head` required; groups
     not listed take the head's), e.g. the BPD code's {head: 1e-5, layer4: 1e-4, ...}."""
     schedule: Literal["onecycle", "cosine", "constant"] = "constant"
+    """The LR over the stage's steps: constant; cosine annealing to zero; onecycle (warm-up to `lr`, then cosine down)."""
     pct_start: float = Field(0.3, gt=0, lt=1)
+    """onecycle: the share of the stage's steps spent warming up."""
     bn: Literal["adapt", "adapt_once", "freeze"] = "freeze"
     """BatchNorm of the frozen groups. freeze: eval mode, the pretrained statistics. adapt:
     train mode, statistics of every batch (the BPD code's `model.train()`); each forward then
@@ -45,8 +49,11 @@ class Stage(StrictModel):
     is computed once per fold again (a deviation from `adapt`; its cost is measured in
     benchmarks/RESULTS.md)."""
     augment: AugmentConfig = AugmentConfig()
+    """Random changes to each training image (off by default)."""
     cutmix: MixConfig | None = None
+    """CutMix: a box of one training image pasted into another, labels mixed by area; unset: off."""
     mixup: MixConfig | None = None
+    """MixUp: two training images and their labels blended; unset: off."""
     augment_on: Literal["images", "features"] = "images"
     """images: augmentation and CutMix/MixUp on every training batch's images (the published
     protocols). features: on the output of the groups that are frozen in that epoch (the
@@ -57,6 +64,7 @@ class Stage(StrictModel):
     values and are refused here. A deviation from augmenting images (manifold-style
     augmentation); its cost in AUROC is measured in benchmarks/RESULTS.md."""
     balanced_sampling: bool = False
+    """Draw each epoch's rows with replacement, inversely to their class's frequency (the BPD code's sampler)."""
     activation_bits: Literal[8] | None = None
     """Store activations saved for backward in 8 bits (less memory, approximate gradients)."""
     checkpointing: bool = False
@@ -195,6 +203,7 @@ class PretrainStage(Stage):
     kind: Literal["pretrain"] = "pretrain"
     federated: ClassVar[bool] = False  # a source task runs centrally, once per arm
     source: SourceConfig
+    """The source manifest and its label column(s)."""
 
     @model_validator(mode="after")
     def _targets(self) -> "PretrainStage":
@@ -216,7 +225,9 @@ class SslStage(Stage):
     kind: Literal["ssl"] = "ssl"
     federated: ClassVar[bool] = False  # on the target it would pool the sites' images; give it a source manifest
     source: SourceConfig | Literal["target"]
+    """A source manifest, or `target`: each fold's training images (labels ignored)."""
     method: Literal["simclr", "byol", "autoencoder"] = "simclr"
+    """simclr or byol (contrastive, two augmented views per image); autoencoder (a sparse convolutional autoencoder, 2D only)."""
     temperature: float = Field(0.1, gt=0)
     """simclr: NT-Xent temperature."""
     projection_dim: int = Field(128, ge=8)

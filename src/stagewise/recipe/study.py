@@ -19,7 +19,9 @@ class ProtocolConfig(StrictModel):
     patients taken in turn; negatives beyond the positives' number are never tested, and a
     1:1 test fold reports PPV and NPV at a prevalence the clinic does not have."""
     folds: int = Field(5, ge=2)
+    """Folds per repeat (test parts of the cohort); each patient is tested once per repeat."""
     repeats: int = Field(1, ge=1)
+    """Times the k-fold split is drawn again with another shuffle (fold seeds from the recipe seed)."""
     test_images: Literal["all", "first"] = "all"
     """first: each test patient is scored on its first image in manifest order (the BPD
     paper); sort the manifest (e.g. by acquisition time) so that first means earliest."""
@@ -33,6 +35,7 @@ class ProtocolConfig(StrictModel):
 
 class ComputeConfig(StrictModel):
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    """auto: a CUDA GPU where one is visible, else the CPU; cuda fails when none is visible."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """auto: measured at the start of a run, per arm (architecture, image size, batch size):
     the fastest of fp32 and the low precisions the hardware runs natively (bf16; fp16 on
@@ -42,7 +45,9 @@ class ComputeConfig(StrictModel):
     reuse_frozen: bool = True
     """Compute a frozen, un-augmented network prefix once per image and reuse it."""
     eval_batch_size: int = Field(64, ge=1)
+    """Images per batch when scoring and when computing a frozen prefix (no gradients: larger than training batches)."""
     threads: int | None = None
+    """Torch threads of this process; unset: torch's default (the CPUs it may use)."""
     save_models: bool = False
     """Save each fold's trained model (safetensors) in the run directory."""
     executor: Literal["local", "ray"] = "local"
@@ -75,8 +80,11 @@ class PrimaryComparison(StrictModel):
     training procedure is a claim across folds (DeLong is conditional on the pooled patients)."""
 
     a: str
+    """The first arm of the pair (an arm name, `baseline:<column>` or `clinical`)."""
     b: str
+    """The arm it is compared with."""
     test: Literal["corrected_t", "delong", "wilcoxon"] = "corrected_t"
+    """corrected_t: corrected resampled t-test on fold AUROCs; delong: DeLong's test on the pooled out-of-fold patient scores; wilcoxon: signed-rank test on fold AUROCs."""
 
 
 class EvaluationConfig(StrictModel):
@@ -102,6 +110,7 @@ class EvaluationConfig(StrictModel):
     and decision curves beside the raw ones (meant for CutMix/MixUp arms, whose mixed labels
     pull predictions to the middle). AUROC is unchanged by it. Off (`none`) by default."""
     report: bool = True
+    """Write report.html at the end of the run (`stagewise report` writes it later)."""
 
 
 class TrackingConfig(StrictModel):
@@ -119,15 +128,23 @@ class TrackingConfig(StrictModel):
 
 class Recipe(StrictModel):
     name: str
+    """The study's name: the default run directory (runs/<name>) and the MLflow experiment."""
     seed: int = 0
+    """Seeds the folds and every fold's training: the same recipe and seed give the same numbers."""
     cohort: CohortConfig
+    """The study's cohort manifest and its columns."""
     data: DataConfig = DataConfig()
+    """How images are sized for the network."""
     protocol: ProtocolConfig = ProtocolConfig()
+    """The folds every arm is evaluated on, and the decision threshold."""
     compute: ComputeConfig = ComputeConfig()
+    """Hardware and speed settings; none changes what is computed, only how fast."""
     evaluation: EvaluationConfig = EvaluationConfig()
+    """Comparisons, confidence intervals, baselines and saliency maps."""
     tracking: TrackingConfig | None = None
     """MLflow tracking; off unless given here or MLFLOW_TRACKING_URI is set."""
     arms: list[ArmConfig] = Field(min_length=1)
+    """The models compared: each arm is a backbone, a head and its stages, trained on every fold."""
 
     @field_validator("tracking", mode="before")
     @classmethod
