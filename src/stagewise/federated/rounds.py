@@ -28,6 +28,7 @@ from stagewise.models import Network
 from stagewise.recipe import ArmConfig, SitesConfig
 from stagewise.training.engine import plan_stage
 from stagewise.errors import StagewiseError
+from stagewise.quiet import flower_noise_to_log
 
 log = logging.getLogger("stagewise")
 
@@ -41,6 +42,7 @@ def make_strategy(cfg: SitesConfig, n_sites: int):
     and needs at least `sites.min_sites` of them (default: all)."""
     from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 
+    flower_noise_to_log()  # its note that federated evaluation is skipped: stagewise scores the sites itself
     cls = {"fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam}[cfg.strategy]
     need = min(cfg.min_sites or n_sites, n_sites)
     try:

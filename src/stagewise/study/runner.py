@@ -27,6 +27,7 @@ from stagewise.recipe import Recipe
 from stagewise.data.fingerprint import cohort_digest
 from stagewise.errors import RunError
 from stagewise.io import atomic_write
+from stagewise.quiet import warnings_to_log
 from stagewise.study.rundir import RunDir, unit_fingerprint
 from stagewise.study.tracking import StudyTracker, open_tracker
 from stagewise.training.compute import busy_machine_note
@@ -80,18 +81,6 @@ class RunLog(logging.FileHandler):
                   "the log lines from here on are not kept", file=sys.stderr, flush=True)
 
 
-def numeric_warnings_to_log(show):
-    """A `warnings.showwarning` that writes numpy's RuntimeWarnings (an empty slice, a division
-    by zero in a metric of a small fold) into log.txt instead of printing them raw amid the
-    progress lines; every other warning goes to `show`."""
-    def showwarning(message, category, filename, lineno, file=None, line=None):
-        if issubclass(category, RuntimeWarning):
-            log.warning("%s: %s (%s:%d)", category.__name__, message, Path(filename).name, lineno)
-        else:
-            show(message, category, filename, lineno, file, line)
-    return showwarning
-
-
 def report_damaged(run: RunDir, reporter: Reporter) -> None:
     """Name the folds found damaged (and set aside) in log.txt and on screen."""
     say = getattr(reporter, "message", None)
@@ -127,7 +116,7 @@ def run_study(recipe: Recipe, out_dir: str | Path, reporter: Reporter | None = N
     tracker.notify = getattr(reporter, "message", None)  # a tracking failure is said on screen too
     try:
         with warnings.catch_warnings():
-            warnings.showwarning = numeric_warnings_to_log(warnings.showwarning)
+            warnings.showwarning = warnings_to_log(warnings.showwarning)  # library noise: log.txt only
             return _run(recipe, run, reporter, tracker)
     except KeyboardInterrupt:
         log.error("interrupted; finished folds are kept and a rerun resumes from them")
