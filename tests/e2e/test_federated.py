@@ -217,9 +217,9 @@ def test_the_reports_federated_part_states_the_recipes_strategy_and_rounds_and_t
     assert any(line.startswith("fed, stage 2 (thaw): 2 rounds × 1 local epoch per round at each site, batch 16")
                and line.endswith("block3 from round 2 of 2 (unfreeze fractions 0.5 of the stage's rounds)")
                for line in training)
-    assert any(line.startswith("pooled, stage 2 (thaw): 1 epochs") and
+    assert any(line.startswith("pooled, stage 2 (thaw): 1 epoch,") and
                line.endswith("block3 from epoch 1 of 1 (unfreeze fractions 0.5 of the stage's epochs)") for line in training)
-    assert not any("fraction of the stage's epochs" in line or line.startswith("fed, stage 2 (thaw): 1 epochs")
+    assert not any("fraction of the stage's epochs" in line or line.startswith("fed, stage 2 (thaw): 1 epoch,")
                    for line in training)
 
 

@@ -25,6 +25,7 @@ from stagewise.federated.deployment import JOB_FILE, JobDir
 from stagewise.federated.job import FINAL
 from stagewise.models import load_network
 from stagewise.recipe import Recipe, strategy_text
+from stagewise.text import counted
 
 
 def finished_job(job_dir: Path) -> tuple[JobDir, dict, dict]:
@@ -79,7 +80,7 @@ def training_facts(job_dir: JobDir, spec: dict, final: dict) -> dict:
     sites_text = ", ".join(f"{s}: {images[s]} images" if s in images else f"{s}: images not reported"
                            for s in final["sites"])
     description = (f"federated deployment: {strategy_text(arm.sites.model_dump())}; over {n_sites} sites "
-                   f"({sites_text}), {len(rounds)} rounds ({stages}), on every image of each site; the model is the "
+                   f"({sites_text}), {counted(len(rounds), 'round')} ({stages}), on every image of each site; the model is the "
                    f"coordinator's final global model (job {spec['digest']})"
                    + (f"; some rounds completed with {fewest} of {n_sites} sites" if fewest < n_sites else ""))
     return {"mode": "federated", "deployment": True, "strategy": arm.sites.strategy,

@@ -13,6 +13,7 @@ from rich.table import Table
 
 from stagewise.cli.console import RichReporter, console, guard, out
 from stagewise.errors import RunError
+from stagewise.text import counted
 
 
 def metrics_table(metrics: dict) -> Table:
@@ -115,7 +116,7 @@ def validate(
         for warning in cohort.warnings:
             console.print(f"[yellow]warning:[/yellow] {escape(warning)}")
         s = cohort.summary()
-        out.print(f"{recipe}: valid. {len(r.arms)} arm(s); cohort of {s['images']} images from {s['patients']} patients, "
+        out.print(f"{recipe}: valid. {counted(len(r.arms), 'arm')}; cohort of {s['images']} images from {s['patients']} patients, "
                   f"{s['positive_patients']} positive ({s['prevalence_patients']:.1%}).")
 
     guard(go)

@@ -28,7 +28,7 @@ from typing import Callable, Iterable, Iterator, Sequence, TypeVar
 
 from stagewise.data.image_digest import content_digest
 from stagewise.data.problems import CohortError, file_key
-from stagewise.data.readers import ImageReadError, is_volume_path, png_significant_bits, read_image
+from stagewise.data.readers import NOT_A_FILE, ImageReadError, is_volume_path, png_significant_bits, read_image
 
 MIN_SIDE = 8
 """Images smaller than this on any side are reported: resized to the input size they
@@ -58,8 +58,9 @@ class _Probe:
 def _probe(path: str) -> _Probe:
     try:
         img = read_image(path)
-    except ImageReadError as err:
-        return _Probe(error=err.reason)
+    except ImageReadError as err:  # a path from the manifest: the hint names where to look
+        hint = "; check the image path in the manifest" if err.reason in NOT_A_FILE else ""
+        return _Probe(error=err.reason + hint)
     except Exception as err:  # a reader bug must not hide the other files' problems
         return _Probe(error=f"the file cannot be decoded ({type(err).__name__}: {err})")
     return _Probe(tuple(img.shape), float(img.min()), float(img.max()), content_digest(img))

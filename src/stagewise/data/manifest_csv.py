@@ -7,7 +7,6 @@ words the cohort loader (`cohort.load_cohort`) gathers into one CohortError.
 
 from __future__ import annotations
 
-import difflib
 from pathlib import Path
 from typing import Iterable
 
@@ -15,6 +14,7 @@ import pandas as pd
 
 from stagewise.data.problems import CohortError
 from stagewise.recipe import CohortConfig
+from stagewise.text import did_you_mean
 
 RESERVED_COLUMNS = ("row", "path", "y", "patient", "site")
 """Table columns the loader owns; a clinical column with one of these names would be overwritten."""
@@ -106,8 +106,7 @@ def column_problems(cfg: CohortConfig, columns: list[str]) -> list[str]:
     problems = []
     for key, col in wanted:
         if col not in columns:
-            close = difflib.get_close_matches(col, columns, n=1)
-            guess = f" (did you mean {close[0]!r}?)" if close else ""
+            guess = did_you_mean(col, columns)
             problems.append(
                 f"column {col!r} (cohort.{key}) is not in the manifest{guess}; "
                 f"its columns are: {', '.join(columns)}"

@@ -41,6 +41,7 @@ __all__ = [
     "INTENSITY_CONVENTION",
     "INTENSITY_DESCRIPTION",
     "MAX_VOLUME_BYTES",
+    "NOT_A_FILE",
     "ImageReadError",
     "is_volume_path",
     "png_significant_bits",
@@ -59,6 +60,11 @@ INTENSITY_DESCRIPTION = (
 )
 
 
+NOT_A_FILE = ("no such file", "is a folder, not a file")
+"""The reason of a path that names no file (indexed by whether it is a folder): where the
+path came from (a manifest, a command line) says what to check, so the reader does not."""
+
+
 def read_image(path: str | Path) -> np.ndarray:
     """Return the image as float32 in [0, 1], higher = brighter, whatever the format.
 
@@ -67,8 +73,7 @@ def read_image(path: str | Path) -> np.ndarray:
     """
     path = Path(path)
     if not path.is_file():
-        what = "is a folder, not a file" if path.is_dir() else "no such file"
-        raise ImageReadError(path, f"{what}; check the image path in the manifest")
+        raise ImageReadError(path, NOT_A_FILE[path.is_dir()])
     try:
         with path.open("rb") as f:
             head = f.read(132)

@@ -20,6 +20,7 @@ from stagewise.bundle.training_set import Overlap, find_overlap, read_training_s
 from stagewise.data import Cohort
 from stagewise.external.manifest import patient_table
 from stagewise.external.validation import comparison, validation_figures
+from stagewise.text import counted
 
 LIMITS = ("The check finds copies with the same decoded pixels and near-duplicates (re-encoded or slightly edited "
           "copies), not copies that were cropped, rotated or processed otherwise, nor a patient filed under another id.")
@@ -44,10 +45,6 @@ class CohortOverlap:
     def recalibrated(self, rows: np.ndarray) -> dict | None:
         """The training set of the bundle recalibrated on these cohort rows (None without one)."""
         return with_recalibration(self.training_set, self.found, rows) if self.training_set else None
-
-
-def _plural(n: int, word: str) -> str:
-    return f"{n} {word}{'' if n == 1 else 's'}"
 
 
 def check_overlap(bundle_dir: Path, cohort: Cohort, missing: str | None = None) -> CohortOverlap:
@@ -88,22 +85,22 @@ def overlap_sentence(r: dict) -> str:
     """The plain statement of the overlap counts (see `check_overlap`)."""
     bits = f"perceptual hashes within {r['near_duplicate_bits']} of 64 bits"
     if r["external"]:
-        return (f"No image of this cohort ({_plural(r['images'], 'image')}) is in the bundle's training set "
-                f"({_plural(r['training_set']['images'], 'image')}, {_plural(r['training_set']['patients'], 'patient')}), "
+        return (f"No image of this cohort ({counted(r['images'], 'image')}) is in the bundle's training set "
+                f"({counted(r['training_set']['images'], 'image')}, {counted(r['training_set']['patients'], 'patient')}), "
                 f"neither with identical pixels nor as a near-duplicate ({bits}), and none of its "
-                f"{_plural(r['patients'], 'patient')} has the id of a training patient.")
+                f"{counted(r['patients'], 'patient')} has the id of a training patient.")
     parts = []
     if r["images_in_training_set"]:
-        parts.append(f"{r['images_in_training_set']} of {_plural(r['images'], 'image')} "
-                     f"({_plural(r['patients_with_training_images'], 'patient')}) were in the bundle's training set "
-                     f"({r['images_identical']} with identical pixels, {_plural(r['images_near_duplicate'], 'near-duplicate')}: "
+        parts.append(f"{r['images_in_training_set']} of {counted(r['images'], 'image')} "
+                     f"({counted(r['patients_with_training_images'], 'patient')}) were in the bundle's training set "
+                     f"({r['images_identical']} with identical pixels, {counted(r['images_near_duplicate'], 'near-duplicate')}: "
                      f"{bits})")
     if r["patients_id_match"]:
-        parts.append(f"{r['patients_id_match']} of {_plural(r['patients'], 'patient')} "
+        parts.append(f"{r['patients_id_match']} of {counted(r['patients'], 'patient')} "
                      f"{'has' if r['patients_id_match'] == 1 else 'have'} the id of a training patient" + ("" if r["images_in_training_set"] else
                                   " (ids of different hospitals can coincide by chance: check whether they are the same people)"))
     return ("; ".join(parts) + ": this is not an external validation. The figures without these "
-            f"{_plural(r['patients_overlapping'], 'patient')} ({_plural(r['images_of_overlapping_patients'], 'image')}) "
+            f"{counted(r['patients_overlapping'], 'patient')} ({counted(r['images_of_overlapping_patients'], 'image')}) "
             "are given beside those on every patient; they leave out only the overlap found.")
 
 

@@ -24,7 +24,7 @@ def recipe_from_dict(data: dict, source: str = "recipe", base_dir: Path | None =
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as err:
-        raise RecipeError(format_errors(err, source, STAGE_KINDS)) from None
+        raise RecipeError(format_errors(err, source, STAGE_KINDS, Recipe, data)) from None
     if base_dir is not None:
         sources = [s.source for a in recipe.arms for s in a.stages if s.external]
         for c in [recipe.cohort, *sources]:

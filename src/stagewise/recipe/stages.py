@@ -250,4 +250,4 @@ def parse_stage(data: dict) -> Stage:
     try:
         return TypeAdapter(StageConfig).validate_python(data)
     except ValidationError as err:
-        raise RecipeError(format_errors(err, "stage", STAGE_KINDS)) from None
+        raise RecipeError(format_errors(err, "stage", STAGE_KINDS, StageConfig, data)) from None

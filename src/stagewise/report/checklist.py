@@ -14,6 +14,7 @@ from stagewise.report.federated import fold_stages, is_federated, recorded_sites
 from stagewise.report.formatting import DASH, fmt_setting
 from stagewise.report.tripod_items import SUBGROUP_HINT, curve_lines, participants_lines, subgroup_lines
 from stagewise.report.unit_order import is_full_label, ordered_units, recipe_arms
+from stagewise.text import counted
 
 
 def _stage_text(stage: dict, federated: bool = False) -> dict:
@@ -27,7 +28,7 @@ def _stage_text(stage: dict, federated: bool = False) -> dict:
         label = "CutMix" if name == "cutmix" else "MixUp"
         mix.append(f"{label} α {fmt_setting(cfg.get('alpha'))} on {fmt_setting(cfg.get('p'))} of batches"
                    if cfg else f"{label} off")
-    length = round_schedule(stage) if federated and stage.get("rounds") else f"{stage.get('epochs')} epochs"
+    length = round_schedule(stage) if federated and stage.get("rounds") else counted(stage.get('epochs'), 'epoch')
     training = f"{length}, batch {stage.get('batch_size')}, lr {fmt_setting(stage.get('lr'))}"
     if stage.get("lr_decay") is not None:
         training += f" (decay {fmt_setting(stage['lr_decay'])} per group)"
@@ -142,8 +143,8 @@ def _federated_items(arms: dict, models: list[str], r_arms: dict) -> list[dict]:
         sites = recorded_sites(st.get("round_loss") or [])
         groups = list(dict.fromkeys(", ".join(r.get("trainable") or []) for r in rounds))
         lines.append(
-            f"{n}: {strategy_text(arm.get('sites') or {})}; {len(rounds)} rounds over "
-            f"{len(sites) or DASH} sites ({', '.join(sites) or DASH}): "
+            f"{n}: {strategy_text(arm.get('sites') or {})}; {counted(len(rounds), 'round')} over "
+            f"{counted(len(sites), 'site') if sites else DASH + ' sites'} ({', '.join(sites) or DASH}): "
             + "; ".join(f"stage {i + 1} ({s.get('kind')}) {round_schedule(s)}" for i, s in enumerate(stages))
             + f"; in each round the sites receive and send back the tensors of the groups that train only "
               f"({' / '.join(groups) or DASH}), with their mean training loss and number of training images; "

@@ -32,6 +32,7 @@ from stagewise.report.formatting import (
 from stagewise.report.run_files import embed_png, run_date, split_name
 from stagewise.report.unit_order import is_full_label
 from stagewise.report.wording import compute_text, header_compute, mixed_compute_notes
+from stagewise.text import counted
 
 CLINICAL_METRICS = ("sensitivity", "specificity", "ppv", "npv", "accuracy", "auprc")
 
@@ -62,13 +63,13 @@ def protocol_text(protocol: dict, n_splits: Any, cohort: dict) -> str:
     """The validation protocol in one line (kind, folds, repeats, number of splits)."""
     kind = protocol.get("kind")
     if kind == "group_kfold":
-        text = (f"stratified {protocol.get('folds')}-fold CV grouped by patient × {protocol.get('repeats')} "
-                f"repeats = {n_splits} splits")
+        text = (f"stratified {protocol.get('folds')}-fold CV grouped by patient × "
+                f"{counted(protocol.get('repeats'), 'repeat')} = {n_splits} splits")
     elif kind == "leave_one_site_out":
         text = f"leave-one-site-out: {n_splits} splits ({len(cohort.get('sites', {}))} sites)"
     elif kind == "balanced_test":
         text = (f"the BPD code's balanced test folds (positives in {protocol.get('folds')} chunks, as many negatives "
-                f"each; surplus negatives untested) × {protocol.get('repeats')} repeats = {n_splits} splits")
+                f"each; surplus negatives untested) × {counted(protocol.get('repeats'), 'repeat')} = {n_splits} splits")
     else:
         text = f"{kind}: {n_splits} splits"
     return text

@@ -13,6 +13,7 @@ from __future__ import annotations
 import sys
 import time
 from typing import TextIO
+from stagewise.text import counted
 
 
 def fmt_duration(seconds: float) -> str:
@@ -67,12 +68,13 @@ class LineReporter:
     def plan(self, trained_units: list[str], n_splits: int) -> None:
         """The units that train a network (model arms): only their folds are counted."""
         self.trained_units, self.total, self.t0 = set(trained_units), len(trained_units) * n_splits, self.clock()
-        self._print(f"{self.total} folds to train ({len(trained_units)} model unit(s) x {n_splits} splits)")
+        self._print(f"{counted(self.total, 'fold')} to train ({counted(len(trained_units), 'model unit')} x "
+                    f"{counted(n_splits, 'split')})")
 
     def fold_started(self, arm, split, n_epochs) -> None:
         self.fold_t0, self.n_epochs, self.epoch = self.clock(), n_epochs, 0
         if self.epochs:
-            self._print(f"{arm}: training, {n_epochs} epochs")
+            self._print(f"{arm}: training, {counted(n_epochs, 'epoch')}")
 
     def epoch_done(self, stage, epoch, entry) -> None:
         self.epoch += 1

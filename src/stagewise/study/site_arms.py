@@ -28,6 +28,7 @@ from stagewise.recipe import STRATEGY_NAMES, ArmConfig
 from stagewise.training.cache import ImageSet, PrefixCache
 from stagewise.training.compute import Compute
 from stagewise.training.engine import fit_stage, predict, prepare_network
+from stagewise.text import counted
 
 
 @dataclass
@@ -172,7 +173,7 @@ def refit_federated(arm: ArmConfig, start: Network, images: ImageSet, targets: t
     replied = [r["sites_replied"] for r in result.rounds]
     strategy = STRATEGY_NAMES.get(arm.sites.strategy, arm.sites.strategy)
     fewest = min(replied) if replied else 0
-    description = (f"federated: {strategy} over {len(partitions)} sites, {len(result.rounds)} rounds, on every image "
+    description = (f"federated: {strategy} over {len(partitions)} sites, {counted(len(result.rounds), 'round')}, on every image "
                    f"of each site ({', '.join(f'{s}: {n}' for s, n in images_per_site.items())} images); the model is "
                    "the final global model"
                    + (f" (some rounds completed with {fewest} of {len(partitions)} sites)" if fewest < len(partitions) else ""))

@@ -64,3 +64,15 @@ def test_report_names_the_outcome_in_words(runs):
     report = (runs["run"] / "report.html").read_text()
     assert f"Outcome: <b>{PHRASE} (column outcome)</b>" in report
     assert "Outcome: <b>outcome</b>" in runs["plain_report"] and LABEL not in runs["plain_report"]
+
+
+def test_predict_on_a_missing_file_says_so_without_a_manifest(runs, tmp_path):
+    """(Reuses this module's bundle.) predict takes files, not a manifest: the reason names none."""
+    from typer.testing import CliRunner
+
+    from stagewise.cli import app
+
+    result = CliRunner().invoke(app, ["predict", str(runs["plain"]), str(tmp_path / "gone.png")])
+    text = " ".join(result.output.split())
+    assert result.exit_code == 1 and "gone.png: no such file" in text
+    assert "manifest" not in text

@@ -468,3 +468,14 @@ def test_error_list_capped_and_pickles():
     assert "  ... and 10 more" in lines
     copy = pickle.loads(pickle.dumps(err))
     assert copy.problems == err.problems and str(copy) == str(err)
+
+
+def test_a_missing_image_of_a_manifest_points_to_the_manifest(tmp_path):
+    from stagewise.data.image_checks import check_images
+
+    with pytest.raises(ImageReadError) as info:
+        read_image(tmp_path / "nope.png")
+    assert info.value.reason == "no such file"  # predict, evaluate: no manifest to name
+    with pytest.raises(Exception) as info:
+        check_images([str(tmp_path / "nope.png")], names=["nope.png"])
+    assert "row 2: nope.png: no such file; check the image path in the manifest" in str(info.value)

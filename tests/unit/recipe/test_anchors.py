@@ -28,7 +28,7 @@ def test_top_level_x_keys_are_ignored_and_their_anchors_repeat():
 def test_an_x_key_inside_a_section_is_an_unknown_field():
     data = yaml.safe_load(RECIPE)
     data["arms"][0]["x-note"] = "here"
-    with pytest.raises(RecipeError, match=r"arms\.0\.x-note: unknown field"):
+    with pytest.raises(RecipeError, match=r"arms\.0\.x-note \(arm 'a'\): unknown field"):
         recipe_from_dict(data)
 
 

@@ -39,7 +39,7 @@ def test_line_reporter_counts_trained_folds_only_and_gives_an_eta():
     clock.now = 20.0
     rep.fold_done("probe", _split(2), {"auroc": 0.7}, resumed=False)
     lines = out.getvalue().splitlines()
-    assert lines[0] == "[stagewise] 6 folds to train (2 model unit(s) x 3 splits)"
+    assert lines[0] == "[stagewise] 6 folds to train (2 model units x 3 splits)"
     assert lines[1] == "[stagewise] probe r0-f0: finished earlier, read back"
     assert lines[2] == "[stagewise] fold 1/5 trained: probe r0-f1: AUROC 0.812, balanced acc. 0.750; ETA 40 s"
     assert lines[3] == "[stagewise] fold 2/5 trained: probe r0-f2: AUROC 0.700; ETA 30 s"
@@ -65,7 +65,7 @@ def test_run_from_a_pipe_prints_lines_python_and_refit_report_progress(digits_ma
     assert "[stagewise] a r0-f0: finished earlier, read back" in capsys.readouterr().err
     refit(load_recipe(recipe), "a", out)  # export --refit trains on every image: epoch lines with an ETA
     err = capsys.readouterr().err
-    assert "[stagewise] refit a on every image: training, 1 epochs" in err
+    assert "[stagewise] refit a on every image: training, 1 epoch" in err
     assert "[stagewise] epoch 1/1 (probe) loss" in err and "ETA 0 s" in err
 
 
