@@ -91,6 +91,30 @@ def _wait_for(condition, timeout: float, what: str):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def _site_check_proves_tls_key_and_manifest(recipe, manifest, site, certs, port, tmp_path, admitted):
+    """`federation site --check` against the running coordinator (before its job is submitted):
+    every line true of this coordinator; a wrong ca.pem or a port without a coordinator named."""
+    from stagewise.federated.connection_check import check_connection
+    from stagewise.federated.rounds import FederatedError
+
+    result = CliRunner().invoke(app, ["federation", "site", str(recipe), "--manifest", str(manifest), "--site", "A",
+                                      "--server", f"127.0.0.1:{port}", "--ca", str(certs["ca"]), "--key",
+                                      str(site["key"]), "--workdir", str(tmp_path / "check-A"), "--check"])
+    text = " ".join(result.output.split())
+    assert result.exit_code == 0, text
+    for line in ("A: ok: manifest: manifest.csv checked", f"A: ok: connection: 127.0.0.1:{port} reached from here",
+                 "A: ok: TLS: the coordinator's certificate is signed by this ca.pem and made for 127.0.0.1",
+                 "A: ok: coordinator: a stagewise coordinator's hospitals' listener answers",
+                 f"fingerprint {admitted['A']['key']};", "A: ready;"):
+        assert line in text, (line, text)
+    other = make_certificates(tmp_path / "other-certs", ["127.0.0.1"])
+    with pytest.raises(FederatedError, match=rf"TLS: the certificate at 127.0.0.1:{port} is not one this ca.pem"):
+        check_connection(f"127.0.0.1:{port}", other["ca"], site["key"])
+    closed = free_port()
+    with pytest.raises(FederatedError, match=rf"cannot connect to 127.0.0.1:{closed} .*--port {closed}"):
+        check_connection(f"127.0.0.1:{closed}", certs["ca"], site["key"])
+
+
 def test_a_deployment_over_tls_equals_the_simulation_and_admits_only_known_sites(hospitals, tmp_path):
     root, manifests, table = hospitals
     recipe = _recipe(tmp_path, [{"kind": "probe", "rounds": 1, "epochs": 1, "batch_size": 16, "lr": 1e-3}])
@@ -119,6 +143,7 @@ def test_a_deployment_over_tls_equals_the_simulation_and_admits_only_known_sites
             with pytest.raises(urllib.error.HTTPError, match="404"):
                 urllib.request.urlopen(urllib.request.Request(f"https://127.0.0.1:{port}{path}", data=b""),
                                        context=tls, timeout=10)
+        _site_check_proves_tls_key_and_manifest(recipe, manifests["A"], sites["A"], certs, port, tmp_path, admitted)
         for i, s in enumerate("ABC"):
             processes.append(start_site(sites[s]["file"], f"127.0.0.1:{port}", certs["ca"], sites[s]["key"],
                                         port=free_port(), log=tmp_path / f"site-{s}.log", max_wait=20))

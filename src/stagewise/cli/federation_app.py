@@ -187,11 +187,16 @@ def federation_site(
     port: int = typer.Option(9094, help="local port of the SuperNode's own API"),
     wait: float = typer.Option(3600.0, help="seconds to keep trying while the coordinator is not reachable or has "
                                "not admitted this site's key yet"),
+    check: bool = typer.Option(False, "--check", help="check this site's files, manifest, the connection and TLS to "
+                               "the coordinator, then stop without joining a job"),
 ) -> None:
     """Take part in a federated job as one hospital: checks the manifest, then a Flower
     SuperNode trains on this hospital's rows only and sends only the trainable groups' tensors.
 
     Example: stagewise federation site fed.yaml --manifest ours.csv --site hannover --server fl.example:9093 --ca ca.pem --key hannover.key
+
+    With --check, a dry run: the same checks, then a connection to the coordinator that proves
+    the network path and TLS; no job is joined.
     """
     import os
 
@@ -202,6 +207,15 @@ def federation_site(
         _stop_on_sigterm()
         site_ca, site_key = site_credentials(ca, key)  # before the manifest check, which takes a while
         site_file = prepare_site(recipe, manifest, site, workdir, threads or os.cpu_count() or 1)
+        if check:
+            from stagewise.federated.connection_check import check_connection
+
+            lines = [f"manifest: {manifest.name} checked against the recipe (rows, columns, every image)",
+                     *check_connection(server, site_ca, site_key)]
+            for line in lines:
+                out.print(f"{site}: ok: {escape(line)}")
+            out.print(f"{site}: ready; run the same command without --check to take part")
+            return
         out.print(f"{site}: manifest checked; connecting to {server} (Ctrl-C to leave)")
         note = lambda s: out.print(f"{site}: coordinator not reachable, or this site not admitted yet "  # noqa: E731
                                    f"({s:.0f} s); trying again")

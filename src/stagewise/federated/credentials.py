@@ -119,6 +119,21 @@ def key_fingerprint(pub: str | Path) -> str:
     return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
 
 
+def private_key_fingerprint(key: str | Path) -> str:
+    """`key_fingerprint` of the public half of a site's private key (<site>.key): the same
+    line the coordinator's list of admitted sites records for its <site>.pub."""
+    import base64
+    import hashlib
+
+    try:
+        private = serialization.load_ssh_private_key(Path(key).read_bytes(), password=None)
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"{key}: not this site's private key ({err}); `stagewise federation key` makes <site>.key") \
+            from None
+    blob = private.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).split()[1]
+    return "SHA256:" + base64.b64encode(hashlib.sha256(base64.b64decode(blob)).digest()).decode().rstrip("=")
+
+
 def check_server_certificates(folder: str | Path) -> None:
     """Refuse, naming the files, a certificate folder the SuperLink could not serve from:
     a missing file, files swapped (the CA where the server certificate belongs, a key that is

@@ -35,6 +35,8 @@ from pathlib import Path
 
 PUBLIC_PATHS = ("/v1/fleet/",)
 """What the hospitals' listener serves: the SuperNodes' Fleet API, nothing else."""
+NOT_SERVED = "not served on this address"
+"""The hospitals' listener's answer to any other path (`federation site --check` looks for it)."""
 READY = "stagewise superlink: ready"
 """The line the coordinator waits for: both listeners accept connections."""
 
@@ -49,7 +51,7 @@ def fleet_only(app):
             return
         if scope["type"] == "http":
             await send({"type": "http.response.start", "status": 404, "headers": [(b"content-type", b"text/plain")]})
-            await send({"type": "http.response.body", "body": b"not served on this address\n"})
+            await send({"type": "http.response.body", "body": f"{NOT_SERVED}\n".encode()})
         # other scopes (websocket, lifespan) are not served here
 
     return guarded
