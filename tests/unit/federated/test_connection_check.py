@@ -31,3 +31,22 @@ def test_a_port_without_a_coordinator_and_a_wrong_ca_file_are_named(tmp_path):
         check_connection(f"127.0.0.1:{port}", key, key)
     with pytest.raises(FederatedError, match="not this site's private key"):
         check_connection(f"127.0.0.1:{port}", certs["ca"], certs["ca"])
+
+
+def test_the_it_page_states_the_defaults_the_code_has(tmp_path):
+    import datetime
+    import inspect
+    from pathlib import Path
+
+    from cryptography import x509
+    from stagewise.cli.federation_app import federation_coordinate, federation_site
+
+    page = (Path(__file__).parents[3] / "docs" / "federation-it.md").read_text()
+    coordinate = inspect.signature(federation_coordinate).parameters
+    site = inspect.signature(federation_site).parameters
+    assert (coordinate["host"].default.default, coordinate["port"].default.default) == ("127.0.0.1", 9093)
+    assert site["port"].default.default == 9094
+    assert "(default **127.0.0.1:9093**)" in page and "127.0.0.1:9094 (`--port`)" in page
+    cert = x509.load_pem_x509_certificate(make_certificates(tmp_path / "c", ["fl.example"])["cert"].read_bytes())
+    days = (cert.not_valid_after_utc - cert.not_valid_before_utc) / datetime.timedelta(days=1)
+    assert days == 825 and "valid for **825 days**" in page
