@@ -5,6 +5,7 @@ moments instead of taking minutes and gigabytes; the limit can be raised."""
 from __future__ import annotations
 
 import io
+import os
 import time
 import warnings
 
@@ -98,3 +99,21 @@ def test_an_invalid_limit_is_a_clear_error(tmp_path, monkeypatch):
     with pytest.raises(StagewiseError, match=f"^{MAX_PIXELS_ENV}='lots': give a positive whole number") as err:
         read_image(tmp_path / "a.png")
     assert not isinstance(err.value, ImageReadError)
+
+
+@pytest.mark.parametrize("command", ["predict", "serve", "evaluate"])
+def test_every_command_that_reads_images_takes_the_pixel_limit(command, tmp_path, monkeypatch):
+    """predict, serve and evaluate all decode images a user hands them: each takes
+    `--max-image-pixels`, sets the limit the readers use, and refuses a non-positive one."""
+    from typer.testing import CliRunner
+
+    from stagewise.cli import app
+
+    monkeypatch.delenv(MAX_PIXELS_ENV, raising=False)
+    args = {"predict": [str(tmp_path / "no-bundle"), str(tmp_path)], "serve": [str(tmp_path / "no-bundle")],
+            "evaluate": [str(tmp_path / "no-bundle"), str(tmp_path / "m.csv")]}[command]
+    refused = CliRunner().invoke(app, [command, *args, "--max-image-pixels", "0"])
+    assert refused.exit_code == 2 and "--max-image-pixels must be a positive number" in refused.output
+    CliRunner().invoke(app, [command, *args, "--max-image-pixels", "4096"])  # fails later: no bundle there
+    assert os.environ[MAX_PIXELS_ENV] == "4096"
+    monkeypatch.delenv(MAX_PIXELS_ENV)
