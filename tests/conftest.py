@@ -117,6 +117,21 @@ def digits_manifest(tmp_path_factory):
     return make_demo_cohort(tmp_path_factory.mktemp("digits"), per_class=40)
 
 
+@pytest.fixture(scope="session")
+def sites_manifest(digits_manifest, tmp_path_factory):
+    """The digits cohort spread over three hospitals in a `hospital` column (whole patients,
+    both classes at each): the multi-site and federated tests' cohort."""
+    import pandas as pd
+
+    table = pd.read_csv(digits_manifest)
+    table["path"] = [str(digits_manifest.parent / p) for p in table["path"]]
+    patients = table["patient"].unique()
+    table["hospital"] = table["patient"].map({p: "ABC"[i % 3] for i, p in enumerate(patients)})
+    path = tmp_path_factory.mktemp("sites") / "sites.csv"
+    table.to_csv(path, index=False)
+    return path
+
+
 def small_recipe(manifest, arms, **overrides):
     """A recipe dict for fast tests: 32 px, float32 on CPU, 3 folds, 200 bootstrap resamples
     (the default 2000 cost more than the training: each resample scores every metric again)."""
