@@ -4,7 +4,6 @@ moments instead of taking minutes and gigabytes; the limit can be raised."""
 
 from __future__ import annotations
 
-import io
 import os
 import time
 import warnings
@@ -14,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import dicom_bytes
 from stagewise.data import ImageReadError, read_image
 from stagewise.data.reader_base import DEFAULT_MAX_PIXELS, MAX_PIXELS_ENV
 from stagewise.data.readers import read_image_bytes
@@ -22,22 +22,7 @@ from stagewise.serve.refusals import read_problem
 
 def _dicom(rows: int, cols: int, transfer_syntax) -> bytes:
     """An 8-bit DICOM of zeros, `rows` x `cols`, in `transfer_syntax` (deflate shrinks it to almost nothing)."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import SecondaryCaptureImageStorage, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = SecondaryCaptureImageStorage, generate_uid()
-    meta.TransferSyntaxUID = transfer_syntax
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Modality, ds.Rows, ds.Columns = "OT", rows, cols
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
-    ds.PixelData = bytes(rows * cols)
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
+    return dicom_bytes(np.zeros((rows, cols), np.uint8), transfer_syntax, BitsAllocated=8, Modality="OT")
 
 
 def test_a_deflated_dicom_declaring_a_huge_image_is_refused_before_decoding(tmp_path):
