@@ -117,6 +117,56 @@ def digits_manifest(tmp_path_factory):
     return make_demo_cohort(tmp_path_factory.mktemp("digits"), per_class=40)
 
 
+@pytest.fixture(scope="session")
+def sites_manifest(digits_manifest, tmp_path_factory):
+    """The digits cohort spread over three hospitals in a `hospital` column (whole patients,
+    both classes at each): the multi-site and federated tests' cohort."""
+    import pandas as pd
+
+    table = pd.read_csv(digits_manifest)
+    table["path"] = [str(digits_manifest.parent / p) for p in table["path"]]
+    patients = table["patient"].unique()
+    table["hospital"] = table["patient"].map({p: "ABC"[i % 3] for i, p in enumerate(patients)})
+    path = tmp_path_factory.mktemp("sites") / "sites.csv"
+    table.to_csv(path, index=False)
+    return path
+
+
+def dicom_bytes(pixels=None, transfer_syntax=None, **elements) -> bytes:
+    """A DICOM file in memory: a grey-level image of `pixels` (H, W) or frames stacked on
+    the first axis (8-bit when `BitsAllocated=8`, else 16-bit; stored bits = allocated unless
+    given), without pixel data when `pixels` is None, in `transfer_syntax` (explicit little
+    endian by default; deflate shrinks a large image of zeros to almost nothing). `elements`
+    set or override any data element (Modality, ViewPosition, NumberOfFrames, ...)."""
+    import io
+
+    import numpy as np
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = SecondaryCaptureImageStorage, generate_uid()
+    meta.TransferSyntaxUID = transfer_syntax or ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality = "DX"
+    if pixels is not None:
+        allocated = elements.get("BitsAllocated", 16)
+        pixels = np.ascontiguousarray(pixels, dtype=np.uint8 if allocated == 8 else np.uint16)
+        ds.Rows, ds.Columns = pixels.shape[-2:]
+        ds.BitsAllocated = ds.BitsStored = allocated
+        ds.HighBit, ds.PixelRepresentation = allocated - 1, 0
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    for key, value in elements.items():
+        setattr(ds, key, value)
+    if pixels is not None:
+        ds.PixelData = pixels.tobytes()
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
 def small_recipe(manifest, arms, **overrides):
     """A recipe dict for fast tests: 32 px, float32 on CPU, 3 folds, 200 bootstrap resamples
     (the default 2000 cost more than the training: each resample scores every metric again)."""

@@ -276,7 +276,8 @@ def test_ctrl_c_during_the_onnx_step_ends_the_export_cleanly(bundle_dir, tmp_pat
 # ------------------------------------------------------------------------------ serve: stalled uploads
 def test_stalled_partial_uploads_are_dropped_by_a_real_server(bundle_dir, tmp_path, pngs):
     """Uploads that send headers and part of the body, then nothing: each is answered 408 and its
-    connection closed after --upload-timeout; the server keeps answering others."""
+    connection closed after --upload-timeout; connections that stall inside the request line or
+    headers are closed after it too; the server keeps answering others."""
     port = free_port()
     log = tmp_path / "serve.log"
     with open(log, "wb") as sink:
@@ -303,6 +304,16 @@ def test_stalled_partial_uploads_are_dropped_by_a_real_server(bundle_dir, tmp_pa
             assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
             assert b'"upload_timeout"' in answer
         assert time.monotonic() - started < 15
+        # connections that send part of a request line or of the headers, then nothing: closed, no answer
+        for partial in (b"PO", f"GET /health HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nX-Slow: ".encode()):
+            for _ in range(10):
+                s = socket.create_connection(("127.0.0.1", port), timeout=10)
+                s.sendall(partial)
+                stalled.append(s)
+        started = time.monotonic()
+        for s in stalled[20:]:
+            assert s.recv(65536) == b""  # closed by the server (a timeout here would raise)
+        assert time.monotonic() - started < 10
         body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"scan.png\"\r\n\r\n"
                 ).encode() + pngs[0].read_bytes() + f"\r\n--{boundary}--\r\n".encode()
         request = urllib.request.Request(f"{url}/predict", data=body, method="POST",

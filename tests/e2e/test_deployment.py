@@ -6,7 +6,8 @@ OS processes on 127.0.0.1, with TLS certificates and site keys made by the test.
 - only the trainable groups' tensors and scalars cross the wire (the wire log of every message);
 - a site killed mid-round is survived when sites.min_sites allows, and said so;
 - a coordinator stopped mid-job continues from its last finished round;
-- its final global model becomes a bundle (`federation export`) that scores as that model does.
+- its final global model becomes a bundle (`federation export`) that scores as that model does;
+- hospitals that share a linkage key learn how many patients they share, the coordinator never who.
 """
 
 import json
@@ -32,6 +33,7 @@ from stagewise.errors import RunError
 from stagewise.federated.credentials import make_certificates, make_site_key
 from stagewise.federated.deployment import DiskSite, JobDir, JobRefused, simulate_job
 from stagewise.federated.launch import Coordinator, prepare_site, start_site, stop_process
+from stagewise.federated.linkage import linkage_line, shared_patients, write_linkage_key
 from stagewise.models import Network, build_arch, load_network
 
 pytestmark = [pytest.mark.slow, pytest.mark.flower]
@@ -63,12 +65,12 @@ def _recipe(folder: Path, stages: list[dict], **sites) -> Path:
     return path
 
 
-def _sites(root: Path, recipe: Path, manifests: dict, names: str = "AB") -> dict:
+def _sites(root: Path, recipe: Path, manifests: dict, names: str = "AB", linkage_key: Path | None = None) -> dict:
     out = {}
     for site in names:
         work = root / f"work-{site}"
-        out[site] = {"file": prepare_site(recipe, manifests[site if site in manifests else "A"], site, work),
-                     **make_site_key(work / "keys", site)}
+        out[site] = {"file": prepare_site(recipe, manifests[site if site in manifests else "A"], site, work,
+                                          linkage_key=linkage_key), **make_site_key(work / "keys", site)}
     return out
 
 
@@ -118,7 +120,8 @@ def _site_check_proves_tls_key_and_manifest(recipe, manifest, site, certs, port,
 def test_a_deployment_over_tls_equals_the_simulation_and_admits_only_known_sites(hospitals, tmp_path):
     root, manifests, table = hospitals
     recipe = _recipe(tmp_path, [{"kind": "probe", "rounds": 1, "epochs": 1, "batch_size": 16, "lr": 1e-3}])
-    sites = _sites(tmp_path, recipe, manifests, "ABC")  # C makes a key the coordinator never admits
+    # C makes a key the coordinator never admits; the deployed hospitals share a linkage key, the rehearsal's do not
+    sites = _sites(tmp_path, recipe, manifests, "ABC", linkage_key=write_linkage_key(tmp_path / "linkage.key"))
     certs = make_certificates(tmp_path / "certs", ["127.0.0.1", "localhost"])
     # the rehearsal's sites keep their state in folders of their own: it runs while the deployment does
     rehearsal = {s: prepare_site(recipe, manifests[s], s, tmp_path / f"sim-{s}") for s in "AB"}
@@ -174,6 +177,10 @@ def test_a_deployment_over_tls_equals_the_simulation_and_admits_only_known_sites
                 assert dep[site][k] == pytest.approx(v, abs=1e-6), (fit, site, k)
     summary = json.loads((deployed.path / "results.json").read_text())
     assert summary["sites"]["A"]["folds"] == 2 and summary["auroc_across_sites"]["n"] == 2
+    # the hospitals' patients were linked (none shared); the rehearsal's sites had no key, and say so
+    assert summary["patient_linkage"] == {"checked": True, "patients_at_several_sites": 0, "per_pair": {}}
+    unlinked = json.loads((simulated.path / "results.json").read_text())["patient_linkage"]
+    assert unlinked["checked"] is False and unlinked["sites_without_linkage_key"] == ["A", "B"]
 
     # What crossed the wire: a probe round sends the head only, replies scalars only.
     net = Network.build(build_arch("scratch:resnet18"), 1)
@@ -301,6 +308,22 @@ def test_a_job_that_cannot_be_deployed_and_bad_site_input_get_clear_errors(hospi
     # and a coordinator refuses to continue a run directory made for another job
     with pytest.raises(FederatedError, match="use a new run directory"):
         theirs.write_job(recipe, "fed", sites=1)
+    # a patient in two hospitals' manifests: found from the sites' greetings by keyed hashes, never by id
+    key = write_linkage_key(tmp_path / "linkage.key")
+    a_rows = pd.read_csv(manifests["A"])
+    moved = a_rows[a_rows["patient"].isin(a_rows["patient"].unique()[:2])]
+    pd.concat([pd.read_csv(manifests["B"]), moved]).to_csv(tmp_path / "b-with-two-of-a.csv", index=False)
+    greetings = {s: DiskSite(SiteWork(SiteConfig.load(prepare_site(recipe, m, s, tmp_path / f"l-{s}", linkage_key=key)),
+                                      "fed")).greet({"job": work.digest(), "arm": "fed"})
+                 for s, m in (("A", manifests["A"]), ("B", tmp_path / "b-with-two-of-a.csv"))}
+    assert not any(str(p) in str(greetings) for p in a_rows["patient"].unique())
+    found = shared_patients({s: g["patient-links"].split(",") for s, g in greetings.items()},
+                            {s: g["linkage-check"] for s, g in greetings.items()})
+    assert found == {"checked": True, "patients_at_several_sites": 2, "per_pair": {"A+B": 2}}
+    assert "2 patient(s) appear at more than one site (A+B: 2)" in linkage_line(found)
+    with pytest.raises(Exception, match="linkage key .*missing.key"):  # a wrong path: said before any work
+        prepare_site(recipe, manifests["A"], "A", tmp_path / "l-x", linkage_key=tmp_path / "missing.key")
+
     # the site's folds are its own patients, grouped: no patient on both sides of a fold
     for fit in ("r0-f0", "r0-f1"):
         train, test = work.rows(fit)

@@ -24,18 +24,6 @@ FP32 = resolve_compute(ComputeConfig(device="cpu", precision="fp32", channels_la
 QUIET = {"saliency": 0, "bootstrap": 50, "report": False}
 
 
-@pytest.fixture(scope="session")  # a CSV, cheap per xdist worker: the module's tests may spread
-def sites_manifest(digits_manifest, tmp_path_factory):
-    """The digits cohort spread over three hospitals (whole patients, both classes at each)."""
-    table = pd.read_csv(digits_manifest)
-    table["path"] = [str(digits_manifest.parent / p) for p in table["path"]]
-    patients = table["patient"].unique()
-    table["hospital"] = table["patient"].map({p: "ABC"[i % 3] for i, p in enumerate(patients)})
-    path = tmp_path_factory.mktemp("sites") / "sites.csv"
-    table.to_csv(path, index=False)
-    return path
-
-
 def _net(arch="scratch:resnet18"):
     torch.manual_seed(0)
     return Network.build(build_arch(arch), 1)

@@ -1,6 +1,5 @@
 """A study's federated folds share one private Ray instance, which ends with the run."""
 
-import pandas as pd
 import pytest
 
 from conftest import small_recipe
@@ -9,17 +8,6 @@ from stagewise.study import run_study
 pytestmark = pytest.mark.ray_of_its_own  # starts Ray itself: the tests' shared instance is stopped first (conftest)
 
 QUIET = {"saliency": 0, "bootstrap": 50, "report": False}
-
-
-@pytest.fixture(scope="module")
-def sites_manifest(digits_manifest, tmp_path_factory):
-    table = pd.read_csv(digits_manifest)
-    table["path"] = [str(digits_manifest.parent / p) for p in table["path"]]
-    patients = table["patient"].unique()
-    table["hospital"] = table["patient"].map({p: "ABC"[i % 3] for i, p in enumerate(patients)})
-    path = tmp_path_factory.mktemp("sites") / "sites.csv"
-    table.to_csv(path, index=False)
-    return path
 
 
 def test_a_studys_federated_folds_share_one_ray_instance_that_ends_with_the_run(sites_manifest, tmp_path):

@@ -31,19 +31,14 @@ FIGURES = ("sensitivity", "specificity", "ppv", "npv", "balanced_accuracy")
 
 
 @pytest.fixture(scope="module")
-def run_dir(digits_manifest, tmp_path_factory):
+def run_dir(sites_manifest, tmp_path_factory):
     """A study of a federated and a pooled arm on the digits cohort spread over three hospitals."""
-    table = pd.read_csv(digits_manifest)
-    table["path"] = [str(digits_manifest.parent / p) for p in table["path"]]
-    patients = table["patient"].unique()
-    table["hospital"] = table["patient"].map({p: "ABC"[i % 3] for i, p in enumerate(patients)})
     folder = tmp_path_factory.mktemp("refit")
-    table.to_csv(folder / "sites.csv", index=False)
     arms = [{"name": "fed", "backbone": "scratch:tinycnn", "sites": {"mode": "federated"},
              "stages": [{**PROBE, "rounds": 2}]},
             {"name": "pooled", "backbone": "scratch:tinycnn", "stages": [PROBE]}]
-    recipe = small_recipe(folder / "sites.csv", arms, protocol={"folds": 2}, evaluation=QUIET,
-                          cohort={"manifest": str(folder / "sites.csv"), "site": "hospital"})
+    recipe = small_recipe(sites_manifest, arms, protocol={"folds": 2}, evaluation=QUIET,
+                          cohort={"manifest": str(sites_manifest), "site": "hospital"})
     run_study(recipe, folder / "run")
     return folder / "run"
 

@@ -28,7 +28,7 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from conftest import free_port, small_recipe, stop_process, wait_healthy
+from conftest import dicom_bytes, free_port, small_recipe, stop_process, wait_healthy
 from stagewise.cli import app as cli
 from stagewise.data.readers import read_image, read_image_bytes
 from stagewise.bundle import Bundle, export_bundle
@@ -43,35 +43,19 @@ LIMIT_MB = 4
 
 
 # ------------------------------------------------------------------------------ helpers
-def dicom_bytes(arr: np.ndarray, photometric: str = "MONOCHROME2", window: tuple | None = None,
-                frames: int | None = None, pixels: bool = True) -> bytes:
+def dicom_of(arr: np.ndarray, photometric: str = "MONOCHROME2", window: tuple | None = None,
+             frames: int | None = None, pixels: bool = True) -> bytes:
     """A DX DICOM file of uint16 `arr` (H, W) or (F, H, W), with identifying header values."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.PatientName, ds.PatientID, ds.AccessionNumber, ds.PatientBirthDate = SECRETS
-    ds.StudyDate = "20260102"
-    ds.Modality, ds.ViewPosition = "DX", "PA"
-    ds.Rows, ds.Columns = arr.shape[-2:]
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.RescaleSlope, ds.RescaleIntercept = 1, 0
+    tags = dict(zip(("PatientName", "PatientID", "AccessionNumber", "PatientBirthDate"), SECRETS))
     if window:
-        ds.WindowCenter, ds.WindowWidth = window
+        tags["WindowCenter"], tags["WindowWidth"] = window
     if frames:
-        ds.NumberOfFrames = frames
-    if pixels:
-        ds.PixelData = np.ascontiguousarray(arr, dtype=np.uint16).tobytes()
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
+        tags["NumberOfFrames"] = frames
+    if not pixels:  # the header of an image, without its pixel data
+        tags |= {"Rows": arr.shape[-2], "Columns": arr.shape[-1], "BitsAllocated": 16, "SamplesPerPixel": 1}
+    return dicom_bytes(arr if pixels else None, **tags, StudyDate="20260102",
+                       Modality="DX", ViewPosition="PA", PhotometricInterpretation=photometric, BitsStored=12,
+                       HighBit=11, PixelRepresentation=0, RescaleSlope=1, RescaleIntercept=0)
 
 
 def digit_dicom(png: Path, size: int = 256, **kwargs) -> bytes:
@@ -79,7 +63,7 @@ def digit_dicom(png: Path, size: int = 256, **kwargs) -> bytes:
     from PIL import Image
 
     img = Image.open(png).convert("L").resize((size, size), Image.Resampling.BILINEAR)
-    return dicom_bytes((np.asarray(img, dtype=np.float64) / 255 * 4095).round().astype(np.uint16), **kwargs)
+    return dicom_of((np.asarray(img, dtype=np.float64) / 255 * 4095).round().astype(np.uint16), **kwargs)
 
 
 def multipart(data: bytes, filename: str = FILE_NAME, field: str = "file") -> tuple[bytes, str]:
@@ -323,12 +307,12 @@ def _bad_content(kind: str, pngs, tmp_path) -> bytes:
     if kind == "dicom with truncated pixels":
         return good[: len(good) - 40000]
     if kind == "dicom without pixels":
-        return dicom_bytes(np.zeros((8, 8)), pixels=False)
+        return dicom_of(np.zeros((8, 8)), pixels=False)
     if kind == "3d volume":
         nibabel.save(nibabel.Nifti1Image(np.random.rand(8, 8, 8).astype(np.float32), np.eye(4)), tmp_path / "v.nii.gz")
         return (tmp_path / "v.nii.gz").read_bytes()
     if kind == "multi-frame dicom":
-        return dicom_bytes(np.zeros((3, 16, 16)), frames=3)
+        return dicom_of(np.zeros((3, 16, 16)), frames=3)
     raise KeyError(kind)
 
 

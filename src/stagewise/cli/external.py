@@ -8,7 +8,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from stagewise.cli.console import guard, out
+from stagewise.cli.console import PIXELS_HELP, guard, out, set_max_image_pixels
 
 
 def evaluate(
@@ -36,6 +36,7 @@ def evaluate(
     seed: int = typer.Option(0, help="seed of the bootstrap and of the recalibration split"),
     bootstrap: int = typer.Option(2000, help="bootstrap resamples of patients for the 95 % CIs (0: none)"),
     engine: str = typer.Option("torch", help="torch or onnx"),
+    max_image_pixels: int = typer.Option(None, "--max-image-pixels", help=PIXELS_HELP),
 ) -> None:
     """External validation: the bundle on another site's labelled cohort, against its own
     cross-validated figures; an HTML report with the TRIPOD+AI items, per-image and
@@ -47,6 +48,8 @@ def evaluate(
     """
     from stagewise.external import ExternalOptions, evaluate_bundle
     from stagewise.external.outputs import default_folder
+
+    set_max_image_pixels(max_image_pixels)
 
     def go():
         options = ExternalOptions(image=image, outcome=outcome, patient=patient, site=site, positive=positive,

@@ -1,4 +1,4 @@
-"""The `federation` sub-app: `certs` and `key` (the credentials), `coordinate` (the
+"""The `federation` sub-app: `certs`, `key` and `linkage-key` (the credentials), `coordinate` (the
 coordinating site's Flower SuperLink), `export` (a bundle of a finished job's final global
 model) and `site` (a hospital's SuperNode).
 
@@ -52,6 +52,25 @@ def federation_key(
     def go():
         paths = make_site_key(folder, site)
         out.print(f"private key (keep): {paths['key']}\npublic key (send to the coordinator): {paths['pub']}")
+
+    _guard_files(go)
+
+
+@federation.command("linkage-key")
+def federation_linkage_key(
+    out_file: Path = typer.Option(..., "--out", "-o", help="the key file to write (never replaced)"),
+) -> None:
+    """A linkage key the hospitals share, and never give the coordinator: with it (`federation
+    site --linkage-key`) the coordinator counts patients present at more than one hospital
+    from keyed hashes of their ids, without learning who they are.
+
+    Example: stagewise federation linkage-key -o linkage.key
+    """
+    from stagewise.federated.linkage import write_linkage_key
+
+    def go():
+        path = write_linkage_key(out_file)
+        out.print(f"linkage key: {path} (copy it to every hospital through your own channel; never to the coordinator)")
 
     _guard_files(go)
 
@@ -131,6 +150,8 @@ def federation_coordinate(
 
 
 def _print_job(run_dir: Path) -> None:
+    from stagewise.federated.linkage import linkage_line
+
     res = json.loads((run_dir / "results.json").read_text())
     table = Table(title=f"{res['arm']} ({res['strategy']}): per site, mean ± sd over folds")
     for c in ("site", "AUROC", "balanced acc.", "sens.", "spec.", "test patients"):
@@ -144,6 +165,8 @@ def _print_job(run_dir: Path) -> None:
               f"(full-model FedAvg: {res['bytes_full_model_fedavg'] / 1e6:.1f} MB)")
     for r in res["rounds_with_missing_sites"]:
         out.print(f"[yellow]fit {r['fit']} round {r['round']}: {r['sites_replied']} sites replied[/yellow]")
+    if linkage := res.get("patient_linkage"):
+        out.print(linkage_line(linkage))
     if res.get("model"):
         out.print(f"model: {run_dir / res['model']}")
 
@@ -187,6 +210,8 @@ def federation_site(
     port: int = typer.Option(9094, help="local port of the SuperNode's own API"),
     wait: float = typer.Option(3600.0, help="seconds to keep trying while the coordinator is not reachable or has "
                                "not admitted this site's key yet"),
+    linkage_key: Path = typer.Option(None, "--linkage-key", help="the hospitals' shared linkage key (federation "
+                                     "linkage-key): lets the coordinator count patients seen at several hospitals"),
     check: bool = typer.Option(False, "--check", help="check this site's files, manifest, the connection and TLS to "
                                "the coordinator, then stop without joining a job"),
 ) -> None:
@@ -206,7 +231,7 @@ def federation_site(
     def go():
         _stop_on_sigterm()
         site_ca, site_key = site_credentials(ca, key)  # before the manifest check, which takes a while
-        site_file = prepare_site(recipe, manifest, site, workdir, threads or os.cpu_count() or 1)
+        site_file = prepare_site(recipe, manifest, site, workdir, threads or os.cpu_count() or 1, linkage_key)
         if check:
             from stagewise.federated.connection_check import check_connection
 

@@ -17,7 +17,7 @@ def serve(
     engine: str = typer.Option("auto", help="auto (ONNX Runtime when the bundle has model.onnx), onnx or torch"),
     concurrency: int = typer.Option(2, help="files scored at the same time; more requests wait their turn"),
     upload_timeout: float = typer.Option(30.0, "--upload-timeout",
-                                         help="seconds an upload may send nothing before it is dropped (408)"),
+                                         help="seconds an upload may send nothing before it is dropped (408), and a request's headers may take before its connection is closed"),
     max_image_pixels: int = typer.Option(None, "--max-image-pixels", help=PIXELS_HELP),
 ) -> None:
     """A local web page and HTTP API that score images with a bundle, show what the network

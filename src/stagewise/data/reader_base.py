@@ -20,7 +20,7 @@ DEFAULT_MAX_PIXELS = 1 << 27
 512^3 volume or an 11585 px square, far above any radiograph or mammogram. A small file can
 declare far more (a deflated DICOM of 20000 x 20000 pixels is under 1 MB) and would take
 minutes and gigabytes to decode; the header is checked first. `STAGEWISE_MAX_IMAGE_PIXELS`
-(or `--max-image-pixels` of `predict` and `serve`) raises it."""
+(or `--max-image-pixels` of `predict`, `serve` and `evaluate`) raises it."""
 
 
 class ImageReadError(StagewiseError):

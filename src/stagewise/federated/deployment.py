@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from stagewise.federated.job import FINAL, FederatedJob, SiteConfig, SiteWork
+from stagewise.federated.linkage import greeting_links, linkage_warning, shared_patients
 from stagewise.federated.rounds import (AdmittedGrid, AuditedGrid, FederatedError, FederatedResult, round_plan, serve_rounds,
                                         subset_of, wait_for_sites)
 from stagewise.federated.simulation import simulation_backend
@@ -142,9 +143,11 @@ class WireLog:
 # -- the server side -----------------------------------------------------------------------
 
 
-def _greet(grid, n: int, need: int, arm: str, digest: str, timeout: float, reply_timeout: float) -> dict[int, str]:
-    """Node id -> site name of every connected site, each checked to run this job. Waits up to
-    `timeout` for all `n` sites; goes on with fewer if at least `need` (sites.min_sites) came."""
+def _greet(grid, n: int, need: int, arm: str, digest: str, timeout: float, reply_timeout: float
+           ) -> tuple[dict[int, str], dict]:
+    """Node id -> site name of every connected site, each checked to run this job, and the
+    record of patients present at several sites (linkage.py). Waits up to `timeout` for all
+    `n` sites; goes on with fewer if at least `need` (sites.min_sites) came."""
     from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
     try:
@@ -157,7 +160,7 @@ def _greet(grid, n: int, need: int, arm: str, digest: str, timeout: float, reply
                     len(ids), n, timeout, need)
     msgs = [Message(RecordDict({"config": ConfigRecord({"arm": arm, "job": digest})}), message_type=MessageType.QUERY,
                     dst_node_id=node) for node in ids]
-    names, problems = {}, []
+    names, problems, links, checks = {}, [], {}, {}
     for reply in grid.send_and_receive(msgs, timeout=reply_timeout):
         node = reply.metadata.src_node_id
         if reply.has_error():
@@ -168,11 +171,13 @@ def _greet(grid, n: int, need: int, arm: str, digest: str, timeout: float, reply
             problems.append(f"site {c['site']} runs job {c['job']}, not {digest}: its recipe differs from the "
                             "coordinator's (arm, data, protocol, seed or outcome)")
         names[node] = str(c["site"])
+        links[names[node]] = str(c["patient-links"]).split(",") if "linkage-check" in c else None
+        checks[names[node]] = str(c["linkage-check"]) if "linkage-check" in c else None
     if len(set(names.values())) < len(names):
         problems.append(f"two sites share a name: {sorted(names.values())}")
     if problems or len(names) < need:
         raise FederatedError("; ".join(problems) or f"{len(names)} of {n} sites answered")
-    return names
+    return names, shared_patients(links, checks)
 
 
 def run_job(grid, job_dir: JobDir, run_id: str = "") -> dict:
@@ -186,8 +191,11 @@ def run_job(grid, job_dir: JobDir, run_id: str = "") -> dict:
     # busy machine takes longer than a round may; it gets the connection timeout as well.
     connect = float(spec.get("connect_timeout", cfg.round_timeout))
     admitted = {site["node"] for site in job_dir.admitted().values()}
-    names = _greet(AdmittedGrid(wire, admitted) if admitted else wire, n, min(cfg.min_sites or n, n), job.arm.name,
-                   digest, connect, max(connect, cfg.round_timeout))
+    names, linkage = _greet(AdmittedGrid(wire, admitted) if admitted else wire, n, min(cfg.min_sites or n, n),
+                            job.arm.name, digest, connect, max(connect, cfg.round_timeout))
+    atomic_write(job_dir.fed / "linkage.json", strict_json(linkage))
+    if note := linkage_warning(linkage):
+        log.warning(note)
     # from here on only the greeted sites (admitted, running this job) are asked and heard:
     # a node that connects later, or whose key the coordinator did not list, is dropped
     wire = AdmittedGrid(wire, set(names))
@@ -262,6 +270,7 @@ def summarize_job(job_dir: JobDir) -> dict:
                                       if x["sites_replied"] < x["sites"]],
         "bytes_total": int(sent), "bytes_full_model_fedavg": int(full),
         "model": f"model/{job.arm.name}.safetensors" if FINAL in fits else None,
+        "patient_linkage": json.loads(linkage.read_text()) if (linkage := job_dir.fed / "linkage.json").is_file() else None,
     }
 
 
@@ -331,7 +340,8 @@ class DiskSite:
             raise JobRefused(f"site {self.work.config.site} refuses the coordinator's job {theirs}: this site's "
                              f"recipe makes job {ours}; the arm, data settings, "
                              "protocol, seed or outcome differ. Take the coordinator's recipe and start again.")
-        return {"site": self.work.config.site, "job": ours}
+        return {"site": self.work.config.site, "job": ours} | greeting_links(self.work.config.linkage_key,
+                                                                              self.work.patients)
 
     def train(self, config, received):
         _check_job(self.work, str(config["job"]))

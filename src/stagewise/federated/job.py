@@ -129,16 +129,20 @@ class SiteConfig:
     site: str
     workdir: Path
     threads: int = 1
+    linkage_key: Path | None = None
+    """The hospitals' shared linkage key (federated/linkage.py), if they agreed on one."""
 
     def save(self, path: Path) -> Path:
         path.write_text(json.dumps({"recipe": str(self.recipe), "site": self.site, "workdir": str(self.workdir),
-                                    "threads": self.threads}, indent=1))
+                                    "threads": self.threads,
+                                    "linkage_key": str(self.linkage_key) if self.linkage_key else None}, indent=1))
         return path
 
     @classmethod
     def load(cls, path: str | Path) -> "SiteConfig":
         d = json.loads(Path(path).read_text())
-        return cls(Path(d["recipe"]), d["site"], Path(d["workdir"]), int(d.get("threads", 1)))
+        key = d.get("linkage_key")
+        return cls(Path(d["recipe"]), d["site"], Path(d["workdir"]), int(d.get("threads", 1)), Path(key) if key else None)
 
 
 class SiteWork:

@@ -30,6 +30,7 @@ from stagewise.data import load_cohort
 from stagewise.federated.credentials import check_server_certificates, key_fingerprint
 from stagewise.federated.deployment import RUN_DIR_ENV, SITE_KEY, JobDir
 from stagewise.federated.job import SITE_NAME, FederatedJob, SiteConfig
+from stagewise.federated.linkage import read_linkage_key
 from stagewise.federated.rounds import FederatedError
 from stagewise.federated.site_process import ISOLATION, REFUSED_EXIT
 from stagewise.federated.superlink_process import READY
@@ -81,8 +82,11 @@ def _program(name: str) -> str:
     return found
 
 
-def prepare_site(recipe: str | Path, manifest: str | Path, site: str, workdir: str | Path, threads: int = 1) -> Path:
-    """Check this hospital's data for the recipe and write its site file; returns its path."""
+def prepare_site(recipe: str | Path, manifest: str | Path, site: str, workdir: str | Path, threads: int = 1,
+                 linkage_key: str | Path | None = None) -> Path:
+    """Check this hospital's data for the recipe and write its site file; returns its path.
+    `linkage_key`: the hospitals' shared key that lets the coordinator count patients seen at
+    several sites without learning who (federated/linkage.py)."""
     if not SITE_NAME.match(site):
         raise FederatedError(f"site name {site!r}: use letters, digits, '_', '.', '-' (at most 64), no patient data")
     manifest, workdir = Path(manifest).resolve(), Path(workdir).resolve()
@@ -92,11 +96,14 @@ def prepare_site(recipe: str | Path, manifest: str | Path, site: str, workdir: s
             FederatedJob.of(r, arm.name)  # a clear error if the arm cannot be deployed
     if not any(a.sites.mode == "federated" for a in r.arms):
         raise FederatedError(f"{recipe}: no arm has sites.mode federated")
+    if linkage_key is not None:
+        linkage_key = Path(linkage_key).resolve()
+        read_linkage_key(linkage_key)  # a clear error now, not at the coordinator's first message
     load_cohort(r.cohort, decode=True)  # every row and image checked; all problems in one error
     workdir.mkdir(parents=True, exist_ok=True)
     data = recipe_to_dict(r)
     (workdir / "recipe.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
-    return SiteConfig(workdir / "recipe.yaml", site, workdir, threads).save(workdir / "site.json")
+    return SiteConfig(workdir / "recipe.yaml", site, workdir, threads, linkage_key).save(workdir / "site.json")
 
 
 def _write_connection(home: Path, address: str, ca: Path | None) -> None:

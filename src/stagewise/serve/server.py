@@ -8,6 +8,7 @@ from pathlib import Path
 
 from stagewise.bundle import Bundle
 from stagewise.errors import RunError
+from stagewise.serve.connection import header_deadline_protocol
 from stagewise.serve.upload import UPLOAD_TIMEOUT_S
 
 LOOPBACK_NAMES = ["127.0.0.1", "localhost", "::1"]
@@ -70,6 +71,7 @@ def run_server(bundle_path: str | Path, host: str = "127.0.0.1", port: int = 800
     if not loopback:
         print(f"warning: listening on {host}: other computers on the network can reach this server, and it has no "
               "login. Use the default --host 127.0.0.1 unless a firewall or proxy protects it.", file=sys.stderr, flush=True)
-    # an idle connection between requests is closed after 5 s; a stalled upload after upload_timeout_s (upload.py)
+    # an idle connection between requests is closed after 5 s; headers that take longer than upload_timeout_s
+    # (connection.py) and a stalled upload (upload.py) close theirs too
     uvicorn.run(app, host=host, port=port, log_config=log_config(), access_log=True, server_header=False,
-                timeout_keep_alive=5)
+                timeout_keep_alive=5, http=header_deadline_protocol(upload_timeout_s))

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from pydicom.dataset import Dataset
 import torch
 from PIL import Image, PngImagePlugin
-from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
+from conftest import dicom_bytes
 from stagewise.data import (
     Cohort,
     CohortError,
@@ -26,27 +26,7 @@ from stagewise.recipe import CohortConfig
 
 
 def write_dicom(path: Path, pixels: np.ndarray, **elements) -> Path:
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = FileDataset(str(path), Dataset(), file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID = meta.MediaStorageSOPClassUID
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.Modality = "DX"
-    allocated = elements.get("BitsAllocated", 16)
-    pixels = np.asarray(pixels, dtype=np.uint8 if allocated == 8 else np.uint16)
-    ds.Rows, ds.Columns = pixels.shape
-    ds.BitsAllocated = allocated
-    ds.BitsStored = allocated
-    ds.HighBit = allocated - 1
-    ds.PixelRepresentation = 0
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    for key, value in elements.items():
-        setattr(ds, key, value)
-    ds.PixelData = pixels.tobytes()
-    ds.save_as(path, enforce_file_format=True)
+    path.write_bytes(dicom_bytes(pixels, **elements))
     return path
 
 
@@ -230,14 +210,7 @@ def test_garbage_and_truncated_raise_image_read_error(tmp_path, name):
 def test_missing_file_and_dicom_without_pixels(tmp_path):
     with pytest.raises(ImageReadError, match="no such file"):
         read_image(tmp_path / "nope.png")
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = FileDataset(str(tmp_path / "r.dcm"), Dataset(), file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID = meta.MediaStorageSOPClassUID
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.save_as(tmp_path / "r.dcm", enforce_file_format=True)
+    (tmp_path / "r.dcm").write_bytes(dicom_bytes())
     with pytest.raises(ImageReadError, match="no pixel data"):
         read_image(tmp_path / "r.dcm")
 

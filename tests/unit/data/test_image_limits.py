@@ -4,7 +4,7 @@ moments instead of taking minutes and gigabytes; the limit can be raised."""
 
 from __future__ import annotations
 
-import io
+import os
 import time
 import warnings
 
@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import dicom_bytes
 from stagewise.data import ImageReadError, read_image
 from stagewise.data.reader_base import DEFAULT_MAX_PIXELS, MAX_PIXELS_ENV
 from stagewise.data.readers import read_image_bytes
@@ -21,22 +22,7 @@ from stagewise.serve.refusals import read_problem
 
 def _dicom(rows: int, cols: int, transfer_syntax) -> bytes:
     """An 8-bit DICOM of zeros, `rows` x `cols`, in `transfer_syntax` (deflate shrinks it to almost nothing)."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import SecondaryCaptureImageStorage, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = SecondaryCaptureImageStorage, generate_uid()
-    meta.TransferSyntaxUID = transfer_syntax
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Modality, ds.Rows, ds.Columns = "OT", rows, cols
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
-    ds.PixelData = bytes(rows * cols)
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
+    return dicom_bytes(np.zeros((rows, cols), np.uint8), transfer_syntax, BitsAllocated=8, Modality="OT")
 
 
 def test_a_deflated_dicom_declaring_a_huge_image_is_refused_before_decoding(tmp_path):
@@ -98,3 +84,21 @@ def test_an_invalid_limit_is_a_clear_error(tmp_path, monkeypatch):
     with pytest.raises(StagewiseError, match=f"^{MAX_PIXELS_ENV}='lots': give a positive whole number") as err:
         read_image(tmp_path / "a.png")
     assert not isinstance(err.value, ImageReadError)
+
+
+@pytest.mark.parametrize("command", ["predict", "serve", "evaluate"])
+def test_every_command_that_reads_images_takes_the_pixel_limit(command, tmp_path, monkeypatch):
+    """predict, serve and evaluate all decode images a user hands them: each takes
+    `--max-image-pixels`, sets the limit the readers use, and refuses a non-positive one."""
+    from typer.testing import CliRunner
+
+    from stagewise.cli import app
+
+    monkeypatch.delenv(MAX_PIXELS_ENV, raising=False)
+    args = {"predict": [str(tmp_path / "no-bundle"), str(tmp_path)], "serve": [str(tmp_path / "no-bundle")],
+            "evaluate": [str(tmp_path / "no-bundle"), str(tmp_path / "m.csv")]}[command]
+    refused = CliRunner().invoke(app, [command, *args, "--max-image-pixels", "0"])
+    assert refused.exit_code == 2 and "--max-image-pixels must be a positive number" in refused.output
+    CliRunner().invoke(app, [command, *args, "--max-image-pixels", "4096"])  # fails later: no bundle there
+    assert os.environ[MAX_PIXELS_ENV] == "4096"
+    monkeypatch.delenv(MAX_PIXELS_ENV)

@@ -1,13 +1,14 @@
 """What `serve` says back and writes down: a DICOM's free-text tags only as terms of a fixed
 vocabulary, an access log without query strings, and a port it can really listen on."""
 
-import io
 import logging
 import importlib
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from conftest import dicom_bytes
 from stagewise.cli import app
 from stagewise.errors import RunError
 from stagewise.serve.scorer import describe
@@ -15,24 +16,7 @@ from stagewise.serve.server import log_config, run_server
 
 
 def _dicom(view: str, modality: str) -> bytes:
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Modality, ds.ViewPosition = modality, view
-    ds.Rows = ds.Columns = 4
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.PixelData = bytes(32)
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
+    return dicom_bytes(np.zeros((4, 4)), Modality=modality, ViewPosition=view, BitsStored=12, HighBit=11)
 
 
 def test_free_text_dicom_tags_come_back_only_as_vocabulary_terms():
