@@ -37,6 +37,7 @@ from stagewise.study.rundir import RunDir, pretrain_fingerprint
 from stagewise.study.fitting import SilentReporter, fit_fold, study_from_state, study_state
 from stagewise.training.cache import ImageSet, PrefixCache
 from stagewise.training.compute import usable_cpus
+from stagewise.quiet import warnings_to_log
 
 log = logging.getLogger("stagewise")
 
@@ -189,7 +190,7 @@ class RayExecutor:
         address = self.cfg.address
         options = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.WARNING}
         with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", category=FutureWarning, module=r"ray\.")
+            warnings.showwarning = warnings_to_log(warnings.showwarning)  # Ray's FutureWarnings: log.txt, not the screen
             try:
                 if address:
                     ray.init(address=address, **options)
