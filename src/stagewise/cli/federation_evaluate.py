@@ -40,6 +40,11 @@ def print_results(results: dict, folder: Path) -> None:
     out.print(f"results: {folder / 'results.json'}; report: {folder / 'report.html'}")
 
 
+def _refuse(text: str) -> None:
+    console.print(f"[bold red]error:[/bold red] {escape(text)}")
+    raise typer.Exit(2)
+
+
 @federation.command("evaluate")
 def federation_evaluate(
     bundle: Path = typer.Argument(..., help="the bundle every site holds a copy of (stagewise export)"),
@@ -72,12 +77,13 @@ def federation_evaluate(
         if simulate:
             pairs = [s.partition("=") for s in simulate]
             if any(not name or not manifest for name, _, manifest in pairs):
-                raise typer.BadParameter("give --simulate as SITE=MANIFEST")
+                _refuse("give --simulate as SITE=MANIFEST, e.g. --simulate hannover=hannover.csv")
             results = evaluate_across_sites(bundle, {name: Path(m) for name, _, m in pairs}, target, bins=bins,
                                             bootstrap=bootstrap, seed=seed)
         else:
             if not site_key or certs is None:
-                raise typer.BadParameter("give --certs and a --site-key per hospital (or --simulate SITE=MANIFEST)")
+                _refuse("give --certs and a --site-key per hospital, or --simulate SITE=MANIFEST per site to run it "
+                        "on this machine")
             folder = plan_evaluation(bundle, target, sites or len(site_key), bins, bootstrap, seed, connect_timeout,
                                      timeout)
             note = lambda c: out.print(f"coordinator listening on {c.address}; waiting for "  # noqa: E731

@@ -176,3 +176,14 @@ def test_a_flower_run_sends_aggregates_only_and_records_a_failed_site_without_it
     assert not [f for f in forbidden if f in shared]
     assert "Pooled over 2 sites" in (tmp_path / "coordinator" / "report.md").read_text()
     assert json.loads((tmp_path / "coordinator" / "results.json").read_text())["sites"]["A"]["figures"]["n_patients"] > 0
+
+
+def test_the_coordinator_command_names_what_it_needs(tmp_path):
+    from typer.testing import CliRunner
+
+    from stagewise.cli import app
+
+    res = CliRunner().invoke(app, ["federation", "evaluate", str(tmp_path)])
+    assert res.exit_code == 2 and "give --certs and a --site-key per hospital" in res.output
+    res = CliRunner().invoke(app, ["federation", "evaluate", str(tmp_path), "--simulate", "a.csv"])
+    assert res.exit_code == 2 and "SITE=MANIFEST" in res.output
