@@ -31,6 +31,7 @@ _PUBLIC = {
     "export_bundle": "stagewise.bundle",
     "Bundle": "stagewise.bundle",
     "evaluate_bundle": "stagewise.external",
+    "evaluate_across_sites": "stagewise.external",
     "create_backbone": "stagewise.models",
     "list_sources": "stagewise.models",
     "list_archs": "stagewise.models",

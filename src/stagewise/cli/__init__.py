@@ -8,7 +8,8 @@ commands in the order `stagewise --help` lists them:
 - `bundle`: export, predict;
 - `external`: evaluate;
 - `serve`: serve;
-- `federation_app`: the `federation` sub-app (certs, key, coordinate, site).
+- `federation_app`: the `federation` sub-app (certs, key, coordinate, site);
+- `federation_evaluate`: its `evaluate` and `evaluate-site` (one bundle validated at several hospitals).
 
 Each command imports what it needs (torch, the study, Flower) when it runs, so
 `stagewise --help` stays fast.
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import typer
 
-from stagewise.cli import bundle, external, serve, study
+from stagewise.cli import bundle, external, federation_evaluate, serve, study  # noqa: F401 - registers its commands
 from stagewise.cli.bundle import IMAGE_SUFFIXES
 from stagewise.cli.console import RichReporter, root
 from stagewise.cli.federation_app import federation

@@ -51,9 +51,12 @@ dependencies = []
 publisher = "stagewise"
 
 [tool.flwr.app.components]
-serverapp = "stagewise.federated.deployment:server_app"
-clientapp = "stagewise.federated.deployment:client_app"
+serverapp = "{server}"
+clientapp = "{client}"
 """
+TRAINING_APPS = ("stagewise.federated.deployment:server_app", "stagewise.federated.deployment:client_app")
+"""The (ServerApp, ClientApp) components of a training job; a federated evaluation of a
+bundle names its own (`stagewise.external.federated_app`)."""
 
 
 def _free_local_port() -> int:
@@ -126,6 +129,8 @@ class Coordinator:
     """The public keys of the admitted sites; with none, authentication is off (tests only)."""
     log: Path | None = None
     process: subprocess.Popen | None = None
+    apps: tuple[str, str] = TRAINING_APPS
+    """The Flower app's (ServerApp, ClientApp) components, from the stagewise installed here."""
 
     def __post_init__(self):
         # Flower's programs run with the run directory's Flower home as their working folder:
@@ -216,7 +221,7 @@ class Coordinator:
         """Submit the job (a Flower app with no code: stagewise's own components)."""
         app = self.home / "app"
         app.mkdir(parents=True, exist_ok=True)
-        (app / "pyproject.toml").write_text(APP_TOML)
+        (app / "pyproject.toml").write_text(APP_TOML.format(server=self.apps[0], client=self.apps[1]))
         res = self._flwr("run", str(app), "coordinator", "--format", "json")
         if res.returncode != 0:
             raise FederatedError(f"flwr run failed: {(res.stdout + res.stderr).strip()[-600:]}")
@@ -258,15 +263,17 @@ def site_credentials(ca: Path | None, key: Path | None) -> tuple[Path | None, Pa
 
 
 def start_site(site_file: Path, superlink: str, ca: Path | None, key: Path | None, port: int = 9094,
-               log: Path | None = None, max_wait: float | None = None) -> subprocess.Popen:
+               log: Path | None = None, max_wait: float | None = None, client_app: str = TRAINING_APPS[1]
+               ) -> subprocess.Popen:
     """A hospital's SuperNode, connected to the coordinator at `superlink` (host:port), whose
     ClientApp tasks run in one long-lived process (`federated.site_process`), not one process
-    per message. `port`: the SuperNode's Runtime API on 127.0.0.1, which that process asks."""
-    config = SiteConfig.load(site_file)
+    per message. `port`: the SuperNode's Runtime API on 127.0.0.1, which that process asks.
+    `client_app`: the ClientApp this site runs (its own choice: the coordinator's app names
+    none that the site runs), and the site file is of that app's kind."""
     ca, key = site_credentials(ca, key)
-    home = config.workdir / "flower"
+    home = Path(site_file).resolve().parent / "flower"
     home.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "stagewise.federated.site_process", str(port), "--",
+    cmd = [sys.executable, "-m", "stagewise.federated.site_process", str(port), client_app, "--",
            _program("flower-supernode"), *ISOLATION, "--superlink", superlink, "--port", str(port),
            "--node-config", f'{SITE_KEY}="{Path(site_file).resolve()}"']
     cmd += ["--root-certificates", str(ca)] if ca else ["--insecure"]
@@ -279,14 +286,14 @@ def start_site(site_file: Path, superlink: str, ca: Path | None, key: Path | Non
 
 
 def run_site(site_file: Path, superlink: str, ca: Path | None, key: Path | None, port: int, log: Path,
-             wait: float = 3600.0, retry_every: float = 15.0, on_retry=None) -> int:
+             wait: float = 3600.0, retry_every: float = 15.0, on_retry=None, client_app: str = TRAINING_APPS[1]) -> int:
     """Run a hospital's SuperNode until it ends; its exit code. While the coordinator cannot be
     reached, or has not admitted this site's key yet, start it again every `retry_every`
     seconds for up to `wait` seconds, so a hospital may start before the coordinator."""
     t0 = time.monotonic()
     while True:
         start = log.stat().st_size if log.exists() else 0
-        process = start_site(site_file, superlink, ca, key, port=port, log=log)
+        process = start_site(site_file, superlink, ca, key, port=port, log=log, client_app=client_app)
         try:
             code = process.wait()
         finally:
@@ -347,4 +354,4 @@ def _zombie(pid: int) -> bool:
         return True
 
 
-__all__ = ["Coordinator", "prepare_site", "run_site", "site_credentials", "start_site", "stop_process"]
+__all__ = ["TRAINING_APPS", "Coordinator", "prepare_site", "run_site", "site_credentials", "start_site", "stop_process"]

@@ -13,8 +13,11 @@ ones `flwr-clientapp` uses), so a message is pulled, answered and acknowledged e
 per-message process does; only the process boundary goes. The Runtime API listens on
 127.0.0.1 (the SuperNode's default), so only this machine can ask it for tasks.
 
-Run as `python -m stagewise.federated.site_process RUNTIME_PORT -- SUPERNODE_COMMAND...`
+Run as `python -m stagewise.federated.site_process RUNTIME_PORT [MODULE:CLIENTAPP] -- SUPERNODE_COMMAND...`
 (`federated.launch.start_site` builds the command); it exits with the SuperNode's exit code.
+The ClientApp is the site's choice (default: a training job's, `deployment:client_app`; a
+federated evaluation's is `stagewise.external.federated_app:client_app`), loaded by name as
+Flower loads an app component, never named by the coordinator.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import threading
 import time
 
 ISOLATION = ["--isolation", "process"]
+DEFAULT_APP = "stagewise.federated.deployment:client_app"
 REFUSED_LINE = "stagewise site: refused: "
 """How a refusal of the coordinator's job starts in the site's log (`federation site` shows it)."""
 REFUSED_EXIT = 3
@@ -154,9 +158,15 @@ def serve_tasks(address: str, app, alive=lambda: True, poll: float = 0.1) -> Non
 
 def main(argv: list[str]) -> int:
     """Start the SuperNode command after `--`, answer its tasks until it exits; its exit code."""
+    import importlib
+
     port, command = argv[0], argv[argv.index("--") + 1:]
+    component = argv[1] if argv[1] != "--" else DEFAULT_APP
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 PID`: every thread's stack into the site's log
-    from stagewise.federated.deployment import client_app
+    module, _, name = component.partition(":")
+    if not module.startswith("stagewise."):
+        raise SystemExit(f"{component}: a site runs a stagewise ClientApp only")
+    client_app = getattr(importlib.import_module(module), name)
 
     supernode = subprocess.Popen(command)  # inherits this process's stdout/stderr (the site's log)
     try:

@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import jinja2
+import markupsafe
 
 from stagewise.report.context import build_context
 from stagewise.report.external import build_external_context
@@ -22,6 +23,7 @@ TEMPLATE_PACKAGE = "stagewise.report"
 TEMPLATE_DIR = "templates"
 TEMPLATE_NAME = "report.html.j2"
 EXTERNAL_TEMPLATE = "external.html.j2"
+PAGE_TEMPLATE = "page.html.j2"
 
 
 def environment() -> jinja2.Environment:
@@ -47,6 +49,19 @@ def write_external_report(folder: str | Path) -> Path:
     folder = Path(folder)
     text = environment().get_template(EXTERNAL_TEMPLATE).render(**build_external_context(folder))
     return _write(folder / REPORT_NAME, text)
+
+
+def write_markdown_page(out: str | Path, title: str, text: str) -> Path:
+    """A short page from markdown `text` (tables included) in the reports' style: for pages
+    whose numbers are all in the text, such as a federated evaluation's. HTML in `text` is
+    escaped, not rendered."""
+    from markdown_it import MarkdownIt
+
+    from stagewise.version import __version__
+
+    body = markupsafe.Markup(MarkdownIt("commonmark", {"html": False}).enable("table").render(text))
+    return _write(Path(out), environment().get_template(PAGE_TEMPLATE).render(title=title, body=body,
+                                                                              version=__version__))
 
 
 def _write(out: Path, text: str) -> Path:
