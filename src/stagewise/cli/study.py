@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from stagewise.cli.console import RichReporter, console, guard, out
@@ -36,7 +36,7 @@ def _run_recipe(recipe, out_dir: Path) -> None:
     from stagewise.study.progress import LineReporter
 
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TextColumn("ETA"), TimeRemainingColumn()]
+               TextColumn("{task.fields[eta]}")]  # EtaEstimator's: each unit's own seconds per epoch
     try:
         if console.is_terminal:
             with Progress(*columns, console=console, transient=False) as progress:
