@@ -122,15 +122,16 @@ def validate(
 
 
 def demo(out_dir: Path = typer.Option(Path("runs/demo"), "--out", "-o", help="run directory")) -> None:
-    """An offline two-arm study on scikit-learn's digits (real scans), in about a minute or two.
+    """An offline three-arm study on scikit-learn's digits (real scans): a hard pair at low
+    resolution with few labelled patients, a tiny CNN from scratch against pretrained on the
+    other digits, then probed, then thawed.
 
     Example: stagewise demo --out runs/demo 2>&1 | tee demo.log
     """
-    from stagewise.study.demo import demo_recipe, make_demo_cohort
+    from stagewise.study.demo import demo_recipe, make_demo_study
 
     def go():
-        manifest = make_demo_cohort(out_dir / "cohort")
-        _run_recipe(demo_recipe(manifest), out_dir)
+        _run_recipe(demo_recipe(*make_demo_study(out_dir / "cohort")), out_dir)
 
     guard(go)
 

@@ -9,7 +9,7 @@ measuring. When the load average says other work holds CPUs, a few training step
 arm's network are timed with each candidate count (1, the CPUs the others leave free, all),
 in turn so that a change of load hits them alike, and the fastest count is kept (the fewest
 threads within `MARGIN` of it, leaving CPUs to the others). Before each fold the load is
-read again; when it has moved by a CPU or more, the choice is made again.
+read again; when it has moved by a CPU and a quarter of itself, the choice is made again.
 """
 
 from __future__ import annotations
@@ -28,7 +28,9 @@ MARGIN = 0.05
 WARMUP_STEPS = 1
 TIMED_STEPS = 3
 MOVED = 1.0
-"""The load average must move by this much (one CPU) since the last choice to choose again."""
+"""The load average must move by this much (one CPU) since the last choice to choose again ..."""
+RELATIVE = 0.25
+"""... and by this share of it: on a machine at load 30, a move of one CPU is noise."""
 
 
 def load_average() -> float | None:
@@ -82,13 +84,14 @@ class ThreadChooser:
         self.load_at_choice: float | None = None
 
     def due(self) -> bool:
-        """No choice yet, or the load average moved by MOVED or more since the last one. The
+        """No choice yet, or the load average moved by MOVED and RELATIVE since the last one. The
         run's own training counts in it too: an idle machine's first fold raises it, and the
         timing that follows keeps torch's default where that is fastest."""
         if self.current is None:
             return True
         load = self.load()
-        return load is not None and self.load_at_choice is not None and abs(load - self.load_at_choice) >= MOVED
+        return (load is not None and self.load_at_choice is not None
+                and abs(load - self.load_at_choice) >= max(MOVED, RELATIVE * self.load_at_choice))
 
     def choose(self, step: Callable[[], None]) -> dict:
         """Set the thread count (timing `step`, one training step, only when the machine is

@@ -48,6 +48,9 @@ def test_a_busy_machine_times_each_count_and_keeps_the_fastest():
     assert not chooser.due()  # the same load: not chosen again
     machine.load = 3.9
     assert not chooser.due()  # moved by less than a CPU
+    other = _chooser(Machine({1: 0.3, 2: 0.9}, load=30.0))
+    other.current, other.load_at_choice, other.load = 1, 30.0, lambda: 32.0
+    assert not other.due()  # at load 30, two CPUs more is noise (a quarter of it is not)
     machine.load, machine.seconds = 1.1, {1: 0.4, 2: 0.25}  # the other work ended
     assert chooser.due()
     assert chooser.choose(machine.step)["chosen"] == 2 and machine.threads == 2
