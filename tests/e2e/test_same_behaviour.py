@@ -1,7 +1,7 @@
 """Fixed recipes give the numbers they gave when this snapshot was recorded: a pooled
 probe -> thaw arm, an ssl -> finetune arm, a federated arm (Flower's simulation), a local arm,
-a nested-CV arm and the demo's protocol, each on the same small digits cohort over three
-hospitals. A restructuring of the code must leave every prediction and metric unchanged.
+a nested-CV arm, each on the same small digits cohort over three hospitals, and the demo's
+recipe on its own cohort (its arms must differ). A restructuring of the code must leave every prediction and metric unchanged.
 
 The snapshot (`behaviour_snapshot.json`) was recorded on an x86-64 CPU at fp32 with one torch
 thread; on another CPU the kernels may round differently, so probabilities are compared to
@@ -46,14 +46,14 @@ def sites_cohort(folder: Path) -> Path:
 
 def recipes(manifest: Path) -> dict:
     from stagewise.recipe import recipe_from_dict
-    from stagewise.study.demo import demo_recipe
+    from stagewise.study.demo import demo_recipe, make_demo_study
 
     def recipe(arms):
         return recipe_from_dict({"name": "snap", "seed": 0, "cohort": {"manifest": str(manifest), "site": "hospital"},
                                  "data": {"image_size": 32}, "protocol": {"folds": 2, "repeats": 1}, "compute": EXACT,
                                  "evaluation": QUIET, "arms": arms})
 
-    demo = demo_recipe(manifest).model_dump(mode="json")
+    demo = demo_recipe(*make_demo_study(manifest.parent / "demo")).model_dump(mode="json")  # its own cohort
     demo["protocol"]["folds"], demo["compute"] = 2, EXACT
     demo["evaluation"] |= QUIET
     return {
@@ -119,6 +119,10 @@ def test_a_fixed_recipe_gives_its_recorded_numbers(name, cohort, tmp_path):
     keys = sorted(want["figures"])
     np.testing.assert_allclose([got["figures"][k] for k in keys], [want["figures"][k] for k in keys], atol=1e-3,
                                equal_nan=True)
+    if name == "demo":  # the demo must show why staging matters: its arms differ, and not at a ceiling
+        auroc = {arm: np.mean([v for k, v in got["figures"].items() if k.startswith(f"{arm}/") and k.endswith("/auroc")])
+                 for arm in ("scratch", "pretrained+probe", "pretrained+probe+thaw")}
+        assert max(auroc.values()) - min(auroc.values()) >= 0.02 and min(auroc.values()) < 0.99, auroc
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["--record"]:

@@ -41,42 +41,55 @@ def root(version: bool = typer.Option(False, "--version", callback=show_version,
 
 
 class RichReporter:
-    """Progress over folds (all arms) and over the epochs of the current fold."""
+    """Progress over folds (all arms) and over the epochs of the current fold; the ETA is
+    `EtaEstimator`'s (each unit's own seconds per epoch), shown in the `eta` field."""
 
     def __init__(self, progress: Progress):
+        from stagewise.study.progress import EtaEstimator
+
         self.progress = progress
         self.folds = None
         self.epochs = None
+        self.eta = EtaEstimator()
 
     def start(self, total_folds: int) -> None:
         self.trained = None
-        self.folds = self.progress.add_task("folds", total=total_folds)
-        self.epochs = self.progress.add_task("epochs", total=1, visible=False)
+        self.folds = self.progress.add_task("folds", total=total_folds, eta="")
+        self.epochs = self.progress.add_task("epochs", total=1, visible=False, eta="")
 
-    def plan(self, trained_units: list[str], n_splits: int) -> None:
+    def plan(self, trained_units: list[str], n_splits: int, stages: dict | None = None,
+             share: dict | None = None) -> None:
         """Count (and time, for the ETA) only the folds that train a network."""
         self.trained = set(trained_units)
+        self.eta.plan(stages or {u: [] for u in trained_units}, n_splits, share)
         self.progress.reset(self.folds, total=len(trained_units) * n_splits, description="folds trained")
 
     def fold_started(self, arm, split, n_epochs) -> None:
+        self.eta.fold_started(arm)
         self.progress.update(self.folds, description=f"{arm} {split.name}")
         self.progress.reset(self.epochs, total=n_epochs, visible=True, description="  epoch")
 
     def epoch_done(self, stage, epoch, entry) -> None:
+        self.eta.epoch_done(stage)
         self.progress.update(self.epochs, advance=1, description=f"  {stage} loss {entry['loss']:.3f}")
+        if self.eta.timed:
+            self.progress.update(self.folds, eta=self.eta.text())
 
     def fold_done(self, arm, split, metrics, resumed) -> None:
         if self.trained is not None and arm not in self.trained:
             return  # baseline scores and the clinical model train nothing
+        self.eta.fold_done(arm, resumed)
         if resumed:  # not trained in this session: it counts, but leaves the ETA to the folds trained now
             self.progress.update(self.folds, total=next(t.total for t in self.progress.tasks if t.id == self.folds) - 1)
         else:
             self.progress.advance(self.folds)
+        if self.eta.timed:
+            self.progress.update(self.folds, eta=self.eta.text())
         if resumed:
             self.progress.console.print(f"[dim]{arm} {split.name}: finished earlier, read back[/dim]")
 
     def message(self, text: str) -> None:
-        """A line above the bars (the Ray executor: how many fits run at once, and where)."""
+        """A line above the bars (a speed note, the steps after training, the Ray executor's fits)."""
         self.progress.console.print(f"[dim]{escape(text)}[/dim]", highlight=False)
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from stagewise.cli.console import RichReporter, console, guard, out
@@ -37,7 +37,7 @@ def _run_recipe(recipe, out_dir: Path) -> None:
     from stagewise.study.progress import LineReporter
 
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TextColumn("ETA"), TimeRemainingColumn()]
+               TextColumn("{task.fields[eta]}")]  # EtaEstimator's: each unit's own seconds per epoch
     try:
         if console.is_terminal:
             with Progress(*columns, console=console, transient=False) as progress:
@@ -123,15 +123,16 @@ def validate(
 
 
 def demo(out_dir: Path = typer.Option(Path("runs/demo"), "--out", "-o", help="run directory")) -> None:
-    """An offline two-arm study on scikit-learn's digits (real scans), in about a minute or two.
+    """An offline three-arm study on scikit-learn's digits (real scans): a hard pair at low
+    resolution with few labelled patients, a tiny CNN from scratch against pretrained on the
+    other digits, then probed, then thawed.
 
     Example: stagewise demo --out runs/demo 2>&1 | tee demo.log
     """
-    from stagewise.study.demo import demo_recipe, make_demo_cohort
+    from stagewise.study.demo import demo_recipe, make_demo_study
 
     def go():
-        manifest = make_demo_cohort(out_dir / "cohort")
-        _run_recipe(demo_recipe(manifest), out_dir)
+        _run_recipe(demo_recipe(*make_demo_study(out_dir / "cohort")), out_dir)
 
     guard(go)
 

@@ -254,19 +254,27 @@ def study_subgroups(recipe: Recipe, metrics: dict, predictions: pd.DataFrame, gr
                                        recipe.protocol.patient_aggregate, n_boot, recipe.seed)}
 
 
-def compute_evidence(recipe: Recipe, metrics: dict, predictions: pd.DataFrame, groups: pd.DataFrame | None = None) -> dict:
+def compute_evidence(recipe: Recipe, metrics: dict, predictions: pd.DataFrame, groups: pd.DataFrame | None = None,
+                     step=None) -> dict:
     """Everything metrics.json's `evidence` holds; `groups`, the cohort's subgroup levels by
-    manifest row (`Cohort.groups`), adds the figures per subgroup level."""
+    manifest row (`Cohort.groups`), adds the figures per subgroup level. `step(name, detail)`,
+    if given, hears each part as it starts (the bootstrap of each unit can take a while)."""
+    step = step or (lambda name, detail="": None)
     units = metrics["arms"]
     table = patient_table(predictions, units, recipe.protocol.patient_aggregate)
     n_boot = recipe.evaluation.bootstrap
-    per_unit = {name: unit_evidence(table[table["arm"] == name], u["kind"], n_boot, recipe.seed) for name, u in units.items()}
+    per_unit = {}
+    for i, (name, u) in enumerate(units.items()):
+        step(f"statistics of {name}", f"95 % CIs from {n_boot} patient resamples, calibration and decision curves "
+             f"(unit {i + 1}/{len(units)})" if n_boot else f"calibration and decision curves (unit {i + 1}/{len(units)})")
+        per_unit[name] = unit_evidence(table[table["arm"] == name], u["kind"], n_boot, recipe.seed)
     for name, u in units.items():
         if u.get("tasks"):
             per_unit[name]["tasks"] = {
                 t: task_evidence(predictions, name, t, recipe.protocol.patient_aggregate, n_boot, recipe.seed) for t in u["tasks"]
             }
     if "site" in predictions:
+        step("statistics per site")
         site_of = predictions.groupby("patient", sort=False)["site"].first()
         for name in units:
             per_unit[name]["sites"] = site_evidence(table[table["arm"] == name], site_of, n_boot, recipe.seed)
@@ -276,6 +284,7 @@ def compute_evidence(recipe: Recipe, metrics: dict, predictions: pd.DataFrame, g
     primary = primary_choice(pairs, recipe.evaluation.primary)
     if primary and (primary["a"], primary["b"]) not in pairs:
         pairs.insert(0, (primary["a"], primary["b"]))
+    step("comparisons", f"{len(pairs)} pair(s) of units, then sampling and subgroup figures")
     comparisons = [compare(units, table, a, b) for a, b in pairs]
     interpret_comparisons(comparisons, per_unit, primary)
     alpha = getattr(recipe.evaluation, "alpha", None) or ALPHA

@@ -46,8 +46,11 @@ class ComputeConfig(StrictModel):
     """Compute a frozen, un-augmented network prefix once per image and reuse it."""
     eval_batch_size: int = Field(64, ge=1)
     """Images per batch when scoring and when computing a frozen prefix (no gradients: larger than training batches)."""
-    threads: int | None = None
-    """Torch threads of this process; unset: torch's default (the CPUs it may use)."""
+    threads: Annotated[int, Field(ge=1)] | Literal["auto"] | None = "auto"
+    """torch's CPU threads. auto: torch's default on an idle machine; when other work holds
+    CPUs (load average), the fastest of 1, the free CPUs and all, timed on a few training
+    steps, and chosen again before a fold when that load moves by a CPU. A number: that many.
+    null: torch's default, never measured."""
     save_models: bool = False
     """Save each fold's trained model (safetensors) in the run directory."""
     executor: Literal["local", "ray"] = "local"

@@ -33,11 +33,12 @@ from stagewise.io import atomic_write, atomic_write_with
 from stagewise.study.rundir import RunDir, pretrain_fingerprint
 from stagewise.evaluation.fold_scores import score_fold
 from stagewise.errors import RunError
+from stagewise.study.thread_choice import choose_threads, thread_chooser
 from stagewise.study.saliency_maps import saliency_examples, site_saliency_examples
 from stagewise.study.site_arms import export_refusal, fit_federated, fit_local, refit_federated
 from stagewise.training.start import seeded_backbone, start_network
 from stagewise.training.cache import load_image_set, ImageSet, PrefixCache
-from stagewise.training.autotune import choose_compute, needs_measurement
+from stagewise.training.autotune import choose_compute, describe_timings, needs_measurement
 from stagewise.training.compute import Compute, resolve_compute
 from stagewise.training.engine import predict, prepare_network
 from stagewise.training.stages import FoldData, stage_kind
@@ -121,9 +122,16 @@ class Study:
         self.cache = PrefixCache() if self.compute.reuse_frozen else None
         self.compute_choices: dict[str, dict] = {}
         """Arm -> how its precision and layout were chosen (`compute: auto`)."""
+        self.threads, self.thread_choices = thread_chooser(recipe), []
+        """`compute.threads: auto`: the chooser and each choice (study/thread_choice.py)."""
         self._images: ImageSet | None = None
         self._pristine: dict[str, torch.nn.Module] = {}
         self._computes: dict[str, Compute] = {}
+
+    def check_threads(self, arm: ArmConfig) -> None:
+        """`compute.threads: auto`: choose before the first fold, again when the load has moved."""
+        if self.threads is not None and self.threads.due():
+            choose_threads(self, arm)
 
     def compute_for(self, arm: ArmConfig) -> Compute:
         """The arm's device, precision and layout: the recipe's, or with `auto` the fastest
@@ -141,7 +149,7 @@ class Study:
                 compute, record = choose_compute(self.recipe.compute, seeded_backbone(arm, self.recipe.seed),
                                                  self.recipe.data.image_size, batch)
                 self._computes[arm.name], self.compute_choices[arm.name] = compute, record
-                log.info("arm %s: compute %s (%s)", arm.name, compute.label, _timings(record))
+                log.info("arm %s: compute %s (%s)", arm.name, compute.label, describe_timings(record))
         return self._computes[arm.name]
 
     @property
@@ -211,7 +219,9 @@ class Study:
             point, table = self._tune(arm, train, seed)
             arm = arm.with_values(point)
             extra["tuning"] = {"chosen": point, "grid": table}
-        self.reporter.fold_started(unit.name, split, sum(s.epochs for s in arm.stages))
+        self.pristine(unit.arm)  # an arm's stages on source manifests run (once) before its first fold starts
+        self.check_threads(unit.arm)
+        self.reporter.fold_started(unit.name, split, sum(s.epochs for s in arm.stages if not s.external))
         if arm.sites.mode != "pooled":
             return self._fit_sites(unit, split, train, seed, extra)
         clinical = self.clinical_features(train) if arm.head.fusion else None
@@ -327,17 +337,8 @@ def fit_fold(study: Study, unit: Unit, split: Split) -> FoldOutput:
     return FoldOutput(metrics, preds, extra, time.perf_counter() - t0)
 
 
-_PROCESS_LOCAL = ("run", "reporter", "cache", "_images", "_pristine", "_computes")
+_PROCESS_LOCAL = ("run", "reporter", "cache", "_images", "_pristine", "_computes", "threads")
 """Study attributes that stay in their process: remote fits get their own."""
-
-
-def _timings(record: dict) -> str:
-    """'fp32 0.41 s, bf16 0.22 s per step (measured)' for the log and the report."""
-    seconds = record.get("seconds_per_step")
-    if not seconds:
-        return "as the recipe says"
-    steps = ", ".join(f"{label.split(' ', 1)[1]} {s:.3g} s" for label, s in seconds.items())
-    return f"{steps} per training step, {'from the cache' if record.get('cached') else 'measured now'}"
 
 
 def study_state(study: Study) -> dict:
@@ -354,6 +355,7 @@ def study_from_state(state: dict, run: RunDir, images: ImageSet | None, pristine
     study = Study.__new__(Study)
     vars(study).update(state)
     study.run, study.reporter, study._images, study._pristine = run, reporter, images, dict(pristine)
+    study.threads = None  # a remote fit's threads are its executor's
     study._computes = {}  # chosen here from the driver's compute_choices (same kind of device) or measured
     study.compute = resolve_compute(study.recipe.compute)  # this worker's device, not the driver's
     study.cache = cache if study.compute.reuse_frozen else None

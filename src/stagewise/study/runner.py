@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
+import torch
 
 from stagewise.study.preflight import check_study
 from stagewise.evaluation.evidence import compute_evidence
@@ -22,7 +23,7 @@ from stagewise.evaluation.splits import Split
 from stagewise.study.executors import open_executor
 from stagewise.evaluation.splits import fold_seed
 from stagewise.study.fitting import FoldOutput, Reporter, Study
-from stagewise.study.progress import LineReporter, fmt_fold_metrics
+from stagewise.study.progress import LineReporter, Phases, fmt_fold_metrics, unit_stages
 from stagewise.recipe import Recipe
 from stagewise.data.fingerprint import cohort_digest
 from stagewise.errors import RunError
@@ -114,6 +115,7 @@ def run_study(recipe: Recipe, out_dir: str | Path, reporter: Reporter | None = N
     log.setLevel(logging.INFO)
     tracker = open_tracker(recipe, run.path)  # connects only after the study's checks
     tracker.notify = getattr(reporter, "message", None)  # a tracking failure is said on screen too
+    threads = torch.get_num_threads()  # `threads: auto` changes the process's count for the run only
     try:
         with warnings.catch_warnings():
             warnings.showwarning = warnings_to_log(warnings.showwarning)  # library noise: log.txt only
@@ -127,9 +129,37 @@ def run_study(recipe: Recipe, out_dir: str | Path, reporter: Reporter | None = N
         tracker.stop("FAILED")
         raise
     finally:
+        if recipe.compute.threads == "auto":
+            torch.set_num_threads(threads)
         log.removeHandler(handler)
         handler.close()
         run.unlock()
+
+
+def speed_note(recipe: Recipe, say) -> None:
+    """A recipe with a fixed thread count on a machine where other work holds CPUs: the
+    advice goes to log.txt and to the screen (`say`), where a person can act on it."""
+    if recipe.compute.executor == "local" and recipe.compute.threads != "auto" and (
+            busy := busy_machine_note(recipe.compute.threads)):
+        log.warning("compute: %s", busy)
+        if say is not None:
+            say(f"note: {busy}")
+
+
+def evidence_and_report(recipe: Recipe, run: RunDir, study: Study, metrics: dict, predictions: pd.DataFrame,
+                        say) -> None:
+    """After training: statistics (bootstrap, curves, comparisons), metrics.json and the
+    report, each step said as it starts (`say`, else log.txt) and timed at the end."""
+    phases = Phases(say or log.info)
+    metrics["evidence"] = compute_evidence(recipe, metrics, predictions, study.cohort.groups, phases.step)
+    phases.step("writing metrics.json and predictions.csv")
+    run.write_results(predictions, metrics)
+    if recipe.evaluation.report:
+        from stagewise.report.html import write_report
+
+        phases.step("report", "figures and report.html")
+        write_report(run.path)
+    phases.finish("statistics and report done")
 
 
 def _run(recipe: Recipe, run: RunDir, reporter: Reporter, tracker: StudyTracker) -> StudyResult:
@@ -137,23 +167,27 @@ def _run(recipe: Recipe, run: RunDir, reporter: Reporter, tracker: StudyTracker)
     cohort = check_study(recipe, source=recipe.name)  # every check before any training or writing
     for warning in cohort.warnings:
         log.warning("cohort: %s", warning)
-    if recipe.compute.executor == "local" and (busy := busy_machine_note(recipe.compute.threads)):
-        log.warning("compute: %s", busy)
+    say = getattr(reporter, "message", None)  # optional: one-line notes on screen
+    speed_note(recipe, say)
     study = Study(recipe, run, reporter, cohort)
     units = study_units(recipe)
     # the cohort's content (rows, labels, patients, image bytes) is part of every fold's fingerprint
     digest = cohort_digest(cohort.table, [c for c in cohort.table.columns if c != "path"])
     fingerprints = {u.name: unit_fingerprint(recipe, u.kind, u.arm, u.fraction, u.column, digest) for u in units}
     run.check_folds({u.folder: fingerprints[u.name] for u in units}, recipe)
-    compute = study.compute_label([u.arm for u in units if u.kind == "model"])  # `auto`: measured here
-    tracker.start(compute, recipe.compute.threads)  # an unreachable server stops here, nothing written
+    model_arms = [u.arm for u in units if u.kind == "model"]
+    if model_arms:
+        study.check_threads(model_arms[0])  # `threads: auto` before the precision is timed under them
+    compute = study.compute_label(model_arms)  # `auto`: measured here
+    threads = torch.get_num_threads() if recipe.compute.threads == "auto" else recipe.compute.threads
+    tracker.start(compute, threads)  # an unreachable server stops here, nothing written
     run.start(recipe, {"compute_choice": study.compute_choices} if study.compute_choices else {})
     log.info("cohort %s: %d images, %d patients; %d splits; compute %s", Path(recipe.cohort.manifest).name,
              study.cohort.n_images, study.cohort.n_patients, len(study.splits), compute)
     reporter.start(len(units) * len(study.splits))
     plan = getattr(reporter, "plan", None)  # optional, like `message`: which units train (counted, timed)
     if plan is not None:
-        plan([u.name for u in units if u.kind == "model"], len(study.splits))
+        plan([u.name for u in units if u.kind == "model"], len(study.splits), *unit_stages(units))
     results: dict[tuple[str, str], tuple[dict, pd.DataFrame]] = {}
 
     def finished(unit: Unit, split: Split, out: FoldOutput) -> None:
@@ -197,15 +231,11 @@ def _run(recipe: Recipe, run: RunDir, reporter: Reporter, tracker: StudyTracker)
         "compute": compute,
         "compute_folds": fold_compute,
         "compute_choice": study.compute_choices,
+        "thread_choices": study.thread_choices,
         "arms": units_out,
         "wall_seconds_this_session": time.perf_counter() - t_start,
     }
     predictions = pd.concat(all_preds, ignore_index=True)
-    metrics["evidence"] = compute_evidence(recipe, metrics, predictions, study.cohort.groups)
-    run.write_results(predictions, metrics)
-    if recipe.evaluation.report:
-        from stagewise.report.html import write_report
-
-        write_report(run.path)
+    evidence_and_report(recipe, run, study, metrics, predictions, say)
     tracker.finish(units, metrics)
     return StudyResult(run.path, metrics, predictions)

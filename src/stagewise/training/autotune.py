@@ -109,41 +109,51 @@ def _read_cache(path: Path) -> dict:
         return {}
 
 
-def time_steps(backbone: Backbone, shape: tuple[int, ...], options: list[Compute]) -> dict[str, float]:
-    """Median seconds per training step of each setting (label -> s; inf where the loss was
-    not finite), the settings timed in turn."""
-    nets, optims = [], []
-    for c in options:
-        net = Network.build(copy.deepcopy(backbone), 1, dropout=0.0).to(c.device)
-        if c.channels_last and len(shape) == 4:
-            net = net.to(memory_format=torch.channels_last)
-        net.train()
-        for p in net.parameters():
-            p.requires_grad_(True)
-        nets.append(net)
-        optims.append(torch.optim.AdamW(net.parameters(), lr=1e-4, **c.optimizer_options))
+def training_step(backbone: Backbone, shape: tuple[int, ...], c: Compute):
+    """One full training step (forward, backward through every group, AdamW) of a copy of
+    `backbone` with a new head under `c`, on a fixed random batch of `shape`, as a function
+    that runs it and returns the loss (the timing of `compute.threads: auto` uses it too)."""
+    net = Network.build(copy.deepcopy(backbone), 1, dropout=0.0).to(c.device)
+    if c.channels_last and len(shape) == 4:
+        net = net.to(memory_format=torch.channels_last)
+    net.train()
+    for p in net.parameters():
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-4, **c.optimizer_options)
     g = torch.Generator().manual_seed(0)
     x = torch.rand(shape, generator=g).half()
     y = (torch.arange(shape[0]) % 2).float().unsqueeze(1)
+
+    def step() -> float:
+        xb, yb = c.to_input(x), y.to(c.device)
+        with c.autocast():
+            out = net(xb)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(out.float(), yb)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if c.device.type == "cuda":
+            torch.cuda.synchronize()
+        return float(loss.detach())
+
+    return step
+
+
+def time_steps(backbone: Backbone, shape: tuple[int, ...], options: list[Compute]) -> dict[str, float]:
+    """Median seconds per training step of each setting (label -> s; inf where the loss was
+    not finite), the settings timed in turn."""
+    steps = [training_step(backbone, shape, c) for c in options]
     times: dict[str, list[float]] = {c.label: [] for c in options}
     finite = {c.label: True for c in options}
-    for step in range(WARMUP_STEPS + TIMED_STEPS):
-        for c, net, opt in zip(options, nets, optims):
-            xb, yb = c.to_input(x), y.to(c.device)
+    for i in range(WARMUP_STEPS + TIMED_STEPS):
+        for c, step in zip(options, steps):
             if c.device.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            with c.autocast():
-                out = net(xb)
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(out.float(), yb)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if c.device.type == "cuda":
-                torch.cuda.synchronize()
+            loss = step()
             seconds = time.perf_counter() - t0
-            finite[c.label] &= math.isfinite(float(loss.detach()))
-            if step >= WARMUP_STEPS:
+            finite[c.label] &= math.isfinite(loss)
+            if i >= WARMUP_STEPS:
                 times[c.label].append(seconds)
     return {label: statistics.median(t) if finite[label] else math.inf for label, t in times.items()}
 
@@ -201,3 +211,12 @@ def _write_entry(path: Path, digest: str, entry: dict) -> None:
             atomic_write(path, json.dumps(data, indent=1))
     except Exception as err:  # read-only home, lock timeout: the run goes on with its choice
         log.warning("could not save the compute choice to %s (%s)", path, err)
+
+
+def describe_timings(record: dict) -> str:
+    """'fp32 0.41 s, bf16 0.22 s per step (measured)' for the log and the report."""
+    seconds = record.get("seconds_per_step")
+    if not seconds:
+        return "as the recipe says"
+    steps = ", ".join(f"{label.split(' ', 1)[1]} {s:.3g} s" for label, s in seconds.items())
+    return f"{steps} per training step, {'from the cache' if record.get('cached') else 'measured now'}"

@@ -87,7 +87,7 @@ def busy_machine_note(threads: int | None, load: float | None = None, cpus: int 
     if n <= 1 or load < cpus - min(n, cpus) + 1:
         return None
     return (f"other work holds CPUs before training starts (load average {load:.1f} on {cpus} CPUs) and torch would "
-            f"run {n} threads, which then wait on each other; `compute.threads: 1` (or fewer jobs at once) can be "
+            f"run {n} threads, which then wait on each other; `compute.threads: 1` or `auto` (or fewer jobs at once) can be "
             "several times faster here")
 
 
@@ -96,7 +96,7 @@ def resolve_compute(cfg: ComputeConfig) -> Compute:
     the hardware runs it natively (else fp16 on CUDA, fp32 on a CPU) and `auto` channels_last
     is off. A study measures instead (`autotune.choose_compute`); this is the answer where
     nothing is measured (a federated site's round)."""
-    if cfg.threads:
+    if isinstance(cfg.threads, int):  # `auto` is chosen by a study (training/threads.py)
         torch.set_num_threads(cfg.threads)
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("compute.device is cuda but no CUDA GPU is visible; use device: auto or cpu")

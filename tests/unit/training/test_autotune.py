@@ -1,5 +1,6 @@
 """compute: auto chooses precision and layout by timing training steps, within its guard."""
 
+import io
 import json
 import math
 
@@ -114,12 +115,48 @@ def test_a_busy_machine_is_named_before_training_with_the_thread_setting_to_chan
                           evaluation={"report": False, "saliency": 0})
     import torch
 
+    from stagewise.study.progress import LineReporter
+
+    screen = io.StringIO()
     threads = torch.get_num_threads()
     try:
         with caplog.at_level("WARNING", logger="stagewise"):
-            run_study(recipe, tmp_path / "run")
+            run_study(recipe, tmp_path / "run", LineReporter(screen))
     finally:
         torch.set_num_threads(threads)  # compute.threads sets the process's; the worker's next tests keep theirs
     assert any("other work holds CPUs" in r.getMessage() and "compute.threads: 1" in r.getMessage()
                for r in caplog.records)
     assert "other work holds CPUs" in (tmp_path / "run" / "log.txt").read_text()
+    assert "[stagewise] note: other work holds CPUs before training starts (load average 9.7 on" in screen.getvalue()
+
+
+def test_threads_auto_times_the_counts_on_a_busy_machine_and_says_its_choice(digits_manifest, tmp_path, monkeypatch):
+    """The default `compute.threads: auto` beside other work: the arm's training step timed at
+    1 and 2 threads, the choice on screen, in log.txt and metrics.json, each fold recording it;
+    the process's thread count is given back after the run."""
+    import torch
+    from conftest import small_recipe
+
+    from stagewise.study import run_study
+    from stagewise.study.progress import LineReporter
+    from stagewise.training import threads as threads_module
+
+    monkeypatch.setattr("os.getloadavg", lambda: (9.7, 8.0, 6.0))
+    monkeypatch.setattr(threads_module, "usable_cpus", lambda: 2)
+    arms = [{"name": "probe", "backbone": "scratch:tinycnn", "stages": [{"kind": "probe", "epochs": 1}]}]
+    recipe = small_recipe(digits_manifest, arms, protocol={"folds": 2}, evaluation={"report": False, "saliency": 0})
+    assert recipe.compute.threads == "auto"
+    screen, before = io.StringIO(), torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        result = run_study(recipe, tmp_path / "run", LineReporter(screen))
+        assert torch.get_num_threads() == 2  # given back
+    finally:
+        torch.set_num_threads(before)
+    (choice,) = result.metrics["thread_choices"]  # the load did not move: chosen once
+    assert choice["measured"] and set(choice["seconds_per_step"]) == {"1", "2"} and choice["before"] == "probe"
+    n = choice["chosen"]
+    said = f"compute.threads auto: {n} thread{'s' if n != 1 else ''} (load average 9.7 on 2 CPUs; timed 1 thread "
+    assert f"[stagewise] {said}" in screen.getvalue() and said in (tmp_path / "run" / "log.txt").read_text()
+    assert "note: other work holds CPUs" not in screen.getvalue()  # auto measures instead of advising
+    assert [(c["threads"], c["folds"]) for c in result.metrics["arms"]["probe"]["compute"]] == [(n, 2)]

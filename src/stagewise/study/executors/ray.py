@@ -152,7 +152,7 @@ class RayExecutor:
     def __init__(self, study, on_done, reporter):
         self.study, self.on_done, self.reporter = study, on_done, reporter
         self.cfg = study.recipe.compute
-        self.cpus = self.cfg.cpus_per_task or self.cfg.threads or 1
+        self.cpus = self.cfg.cpus_per_task or (self.cfg.threads if isinstance(self.cfg.threads, int) else 1)
         self.gpus = 0.0
         self.submitted = 0
         """Fit tasks submitted (pretraining not counted)."""
