@@ -30,7 +30,7 @@ from stagewise.study.progress import LineReporter, fmt_timings
 from stagewise.recipe import ArmConfig, Recipe, RecipeError
 from stagewise.io import atomic_write, atomic_write_with
 from stagewise.study.rundir import RunDir, pretrain_fingerprint
-from stagewise.study.inner_fits import inner_fits, inner_scores_nonimage
+from stagewise.study.inner_fits import inner_fits, inner_scores_nonimage, wants_inner
 from stagewise.evaluation.fold_scores import score_fold
 from stagewise.errors import RunError
 from stagewise.study.saliency_maps import saliency_examples, site_saliency_examples
@@ -205,19 +205,19 @@ class Study:
     def fit_model(self, unit: Unit, split: Split) -> tuple[dict, pd.DataFrame, dict]:
         seed = fold_seed(self.recipe.seed, split)
         train = subsample_patients(split.train, self.y, self.patients, unit.fraction, seed)
-        extra = {}
-        if unit.arm.sites.mode != "pooled":
-            self.reporter.fold_started(unit.name, split, sum(s.epochs for s in unit.arm.stages))
-            return self._fit_sites(unit, split, train, seed, extra)
-        inner = inner_fits(unit.arm, train, self.y, self.patients, seed, self.recipe.protocol.threshold,
+        extra, pooled, rule = {}, unit.arm.sites.mode == "pooled", self.recipe.protocol.threshold
+        inner = inner_fits(unit.arm, train, self.y, self.patients, seed, rule if pooled else None,
                            self.recipe.protocol.patient_aggregate,
                            lambda cand, a, b: self.fit_predict(unit.arm, cand, a, b, seed))
         arm = inner.arm
         if inner.tuning:
             extra["tuning"] = inner.tuning
-        if inner.record:
-            extra["threshold_inner"] = inner.record
+        if inner.record or (not pooled and wants_inner(rule)):
+            extra["threshold_inner"] = inner.record or {"fallback": "a local or federated arm: chosen on the training "
+                                                                    "part's scores (no inner fits per site)"}
         self.reporter.fold_started(unit.name, split, sum(s.epochs for s in arm.stages))
+        if not pooled:
+            return self._fit_sites(unit, split, train, seed, extra)
         clinical = self.clinical_features(train) if arm.head.fusion else None
         compute = self.compute_for(unit.arm)
         net, stage_logs = train_fold(arm, self.pristine(unit.arm), self.images, self.targets, train, seed,

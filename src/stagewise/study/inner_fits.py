@@ -41,12 +41,13 @@ class InnerFits:
     """For the fold's json: inner folds, extra seconds, whether the tuning fits were reused, or why none ran."""
 
 
-def wants_inner(rule: ThresholdRule) -> bool:
-    return rule.on == "inner_cv" and not rule.fixed
+def wants_inner(rule: ThresholdRule | None) -> bool:
+    """Whether `rule` chooses on inner out-of-fold scores (None: no threshold from these fits)."""
+    return rule is not None and rule.on == "inner_cv" and not rule.fixed
 
 
 def inner_fits(arm: ArmConfig, train: np.ndarray, y: np.ndarray, patients: np.ndarray, seed: int,
-               rule: ThresholdRule, aggregate: str, fit_predict: FitPredict) -> InnerFits:
+               rule: ThresholdRule | None, aggregate: str, fit_predict: FitPredict) -> InnerFits:
     """The tuned arm's grid search (inner AUROC at patient level, as before) and, when the rule
     chooses on inner out-of-fold scores, those scores of the `train` rows (cohort indices)."""
     out, reused = InnerFits(arm), None
@@ -90,6 +91,7 @@ def inner_scores_nonimage(train: np.ndarray, y: np.ndarray, patients: np.ndarray
     if not wants_inner(rule):
         return None, {}
     try:
-        return inner_oof_scores(train, y, patients, rule.folds, seed, fit_predict), {"folds": rule.folds}
+        return (inner_oof_scores(train, y, patients, rule.folds, seed, fit_predict),
+                {"folds": rule.folds})
     except SplitError as err:
         return None, {"folds": rule.folds, "fallback": f"no inner folds ({err}); chosen on the training part's scores"}

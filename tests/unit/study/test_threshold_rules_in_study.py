@@ -78,3 +78,14 @@ def test_inner_cv_thresholds_are_chosen_on_inner_scores_and_recorded(perfect_man
     html = (tmp_path / "run" / "report.html").read_text()
     assert "chosen on the out-of-fold scores of 3 patient-grouped inner folds of each training part" in html
     assert 'id="threshold-unreliable"' not in html
+
+
+def test_inner_folds_a_training_part_cannot_hold_are_refused_before_anything_runs(perfect_manifest, tmp_path):
+    from stagewise.data import load_cohort
+    from stagewise.study.preflight import split_problems
+
+    recipe = _recipe(perfect_manifest, {"rule": "youden", "on": "inner_cv", "folds": 20})
+    problems = split_problems(recipe, load_cohort(recipe.cohort))
+    assert len(problems) == 1 and problems[0].startswith("protocol.threshold.folds (20 inner folds) inside fold r0-f0")
+    assert "lower protocol.threshold.folds or choose the threshold `on: training`" in problems[0]
+    assert split_problems(_recipe(perfect_manifest, {"rule": "youden", "folds": 20}), load_cohort(recipe.cohort)) == []
