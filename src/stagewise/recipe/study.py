@@ -107,7 +107,7 @@ class ProtocolConfig(StrictModel):
     patient_aggregate: Literal["mean", "max", "first"] = "mean"
     """How image scores become a patient score for patient-level metrics."""
     threshold: ThresholdRule = ThresholdRule()
-    """Decision threshold of every threshold-based figure (balanced accuracy, F1, sensitivity, ..., the bundle's decision): a rule and the scores it is chosen on."""
+    """Decision threshold of every threshold-based figure (balanced accuracy, F1, sensitivity, ..., the bundle's decision): a rule and the scores it is chosen on. Default youden on training scores: in benchmarks/RESULTS.md (decision thresholds) inner out-of-fold scores gave no better test balanced accuracy on the covid, lung-ultrasound and digits cohorts (worse on lung ultrasound), while their inner fits added 1.1 to 2.3 times each fold's training time; a run says when its training scores separate perfectly."""
     label_fractions: list[Annotated[float, Field(gt=0, le=1)]] = []
     """Also train each arm on these fractions of each training fold (whole patients, stratified)."""
 
