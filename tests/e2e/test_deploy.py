@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from conftest import small_recipe
 from stagewise.cli import app
+from stagewise.evaluation.thresholds import threshold_for
 from stagewise.bundle import Bundle, export_bundle
 from stagewise.study.rundir import RunError
 from stagewise.study import run_study
@@ -67,13 +68,16 @@ def test_refit_bundle_and_cli_predict(run_dir, tmp_path, digits_manifest):
     result = runner.invoke(app, ["export", str(run_dir), "--arm", "net", "--refit", "--out", str(tmp_path / "b")])
     assert result.exit_code == 0, result.output
     info = json.loads((tmp_path / "b" / "bundle.json").read_text())
-    thresholds = [f["threshold"] for f in json.loads((run_dir / "metrics.json").read_text())["arms"]["net"]["folds"]]
-    assert info["tasks"][0]["threshold"] == pytest.approx(float(np.median(thresholds)))
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    oof = json.loads((tmp_path / "b" / "oof.json").read_text())["outputs"]["net"]["patients"]
+    # the protocol's rule on the arm's out-of-fold patient scores (no patient is left to choose on for a refit)
+    expected = threshold_for(oof["label"], oof["score"], metrics["protocol"]["threshold"])
+    assert info["tasks"][0]["threshold"] == pytest.approx(expected)
     assert "[stagewise] epoch 1/" in result.output and "ETA" in result.output  # export --refit shows progress
     card = (tmp_path / "b" / "MODEL_CARD.md").read_text()
-    metrics = json.loads((run_dir / "metrics.json").read_text())
     for fact in ("Intended use: research", "randomly initialised (no pretrained weights)",
-                 f"the median of the {len(thresholds)} fold thresholds", "a refit has no held-out patients",
+                 f"chosen on the arm's cross-validated out-of-fold scores ({oof['n']} patients",
+                 "a refit has no held-out patients",
                  f"{metrics['cohort']['patients']} patients, {metrics['cohort']['positive_patients']} positive (prevalence"):
         assert fact in card, fact
     assert "Calibration" in card and "held out" not in card
@@ -98,7 +102,9 @@ def test_bundle_carries_no_paths_or_file_names_and_ordinary_permissions(run_dir,
     card = (bundle / "MODEL_CARD.md").read_text()  # this fold's held-out figures, not the study mean
     assert (f"This model (fold r0-f0), on the {fold['n_test_patients']} patients its fold held out: "
             f"AUROC {fold['auroc']:.3f}, balanced accuracy {fold['balanced_accuracy']:.3f}") in card
-    assert "chosen on the training part of fold r0-f0" in card
+    where = {"inner_cv": "the inner out-of-fold scores of the training part",
+             "training": "the training part's own scores"}[fold["threshold_on"]]
+    assert f"youden, chosen on {where} (fold r0-f0)" in card
     for f in bundle.iterdir():
         assert f.stat().st_mode & 0o777 == 0o644, f.name
         if f.suffix in (".json", ".yaml", ".md"):

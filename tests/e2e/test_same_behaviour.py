@@ -80,7 +80,8 @@ def outcome(recipe, run_dir: Path) -> dict:
     p = p.sort_values(["arm", "repeat", "fold", "image"])
     figures = {f"{arm}/{f['repeat']}-{f['fold']}/{name}": value
                for arm, unit in result.metrics["arms"].items() for f in unit["folds"]
-               for name, value in f.items() if isinstance(value, (int, float)) and name not in ("repeat", "fold")}
+               for name, value in f.items()  # numbers only: a flag (threshold_unreliable) is no figure
+               if isinstance(value, (int, float)) and not isinstance(value, bool) and name not in ("repeat", "fold")}
     return {"predictions": {f"{r.arm}/{r.repeat}-{r.fold}/{r.image}": float(r.prob) for r in p.itertuples()},
             "figures": figures}
 

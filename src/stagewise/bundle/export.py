@@ -30,6 +30,7 @@ from stagewise.bundle.oof import threshold_figures, write_validation
 from stagewise.bundle.training_set import record_training_set, training_set_summary, write_training_set
 from stagewise.data import Cohort, load_cohort
 from stagewise.data.fingerprint import cohort_digest
+from stagewise.evaluation.metrics import choose_threshold
 from stagewise.bundle.integrity import seal
 from stagewise.bundle.network import SharedHeads, save_heads
 from stagewise.models import Backbone, Network, load_network, save_backbone
@@ -73,9 +74,20 @@ def export_onnx(model: torch.nn.Module, path: Path, image_size: int) -> Path:
 
 
 def fmt_threshold_rule(recipe: Recipe) -> str:
-    """The protocol's threshold rule in words (`youden`, or a fixed value)."""
-    t = recipe.protocol.threshold
-    return f"fixed at {t}" if isinstance(t, (int, float)) else f"the {t} rule"
+    """The protocol's threshold rule in words (`youden`, `sensitivity >= 0.9`, `fixed at 0.5`)."""
+    return recipe.protocol.threshold.describe()
+
+
+def refit_threshold(recipe: Recipe, patients: dict) -> tuple[float, str]:
+    """A refit bundle's threshold: the protocol's rule applied to the arm's cross-validated
+    out-of-fold patient scores (each patient scored by a fold model that did not train on it:
+    the refit model itself has no patient left to choose on), and that in words."""
+    rule = recipe.protocol.threshold
+    value = choose_threshold(np.asarray(patients["label"], dtype=int), np.asarray(patients["score"], dtype=float), rule)
+    if rule.fixed:
+        return value, f"{rule.describe()} (protocol.threshold)"
+    return value, (f"{rule.describe()}, chosen on the arm's cross-validated out-of-fold scores ({patients['n']} "
+                   "patients, each scored by a fold model that did not train on it)")
 
 
 def _fold_network(run_dir: Path, arm: str, fold: str) -> tuple[Network, float]:
@@ -259,6 +271,10 @@ def _write_bundle(folder: Path, recipe: Recipe, metrics: dict, configs: dict, ar
     validation = write_validation(folder, run_dir, metrics, tasks, recipe.protocol.patient_aggregate)
     for t in tasks:
         patients = (validation or {}).get(t["output"], {}).get("patients")
+        if refit and patients:  # else (no predictions.csv) the median of the fold thresholds, as the card says
+            t["threshold"], rule = refit_threshold(recipe, patients)
+            if t["card"]:
+                t["card"]["threshold_rule"] = rule
         if patients:
             t["at_threshold"] = threshold_figures(patients, t["threshold"], recipe.evaluation.bootstrap, recipe.seed)
     write_info(folder, info)
@@ -272,8 +288,9 @@ def _task_threshold(unit: dict, outcome: str, refit: bool, run_dir: Path, arm: s
 
 def _refit(recipe: Recipe, run_dir: Path, arm: str, unit: dict) -> tuple[Network, float, dict]:
     """Train the arm on every image (pooled centrally, federated in Flower's simulation);
-    the threshold is the median of its fold thresholds, each chosen on a training part, since
-    no data is left to choose one on. Returns also how the model was trained."""
+    the threshold returned is the median of its fold thresholds, used only where the run holds
+    no out-of-fold scores to apply the rule to (`refit_threshold`). Returns also how the model
+    was trained."""
     from stagewise.study.fitting import refit_arm
 
     net, training = refit_arm(recipe, arm, run_dir)

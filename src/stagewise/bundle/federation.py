@@ -60,10 +60,10 @@ def chosen_threshold(recipe: Recipe, threshold: float | None) -> tuple[float, st
         if not 0.0 < threshold < 1.0:
             raise RunError(f"--threshold {threshold}: give a probability between 0 and 1")
         return float(threshold), "given at export (--threshold); not chosen on data by stagewise"
-    fixed = recipe.protocol.threshold
-    if isinstance(fixed, (int, float)) and not isinstance(fixed, bool):
-        return float(fixed), f"the recipe's fixed threshold (protocol.threshold: {fixed})"
-    raise RunError(f"the recipe chooses its threshold by the {fixed} rule on out-of-fold scores, which stay at the "
+    rule = recipe.protocol.threshold
+    if rule.fixed:
+        return float(rule.value), f"the recipe's fixed threshold (protocol.threshold: {rule.value})"
+    raise RunError(f"the recipe chooses its threshold by the {rule.describe()} rule on out-of-fold scores, which stay at the "
                    "sites: the coordinator has none to choose one on. Give the threshold with --threshold (a "
                    "probability, e.g. one validated on local data)")
 

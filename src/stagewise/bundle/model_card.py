@@ -6,7 +6,8 @@ depend on it), how well its risks were calibrated, whether its backbone started 
 pretrained weights or at random, how its threshold was set, and the figures of *this* model:
 a fold bundle quotes the metrics of the patients its fold held out (not the study mean), a
 refit bundle, which has no held-out patients, says that its figures are the arm's
-cross-validated ones and its threshold the median of the fold thresholds. Every bundle also
+cross-validated ones and that its threshold is the protocol's rule applied to the arm's
+out-of-fold scores. Every bundle also
 states how its model was trained (pooled, or federated over which sites and rounds) and the
 figures of its own decision rule: the cross-validated out-of-fold scores at its threshold. The facts are
 values of metrics.json, copied into bundle.json (`card_facts`); nothing here names a
@@ -42,13 +43,25 @@ def card_facts(metrics: dict, arm: str, backbone_spec: str, threshold_rule: str,
         "backbone_init": "random" if backbone_spec.startswith("scratch:") else "pretrained",
         "threshold_rule": threshold_rule,
     }
-    if refit:
+    if refit:  # replaced by the rule on the out-of-fold scores where the run holds them (export.refit_threshold)
         facts["threshold_rule"] = (f"the median of the {len(unit.get('folds', []))} fold thresholds ({threshold_rule}, "
-                                   "each chosen on its fold's training part): a refit has no patients left to choose one on")
+                                   "each chosen without its fold's test part): a refit has no patients left to choose one on")
     elif fold is not None:
         facts["held_out"] = {"fold": fold, **(_fold_metrics(unit, fold) or {})}
-        facts["threshold_rule"] = f"{threshold_rule}, chosen on the training part of fold {fold}"
+        facts["threshold_rule"] = f"{threshold_rule}, {_fold_where(unit, fold)} (fold {fold})"
     return facts
+
+
+_WHERE = {"inner_cv": "chosen on the inner out-of-fold scores of the training part",
+          "training": "chosen on the training part's own scores", "fixed": "fixed in the recipe, for every fold"}
+"""Where a fold's threshold was chosen (its `threshold_on` in metrics.json), in words."""
+
+
+def _fold_where(unit: dict, fold: str) -> str:
+    for f in unit.get("folds", []):
+        if f"r{f.get('repeat')}-f{f.get('fold')}" == fold:
+            return _WHERE.get(f.get("threshold_on"), "chosen on the training part")  # a run before threshold_on
+    return "chosen on the training part"
 
 
 def _num(x, digits: int = 3) -> str:

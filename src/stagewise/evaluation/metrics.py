@@ -1,4 +1,4 @@
-"""Fold metrics at a threshold chosen on training data: AUROC, balanced accuracy and F1, and
+"""Fold metrics at a threshold chosen without the test part (evaluation/thresholds.py): AUROC, balanced accuracy and F1, and
 what clinicians read: sensitivity, specificity, PPV, NPV, accuracy, the confusion counts
 and the area under the precision-recall curve (AUPRC, as average precision)."""
 
@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import average_precision_score, confusion_matrix, roc_auc_score, roc_curve
+from sklearn.metrics import average_precision_score, confusion_matrix, roc_auc_score
+
+from stagewise.evaluation.thresholds import threshold_for
 
 METRICS = ("auroc", "balanced_accuracy", "f1", "sensitivity", "specificity", "ppv", "npv", "accuracy", "auprc")
 """Rates, summarised over folds (mean, sd) and given pooled with bootstrap CIs."""
@@ -23,19 +25,12 @@ def patient_scores(scores: np.ndarray, y: np.ndarray, patients: np.ndarray, how:
 
 
 def choose_threshold(y: np.ndarray, scores: np.ndarray, how) -> float:
-    """Youden's J (max sensitivity + specificity - 1), the prevalence quantile, or a fixed value.
+    """The cut-off of the rule `how` (evaluation/thresholds.py: Youden's J, a target
+    sensitivity or specificity, net benefit, the prevalence quantile, or a fixed value).
 
-    Called on training-part predictions only, so that the test part never shapes its own cut-off.
+    Called on scores the test part never shaped: the training part's, or inner out-of-fold ones.
     """
-    if isinstance(how, (int, float)):
-        return float(how)
-    if len(np.unique(y)) < 2:
-        return 0.5
-    if how == "prevalence":
-        return float(np.quantile(scores, 1 - np.mean(y)))
-    fpr, tpr, thr = roc_curve(y, scores)
-    best = np.argmax(tpr - fpr)
-    return float(min(thr[best], 1.0))
+    return threshold_for(y, scores, how)
 
 
 def _ratio(num: int, den: int) -> float:

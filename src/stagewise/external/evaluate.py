@@ -91,7 +91,7 @@ def evaluate_bundle(bundle_dir: str | Path, manifest: str | Path, out_dir: str |
                     "negative": list(cohort.config.negative)},
         "settings": {"test_images": test_images, "patient_aggregate": aggregate, "bootstrap_resamples": options.bootstrap,
                      "seed": options.seed, "level": 0.95, "resampling": "patients", "engine": engine,
-                     "threshold": "the bundle's stored threshold (chosen on development training data), never re-chosen here"},
+                     "threshold": "the bundle's stored threshold (chosen on development data, as its model card says), never re-chosen here"},
         "external": external,
         "development": development,
         "comparison": comparison(external, development),

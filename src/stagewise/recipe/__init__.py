@@ -56,6 +56,8 @@ from stagewise.recipe.study import (
     PrimaryComparison,
     ProtocolConfig,
     Recipe,
+    THRESHOLD_RULES,
+    ThresholdRule,
     TrackingConfig,
 )
 
@@ -63,6 +65,8 @@ __all__ = [
     "STAGE_CLASSES",
     "STAGE_KINDS",
     "STRATEGY_NAMES",
+    "THRESHOLD_RULES",
+    "ThresholdRule",
     "AugmentConfig",
     "ArmConfig",
     "BackboneConfig",

@@ -5,10 +5,91 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_serializer, model_validator
 from stagewise.recipe.arms import ArmConfig
 from stagewise.recipe.base import StrictModel
 from stagewise.recipe.cohort import CohortConfig, DataConfig
+
+
+THRESHOLD_RULES = ("youden", "sensitivity", "specificity", "net_benefit", "prevalence", "fixed")
+"""The named decision-threshold rules (evaluation/thresholds.py computes each)."""
+
+
+class ThresholdRule(StrictModel):
+    """How each fold's decision threshold is chosen, and on which scores. Written as `youden`,
+    `prevalence` or a number (fixed) for short, or as a mapping: `{rule: sensitivity, value:
+    0.9, on: inner_cv, folds: 3}`; `{fixed: 0.5}` is a fixed threshold. Scores the model trained
+    on separate its training patients almost perfectly on a small cohort, which makes a cut-off
+    chosen on them close to arbitrary; `inner_cv` chooses on scores of patients each inner
+    model did not train on, at the price of `folds` extra fits per outer fold."""
+
+    rule: Literal["youden", "sensitivity", "specificity", "net_benefit", "prevalence", "fixed"] = "youden"
+    """youden: max sensitivity + specificity - 1; sensitivity / specificity: the cut-off reaching `value`; net_benefit: max net benefit at risk threshold `value`; prevalence: flag the training prevalence; fixed: `value` itself."""
+    value: float | None = None
+    """The target sensitivity or specificity, the risk threshold of net_benefit, or the fixed threshold (a probability in (0, 1))."""
+    on: Literal["training", "inner_cv"] = "training"
+    """training: the scores of the fold model on its own training part; inner_cv: out-of-fold scores of `folds` patient-grouped inner fits of the training part."""
+    folds: int = Field(3, ge=2)
+    """Inner folds of `on: inner_cv` (a nested-CV arm with as many inner folds reuses its fits)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _short_forms(cls, data):
+        if isinstance(data, bool):
+            raise ValueError("give youden, prevalence, a probability or a mapping {rule: ..., on: ...}")
+        if isinstance(data, (int, float)):
+            return {"rule": "fixed", "value": data}
+        if isinstance(data, str):
+            if data not in ("youden", "prevalence"):
+                raise ValueError(f"{data!r} is no threshold rule; write youden, prevalence, a probability, or a "
+                                 f"mapping {{rule: one of {', '.join(THRESHOLD_RULES)}, value: ..., on: training|inner_cv}}")
+            return {"rule": data, "on": "training"}
+        if isinstance(data, dict) and "fixed" in data:
+            if set(data) != {"fixed"}:
+                raise ValueError("`fixed: VALUE` stands alone (a fixed threshold is chosen on no scores)")
+            return {"rule": "fixed", "value": data["fixed"]}
+        return data
+
+    @model_validator(mode="after")
+    def _value_fits_rule(self) -> "ThresholdRule":
+        needs = self.rule in ("sensitivity", "specificity", "net_benefit", "fixed")
+        if needs and self.value is None:
+            raise ValueError(f"rule {self.rule} needs a value (a probability in (0, 1))")
+        if not needs and self.value is not None:
+            raise ValueError(f"rule {self.rule} takes no value")
+        if self.value is not None and not 0 < self.value < 1:
+            raise ValueError(f"value {self.value}: give a probability strictly between 0 and 1")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _short(self, handler):
+        """The short form where it says everything (recipes and fingerprints written before
+        the mapping existed read and hash as they did)."""
+        if self.rule == "fixed":
+            return self.value
+        if self.on == "training" and self.rule in ("youden", "prevalence"):
+            return self.rule
+        return handler(self)
+
+    @property
+    def fixed(self) -> bool:
+        return self.rule == "fixed"
+
+    @property
+    def chosen_on(self) -> str:
+        """Where each fold's threshold is chosen, in words."""
+        if self.fixed:
+            return "fixed in the recipe, chosen on no scores"
+        if self.on == "inner_cv":
+            return (f"chosen on the out-of-fold scores of {self.folds} patient-grouped inner folds of each training "
+                    "part (patients the scoring model did not train on)")
+        return "chosen on the training part's own scores (the patients the fold model trained on)"
+
+    def describe(self) -> str:
+        """The rule in words: 'youden', 'sensitivity >= 0.9', 'net benefit at risk 0.2', 'fixed at 0.5'."""
+        return {"fixed": f"fixed at {self.value}", "sensitivity": f"sensitivity >= {self.value}",
+                "specificity": f"specificity >= {self.value}",
+                "net_benefit": f"max net benefit at risk threshold {self.value}"}.get(self.rule, self.rule)
 
 
 class ProtocolConfig(StrictModel):
@@ -27,8 +108,8 @@ class ProtocolConfig(StrictModel):
     paper); sort the manifest (e.g. by acquisition time) so that first means earliest."""
     patient_aggregate: Literal["mean", "max", "first"] = "mean"
     """How image scores become a patient score for patient-level metrics."""
-    threshold: Literal["youden", "prevalence"] | float = "youden"
-    """Decision threshold for balanced accuracy and F1, chosen on the training part of each fold."""
+    threshold: ThresholdRule = ThresholdRule()
+    """Decision threshold of every threshold-based figure (balanced accuracy, F1, sensitivity, ..., the bundle's decision): a rule and the scores it is chosen on. Default youden on training scores: in benchmarks/RESULTS.md (decision thresholds) inner out-of-fold scores gave no better test balanced accuracy on the covid, lung-ultrasound and digits cohorts (worse on lung ultrasound), while their inner fits added 1.1 to 2.3 times each fold's training time; a run says when its training scores separate perfectly."""
     label_fractions: list[Annotated[float, Field(gt=0, le=1)]] = []
     """Also train each arm on these fractions of each training fold (whole patients, stratified)."""
 

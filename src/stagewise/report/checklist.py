@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from stagewise.recipe import outcome_phrase, strategy_text
 from stagewise.report.federated import fold_stages, is_federated, recorded_sites, round_schedule, unfreeze_text
+from stagewise.report.thresholds import threshold_words
 from stagewise.report.formatting import DASH, fmt_setting
 from stagewise.report.tripod_items import SUBGROUP_HINT, curve_lines, participants_lines, subgroup_lines
 from stagewise.report.unit_order import is_full_label, ordered_units, recipe_arms
@@ -161,8 +162,8 @@ def _selection_items(ctx: dict, protocol: dict) -> list[dict]:
             f"inside each outer training fold" for t in tuned
         ] or ["no tuning: every setting fixed in the recipe before the run"]),
         _item("Threshold selection", "TRIPOD+AI",
-              [f"decision threshold {fmt_setting(protocol.get('threshold', DASH))}, chosen on the training part of each "
-               "fold (never on its test part); balanced accuracy and F1 use it"]),
+              [f"decision threshold {threshold_words(protocol)} (never on the test part); every threshold-based "
+               "figure uses it", *([ctx["thresholds"]["unreliable_sentence"]] if ctx["thresholds"]["unreliable"] else [])]),
     ]
 
 

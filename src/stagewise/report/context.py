@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from stagewise.report.thresholds import threshold_notes
 from stagewise.report.checklist import checklist
 from stagewise.report.federated import federated_sections, nav_with_federated
 from stagewise.report.figures import palette, saliency_colorbar
@@ -114,6 +115,7 @@ def build_context(run_dir: str | Path) -> dict:
         "figures": figures,
         "participants": participants_section(cohort, ev, order),
         "subgroups": subgroup_table(evidence.get("subgroups") or {}, order),
+        "thresholds": threshold_notes(arms, order, protocol),
     } | run_footer(metrics, env, arms, order, recipe_text)
     ctx["checklist_auto"], ctx["checklist_user"] = checklist(metrics, recipe, ctx)
     ctx["nav"] = nav_items(comparisons, figures, pooled, tuning, training_curves, saliency,

@@ -66,7 +66,7 @@ def external_checklist(res: dict) -> tuple[list[dict], list[dict]]:
     ])
     item("Performance measures and uncertainty", [
         "discrimination: AUROC with DeLong and patient-bootstrap 95 % CIs",
-        f"decisions at the bundle's stored threshold ({fmt_num(b['threshold'], 4)}, chosen on development training "
+        f"decisions at the bundle's stored threshold ({fmt_num(b['threshold'], 4)}, chosen on development "
         "data, not re-chosen): sensitivity, specificity, PPV, NPV, balanced accuracy, F1, with patient-bootstrap 95 % CIs",
         "calibration: calibration-in-the-large, calibration slope (Wald 95 % CIs), Brier score, calibration curve",
         "clinical utility: decision curve (net benefit against treat-all and treat-none)",

@@ -19,6 +19,7 @@ from stagewise.report.figures import (
     site_forest_figure,
     training_curve_figure,
 )
+from stagewise.report.thresholds import threshold_words
 from stagewise.report.formatting import (
     DASH,
     finite,
@@ -123,8 +124,7 @@ def run_header(run_dir: Path, metrics: dict, env: dict, cohort: dict, protocol: 
             ("test images", {"all": "every image of a test patient", "first": "the first image of each test patient"}
              .get(protocol.get("test_images"), protocol.get("test_images", DASH))),
             ("patient score", f"{protocol.get('patient_aggregate', DASH)} of the patient's image scores"),
-            ("decision threshold",
-             f"{fmt_setting(protocol.get('threshold', DASH))}, chosen on the training part of each fold"),
+            ("decision threshold", threshold_words(protocol)),
         ],
         "n_splits": n_splits,
     }

@@ -61,7 +61,7 @@ class OutputScore(BaseModel):
     outcome_horizon: str | None = Field(None, description="when the outcome counts, when the recipe gave it")
     outcome_text: str = Field(description="the outcome as the page names it: label (else column) and time frame")
     probability: float = Field(ge=0, le=1)
-    threshold: float = Field(description="the bundle's decision threshold, chosen on training data")
+    threshold: float = Field(description="the bundle's decision threshold (its model card says by which rule, on which scores)")
     decision: bool = Field(description="probability >= threshold")
     state: Literal["flagged", "below_threshold"] = Field(
         description="flagged: at or above the threshold; below_threshold: below it, which is not reassurance")

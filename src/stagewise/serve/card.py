@@ -6,7 +6,7 @@ since oof.json exists, the cohort's counts, the protocol and patient-level 95 % 
 
 from __future__ import annotations
 
-from stagewise.recipe import task_outcome
+from stagewise.recipe import ThresholdRule, task_outcome
 from stagewise.version import __version__
 
 WARNING = ("Research use only. This model is not a medical device and has not been approved for diagnosis or "
@@ -22,6 +22,18 @@ def intended_use(info: dict, dims: int) -> str:
             f"no clinical data, no earlier images.")
 
 
+def fold_threshold_words(protocol: dict | None) -> str | None:
+    """How the cross-validation's fold thresholds were chosen, from oof.json's protocol; None
+    where a bundle does not record it."""
+    if not protocol or protocol.get("threshold") is None:
+        return None
+    try:
+        rule = ThresholdRule.model_validate(protocol["threshold"])
+    except ValueError:
+        return None
+    return f"{rule.describe()}, {rule.chosen_on}"
+
+
 def model_card(info: dict, validation: dict | None, dims: int, engine: str, max_upload: int,
                intensity_notice: str | None = None) -> dict:
     """The card's fields; `intensity_notice` (`Bundle.intensity_notice`) says, for a bundle made
@@ -34,8 +46,8 @@ def model_card(info: dict, validation: dict | None, dims: int, engine: str, max_
             "output": t["output"], "arm": t["arm"], "outcome": t["outcome"], "outcome_label": t.get("outcome_label"),
             "outcome_horizon": t.get("outcome_horizon"), "outcome_text": task_outcome(t), "stages": t["stages"],
             "threshold": t["threshold"], "n_folds": t["n_folds"],
-            # where a threshold not chosen on training data came from (a deployment's bundle: given at export)
-            "threshold_source": (t.get("card") or {}).get("threshold_rule") if "federation" in t else None,
+            # the rule and the scores it was chosen on (the card's words); absent in bundles made before they were recorded
+            "threshold_source": (t.get("card") or {}).get("threshold_rule"),
             "cross_validated": {m: t["metrics"][m] for m in ("auroc", "balanced_accuracy", "f1") if m in t["metrics"]},
             "patient_level_ci": v.get("patient_level") or None,
             "at_threshold": t.get("at_threshold"),
@@ -50,6 +62,7 @@ def model_card(info: dict, validation: dict | None, dims: int, engine: str, max_
         "trained_on": info["source"],
         "cohort": (validation or {}).get("cohort") or None,
         "protocol": (validation or {}).get("protocol") or None,
+        "fold_thresholds": fold_threshold_words((validation or {}).get("protocol")),
         "ci_settings": (validation or {}).get("ci_settings") or None,
         "validation_distribution": validation is not None and bool(validation.get("outputs")),
         "backbone": info["backbone"],

@@ -2,9 +2,8 @@
 images, starting backbones, the frozen-prefix cache), training an arm through its stages,
 baselines and the clinical model, and refitting an arm on every image.
 
-Kept apart from `study` (which plans the folds, hands them to an executor and writes the run
-directory) so that an executor in another process imports the fitting code only.
-"""
+Apart from the runner (plans folds, writes the run directory): an executor in another process
+imports the fitting code only."""
 
 from __future__ import annotations
 
@@ -24,13 +23,13 @@ import torch
 
 from stagewise.data import Cohort, load_cohort, load_images
 from stagewise.evaluation.baselines import baseline_scores, clinical_model_scores, fold_standardize
-from stagewise.evaluation.metrics import binary_metrics, patient_scores
-from stagewise.evaluation.splits import cohort_splits, fold_seed, Split, make_splits, subsample_patients
+from stagewise.evaluation.splits import cohort_splits, fold_seed, Split, subsample_patients
 from stagewise.models import Network, save_backbone, save_network
 from stagewise.study.progress import LineReporter
-from stagewise.recipe import ArmConfig, ProtocolConfig, Recipe, RecipeError
+from stagewise.recipe import ArmConfig, Recipe, RecipeError
 from stagewise.io import atomic_write, atomic_write_with
 from stagewise.study.rundir import RunDir, pretrain_fingerprint
+from stagewise.study.inner_fits import inner_fits, inner_scores_nonimage, wants_inner
 from stagewise.evaluation.fold_scores import score_fold
 from stagewise.errors import RunError
 from stagewise.study.thread_choice import choose_threads, thread_chooser
@@ -42,17 +41,14 @@ from stagewise.training.autotune import choose_compute, describe_timings, needs_
 from stagewise.training.compute import Compute, resolve_compute
 from stagewise.training.engine import predict, prepare_network
 from stagewise.training.stages import FoldData, stage_kind
-from stagewise.training.tuning import choose_by_inner_cv
 from stagewise.study.units import Unit
 
 log = logging.getLogger("stagewise")
 
 
 class Reporter(Protocol):
-    """What a progress display receives; the CLI's rich display implements it. A reporter
-    may also have `message(text)`, for one-line notes (how many fits a Ray run runs at once,
-    and where); with a remote executor `fold_done` comes as each fit's result arrives, and
-    `fold_started`/`epoch_done` come from local fits only."""
+    """What a progress display (the CLI's) receives, and optionally `message(text)` for notes;
+    with a remote executor `fold_started`/`epoch_done` come from local fits only."""
 
     def start(self, total_folds: int) -> None: ...
     def fold_started(self, arm: str, split: Split, n_epochs: int) -> None: ...
@@ -214,15 +210,20 @@ class Study:
     def fit_model(self, unit: Unit, split: Split) -> tuple[dict, pd.DataFrame, dict]:
         seed = fold_seed(self.recipe.seed, split)
         train = subsample_patients(split.train, self.y, self.patients, unit.fraction, seed)
-        arm, extra = unit.arm, {}
-        if arm.tune is not None:
-            point, table = self._tune(arm, train, seed)
-            arm = arm.with_values(point)
-            extra["tuning"] = {"chosen": point, "grid": table}
+        extra, pooled, rule = {}, unit.arm.sites.mode == "pooled", self.recipe.protocol.threshold
+        inner = inner_fits(unit.arm, train, self.y, self.patients, seed, rule if pooled else None,
+                           self.recipe.protocol.patient_aggregate,
+                           lambda cand, a, b: self.fit_predict(unit.arm, cand, a, b, seed))
+        arm = inner.arm
+        if inner.tuning:
+            extra["tuning"] = inner.tuning
+        if inner.record or (not pooled and wants_inner(rule)):
+            extra["threshold_inner"] = inner.record or {"fallback": "a local or federated arm: chosen on the training "
+                                                                    "part's scores (no inner fits per site)"}
         self.pristine(unit.arm)  # an arm's stages on source manifests run (once) before its first fold starts
         self.check_threads(unit.arm)
         self.reporter.fold_started(unit.name, split, sum(s.epochs for s in arm.stages if not s.external))
-        if arm.sites.mode != "pooled":
+        if not pooled:
             return self._fit_sites(unit, split, train, seed, extra)
         clinical = self.clinical_features(train) if arm.head.fusion else None
         compute = self.compute_for(unit.arm)
@@ -230,7 +231,8 @@ class Study:
                                      compute, self.cache, self.reporter, clinical, unlabeled=split.train)
         p_train = predict(net, self.images, train, compute, self.cache, extra=clinical)
         p_test = predict(net, self.images, split.test, compute, self.cache, extra=clinical)
-        metrics, preds = score_fold(self.recipe, self.cohort, split, train, p_train, p_test, recalibrate=True)
+        metrics, preds = score_fold(self.recipe, self.cohort, split, train, p_train, p_test, recalibrate=True,
+                                    p_inner=inner.p_inner)
         extra["compute"], extra["threads"] = compute.label, torch.get_num_threads()  # what this fold ran with
         extra["stages"] = stage_logs
         extra["n_train_images"] = int(len(train))
@@ -270,21 +272,15 @@ class Study:
         x = self.cohort.table[self.recipe.cohort.clinical].to_numpy(dtype=float)
         return torch.tensor(fold_standardize(x, train), dtype=torch.float32)
 
-    def _tune(self, arm: ArmConfig, train: np.ndarray, seed: int):
-        inner_protocol = ProtocolConfig(folds=arm.tune.inner_folds, repeats=1)
-        inner = make_splits(self.y[train], self.patients[train], inner_protocol, seed)
-
-        def score(candidate: ArmConfig, inner_train: np.ndarray, inner_test: np.ndarray) -> float:
-            rows_train, rows_test = train[inner_train], train[inner_test]
-            clinical = self.clinical_features(rows_train) if arm.head.fusion else None
-            compute = self.compute_for(arm)
-            net, _ = train_fold(candidate, self.pristine(arm), self.images, self.targets, rows_train, seed,
-                                compute, self.cache, SilentReporter(), clinical)
-            p = predict(net, self.images, rows_test, compute, self.cache, extra=clinical)[:, 0]
-            s, y = patient_scores(p, self.y[rows_test], self.patients[rows_test], self.recipe.protocol.patient_aggregate)
-            return binary_metrics(y, s, 0.5)["auroc"]
-
-        return choose_by_inner_cv(arm, inner, score)
+    def fit_predict(self, base: ArmConfig, candidate: ArmConfig, rows_fit: np.ndarray, rows_score: np.ndarray,
+                     seed: int) -> np.ndarray:
+        """An inner fit (nested CV, inner-CV thresholds): `candidate` trained on `rows_fit`, its
+        scores of `rows_score`; from the backbone and compute of the arm `base`."""
+        clinical = self.clinical_features(rows_fit) if base.head.fusion else None
+        compute = self.compute_for(base)
+        net, _ = train_fold(candidate, self.pristine(base), self.images, self.targets, rows_fit, seed,
+                            compute, self.cache, SilentReporter(), clinical)
+        return predict(net, self.images, rows_score, compute, self.cache, extra=clinical)
 
     def _saliency(self, net: Network, split: Split, preds: pd.DataFrame, folder: Path, threshold: float) -> list[dict]:
         """A pooled fold's maps: its fold model on the fold's test images (see saliency_maps)."""
@@ -304,14 +300,21 @@ class Study:
 
     def fit_nonimage(self, unit: Unit, split: Split) -> tuple[dict, pd.DataFrame, dict]:
         t = self.cohort.table
+        seed = fold_seed(self.recipe.seed, split)
         if unit.kind == "baseline":
-            scores, direction = baseline_scores(t[unit.column].to_numpy(dtype=float), self.y, split.train)
-            extra = {"direction": direction}
+            values = t[unit.column].to_numpy(dtype=float)
+            scores, direction = baseline_scores(values, self.y, split.train)
+            extra, refit = {"direction": direction}, lambda a, b: baseline_scores(values, self.y, a)[0][b]
         else:
             x = t[self.recipe.cohort.clinical].to_numpy(dtype=float)
-            scores = clinical_model_scores(x, self.y, self.patients, split.train, fold_seed(self.recipe.seed, split))
+            scores = clinical_model_scores(x, self.y, self.patients, split.train, seed)
             extra = {"columns": list(self.recipe.cohort.clinical)}
-        metrics, preds = score_fold(self.recipe, self.cohort, split, split.train, scores[split.train], scores[split.test])
+            refit = lambda a, b: clinical_model_scores(x, self.y, self.patients, a, seed)[b]  # noqa: E731
+        p_inner, record = inner_scores_nonimage(split.train, self.y, self.patients, seed, self.recipe.protocol.threshold,
+                                                refit)
+        extra |= {"threshold_inner": record} if record else {}
+        metrics, preds = score_fold(self.recipe, self.cohort, split, split.train, scores[split.train], scores[split.test],
+                                    p_inner=p_inner)
         return metrics, preds, extra
 
 

@@ -129,7 +129,8 @@ def source_problems(recipe: Recipe) -> list[str]:
 
 
 def split_problems(recipe: Recipe, cohort: Cohort) -> list[str]:
-    """Outer folds for the protocol, and inner folds for every arm that tunes (nested CV)."""
+    """Outer folds for the protocol, inner folds for every arm that tunes (nested CV) and for a
+    threshold chosen on inner out-of-fold scores."""
     t = cohort.table
     y, patients = t["y"].to_numpy(), t["patient"].to_numpy()
     sites = t["site"].to_numpy() if "site" in t else None
@@ -147,6 +148,17 @@ def split_problems(recipe: Recipe, cohort: Cohort) -> list[str]:
                 make_splits(y[split.train], patients[split.train], inner, recipe.seed)
             except SplitError as err:
                 problems.append(f"arm {arm.name!r}: tune.inner_folds inside fold {split.name}: {err}")
+                break
+    rule = recipe.protocol.threshold
+    if rule.on == "inner_cv" and not rule.fixed:
+        inner = ProtocolConfig(folds=rule.folds, repeats=1)
+        for split in splits:
+            try:
+                make_splits(y[split.train], patients[split.train], inner, recipe.seed)
+            except SplitError as err:
+                problems.append(f"protocol.threshold.folds ({rule.folds} inner folds) inside fold {split.name}: "
+                                f"{str(err).split('; patients')[0]}; lower protocol.threshold.folds or choose the "
+                                "threshold `on: training`")
                 break
     return problems
 

@@ -36,6 +36,7 @@ def fmt_duration(seconds: float) -> str:
 _METRIC_LABELS = {
     "auroc": "AUROC", "auprc": "AUPRC", "balanced_accuracy": "balanced accuracy", "f1": "F1", "ppv": "PPV",
     "npv": "NPV", "tp": "TP", "fp": "FP", "tn": "TN", "fn": "FN", "train_auroc": "training AUROC",
+    "inner_auroc": "inner out-of-fold AUROC",
     "n_test_patients": "test patients", "n_train_patients": "training patients",
     "train_prevalence_images": "training prevalence (images)",
 }

@@ -22,6 +22,7 @@ from stagewise.evaluation.evidence import compute_evidence
 from stagewise.evaluation.splits import Split
 from stagewise.study.executors import open_executor
 from stagewise.evaluation.splits import fold_seed
+from stagewise.evaluation.thresholds import UNRELIABLE_SENTENCE
 from stagewise.study.fitting import FoldOutput, Reporter, Study
 from stagewise.study.progress import LineReporter, Phases, fmt_fold_metrics, unit_stages
 from stagewise.recipe import Recipe
@@ -62,8 +63,25 @@ def record_fold(run: RunDir, recipe: Recipe, unit: Unit, split: Split, fingerpri
     preds.insert(0, "arm", unit.name)
     run.write_fold(unit.folder, split.name, meta, preds)
     log.info("%s %s: %s", unit.name, split.name, fmt_fold_metrics(out.metrics))
+    if out.metrics.get("threshold_unreliable"):
+        log.warning("%s %s: training AUROC %.4f: %s", unit.name, split.name, out.metrics["train_auroc"],
+                    UNRELIABLE_SENTENCE)
     reporter.fold_done(unit.name, split, out.metrics, resumed=False)
     return meta, preds
+
+
+def warn_unreliable_thresholds(units_out: dict, reporter: Reporter) -> list[str]:
+    """Once for the run, in log.txt and on screen: the units whose thresholds were chosen on
+    training scores that separate (almost) perfectly (resumed folds included). Returns them."""
+    units = [name for name, u in units_out.items()
+             if any(f.get("threshold_unreliable") for f in u.get("folds", []))]
+    if units:
+        text = f"{', '.join(units)}: {UNRELIABLE_SENTENCE}"
+        log.warning("threshold: %s", text)
+        say = getattr(reporter, "message", None)
+        if say is not None:
+            say(text)
+    return units
 
 
 class RunLog(logging.FileHandler):
@@ -216,6 +234,7 @@ def _run(recipe: Recipe, run: RunDir, reporter: Reporter, tracker: StudyTracker)
             fold_results.append(meta)
             all_preds.append(preds)
         units_out[unit.name] = unit_summary(unit, fold_results)
+    warn_unreliable_thresholds(units_out, reporter)
     compute, fold_compute = run_compute(units_out, compute)  # what the folds ran with, resumed ones included
     for name, settings in mixed_units(units_out).items():
         log.warning("compute: the folds of %s ran under different settings (%s): their timings are not comparable",

@@ -78,7 +78,7 @@ function renderCard(card) {
   if (card.protocol) {
     const p = card.protocol;
     const scheme = p.kind === "group_kfold" ? `${p.folds}-fold cross-validation, patients kept within one fold` : p.kind.replaceAll("_", " ");
-    item("Validation", `${scheme}${p.repeats > 1 ? `, repeated ${p.repeats} times` : ""}; thresholds chosen on training data (${p.threshold})`);
+    item("Validation", `${scheme}${p.repeats > 1 ? `, repeated ${p.repeats} times` : ""}; fold thresholds ${card.fold_thresholds || `chosen on training data (${p.threshold})`}`);
   } else {
     item("Validation", `${card.outputs[0].n_folds} cross-validation folds`);
   }
