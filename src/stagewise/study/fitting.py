@@ -345,9 +345,8 @@ _PROCESS_LOCAL = ("run", "reporter", "cache", "_images", "_pristine", "_computes
 
 
 def study_state(study: Study) -> dict:
-    """What a fit in another process needs of a study (recipe, cohort table, splits, targets,
-    ...): everything but the run directory, the progress display, the prefix cache, the
-    images and the backbones, which a remote executor sends or makes separately."""
+    """What a fit in another process needs of a study: all but what `_PROCESS_LOCAL` names,
+    which a remote executor sends or makes separately."""
     return {k: v for k, v in vars(study).items() if k not in _PROCESS_LOCAL}
 
 
