@@ -269,14 +269,13 @@ def test_a_failing_site_is_survived_when_the_minimum_allows(sites_manifest):
 
 
 def test_bad_strategy_parameters_are_caught_before_training(sites_manifest):
-    from stagewise.study.preflight import StudyCheckError, check_study
+    from stagewise.recipe import RecipeError
 
     arms = [{"name": "fed", "backbone": "scratch:tinycnn",
              "sites": {"mode": "federated", "strategy": "fedprox", "strategy_params": {"proximal_nu": 0.1}},
              "stages": [{"kind": "probe", "rounds": 1}]}]
-    recipe = small_recipe(sites_manifest, arms, cohort={"manifest": str(sites_manifest), "site": "hospital"})
-    with pytest.raises(StudyCheckError, match="arm 'fed': sites.strategy_params for fedprox.*proximal_nu"):
-        check_study(recipe)
+    with pytest.raises(RecipeError, match="arms.0.sites: strategy_params.proximal_nu: fedprox has no parameter"):
+        small_recipe(sites_manifest, arms, cohort={"manifest": str(sites_manifest), "site": "hospital"})
 
 
 def test_per_site_arms_need_a_site_column_and_rounds(sites_manifest):

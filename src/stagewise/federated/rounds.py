@@ -3,8 +3,8 @@
 One loop (`serve_rounds`) walks an arm's stages round by round: for each round it works out
 which groups train (a thaw stage unfreezes at fractions of its rounds), sends those groups'
 tensors only through the Flower strategy's `configure_train`, and aggregates the replies with
-its `aggregate_train` (FedAvg, FedProx or FedAdam, Flower's own). The same loop runs inside
-Flower's simulation engine (`federated.simulation`, the embedded default of a study) and in a
+its `aggregate_train` (Flower's own: FedAvg, FedProx, the server-side optimizers, the robust
+aggregators; `recipe.strategies` lists them). The same loop runs inside Flower's simulation engine (`federated.simulation`, the embedded default of a study) and in a
 real deployment over the network (`federated.deployment`), so the two give the same numbers.
 
 Replies are aggregated in a fixed site order, not arrival order, so float sums repeat run to
@@ -26,6 +26,7 @@ import torch
 from stagewise.federated.sharing import shared_keys, tensor_bytes
 from stagewise.models import Network
 from stagewise.recipe import ArmConfig, SitesConfig
+from stagewise.recipe.strategies import STRATEGIES, strategy_param_problems
 from stagewise.training.engine import plan_stage
 from stagewise.errors import StagewiseError
 
@@ -37,16 +38,19 @@ class FederatedError(StagewiseError, RuntimeError):
 
 
 def make_strategy(cfg: SitesConfig, n_sites: int):
-    """The Flower strategy named by the recipe. It samples every connected site in each round
-    and needs at least `sites.min_sites` of them (default: all)."""
-    from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
+    """The Flower strategy named by the recipe (`recipe.strategies` holds the table), with its
+    parameters (whole-number ones as int). It samples every connected site in each round and
+    needs at least `sites.min_sites` of them (default: all)."""
+    import flwr.serverapp.strategy
 
-    cls = {"fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam}[cfg.strategy]
+    spec = STRATEGIES[cfg.strategy]
+    problems = strategy_param_problems(cfg.strategy, cfg.strategy_params)
     need = min(cfg.min_sites or n_sites, n_sites)
-    try:
-        return cls(fraction_evaluate=0.0, min_train_nodes=need, min_available_nodes=need, **cfg.strategy_params)
-    except TypeError as err:
-        raise FederatedError(f"sites.strategy_params for {cfg.strategy}: {err}") from None
+    if problems:
+        raise FederatedError(f"sites.strategy_params for {cfg.strategy}: {'; '.join(problems)}")
+    params = {k: int(v) if spec.params[k].integer else v for k, v in cfg.strategy_params.items()}
+    cls = getattr(flwr.serverapp.strategy, spec.flower)
+    return cls(fraction_evaluate=0.0, min_train_nodes=need, min_available_nodes=need, **params)
 
 
 def round_plan(arm: ArmConfig, group_names: list[str]) -> list[tuple[int, int, list[str]]]:
@@ -169,6 +173,9 @@ def serve_rounds(grid, cfg: SitesConfig, plan, start: Network, out: FederatedRes
             raise FederatedError(f"round {t}: {len(ok)} of {n} sites replied (sites.min_sites is {need})"
                                  + (f"; errors: {failed}" if failed else ""))
         arrays, metrics = strategy.aggregate_train(t, ok)
+        if arrays is None:  # e.g. Bulyan with fewer than 4f + 3 replies
+            raise FederatedError(f"round {t}: {cfg.strategy} aggregated nothing from {len(ok)} replies "
+                                 "(too few sites for its strategy_params); see `stagewise validate`")
         for k, v in arrays.to_torch_state_dict().items():
             out.global_state[k] = v.to(out.global_state[k].dtype)
         out.shared = [k for k in out.global_state if k in set(out.shared) | set(keys)]

@@ -9,6 +9,9 @@ from pydantic import Field, field_validator, model_validator
 from stagewise.recipe.base import StrictModel
 from stagewise.recipe.network import BackboneConfig, HeadConfig
 from stagewise.recipe.stages import STAGE_CLASSES, SslStage, StageConfig
+from stagewise.recipe.strategies import STRATEGIES, STRATEGY_NAMES, strategy_param_problems
+
+StrategyName = Literal[tuple(STRATEGIES)]  # type: ignore[valid-type]  # the names of recipe/strategies.py
 
 
 class TuneConfig(StrictModel):
@@ -35,10 +38,13 @@ class SitesConfig(StrictModel):
     """pooled: all training rows in one place; local: each site trains on its own rows and
     scores its own test patients (and, for cross-site figures, the other sites'); federated:
     each site is a Flower client with its own rows only, a server aggregates."""
-    strategy: Literal["fedavg", "fedprox", "fedadam"] = "fedavg"
-    """The Flower strategy that aggregates (federated only)."""
+    strategy: StrategyName = "fedavg"
+    """The Flower strategy that aggregates (federated only): FedAvg, server-side optimizers
+    (fedavgm, fedadam, fedyogi, fedadagrad), FedProx, or a robust aggregator (fedmedian,
+    fedtrimmedavg, krum, multikrum, bulyan)."""
     strategy_params: dict[str, float] = {}
-    """Its parameters, e.g. {proximal_mu: 0.01} for fedprox, {eta: 0.01} for fedadam."""
+    """Its parameters, e.g. {proximal_mu: 0.01} for fedprox, {server_momentum: 0.9} for fedavgm,
+    {eta: 0.01} for fedadam, {num_malicious_nodes: 1} for krum (Flower's names and defaults)."""
     bn_stats: Literal["average", "local"] = "average"
     """BatchNorm of the shared groups: averaged like the other weights, or kept at each site
     (FedBN: BatchNorm weights and statistics never leave a site)."""
@@ -47,9 +53,12 @@ class SitesConfig(StrictModel):
     round_timeout: float = Field(3600.0, gt=0)
     """Seconds the server waits for the sites' replies in a round."""
 
-
-STRATEGY_NAMES = {"fedavg": "FedAvg", "fedprox": "FedProx", "fedadam": "FedAdam"}
-"""Each `sites.strategy` as its papers write it."""
+    @model_validator(mode="after")
+    def _strategy_params_valid(self) -> "SitesConfig":
+        problems = strategy_param_problems(self.strategy, self.strategy_params)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
 
 def strategy_text(sites: dict) -> str:
