@@ -112,6 +112,10 @@ def export_federation_bundle(job_dir: str | Path, out: str | Path, threshold: fl
     folder, spec, final = finished_job(job_dir)
     job = folder.job()
     recipe, arm = job.recipe, job.arm
+    if arm.sites.local_groups:
+        raise RunError(f"{job_dir}: arm {arm.name!r} keeps {', '.join(arm.sites.local_groups)} at each site "
+                       "(sites.local_groups), so the coordinator's global model has never trained them and is no "
+                       "model to deploy; each site's own model stays at the site")
     value, rule = chosen_threshold(recipe, threshold)
     net = load_network(folder.path / "model" / f"{arm.name}.safetensors")
     training = training_facts(folder, spec, final)

@@ -157,7 +157,7 @@ def serve_rounds(grid, cfg: SitesConfig, plan, start: Network, out: FederatedRes
     need = min(cfg.min_sites or n, n)
     strategy, keys_before = None, None
     for t, (stage_index, r, trainable) in enumerate(plan, start=1):
-        keys = shared_keys(start, trainable, cfg.bn_stats)
+        keys = shared_keys(start, trainable, cfg.bn_stats, cfg.local_groups)
         if keys != keys_before:  # a fresh server optimizer (FedAdam) whenever the shared set changes
             strategy, keys_before = make_strategy(cfg, n), keys
         if t <= resume:
@@ -172,11 +172,8 @@ def serve_rounds(grid, cfg: SitesConfig, plan, start: Network, out: FederatedRes
         if len(ok) < need:
             raise FederatedError(f"round {t}: {len(ok)} of {n} sites replied (sites.min_sites is {need})"
                                  + (f"; errors: {failed}" if failed else ""))
-        arrays, metrics = strategy.aggregate_train(t, ok)
-        if arrays is None:  # e.g. Bulyan with fewer than 4f + 3 replies
-            raise FederatedError(f"round {t}: {cfg.strategy} aggregated nothing from {len(ok)} replies "
-                                 "(too few sites for its strategy_params); see `stagewise validate`")
-        for k, v in arrays.to_torch_state_dict().items():
+        arrays, metrics = _aggregate(strategy, t, ok, keys, cfg.strategy)
+        for k, v in arrays.items():
             out.global_state[k] = v.to(out.global_state[k].dtype)
         out.shared = [k for k in out.global_state if k in set(out.shared) | set(keys)]
         out.rounds.append({
@@ -195,6 +192,21 @@ def serve_rounds(grid, cfg: SitesConfig, plan, start: Network, out: FederatedRes
                         out.rounds[-1]["failures"])
         if on_round is not None:
             on_round(t, out)
+
+
+def _aggregate(strategy, t: int, replies: list, keys: list[str], name: str) -> tuple[dict, dict | None]:
+    """The strategy's aggregate of the round's replies (tensors by key, metrics). A round in
+    which only `sites.local_groups` train shares nothing: there is nothing to aggregate, and
+    the loss is the replies' mean weighted by training examples, as the strategies weigh it."""
+    if not keys:
+        n = [float(m.content["metrics"]["num-examples"]) for m in replies]
+        losses = [float(m.content["metrics"].get("loss", float("nan"))) for m in replies]
+        return {}, {"loss": sum(a * b for a, b in zip(n, losses)) / sum(n)} if sum(n) else None
+    arrays, metrics = strategy.aggregate_train(t, replies)
+    if arrays is None:  # e.g. Bulyan with fewer than 4f + 3 replies
+        raise FederatedError(f"round {t}: {name} aggregated nothing from {len(replies)} replies "
+                             "(too few sites for its strategy_params); see `stagewise validate`")
+    return arrays.to_torch_state_dict(), metrics
 
 
 def _site_losses(replies: list, site_of: Callable) -> dict:

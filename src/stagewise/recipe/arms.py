@@ -48,6 +48,9 @@ class SitesConfig(StrictModel):
     bn_stats: Literal["average", "local"] = "average"
     """BatchNorm of the shared groups: averaged like the other weights, or kept at each site
     (FedBN: BatchNorm weights and statistics never leave a site)."""
+    local_groups: list[str] = []
+    """Layer groups that stay at each site, never sent nor aggregated (FedPer/FedRep, e.g.
+    [head]): each site trains its own and scores its patients with them (federated only)."""
     min_sites: int | None = Field(None, ge=1)
     """Fewest sites a round may complete with (default: all); fewer replies fail the fold."""
     round_timeout: float = Field(3600.0, gt=0)
@@ -56,6 +59,8 @@ class SitesConfig(StrictModel):
     @model_validator(mode="after")
     def _strategy_params_valid(self) -> "SitesConfig":
         problems = strategy_param_problems(self.strategy, self.strategy_params)
+        if self.local_groups and self.mode != "federated":
+            problems.append("local_groups: only a federated arm (mode: federated) keeps groups at its sites")
         if problems:
             raise ValueError("; ".join(problems))
         return self

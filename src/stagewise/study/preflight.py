@@ -83,6 +83,10 @@ def arm_problems(arm: ArmConfig) -> list[str]:
         return [f"arm {arm.name!r}: backbone {spec.name}: {err}"]
     groups = backbone.group_names + ["head"]
     problems = []
+    unknown = [g for g in arm.sites.local_groups if g not in groups]
+    if unknown:
+        problems.append(f"arm {arm.name!r}: sites.local_groups names {unknown}, which {spec.name} has not; "
+                        f"its groups: {', '.join(groups)}")
     if arm.head.pretrained:
         source = spec.name.split(":", 1)[0]
         loaded = source in ("file", "run")  # read above, so its head is known; a named source declares it

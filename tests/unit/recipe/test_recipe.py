@@ -71,3 +71,22 @@ def test_each_stage_kind_is_its_own_class_with_its_groups():
 def test_learning_rates_must_be_positive(lr):
     with pytest.raises(RecipeError, match="lr"):
         recipe_from_dict(_base(stages=[{"kind": "probe", "lr": lr}]))
+
+
+def test_groups_kept_at_the_sites_need_a_federated_arm_and_group_kfold(tmp_path):
+    """`sites.local_groups` (FedPer/FedRep) is federated only, has no global version for a
+    held-out site, and `validate` names a group the backbone has not."""
+    from stagewise.study.preflight import arm_problems
+
+    fed = {"name": "f", "backbone": "scratch:tinycnn", "stages": [{"kind": "probe", "rounds": 1}],
+           "sites": {"mode": "federated", "local_groups": ["head"]}}
+    base = {"name": "r", "cohort": {"manifest": "m.csv", "site": "hospital"}}
+    recipe = recipe_from_dict(base | {"arms": [fed]})
+    assert recipe.arms[0].sites.local_groups == ["head"] and arm_problems(recipe.arms[0]) == []
+    with pytest.raises(RecipeError, match="arms.0.sites: local_groups: only a federated arm"):
+        recipe_from_dict(base | {"arms": [{**fed, "sites": {"mode": "local", "local_groups": ["head"]}, "stages": [{"kind": "probe"}]}]})
+    with pytest.raises(RecipeError, match="sites.local_groups.*held-out site has no model"):
+        recipe_from_dict(base | {"arms": [fed], "protocol": {"kind": "leave_one_site_out"}})
+    wrong = recipe_from_dict(base | {"arms": [{**fed, "sites": {"mode": "federated", "local_groups": ["layer9"]}}]})
+    (problem,) = arm_problems(wrong.arms[0])
+    assert "sites.local_groups names ['layer9']" in problem and "head" in problem
