@@ -304,17 +304,24 @@ def _messages(seen, direction, kind, node):
             if d == direction and m.metadata.message_type == kind and getattr(m.metadata, end) == node]
 
 
+PERSONALISE = {"kind": "thaw", "site_local": True, "epochs": 1, "batch_size": 8, "lr": 1e-2, "unfreeze": {"layer4": 0.0}}
+
+
 def test_groups_kept_at_each_site_never_travel_and_each_site_scores_with_its_own(sites_manifest):
-    """FedPer with FedBN: the head stays at each site (`sites.local_groups: [head]`) and so does
-    BatchNorm. No message carries either; each site's rounds, replayed here from the messages
-    it received, give exactly what it sent, and its own head, which differs from the other
-    site's; its final scores are its own head's over the aggregated layer4."""
+    """FedPer with FedBN, then personalisation: the head stays at each site
+    (`sites.local_groups: [head]`) and so does BatchNorm, and a `site_local` stage fine-tunes
+    layer4 and the head at each site after the rounds. No message carries the head or
+    BatchNorm, and nothing of the personalisation (its final message up holds scores only);
+    each site's rounds, replayed here from the messages it received, give exactly what it
+    sent and its own head, which differs from the other site's; its final scores are those of
+    its own model personalised on its own rows (not what it would score without that stage)."""
     images, targets = _digits(sites_manifest)
     arm = ArmConfig.model_validate({"name": "f", "backbone": "scratch:resnet18",
                                     "sites": {"mode": "federated", "local_groups": ["head"], "bn_stats": "local"},
                                     "stages": [{"kind": "probe", "rounds": 1, "epochs": 1, "batch_size": 8},
                                                {"kind": "thaw", "rounds": 2, "epochs": 1, "batch_size": 8,
-                                                "unfreeze": {"layer4": 0.0}}]})
+                                                "unfreeze": {"layer4": 0.0}}, PERSONALISE]})
+    unpersonalised = arm.model_copy(update={"stages": arm.stages[:2]})
     start = _net()
     parts = [_partition(images, targets, np.arange(0, 12), "A"), _partition(images, targets, np.arange(12, 24), "B")]
     seen = []
@@ -326,6 +333,9 @@ def test_groups_kept_at_each_site_never_travel_and_each_site_scores_with_its_own
     assert [set(m.content["arrays"]) for m in train_down] == [set(), set(), layer4, layer4, layer4, layer4]
     assert all(set(m.content["arrays"]) <= layer4 for _, m in seen if "arrays" in m.content.keys())
     assert [r["tensor_bytes_per_site"] for r in result.rounds][0] == 0  # the probe round shares nothing
+    assert len(result.rounds) == 3  # the site_local stage is no round
+    final_up = [m for d, m in seen if d == "up" and m.metadata.message_type == "evaluate"]
+    assert len(final_up) == 2 and all(set(m.content.keys()) == {"scores", "metrics"} for m in final_up)
     node = {int(m.content["metrics"]["partition"]): m.metadata.src_node_id for d, m in seen if d == "up"}
     heads, threads = {}, torch.get_num_threads()
     torch.set_num_threads(1)  # as each simulated site trains
@@ -341,8 +351,10 @@ def test_groups_kept_at_each_site_never_travel_and_each_site_scores_with_its_own
                 assert set(got) == set(sent) and all(torch.equal(got[key], sent[key]) for key in got)
             heads[part.site] = {key: state[key] for key in head}
             (final,) = _messages(seen, "down", "evaluate", node[k])
-            np.testing.assert_allclose(result.scores[k], trainer.scores(final.content["arrays"].to_torch_state_dict(),
-                                                                        state), rtol=0, atol=1e-6)
+            final = final.content["arrays"].to_torch_state_dict()
+            np.testing.assert_allclose(result.scores[k], trainer.scores(final, state), rtol=0, atol=1e-6)
+            plain = SiteTrainer(part, unpersonalised, start, FP32, seed=0).scores(final, state)
+            assert np.abs(result.scores[k] - plain).max() > 1e-4  # personalised at the site
     finally:
         torch.set_num_threads(threads)
     assert not all(torch.equal(heads["A"][key], heads["B"][key]) for key in head)  # each site trained its own

@@ -57,6 +57,8 @@ def round_plan(arm: ArmConfig, group_names: list[str]) -> list[tuple[int, int, l
     """(stage index among the fold stages, round in stage, trainable groups) for every round."""
     plan = []
     for i, stage in enumerate(s for s in arm.stages if not s.external):
+        if stage.site_local:  # personalisation: at each site alone, after the rounds (site.SiteTrainer.scores)
+            continue
         by_round = plan_stage(stage.model_copy(update={"epochs": stage.rounds}), group_names)
         plan += [(i, r, by_round.trainable(r)) for r in range(stage.rounds)]
     return plan

@@ -98,7 +98,7 @@ class ArmConfig(StrictModel):
                     raise ValueError(f"stage {i} ({stage.kind}) runs centrally before the sites train: no `rounds`")
                 if federated and isinstance(stage, SslStage) and not stage.external:
                     raise ValueError(f"stage {i}: an ssl stage on the target is not federated; give it a source manifest")
-            elif federated and stage.rounds is None:
+            elif federated and stage.rounds is None and not stage.site_local:
                 raise ValueError(f"stage {i} ({stage.kind}) of a federated arm needs `rounds` (epochs = local epochs per round)")
             elif not federated and stage.rounds is not None:
                 raise ValueError(f"stage {i} ({stage.kind}) has `rounds`, which only a federated arm (sites.mode) uses")
@@ -112,6 +112,23 @@ class ArmConfig(StrictModel):
             raise ValueError("nested CV (tune) is not available for federated arms")
         if federated and self.head.fusion:
             raise ValueError("clinical fusion heads are not federated (their scaling would pool sites' statistics)")
+        return self
+
+    @model_validator(mode="after")
+    def _site_local_stages_last(self) -> "ArmConfig":
+        """Personalisation (`site_local: true`) follows federation: federated arms only, after
+        at least one federated stage, with no federated stage after it, and no rounds."""
+        local = [i for i, s in enumerate(self.stages) if s.site_local]
+        rounds = [i for i, s in enumerate(self.stages) if s.rounds is not None]
+        for i in local:
+            if self.sites.mode != "federated":
+                raise ValueError(f"stage {i}: site_local (personalisation after federated stages) is for federated "
+                                 "arms (sites.mode: federated); a local arm's stages all run at each site alone")
+            if self.stages[i].rounds is not None:
+                raise ValueError(f"stage {i}: a site_local stage runs once at each site for its epochs; remove `rounds`")
+            if not rounds or max(rounds) > i:
+                raise ValueError(f"stage {i}: a site_local stage comes after the federated stages (those with "
+                                 "`rounds`), at least one of them")
         return self
 
     def with_values(self, point: dict) -> "ArmConfig":

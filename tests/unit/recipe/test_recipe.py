@@ -90,3 +90,21 @@ def test_groups_kept_at_the_sites_need_a_federated_arm_and_group_kfold(tmp_path)
     wrong = recipe_from_dict(base | {"arms": [{**fed, "sites": {"mode": "federated", "local_groups": ["layer9"]}}]})
     (problem,) = arm_problems(wrong.arms[0])
     assert "sites.local_groups names ['layer9']" in problem and "head" in problem
+
+
+def test_a_personalisation_stage_follows_the_federated_stages_of_a_federated_arm():
+    fed = {"name": "f", "backbone": "scratch:tinycnn", "sites": {"mode": "federated"},
+           "stages": [{"kind": "probe", "rounds": 2}, {"kind": "finetune", "site_local": True, "epochs": 1}]}
+    base = {"name": "r", "cohort": {"manifest": "m.csv", "site": "hospital"}}
+    arm = recipe_from_dict(base | {"arms": [fed]}).arms[0]
+    assert arm.stages[1].site_local and arm.stages[1].rounds is None
+    for stages, says in [
+        ([fed["stages"][1], fed["stages"][0]], "comes after the federated stages"),
+        ([fed["stages"][1]], "comes after the federated stages"),
+        ([fed["stages"][0], {**fed["stages"][1], "rounds": 1}], "remove `rounds`"),
+    ]:
+        with pytest.raises(RecipeError, match=says):
+            recipe_from_dict(base | {"arms": [{**fed, "stages": stages}]})
+    with pytest.raises(RecipeError, match="site_local .* is for federated arms"):
+        recipe_from_dict(base | {"arms": [{**fed, "sites": {"mode": "local"},
+                                           "stages": [{"kind": "probe"}, fed["stages"][1]]}]})
