@@ -77,7 +77,8 @@ def strategy_text(sites: dict) -> str:
                    else " (Flower's default parameters)")
     bn = ("FedBN: BatchNorm weights and statistics stay at each site" if sites.get("bn_stats") == "local"
           else "BatchNorm of the groups that train averaged with their weights")
-    return f"{text}; {bn}"
+    kept = sites.get("local_groups") or []
+    return f"{text}; {bn}" + (f"; {', '.join(kept)} kept at each site, never aggregated (FedPer)" if kept else "")
 
 
 class ArmConfig(StrictModel):

@@ -71,3 +71,17 @@ def test_groups_kept_at_the_sites_leave_no_model_for_a_site_without_training_row
 def test_a_per_site_model_is_not_refit_into_one_bundle(arm, says):
     text = export_refusal(arm, refit=True)
     assert text is not None and says in text and "--refit instead" in text
+
+
+def test_metrics_json_names_the_sites_the_global_model_scored(monkeypatch):
+    from stagewise.study.summaries import unit_summary
+    from stagewise.study.units import Unit
+
+    arm = _arm(stages=[ROUNDS, {"kind": "probe", "site_local": True, "epochs": 1}])
+    fit, _, _ = _fold(arm, monkeypatch)
+    folds = [{"repeat": 0, "fold": k, "metrics": {"auroc": 0.5}, "seconds": 1.0, "sites_training": fit.info}
+             for k in range(2)]
+    summary = unit_summary(Unit("f", "model", arm), folds)["sites_training"]
+    assert summary["personalised"]["stages"] == ["1:probe"]
+    assert summary["personalised"]["scored_by_global_model"] == ["C"]
+    assert summary["personalised"]["notes"] == [fit.info["personalised"]["note"]]
