@@ -4,8 +4,11 @@ One loop (`serve_rounds`) walks an arm's stages round by round: for each round i
 which groups train (a thaw stage unfreezes at fractions of its rounds), sends those groups'
 tensors only through the Flower strategy's `configure_train`, and aggregates the replies with
 its `aggregate_train` (Flower's own: FedAvg, FedProx, the server-side optimizers, the robust
-aggregators; `recipe.strategies` lists them). The same loop runs inside Flower's simulation engine (`federated.simulation`, the embedded default of a study) and in a
-real deployment over the network (`federated.deployment`), so the two give the same numbers.
+aggregators; `recipe.strategies` lists them). The same loop runs inside Flower's simulation
+engine (`federated.simulation`, the embedded default of a study) and in a real deployment over
+the network (`federated.deployment`), so the two give the same numbers. Groups named in
+`sites.local_groups` never travel, and `site_local` stages are no rounds: each site runs them
+alone in its final step (`site.SiteTrainer.scores`).
 
 Replies are aggregated in a fixed site order, not arrival order, so float sums repeat run to
 run. A round with fewer replies than `sites.min_sites` fails; fewer than all but enough
