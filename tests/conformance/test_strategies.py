@@ -34,6 +34,14 @@ def test_the_recipe_offers_every_strategy_of_the_table_and_flower_takes_their_pa
         assert set(spec.params) <= set(takes), name
 
 
+def test_with_three_sites_a_trimmed_mean_below_a_third_trims_nothing():
+    """What docs/multi-site-and-federated.md says of fedtrimmedavg with three sites."""
+    from flwr.serverapp.strategy.fedtrimmedavg import trim_mean
+
+    three = np.array([[0.0], [1.0], [5.0]])
+    assert trim_mean(three, 0.33)[0] == pytest.approx(2.0) and trim_mean(three, 0.34)[0] == pytest.approx(1.0)
+
+
 @pytest.fixture(scope="module")
 def three_sites(digits_manifest):
     from stagewise.data import load_images
