@@ -118,8 +118,12 @@ def _site_check_proves_tls_key_and_manifest(recipe, manifest, site, certs, port,
 
 
 def test_a_deployment_over_tls_equals_the_simulation_and_admits_only_known_sites(hospitals, tmp_path):
+    """The same job (a federated round, then each site's personalisation) gives the same
+    figures in a loopback deployment over TLS and in Flower's simulation engine."""
     root, manifests, table = hospitals
-    recipe = _recipe(tmp_path, [{"kind": "probe", "rounds": 1, "epochs": 1, "batch_size": 16, "lr": 1e-3}])
+    # one federated round, then personalisation at each site (site_local: never on the wire)
+    recipe = _recipe(tmp_path, [{"kind": "probe", "rounds": 1, "epochs": 1, "batch_size": 16, "lr": 1e-3},
+                                {"kind": "probe", "site_local": True, "epochs": 1, "batch_size": 16, "lr": 1e-2}])
     # C makes a key the coordinator never admits; the deployed hospitals share a linkage key, the rehearsal's do not
     sites = _sites(tmp_path, recipe, manifests, "ABC", linkage_key=write_linkage_key(tmp_path / "linkage.key"))
     certs = make_certificates(tmp_path / "certs", ["127.0.0.1", "localhost"])

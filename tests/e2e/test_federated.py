@@ -41,6 +41,9 @@ def test_a_probe_round_shares_the_head_only_and_a_thaw_round_adds_layer4():
     assert any("running_mean" in k for k in thaw)  # BatchNorm statistics travel with their weights
     fedbn = shared_keys(net, ["layer4", "head"], "local")
     assert not any("bn" in k or "downsample.1" in k for k in fedbn)  # FedBN: no BatchNorm tensor leaves a site
+    assert shared_keys(net, ["layer4", "head"], "average", ["head"]) == [k for k in thaw if not k.startswith("head.")]
+    assert shared_keys(net, ["layer4", "head"], "local", ["head"]) == [k for k in fedbn if not k.startswith("head.")]
+    assert shared_keys(net, ["head"], "average", ["head"]) == []  # FedPer's probe round: nothing travels
     assert tensor_bytes({k: state[k] for k in thaw}) < tensor_bytes(state)
     every = [k for g in group_keys(net).values() for k, _ in g]
     assert len(every) == len(set(every))  # each tensor belongs to one group
@@ -257,14 +260,13 @@ def test_a_failing_site_is_survived_when_the_minimum_allows(sites_manifest):
 
 
 def test_bad_strategy_parameters_are_caught_before_training(sites_manifest):
-    from stagewise.study.preflight import StudyCheckError, check_study
+    from stagewise.recipe import RecipeError
 
     arms = [{"name": "fed", "backbone": "scratch:tinycnn",
              "sites": {"mode": "federated", "strategy": "fedprox", "strategy_params": {"proximal_nu": 0.1}},
              "stages": [{"kind": "probe", "rounds": 1}]}]
-    recipe = small_recipe(sites_manifest, arms, cohort={"manifest": str(sites_manifest), "site": "hospital"})
-    with pytest.raises(StudyCheckError, match="arm 'fed': sites.strategy_params for fedprox.*proximal_nu"):
-        check_study(recipe)
+    with pytest.raises(RecipeError, match="arms.0.sites: strategy_params.proximal_nu: fedprox has no parameter"):
+        small_recipe(sites_manifest, arms, cohort={"manifest": str(sites_manifest), "site": "hospital"})
 
 
 def test_per_site_arms_need_a_site_column_and_rounds(sites_manifest):
@@ -281,6 +283,70 @@ def test_per_site_arms_need_a_site_column_and_rounds(sites_manifest):
         recipe_from_dict(with_site | {"arms": [fed]})
     with pytest.raises(RecipeError, match="only a federated arm"):
         recipe_from_dict(with_site | {"arms": [{**fed, "sites": {"mode": "pooled"}, "stages": [{"kind": "probe", "rounds": 2}]}]})
+
+
+def _messages(seen, direction, kind, node):
+    """The audited messages of one node, one direction and one kind (train, evaluate), in order."""
+    end = "dst_node_id" if direction == "down" else "src_node_id"
+    return [m for d, m in seen
+            if d == direction and m.metadata.message_type == kind and getattr(m.metadata, end) == node]
+
+
+PERSONALISE = {"kind": "thaw", "site_local": True, "epochs": 1, "batch_size": 8, "lr": 1e-2, "unfreeze": {"layer4": 0.0}}
+
+
+def test_groups_kept_at_each_site_never_travel_and_each_site_scores_with_its_own(sites_manifest):
+    """FedPer with FedBN, then personalisation: the head stays at each site
+    (`sites.local_groups: [head]`) and so does BatchNorm, and a `site_local` stage fine-tunes
+    layer4 and the head at each site after the rounds. No message carries the head or
+    BatchNorm, and nothing of the personalisation (its final message up holds scores only);
+    each site's rounds, replayed here from the messages it received, give exactly what it
+    sent and its own head, which differs from the other site's; its final scores are those of
+    its own model personalised on its own rows (not what it would score without that stage)."""
+    images, targets = _digits(sites_manifest)
+    arm = ArmConfig.model_validate({"name": "f", "backbone": "scratch:resnet18",
+                                    "sites": {"mode": "federated", "local_groups": ["head"], "bn_stats": "local"},
+                                    "stages": [{"kind": "probe", "rounds": 1, "epochs": 1, "batch_size": 8},
+                                               {"kind": "thaw", "rounds": 2, "epochs": 1, "batch_size": 8,
+                                                "unfreeze": {"layer4": 0.0}}, PERSONALISE]})
+    unpersonalised = arm.model_copy(update={"stages": arm.stages[:2]})
+    start = _net()
+    parts = [_partition(images, targets, np.arange(0, 12), "A"), _partition(images, targets, np.arange(12, 24), "B")]
+    seen = []
+    result = run_federated(arm, start, parts, FP32, 0, on_message=lambda d, m: seen.append((d, m)))
+    head = {k for k in start.state_dict() if k.startswith("head.")}
+    layer4 = set(shared_keys(start, ["layer4"], "local"))
+    assert layer4 and not any("bn" in k or "downsample.1" in k for k in layer4)
+    train_down = [m for d, m in seen if d == "down" and m.metadata.message_type == "train"]
+    assert [set(m.content["arrays"]) for m in train_down] == [set(), set(), layer4, layer4, layer4, layer4]
+    assert all(set(m.content["arrays"]) <= layer4 for _, m in seen if "arrays" in m.content.keys())
+    assert [r["tensor_bytes_per_site"] for r in result.rounds][0] == 0  # the probe round shares nothing
+    assert len(result.rounds) == 3  # the site_local stage is no round
+    final_up = [m for d, m in seen if d == "up" and m.metadata.message_type == "evaluate"]
+    assert len(final_up) == 2 and all(set(m.content.keys()) == {"scores", "metrics"} for m in final_up)
+    node = {int(m.content["metrics"]["partition"]): m.metadata.src_node_id for d, m in seen if d == "up"}
+    heads, threads = {}, torch.get_num_threads()
+    torch.set_num_threads(1)  # as each simulated site trains
+    try:
+        for k, part in enumerate(parts):
+            trainer, state = SiteTrainer(part, arm, start, FP32, seed=0), None
+            for down, up in zip(_messages(seen, "down", "train", node[k]), _messages(seen, "up", "train", node[k]),
+                                strict=True):
+                c = down.content["config"]
+                sent, state, _, _ = trainer.train_round(down.content["arrays"].to_torch_state_dict(), state,
+                                                        int(c["stage"]), int(c["round"]), str(c["trainable"]).split(","))
+                got = up.content["arrays"].to_torch_state_dict()
+                assert set(got) == set(sent) and all(torch.equal(got[key], sent[key]) for key in got)
+            heads[part.site] = {key: state[key] for key in head}
+            (final,) = _messages(seen, "down", "evaluate", node[k])
+            final = final.content["arrays"].to_torch_state_dict()
+            np.testing.assert_allclose(result.scores[k], trainer.scores(final, state), rtol=0, atol=1e-6)
+            plain = SiteTrainer(part, unpersonalised, start, FP32, seed=0).scores(final, state)
+            assert np.abs(result.scores[k] - plain).max() > 1e-4  # personalised at the site
+    finally:
+        torch.set_num_threads(threads)
+    assert not all(torch.equal(heads["A"][key], heads["B"][key]) for key in head)  # each site trained its own
+    assert all(torch.equal(result.global_state[key], start.state_dict()[key]) for key in head)  # the server has none
 
 
 @pytest.mark.ray_of_its_own

@@ -113,6 +113,14 @@ def export_federation_bundle(job_dir: str | Path, out: str | Path, threshold: fl
     folder, spec, final = finished_job(job_dir)
     job = folder.job()
     recipe, arm = job.recipe, job.arm
+    if any(s.site_local for s in arm.stages):
+        raise RunError(f"{job_dir}: arm {arm.name!r} ends with personalisation (site_local stages) at each site, so "
+                       "the job's figures are of the sites' own models, not of the coordinator's global model; each "
+                       "site's personalised model stays at the site")
+    if arm.sites.local_groups:
+        raise RunError(f"{job_dir}: arm {arm.name!r} keeps {', '.join(arm.sites.local_groups)} at each site "
+                       "(sites.local_groups), so the coordinator's global model has never trained them and is no "
+                       "model to deploy; each site's own model stays at the site")
     value, rule = chosen_threshold(recipe, threshold)
     net = load_network(folder.path / "model" / f"{arm.name}.safetensors")
     training = training_facts(folder, spec, final)

@@ -3,9 +3,12 @@
 One loop (`serve_rounds`) walks an arm's stages round by round: for each round it works out
 which groups train (a thaw stage unfreezes at fractions of its rounds), sends those groups'
 tensors only through the Flower strategy's `configure_train`, and aggregates the replies with
-its `aggregate_train` (FedAvg, FedProx or FedAdam, Flower's own). The same loop runs inside
-Flower's simulation engine (`federated.simulation`, the embedded default of a study) and in a
-real deployment over the network (`federated.deployment`), so the two give the same numbers.
+its `aggregate_train` (Flower's own: FedAvg, FedProx, the server-side optimizers, the robust
+aggregators; `recipe.strategies` lists them). The same loop runs inside Flower's simulation
+engine (`federated.simulation`, the embedded default of a study) and in a real deployment over
+the network (`federated.deployment`), so the two give the same numbers. Groups named in
+`sites.local_groups` never travel, and `site_local` stages are no rounds: each site runs them
+alone in its final step (`site.SiteTrainer.scores`).
 
 Replies are aggregated in a fixed site order, not arrival order, so float sums repeat run to
 run. A round with fewer replies than `sites.min_sites` fails; fewer than all but enough
@@ -26,6 +29,7 @@ import torch
 from stagewise.federated.sharing import shared_keys, tensor_bytes
 from stagewise.models import Network
 from stagewise.recipe import ArmConfig, SitesConfig
+from stagewise.recipe.strategies import STRATEGIES, strategy_param_problems
 from stagewise.training.engine import plan_stage
 from stagewise.errors import StagewiseError
 from stagewise.quiet import flower_noise_to_log
@@ -38,23 +42,28 @@ class FederatedError(StagewiseError, RuntimeError):
 
 
 def make_strategy(cfg: SitesConfig, n_sites: int):
-    """The Flower strategy named by the recipe. It samples every connected site in each round
-    and needs at least `sites.min_sites` of them (default: all)."""
-    from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
+    """The Flower strategy named by the recipe (`recipe.strategies` holds the table), with its
+    parameters (whole-number ones as int). It samples every connected site in each round and
+    needs at least `sites.min_sites` of them (default: all)."""
+    import flwr.serverapp.strategy
 
     flower_noise_to_log()  # its note that federated evaluation is skipped: stagewise scores the sites itself
-    cls = {"fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam}[cfg.strategy]
+    spec = STRATEGIES[cfg.strategy]
+    problems = strategy_param_problems(cfg.strategy, cfg.strategy_params)
     need = min(cfg.min_sites or n_sites, n_sites)
-    try:
-        return cls(fraction_evaluate=0.0, min_train_nodes=need, min_available_nodes=need, **cfg.strategy_params)
-    except TypeError as err:
-        raise FederatedError(f"sites.strategy_params for {cfg.strategy}: {err}") from None
+    if problems:
+        raise FederatedError(f"sites.strategy_params for {cfg.strategy}: {'; '.join(problems)}")
+    params = {k: int(v) if spec.params[k].integer else v for k, v in cfg.strategy_params.items()}
+    cls = getattr(flwr.serverapp.strategy, spec.flower)
+    return cls(fraction_evaluate=0.0, min_train_nodes=need, min_available_nodes=need, **params)
 
 
 def round_plan(arm: ArmConfig, group_names: list[str]) -> list[tuple[int, int, list[str]]]:
     """(stage index among the fold stages, round in stage, trainable groups) for every round."""
     plan = []
     for i, stage in enumerate(s for s in arm.stages if not s.external):
+        if stage.site_local:  # personalisation: at each site alone, after the rounds (site.SiteTrainer.scores)
+            continue
         by_round = plan_stage(stage.model_copy(update={"epochs": stage.rounds}), group_names)
         plan += [(i, r, by_round.trainable(r)) for r in range(stage.rounds)]
     return plan
@@ -155,7 +164,7 @@ def serve_rounds(grid, cfg: SitesConfig, plan, start: Network, out: FederatedRes
     need = min(cfg.min_sites or n, n)
     strategy, keys_before = None, None
     for t, (stage_index, r, trainable) in enumerate(plan, start=1):
-        keys = shared_keys(start, trainable, cfg.bn_stats)
+        keys = shared_keys(start, trainable, cfg.bn_stats, cfg.local_groups)
         if keys != keys_before:  # a fresh server optimizer (FedAdam) whenever the shared set changes
             strategy, keys_before = make_strategy(cfg, n), keys
         if t <= resume:
@@ -170,8 +179,8 @@ def serve_rounds(grid, cfg: SitesConfig, plan, start: Network, out: FederatedRes
         if len(ok) < need:
             raise FederatedError(f"round {t}: {len(ok)} of {n} sites replied (sites.min_sites is {need})"
                                  + (f"; errors: {failed}" if failed else ""))
-        arrays, metrics = strategy.aggregate_train(t, ok)
-        for k, v in arrays.to_torch_state_dict().items():
+        arrays, metrics = _aggregate(strategy, t, ok, keys, cfg.strategy)
+        for k, v in arrays.items():
             out.global_state[k] = v.to(out.global_state[k].dtype)
         out.shared = [k for k in out.global_state if k in set(out.shared) | set(keys)]
         out.rounds.append({
@@ -190,6 +199,21 @@ def serve_rounds(grid, cfg: SitesConfig, plan, start: Network, out: FederatedRes
                         out.rounds[-1]["failures"])
         if on_round is not None:
             on_round(t, out)
+
+
+def _aggregate(strategy, t: int, replies: list, keys: list[str], name: str) -> tuple[dict, dict | None]:
+    """The strategy's aggregate of the round's replies (tensors by key, metrics). A round in
+    which only `sites.local_groups` train shares nothing: there is nothing to aggregate, and
+    the loss is the replies' mean weighted by training examples, as the strategies weigh it."""
+    if not keys:
+        n = [float(m.content["metrics"]["num-examples"]) for m in replies]
+        losses = [float(m.content["metrics"].get("loss", float("nan"))) for m in replies]
+        return {}, {"loss": sum(a * b for a, b in zip(n, losses)) / sum(n)} if sum(n) else None
+    arrays, metrics = strategy.aggregate_train(t, replies)
+    if arrays is None:  # e.g. Bulyan with fewer than 4f + 3 replies
+        raise FederatedError(f"round {t}: {name} aggregated nothing from {len(replies)} replies "
+                             "(too few sites for its strategy_params); see `stagewise validate`")
+    return arrays.to_torch_state_dict(), metrics
 
 
 def _site_losses(replies: list, site_of: Callable) -> dict:

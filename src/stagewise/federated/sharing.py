@@ -4,7 +4,9 @@ Only the groups that train in a round are sent and aggregated; frozen groups nev
 site (every site starts from the same named weights, so they agree anyway). This is what
 makes federated fine-tuning cheap: a probe round sends the head only. BatchNorm: with
 `bn_stats: average` the running statistics of the trainable groups travel with their
-weights; with `bn_stats: local` (FedBN) no BatchNorm tensor ever leaves a site.
+weights; with `bn_stats: local` (FedBN) no BatchNorm tensor ever leaves a site. Groups named
+in `sites.local_groups` (FedPer/FedRep: e.g. the head) never leave a site either: each site
+trains its own, and the other groups are aggregated.
 """
 
 from __future__ import annotations
@@ -41,10 +43,11 @@ def group_keys(net: Network) -> "OrderedDict[str, list[tuple[str, bool]]]":
     return out
 
 
-def shared_keys(net: Network, trainable: list[str], bn_stats: str) -> list[str]:
-    """State-dict keys sent (and aggregated) in a round in which `trainable` groups train."""
+def shared_keys(net: Network, trainable: list[str], bn_stats: str, local_groups=()) -> list[str]:
+    """State-dict keys sent (and aggregated) in a round in which `trainable` groups train;
+    `local_groups` (FedPer/FedRep) never travel, whether they train or not."""
     keys = group_keys(net)
-    return [k for g in trainable for k, is_bn in keys[g] if bn_stats == "average" or not is_bn]
+    return [k for g in trainable if g not in local_groups for k, is_bn in keys[g] if bn_stats == "average" or not is_bn]
 
 
 def tensor_bytes(state: dict[str, torch.Tensor]) -> int:

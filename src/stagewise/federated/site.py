@@ -103,7 +103,12 @@ class SiteTrainer:
 
     def scores(self, received: dict[str, torch.Tensor], local_state: dict | None) -> np.ndarray:
         """Probabilities (rows to score x outputs) of the site's final model: the aggregated
-        tensors over the site's own state."""
+        tensors over the site's own state, then personalised by the arm's `site_local` stages,
+        trained here on the site's own training rows (nothing of them leaves the site)."""
         net = self.network(local_state)
         net.load_state_dict(received, strict=False)
-        return predict(net, self.partition.images, self.partition.score, self.compute, None)
+        p = self.partition
+        for i, stage in enumerate(self.stages):
+            if stage.site_local:
+                fit_stage(net, stage, p.images, p.train, p.targets, self.compute, None, round_seed(self.seed, i, 0))
+        return predict(net, p.images, p.score, self.compute, None)

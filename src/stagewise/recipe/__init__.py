@@ -13,6 +13,7 @@ is plain data that the rest of stagewise reads; import them from `stagewise.reci
 - `stages`: `Stage`, one class per stage kind, their union `StageConfig` (`STAGE_CLASSES`,
   `STAGE_KINDS`) and `parse_stage`.
 - `arms`: `TuneConfig`, `SitesConfig`, `ArmConfig`.
+- `strategies`: the Flower strategies `sites.strategy` names and their parameters (`STRATEGIES`).
 - `study`: `ProtocolConfig`, `ComputeConfig`, `PrimaryComparison`, `EvaluationConfig`,
   `TrackingConfig` and the `Recipe` itself.
 - `loading`: `load_recipe`, `read_recipe_data`, `recipe_from_dict`, `apply_overrides`, `recipe_to_dict`,

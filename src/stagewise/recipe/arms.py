@@ -9,6 +9,9 @@ from pydantic import Field, field_validator, model_validator
 from stagewise.recipe.base import StrictModel
 from stagewise.recipe.network import BackboneConfig, HeadConfig
 from stagewise.recipe.stages import STAGE_CLASSES, SslStage, StageConfig
+from stagewise.recipe.strategies import STRATEGIES, STRATEGY_NAMES, strategy_param_problems
+
+StrategyName = Literal[tuple(STRATEGIES)]  # type: ignore[valid-type]  # the names of recipe/strategies.py
 
 
 class TuneConfig(StrictModel):
@@ -36,21 +39,32 @@ class SitesConfig(StrictModel):
     """pooled: all training rows in one place; local: each site trains on its own rows and
     scores its own test patients (and, for cross-site figures, the other sites'); federated:
     each site is a Flower client with its own rows only, a server aggregates."""
-    strategy: Literal["fedavg", "fedprox", "fedadam"] = "fedavg"
-    """The Flower strategy that aggregates (federated only)."""
+    strategy: StrategyName = "fedavg"
+    """The Flower strategy that aggregates (federated only): FedAvg, server-side optimizers
+    (fedavgm, fedadam, fedyogi, fedadagrad), FedProx, or a robust aggregator (fedmedian,
+    fedtrimmedavg, krum, multikrum, bulyan)."""
     strategy_params: dict[str, float] = {}
-    """Its parameters, e.g. {proximal_mu: 0.01} for fedprox, {eta: 0.01} for fedadam."""
+    """Its parameters, e.g. {proximal_mu: 0.01} for fedprox, {server_momentum: 0.9} for fedavgm,
+    {eta: 0.01} for fedadam, {num_malicious_nodes: 1} for krum (Flower's names and defaults)."""
     bn_stats: Literal["average", "local"] = "average"
     """BatchNorm of the shared groups: averaged like the other weights, or kept at each site
     (FedBN: BatchNorm weights and statistics never leave a site)."""
+    local_groups: list[str] = []
+    """Layer groups that stay at each site, never sent nor aggregated (FedPer/FedRep, e.g.
+    [head]): each site trains its own and scores its patients with them (federated only)."""
     min_sites: int | None = Field(None, ge=1)
     """Fewest sites a round may complete with (default: all); fewer replies fail the fold."""
     round_timeout: float = Field(3600.0, gt=0)
     """Seconds the server waits for the sites' replies in a round."""
 
-
-STRATEGY_NAMES = {"fedavg": "FedAvg", "fedprox": "FedProx", "fedadam": "FedAdam"}
-"""Each `sites.strategy` as its papers write it."""
+    @model_validator(mode="after")
+    def _strategy_params_valid(self) -> "SitesConfig":
+        problems = strategy_param_problems(self.strategy, self.strategy_params)
+        if self.local_groups and self.mode != "federated":
+            problems.append("local_groups: only a federated arm (mode: federated) keeps groups at its sites")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
 
 def strategy_text(sites: dict) -> str:
@@ -64,7 +78,8 @@ def strategy_text(sites: dict) -> str:
                    else " (Flower's default parameters)")
     bn = ("FedBN: BatchNorm weights and statistics stay at each site" if sites.get("bn_stats") == "local"
           else "BatchNorm of the groups that train averaged with their weights")
-    return f"{text}; {bn}"
+    kept = sites.get("local_groups") or []
+    return f"{text}; {bn}" + (f"; {', '.join(kept)} kept at each site, never aggregated (FedPer)" if kept else "")
 
 
 class ArmConfig(StrictModel):
@@ -90,7 +105,7 @@ class ArmConfig(StrictModel):
                     raise ValueError(f"stage {i} ({stage.kind}) runs centrally before the sites train: no `rounds`")
                 if federated and isinstance(stage, SslStage) and not stage.external:
                     raise ValueError(f"stage {i}: an ssl stage on the target is not federated; give it a source manifest")
-            elif federated and stage.rounds is None:
+            elif federated and stage.rounds is None and not stage.site_local:
                 raise ValueError(f"stage {i} ({stage.kind}) of a federated arm needs `rounds` (epochs = local epochs per round)")
             elif not federated and stage.rounds is not None:
                 raise ValueError(f"stage {i} ({stage.kind}) has `rounds`, which only a federated arm (sites.mode) uses")
@@ -104,6 +119,23 @@ class ArmConfig(StrictModel):
             raise ValueError("nested CV (tune) is not available for federated arms")
         if federated and self.head.fusion:
             raise ValueError("clinical fusion heads are not federated (their scaling would pool sites' statistics)")
+        return self
+
+    @model_validator(mode="after")
+    def _site_local_stages_last(self) -> "ArmConfig":
+        """Personalisation (`site_local: true`) follows federation: federated arms only, after
+        at least one federated stage, with no federated stage after it, and no rounds."""
+        local = [i for i, s in enumerate(self.stages) if s.site_local]
+        rounds = [i for i, s in enumerate(self.stages) if s.rounds is not None]
+        for i in local:
+            if self.sites.mode != "federated":
+                raise ValueError(f"stage {i}: site_local (personalisation after federated stages) is for federated "
+                                 "arms (sites.mode: federated); a local arm's stages all run at each site alone")
+            if self.stages[i].rounds is not None:
+                raise ValueError(f"stage {i}: a site_local stage runs once at each site for its epochs; remove `rounds`")
+            if not rounds or max(rounds) > i:
+                raise ValueError(f"stage {i}: a site_local stage comes after the federated stages (those with "
+                                 "`rounds`), at least one of them")
         return self
 
     def with_values(self, point: dict) -> "ArmConfig":

@@ -72,6 +72,11 @@ class Stage(StrictModel):
     rounds: int | None = Field(None, ge=1)
     """Federated arms only: rounds of this stage; `epochs` is then the local epochs per round
     at each site, and thaw fractions count rounds."""
+    site_local: bool = False
+    """Federated arms only: personalisation, the paper's site-level fine-tuning. The stage runs
+    after the federated stages at each site alone, on its own training rows, for `epochs`
+    epochs (no `rounds`); nothing it trains leaves the site, and each site's patients are
+    scored by its personalised model."""
 
     @model_validator(mode="after")
     def _check_lr(self):

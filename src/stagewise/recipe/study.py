@@ -252,6 +252,10 @@ class Recipe(StrictModel):
         if local and self.protocol.kind == "leave_one_site_out":
             raise ValueError(f"arms {local}: a held-out site has no local model; local arms need protocol group_kfold "
                              "(their cross-site figures score each site's model on the other sites)")
+        kept = [a.name for a in self.arms if a.sites.local_groups]
+        if kept and self.protocol.kind == "leave_one_site_out":
+            raise ValueError(f"arms {kept}: groups kept at each site (sites.local_groups) have no global version, so "
+                             "the held-out site has no model; use protocol group_kfold or remove sites.local_groups")
         published = [a.name for a in self.arms if a.head.pretrained]
         if published and self.cohort.extra_outcomes:
             raise ValueError(f"arms {published} start from a published one-outcome head (head.pretrained), but "

@@ -45,8 +45,12 @@ def unfreeze_text(stage: dict, federated: bool) -> str:
 
 
 def round_schedule(stage: dict) -> str:
-    """A federated stage's length: rounds times the local epochs each site trains per round."""
+    """A federated stage's length: rounds times the local epochs each site trains per round;
+    a personalisation stage's (`site_local`): its epochs at each site alone, after the rounds."""
     rounds, epochs = stage.get("rounds"), stage.get("epochs")
+    if stage.get("site_local"):
+        return (f"{epochs} epoch{'s' if epochs != 1 else ''} at each site alone on its own training rows, after "
+                "the rounds (personalisation: nothing it trains leaves the site)")
     return (f"{rounds} round{'s' if rounds != 1 else ''} × {epochs} local epoch{'s' if epochs != 1 else ''} "
             "per round at each site")
 
@@ -75,6 +79,7 @@ def federated_sections(arms: dict, order: list[str], r_arms: dict, colors: dict)
         losses = unit["sites_training"].get("round_loss") or []
         shared = {r["round"]: r for r in unit["sites_training"].get("rounds") or []}
         sites = recorded_sites(losses)
+        kept = (arm.get("sites") or {}).get("local_groups") or []
         rows = []
         for r in losses:
             stage = stages[r["stage"]] if r["stage"] < len(stages) else {}
@@ -82,18 +87,37 @@ def federated_sections(arms: dict, order: list[str], r_arms: dict, colors: dict)
             up = s.get("bytes_up") or []
             rows.append({
                 "round": r["round"], "stage": f"{r['stage'] + 1} ({stage.get('kind', DASH)})",
-                "groups": ", ".join(r.get("trainable") or []) or DASH,
+                "groups": shared_groups(r.get("trainable") or [], kept),
                 "down": fmt_bytes(s.get("bytes_down_per_site")), "up": fmt_bytes(sum(up) / len(up) if up else None),
                 "sites": [fmt_num(r["sites"].get(site)) for site in sites], "loss": fmt_num(r.get("loss")),
             })
         panels.append({
             "unit": name, "strategy": strategy_text(arm.get("sites") or {}) if arm else DASH,
             "stages": [{"stage": f"{i + 1} ({st.get('kind')})", "schedule": round_schedule(st),
-                        "unfreeze": unfreeze_text(st, True) or DASH} for i, st in enumerate(stages)],
+                        "unfreeze": unfreeze_text(st, not st.get("site_local")) or DASH} for i, st in enumerate(stages)],
+            "personalised": personalised_text(unit["sites_training"].get("personalised")),
             "sites": sites, "rows": rows, "folds": max((r.get("folds", 0) for r in losses), default=0),
             "figure": round_loss_figure(name, losses, sites, colors[name]),
         })
     return panels
+
+
+def shared_groups(trainable: list[str], kept: list[str]) -> str:
+    """The groups a round aggregated: those that trained, less the ones each site keeps."""
+    shared = [g for g in trainable if g not in kept]
+    return ", ".join(shared) if shared else (f"none ({', '.join(trainable)} trained, kept at each site)"
+                                             if trainable else DASH)
+
+
+def personalised_text(personalised: dict | None) -> str:
+    """Which patients the personalised models scored, and which the global model did."""
+    if not personalised:
+        return ""
+    held_out = personalised.get("scored_by_global_model") or []
+    return ("Each site's test patients are scored by its own model, personalised by the site_local stage(s) on "
+            "that site's training rows" + (f"; {', '.join(held_out)} took no part in training in some fold(s) and "
+                                           "has no personalised model there: the global federated model scored its "
+                                           "patients" if held_out else "") + ".")
 
 
 def nav_with_federated(nav: list[tuple[str, str]], panels: list[dict]) -> list[tuple[str, str]]:

@@ -21,6 +21,7 @@ from stagewise.evaluation.splits import SplitError, make_splits
 from stagewise.models import BackboneError, WeightsUnavailable, build_arch, create_backbone
 from stagewise.models.registry import get_source
 from stagewise.recipe import ArmConfig, CohortConfig, ProtocolConfig, Recipe
+from stagewise.recipe.strategies import strategy_site_problem
 from stagewise.training.stages import stage_kind
 from stagewise.training.engine import StageError, plan_stage
 from stagewise.study.units import study_units
@@ -82,6 +83,10 @@ def arm_problems(arm: ArmConfig) -> list[str]:
         return [f"arm {arm.name!r}: backbone {spec.name}: {err}"]
     groups = backbone.group_names + ["head"]
     problems = []
+    unknown = [g for g in arm.sites.local_groups if g not in groups]
+    if unknown:
+        problems.append(f"arm {arm.name!r}: sites.local_groups names {unknown}, which {spec.name} has not; "
+                        f"its groups: {', '.join(groups)}")
     if arm.head.pretrained:
         source = spec.name.split(":", 1)[0]
         loaded = source in ("file", "run")  # read above, so its head is known; a named source declares it
@@ -103,13 +108,23 @@ def arm_problems(arm: ArmConfig) -> list[str]:
         if stage.augment_on == "features" and backbone.spatial_dims == 3:
             problems.append(f"arm {arm.name!r}, stage {i} ({stage.kind}): augment_on: features is for 2D feature maps "
                             f"and {spec.name} takes volumes; use augment_on: images")
-    if arm.sites.mode == "federated":
-        from stagewise.federated.rounds import FederatedError, make_strategy
+    return problems
 
-        try:
-            make_strategy(arm.sites, 2)
-        except FederatedError as err:
-            problems.append(f"arm {arm.name!r}: {err}")
+
+def strategy_site_problems(recipe: Recipe, cohort: Cohort) -> list[str]:
+    """Robust aggregators (Krum, Bulyan) need enough sites per round for their
+    `num_malicious_nodes`: the fewest sites that train in a fold (all sites, one fewer under
+    leave-one-site-out), or `sites.min_sites` if a round may complete with fewer."""
+    federated = [a for a in recipe.arms if a.sites.mode == "federated"]
+    if not federated or "site" not in cohort.table:
+        return []
+    n = cohort.table["site"].nunique() - (1 if recipe.protocol.kind == "leave_one_site_out" else 0)
+    problems = []
+    for arm in federated:
+        need = min(arm.sites.min_sites or n, n)
+        problem = strategy_site_problem(arm.sites.strategy, arm.sites.strategy_params, need)
+        if problem:
+            problems.append(f"arm {arm.name!r}: {problem}")
     return problems
 
 
@@ -206,6 +221,7 @@ def check_study(recipe: Recipe, cohort: Cohort | None = None, source: str = "rec
     problems += comparison_problems(recipe)
     if cohort is not None:
         problems += split_problems(recipe, cohort)
+        problems += strategy_site_problems(recipe, cohort)
     if problems:
         raise StudyCheckError(problems, source)
     return cohort

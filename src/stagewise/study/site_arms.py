@@ -39,8 +39,8 @@ class SiteFit:
     """(rows, outputs), in the order of the `rows` argument."""
     info: dict = field(default_factory=dict)
     server: Network | None = None
-    """A federated fold's final global model (None for local arms, and for FedBN arms, whose
-    global model lacks the BatchNorm each site kept)."""
+    """A federated fold's final global model (None for local arms, and for FedBN arms and arms
+    with `sites.local_groups`, whose global model lacks what each site kept)."""
 
 
 def rows_by_site(sites: np.ndarray, rows: np.ndarray) -> dict[str, np.ndarray]:
@@ -106,6 +106,25 @@ def site_partitions(images: ImageSet, targets: torch.Tensor, sites: np.ndarray, 
     return partitions, order
 
 
+def has_site_local(arm: ArmConfig) -> bool:
+    """Whether the arm ends with personalisation (`site_local` stages at each site alone)."""
+    return any(s.site_local for s in arm.stages)
+
+
+def personalisation(arm: ArmConfig, sites_trained: list[str], held_out: list[str]) -> dict:
+    """What a fold records of its personalisation stages: which, which sites' patients their
+    personalised models scored, and which were scored by the global model instead (a site with
+    no training rows, the held-out site of leave-one-site-out: it has no personalised model)."""
+    if not has_site_local(arm):
+        return {}
+    kinds = [f"{i}:{s.kind}" for i, s in enumerate(st for st in arm.stages if not st.external) if s.site_local]
+    out = {"stages": kinds, "sites": sites_trained, "scored_by_global_model": held_out}
+    if held_out:
+        out["note"] = (f"{', '.join(held_out)} took no part in training, so has no personalised model: its patients "
+                       "are scored by the global federated model")
+    return {"personalised": out}
+
+
 def fit_federated(arm: ArmConfig, start: Network, images: ImageSet, targets: torch.Tensor, sites: np.ndarray,
                   train: np.ndarray, rows: np.ndarray, compute: Compute, seed: int) -> SiteFit:
     """Sites with training rows are Flower clients holding only their own rows."""
@@ -118,21 +137,29 @@ def fit_federated(arm: ArmConfig, start: Network, images: ImageSet, targets: tor
         for j, r in enumerate(score):
             prob[position[int(r)]] = result.scores[k][j]
     rest = [i for i, r in enumerate(rows) if str(sites[r]) not in by_site]
+    held_out = sorted({str(sites[rows[i]]) for i in rest})
     server = prepare_network(copy.deepcopy(start), compute)
     server.load_state_dict(result.global_state)
+    if rest and arm.sites.local_groups:
+        raise RunError(f"arm {arm.name!r}: sites {held_out} have no training rows "
+                       "in this fold, and the groups each site keeps (sites.local_groups) have no global version to "
+                       "score them with; give every site training patients in every fold (fewer folds)")
     if rest:  # a site that took no part: the server's model
         prob[rest] = predict(server, images, rows[rest], compute, None)
     sent = sum(r["bytes_down_per_site"] * r["sites"] + sum(r["bytes_up"]) for r in result.rounds)
     full = 2 * result.full_model_bytes * sum(r["sites"] for r in result.rounds)
     info = {
         "mode": "federated", "strategy": arm.sites.strategy, "bn_stats": arm.sites.bn_stats,
+        **({"local_groups": list(arm.sites.local_groups)} if arm.sites.local_groups else {}),
         "sites_trained": {s: int(len(r)) for s, r in by_site.items()},
-        "scored_by_server_model": sorted({str(sites[rows[i]]) for i in rest}),
+        "scored_by_server_model": held_out,
         "rounds": result.rounds,
         "bytes_total": int(sent), "bytes_full_model_fedavg": int(full),
         "full_model_bytes": int(result.full_model_bytes),
+        **personalisation(arm, sorted(by_site), held_out),
     }
-    return SiteFit(prob, info, server if arm.sites.bn_stats == "average" else None)
+    one_model = arm.sites.bn_stats == "average" and not arm.sites.local_groups and not has_site_local(arm)
+    return SiteFit(prob, info, server if one_model else None)
 
 
 def export_refusal(arm: ArmConfig, refit: bool) -> str | None:
@@ -146,6 +173,14 @@ def export_refusal(arm: ArmConfig, refit: bool) -> str | None:
         return (f"arm {name!r} keeps BatchNorm at each site (FedBN, sites.bn_stats: local), so federated training "
                 "ends with one model per site and no single global model to bundle; export an arm with "
                 "sites.bn_stats: average, or a pooled arm, with --refit instead")
+    if mode == "federated" and has_site_local(arm) and refit:
+        return (f"arm {name!r} ends with personalisation (site_local stages), so its patients are scored by one "
+                "model per site and the global model is not the model its figures describe; export an arm without "
+                "site_local stages, or a pooled arm, with --refit instead")
+    if mode == "federated" and arm.sites.local_groups and refit:
+        return (f"arm {name!r} keeps {', '.join(arm.sites.local_groups)} at each site (sites.local_groups), so "
+                "federated training ends with one model per site and no single global model to bundle; export an "
+                "arm without sites.local_groups, or a pooled arm, with --refit instead")
     if mode != "pooled" and not refit:
         scored_by = ("its own site's model" if mode == "local"
                      else "its site's final model (the aggregated tensors over that site's own state)")

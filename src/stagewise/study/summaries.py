@@ -36,7 +36,11 @@ def _sites_training(fold_results: list[dict]) -> dict:
     infos = [m["sites_training"] for m in fold_results if "sites_training" in m]
     out: dict = {"mode": infos[0]["mode"]}
     if infos[0]["mode"] == "federated":
-        out |= {k: infos[0][k] for k in ("strategy", "bn_stats")}
+        out |= {k: infos[0][k] for k in ("strategy", "bn_stats", "local_groups") if k in infos[0]}
+        if "personalised" in infos[0]:
+            held_out = sorted({s for i in infos for s in i["personalised"]["scored_by_global_model"]})
+            out["personalised"] = {"stages": infos[0]["personalised"]["stages"], "scored_by_global_model": held_out,
+                                   "notes": sorted({i["personalised"]["note"] for i in infos if "note" in i["personalised"]})}
         out["bytes_per_fold"] = float(np.mean([i["bytes_total"] for i in infos]))
         out["bytes_full_model_fedavg_per_fold"] = float(np.mean([i["bytes_full_model_fedavg"] for i in infos]))
         out["rounds"] = [{k: r[k] for k in ("round", "stage", "round_in_stage", "trainable", "bytes_down_per_site",

@@ -71,3 +71,40 @@ def test_each_stage_kind_is_its_own_class_with_its_groups():
 def test_learning_rates_must_be_positive(lr):
     with pytest.raises(RecipeError, match="lr"):
         recipe_from_dict(_base(stages=[{"kind": "probe", "lr": lr}]))
+
+
+def test_groups_kept_at_the_sites_need_a_federated_arm_and_group_kfold(tmp_path):
+    """`sites.local_groups` (FedPer/FedRep) is federated only, has no global version for a
+    held-out site, and `validate` names a group the backbone has not."""
+    from stagewise.study.preflight import arm_problems
+
+    fed = {"name": "f", "backbone": "scratch:tinycnn", "stages": [{"kind": "probe", "rounds": 1}],
+           "sites": {"mode": "federated", "local_groups": ["head"]}}
+    base = {"name": "r", "cohort": {"manifest": "m.csv", "site": "hospital"}}
+    recipe = recipe_from_dict(base | {"arms": [fed]})
+    assert recipe.arms[0].sites.local_groups == ["head"] and arm_problems(recipe.arms[0]) == []
+    with pytest.raises(RecipeError, match="arms.0.sites: local_groups: only a federated arm"):
+        recipe_from_dict(base | {"arms": [{**fed, "sites": {"mode": "local", "local_groups": ["head"]}, "stages": [{"kind": "probe"}]}]})
+    with pytest.raises(RecipeError, match="sites.local_groups.*held-out site has no model"):
+        recipe_from_dict(base | {"arms": [fed], "protocol": {"kind": "leave_one_site_out"}})
+    wrong = recipe_from_dict(base | {"arms": [{**fed, "sites": {"mode": "federated", "local_groups": ["layer9"]}}]})
+    (problem,) = arm_problems(wrong.arms[0])
+    assert "sites.local_groups names ['layer9']" in problem and "head" in problem
+
+
+def test_a_personalisation_stage_follows_the_federated_stages_of_a_federated_arm():
+    fed = {"name": "f", "backbone": "scratch:tinycnn", "sites": {"mode": "federated"},
+           "stages": [{"kind": "probe", "rounds": 2}, {"kind": "finetune", "site_local": True, "epochs": 1}]}
+    base = {"name": "r", "cohort": {"manifest": "m.csv", "site": "hospital"}}
+    arm = recipe_from_dict(base | {"arms": [fed]}).arms[0]
+    assert arm.stages[1].site_local and arm.stages[1].rounds is None
+    for stages, says in [
+        ([fed["stages"][1], fed["stages"][0]], "comes after the federated stages"),
+        ([fed["stages"][1]], "comes after the federated stages"),
+        ([fed["stages"][0], {**fed["stages"][1], "rounds": 1}], "remove `rounds`"),
+    ]:
+        with pytest.raises(RecipeError, match=says):
+            recipe_from_dict(base | {"arms": [{**fed, "stages": stages}]})
+    with pytest.raises(RecipeError, match="site_local .* is for federated arms"):
+        recipe_from_dict(base | {"arms": [{**fed, "sites": {"mode": "local"},
+                                           "stages": [{"kind": "probe"}, fed["stages"][1]]}]})

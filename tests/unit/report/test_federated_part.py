@@ -56,3 +56,18 @@ def test_round_loss_rows_are_the_mean_of_the_folds_round_records():
     assert rows[0]["loss"] == pytest.approx(0.5) and rows[0]["folds"] == 2
     assert rows[0]["per_fold"] == {"r0-f0": 0.55, "r0-f1": 0.45}
     assert rows[1]["sites"] == {"A": 0.6, "B": 0.4} and rows[1]["folds"] == 1
+
+
+def test_groups_kept_at_the_sites_and_personalisation_in_words():
+    from stagewise.report.federated import personalised_text, round_schedule, shared_groups
+
+    assert strategy_text({"strategy": "fedavg", "bn_stats": "average", "local_groups": ["head"]}).endswith(
+        "; head kept at each site, never aggregated (FedPer)")
+    assert shared_groups(["layer4", "head"], ["head"]) == "layer4"
+    assert shared_groups(["head"], ["head"]) == "none (head trained, kept at each site)"
+    assert round_schedule({"kind": "thaw", "site_local": True, "epochs": 3}).startswith(
+        "3 epochs at each site alone on its own training rows, after the rounds")
+    assert round_schedule({"kind": "probe", "rounds": 2, "epochs": 1}) == "2 rounds × 1 local epoch per round at each site"
+    assert personalised_text(None) == ""
+    text = personalised_text({"stages": ["2:thaw"], "scored_by_global_model": ["C"]})
+    assert "scored by its own model, personalised" in text and "C took no part" in text and "global federated" in text
