@@ -35,6 +35,7 @@ from stagewise.recipe import load_recipe
 from stagewise.federated.client_app import make_client_app as client_app_over
 from stagewise.federated.round_store import RoundStore
 from stagewise.io import atomic_write, strict_json
+from stagewise.training.privacy_budget import job_privacy
 
 log = logging.getLogger("stagewise")
 
@@ -262,6 +263,8 @@ def summarize_job(job_dir: JobDir) -> dict:
                                       if x["sites_replied"] < x["sites"]],
         "bytes_total": int(sent), "bytes_full_model_fedavg": int(full),
         "model": f"model/{job.arm.name}.safetensors" if FINAL in fits else None,
+        **({"privacy": job_privacy(job.arm.sites.privacy, [r["rounds"] for r in folds],
+                                   fits[FINAL]["rounds"] if FINAL in fits else None)} if job.arm.sites.privacy else {}),
     }
 
 
@@ -335,11 +338,11 @@ class DiskSite:
 
     def train(self, config, received):
         _check_job(self.work, str(config["job"]))
-        sent, n, loss = self.work.train_round(str(config["job"]), str(config["fit"]), int(config["step"]),
+        sent, n, loss, accounting = self.work.train_round(str(config["job"]), str(config["fit"]), int(config["step"]),
                                               int(config["stage"]), int(config["round"]),
                                               str(config["trainable"]).split(","), received,
                                               float(config.get("proximal-mu", 0.0)))
-        return sent, {"num-examples": int(n), "loss": float(loss)}
+        return sent, {"num-examples": int(n), "loss": float(loss), **accounting}
 
     def evaluate(self, config, received):
         _check_job(self.work, str(config["job"]))

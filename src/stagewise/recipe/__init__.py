@@ -13,6 +13,7 @@ is plain data that the rest of stagewise reads; import them from `stagewise.reci
 - `stages`: `Stage`, one class per stage kind, their union `StageConfig` (`STAGE_CLASSES`,
   `STAGE_KINDS`) and `parse_stage`.
 - `arms`: `TuneConfig`, `SitesConfig`, `ArmConfig`.
+- `privacy`: `PrivacyConfig` (a federated arm's DP-SGD, `sites.privacy`), `MEANINGLESS_EPSILON`.
 - `study`: `ProtocolConfig`, `ComputeConfig`, `PrimaryComparison`, `EvaluationConfig`,
   `TrackingConfig` and the `Recipe` itself.
 - `loading`: `load_recipe`, `read_recipe_data`, `recipe_from_dict`, `apply_overrides`, `recipe_to_dict`,
@@ -36,6 +37,7 @@ from stagewise.recipe.loading import (
     shareable_recipe,
 )
 from stagewise.recipe.network import BackboneConfig, HeadConfig
+from stagewise.recipe.privacy import MEANINGLESS_EPSILON, PrivacyConfig
 from stagewise.recipe.stages import (
     STAGE_CLASSES,
     STAGE_KINDS,
@@ -76,11 +78,13 @@ __all__ = [
     "EvaluationConfig",
     "FinetuneStage",
     "HeadConfig",
+    "MEANINGLESS_EPSILON",
     "MaskConfig",
     "MixConfig",
     "PositiveFloat",
     "PretrainStage",
     "PrimaryComparison",
+    "PrivacyConfig",
     "ProbeStage",
     "ProtocolConfig",
     "Recipe",

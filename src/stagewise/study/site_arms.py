@@ -28,6 +28,7 @@ from stagewise.recipe import STRATEGY_NAMES, ArmConfig
 from stagewise.training.cache import ImageSet, PrefixCache
 from stagewise.training.compute import Compute
 from stagewise.training.engine import fit_stage, predict, prepare_network
+from stagewise.training.privacy_budget import privacy_summary
 
 
 @dataclass
@@ -131,6 +132,8 @@ def fit_federated(arm: ArmConfig, start: Network, images: ImageSet, targets: tor
         "bytes_total": int(sent), "bytes_full_model_fedavg": int(full),
         "full_model_bytes": int(result.full_model_bytes),
     }
+    if arm.sites.privacy is not None:  # the budget each site spent, by Opacus' accountant
+        info["privacy"] = privacy_summary(arm.sites.privacy, result.rounds)
     return SiteFit(prob, info, server if arm.sites.bn_stats == "average" else None)
 
 
