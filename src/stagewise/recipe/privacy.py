@@ -44,9 +44,9 @@ class PrivacyConfig(StrictModel):
         if (self.noise_multiplier is None) == (self.target_epsilon is None):
             raise ValueError("give either privacy.noise_multiplier or privacy.target_epsilon (the accountant then "
                              "picks the noise), not both and not neither")
-        if self.target_epsilon is not None and math.isinf(self.clip):
-            raise ValueError("privacy.target_epsilon needs a finite privacy.clip (without clipping no noise bounds "
-                             "an image's influence)")
+        if math.isinf(self.clip) and (self.target_epsilon is not None or self.noise_multiplier):
+            raise ValueError("privacy.clip: .inf (no clipping) only goes with noise_multiplier: 0, a run without "
+                             "privacy for comparison; noise is a multiple of a finite clip")
         return self
 
 

@@ -11,6 +11,7 @@ trainable layers. Frozen groups never get per-image gradients and never change.
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 
@@ -78,7 +79,10 @@ class PrivateTraining:
         self.steps_per_epoch = steps_per_epoch
         self.sample_rate = 1.0 / steps_per_epoch  # as Opacus' DPDataLoader: 1 / batches per epoch
         self.expected_batch_size = max(1, int(n_train * self.sample_rate))
-        self.optimizer = DPOptimizer(optimizer, noise_multiplier=privacy.noise_multiplier, max_grad_norm=privacy.clip,
+        # no clipping (inf) is a bound no gradient reaches; a finite stand-in keeps Opacus' noise
+        # std (noise multiplier x bound) a number when the noise multiplier is 0
+        bound = privacy.clip if math.isfinite(privacy.clip) else torch.finfo(torch.float32).max
+        self.optimizer = DPOptimizer(optimizer, noise_multiplier=privacy.noise_multiplier, max_grad_norm=bound,
                                      expected_batch_size=self.expected_batch_size, loss_reduction="mean",
                                      generator=torch.Generator().manual_seed(seed + 7919))
         self.steps = 0
