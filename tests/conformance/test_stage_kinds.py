@@ -129,7 +129,7 @@ def test_a_federated_kind_trains_one_round_at_a_site_and_sends_only_what_trains(
     ((_, _, trainable),) = round_plan(arm, start.backbone.group_names + ["head"])
     keys = shared_keys(start, trainable, arm.sites.bn_stats)
     received = {k: v.clone() for k, v in start.state_dict().items() if k in keys}
-    sent, state, n, loss = trainer.train_round(received, None, 0, 0, trainable)
+    sent, state, n, loss, _ = trainer.train_round(received, None, 0, 0, trainable)
     assert set(sent) == set(keys) and n == 16 and np.isfinite(loss)
     assert any(not torch.equal(sent[k], received[k]) for k in sent)  # it trained
     frozen = [k for k in start.state_dict() if k not in keys and "running" not in k and "num_batches" not in k]

@@ -72,7 +72,7 @@ def test_frozen_groups_stay_bit_identical_at_every_site(sites_manifest):
     for site, rows in (("A", np.arange(0, 12)), ("B", np.arange(12, 24))):
         trainer = SiteTrainer(_partition(images, targets, rows, site), arm, start, FP32, seed=0)
         received = {k: before[k] for k in shared_keys(start, ["layer4", "head"], "average")}
-        sent, state, n, loss = trainer.train_round(received, None, 0, 0, ["layer4", "head"])
+        sent, state, n, loss, _ = trainer.train_round(received, None, 0, 0, ["layer4", "head"])
         assert set(sent) == set(received) and n == 12
         frozen_params = {name for g in ("stem", "layer1", "layer2", "layer3")
                          for name, is_bn in group_keys(start)[g] if not name.endswith(("running_mean", "running_var"))}

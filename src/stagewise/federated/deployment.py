@@ -10,11 +10,9 @@ The server (`run_job`) greets every site (its name and the digest of the job it 
 site running another recipe is refused), then runs each fit of the job with the round loop of
 `federated.rounds`, the same loop a study's simulation runs, checkpointing every round into
 the run directory so that a stopped coordinator continues from the last finished round;
-finished fits are never run again. Every message that crosses the wire is summarised in
-`federation/wire.jsonl` (tensor names and bytes, config and metric items), for the audit.
-
-`simulate_job` runs the same job in Flower's simulation engine on one machine.
-"""
+finished fits are never run again. `federation/wire.jsonl` summarises every message (tensor
+names and bytes, config and metric items) for the audit. `simulate_job`: the same job in
+Flower's simulation engine on one machine."""
 
 from __future__ import annotations
 
@@ -36,6 +34,7 @@ from stagewise.recipe import load_recipe
 from stagewise.federated.client_app import make_client_app as client_app_over
 from stagewise.federated.round_store import RoundStore
 from stagewise.io import atomic_write, strict_json
+from stagewise.training.privacy_budget import job_privacy
 
 log = logging.getLogger("stagewise")
 
@@ -271,6 +270,8 @@ def summarize_job(job_dir: JobDir) -> dict:
         "bytes_total": int(sent), "bytes_full_model_fedavg": int(full),
         "model": f"model/{job.arm.name}.safetensors" if FINAL in fits else None,
         "patient_linkage": json.loads(linkage.read_text()) if (linkage := job_dir.fed / "linkage.json").is_file() else None,
+        **({"privacy": job_privacy(job.arm.sites.privacy, [r["rounds"] for r in folds],
+                                   fits[FINAL]["rounds"] if FINAL in fits else None)} if job.arm.sites.privacy else {}),
     }
 
 
@@ -345,11 +346,11 @@ class DiskSite:
 
     def train(self, config, received):
         _check_job(self.work, str(config["job"]))
-        sent, n, loss = self.work.train_round(str(config["job"]), str(config["fit"]), int(config["step"]),
+        sent, n, loss, accounting = self.work.train_round(str(config["job"]), str(config["fit"]), int(config["step"]),
                                               int(config["stage"]), int(config["round"]),
                                               str(config["trainable"]).split(","), received,
                                               float(config.get("proximal-mu", 0.0)))
-        return sent, {"num-examples": int(n), "loss": float(loss)}
+        return sent, {"num-examples": int(n), "loss": float(loss), **accounting}
 
     def evaluate(self, config, received):
         _check_job(self.work, str(config["job"]))

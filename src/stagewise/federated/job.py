@@ -216,9 +216,9 @@ class SiteWork:
         torch.set_num_threads(self.config.threads)
         trainer = self.trainer(fit)
         state = self.load_state(digest, fit, before=step)
-        sent, new_state, n, loss = trainer.train_round(received, state, stage, round_in_stage, trainable, mu)
+        sent, new_state, n, loss, accounting = trainer.train_round(received, state, stage, round_in_stage, trainable, mu)
         self.save_state(digest, fit, step, new_state)
-        return sent, n, loss
+        return sent, n, loss, accounting
 
     def evaluate(self, digest: str, fit: str, received: dict) -> dict[str, float]:
         """This site's scalar metrics of fit `fit` (its final model on its own test patients);

@@ -190,6 +190,7 @@ def serve_rounds(grid, cfg: SitesConfig, plan, start: Network, out: FederatedRes
             "sites_replied": len(ok), "sites": n, "failures": failed + ["no reply"] * max(0, n - len(replies)),
             "loss": float(metrics["loss"]) if metrics is not None and "loss" in metrics else None,
             **_site_losses(ok, site_of or (lambda m: str(order(m)))),
+            **_site_privacy(ok, site_of or (lambda m: str(order(m)))),
             **({"dropped_replies_from_nodes": dropped} if dropped else {}),
         })
         if dropped:
@@ -226,3 +227,15 @@ def _site_losses(replies: list, site_of: Callable) -> dict:
             name = str(site_of(m))
             losses[name], examples[name] = float(metrics["loss"]), int(metrics["num-examples"])
     return {"site_loss": losses, "site_examples": examples}
+
+
+def _site_privacy(replies: list, site_of: Callable) -> dict:
+    """Each replying site's DP-SGD steps of the round (noise multiplier, sampling rate, steps),
+    by site name, for the accountant (`site_privacy`); nothing when no site ran DP-SGD."""
+    out = {}
+    for m in replies:
+        metrics = m.content["metrics"]
+        if "dp-steps" in metrics:
+            out[str(site_of(m))] = {"noise_multiplier": float(metrics["dp-noise"]),
+                                    "sample_rate": float(metrics["dp-rate"]), "steps": int(metrics["dp-steps"])}
+    return {"site_privacy": out} if out else {}

@@ -93,11 +93,11 @@ class InMemorySite:
         from flwr.app import ArrayRecord
 
         torch.set_num_threads(self.threads)
-        sent, state, n_examples, loss = self.trainer.train_round(
+        sent, state, n_examples, loss, accounting = self.trainer.train_round(
             received, self.state(), int(config["stage"]), int(config["round"]), str(config["trainable"]).split(","),
             float(config.get("proximal-mu", 0.0)))
         self.context.state["site"] = ArrayRecord(torch_state_dict=state)
-        return sent, {"num-examples": n_examples, "loss": loss, "partition": self.partition}
+        return sent, {"num-examples": n_examples, "loss": loss, "partition": self.partition, **accounting}
 
     def evaluate(self, config, received):
         torch.set_num_threads(self.threads)

@@ -21,7 +21,9 @@ from stagewise.models import Network
 from stagewise.recipe import ArmConfig, Stage
 from stagewise.training.cache import ImageSet
 from stagewise.training.compute import Compute
+from stagewise.training.dp_sgd import DpSgd
 from stagewise.training.engine import fit_stage, predict, prepare_network
+from stagewise.training.privacy_budget import site_noise
 from stagewise.training.stages import stage_kind
 
 
@@ -73,6 +75,13 @@ def proximal_term(net: Network, reference: dict[str, torch.Tensor], mu: float):
     return penalty
 
 
+def privacy_metrics(record: dict | None) -> dict:
+    """A round's DP-SGD record as Flower reply metrics (numbers only: what the accountant needs)."""
+    if not record:
+        return {}
+    return {"dp-noise": record["noise_multiplier"], "dp-rate": record["sample_rate"], "dp-steps": record["steps"]}
+
+
 class SiteTrainer:
     """One site's side of a federated fold."""
 
@@ -88,18 +97,28 @@ class SiteTrainer:
             net.load_state_dict(local_state)
         return prepare_network(net, self.compute)
 
+    def privacy(self) -> DpSgd | None:
+        """The arm's DP-SGD at this site (`sites.privacy`), its noise chosen for the site's own
+        number of training images when the recipe gives a target epsilon; None without."""
+        cfg = self.arm.sites.privacy
+        if cfg is None:
+            return None
+        return DpSgd(site_noise(cfg, self.stages, len(self.partition.train)), cfg.clip)
+
     def train_round(self, received: dict[str, torch.Tensor], local_state: dict | None, stage_index: int,
                     round_in_stage: int, trainable: list[str], mu: float = 0.0):
-        """Train one round; returns (tensors to send, the site's new state, examples, mean loss)."""
+        """Train one round; returns (tensors to send, the site's new state, examples, mean loss,
+        the round's DP-SGD accounting as reply metrics: empty without `sites.privacy`)."""
         net = self.network(local_state)
         net.load_state_dict(received, strict=False)
         stage = round_stage(self.stages[stage_index], trainable)
         log = fit_stage(net, stage, self.partition.images, self.partition.train, self.partition.targets,
                         self.compute, None, round_seed(self.seed, stage_index, round_in_stage),
-                        penalty=proximal_term(net, received, mu))
+                        penalty=proximal_term(net, received, mu), privacy=self.privacy())
         state = OrderedDict((k, v.detach().cpu().clone()) for k, v in net.state_dict().items())
         sent = OrderedDict((k, state[k]) for k in received)
-        return sent, state, len(self.partition.train), float(np.mean([e["loss"] for e in log.epochs]))
+        return (sent, state, len(self.partition.train), float(np.mean([e["loss"] for e in log.epochs])),
+                privacy_metrics(log.privacy))
 
     def scores(self, received: dict[str, torch.Tensor], local_state: dict | None) -> np.ndarray:
         """Probabilities (rows to score x outputs) of the site's final model: the aggregated

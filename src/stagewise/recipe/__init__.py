@@ -14,6 +14,7 @@ is plain data that the rest of stagewise reads; import them from `stagewise.reci
   `STAGE_KINDS`) and `parse_stage`.
 - `arms`: `TuneConfig`, `SitesConfig`, `ArmConfig`.
 - `strategies`: the Flower strategies `sites.strategy` names and their parameters (`STRATEGIES`).
+- `privacy`: `PrivacyConfig` (a federated arm's DP-SGD, `sites.privacy`), `MEANINGLESS_EPSILON`.
 - `study`: `ProtocolConfig`, `ComputeConfig`, `PrimaryComparison`, `EvaluationConfig`,
   `TrackingConfig` and the `Recipe` itself.
 - `loading`: `load_recipe`, `read_recipe_data`, `recipe_from_dict`, `apply_overrides`, `recipe_to_dict`,
@@ -37,6 +38,7 @@ from stagewise.recipe.loading import (
     shareable_recipe,
 )
 from stagewise.recipe.network import BackboneConfig, HeadConfig
+from stagewise.recipe.privacy import MEANINGLESS_EPSILON, PrivacyConfig
 from stagewise.recipe.stages import (
     STAGE_CLASSES,
     STAGE_KINDS,
@@ -81,11 +83,13 @@ __all__ = [
     "EvaluationConfig",
     "FinetuneStage",
     "HeadConfig",
+    "MEANINGLESS_EPSILON",
     "MaskConfig",
     "MixConfig",
     "PositiveFloat",
     "PretrainStage",
     "PrimaryComparison",
+    "PrivacyConfig",
     "ProbeStage",
     "ProtocolConfig",
     "Recipe",

@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 from stagewise.recipe.base import StrictModel
 from stagewise.recipe.network import BackboneConfig, HeadConfig
+from stagewise.recipe.privacy import PrivacyConfig, privacy_problems
 from stagewise.recipe.stages import STAGE_CLASSES, SslStage, StageConfig
 from stagewise.recipe.strategies import STRATEGIES, STRATEGY_NAMES, strategy_param_problems
 
@@ -56,6 +57,8 @@ class SitesConfig(StrictModel):
     """Fewest sites a round may complete with (default: all); fewer replies fail the fold."""
     round_timeout: float = Field(3600.0, gt=0)
     """Seconds the server waits for the sites' replies in a round."""
+    privacy: PrivacyConfig | None = None
+    """Record-level differential privacy at each site (DP-SGD with an accounted budget); none by default."""
 
     @model_validator(mode="after")
     def _strategy_params_valid(self) -> "SitesConfig":
@@ -153,6 +156,12 @@ class ArmConfig(StrictModel):
                 raise ValueError(f"tune.grid path {path!r} does not name a field of arm {self.name!r}") from None
             node[last] = value
         return ArmConfig.model_validate(data)
+
+    @model_validator(mode="after")
+    def _privacy_fits(self) -> "ArmConfig":
+        if self.sites.privacy is not None and (problems := privacy_problems(self)):
+            raise ValueError("; ".join(problems))
+        return self
 
     @model_validator(mode="after")
     def _external_stages_first(self) -> "ArmConfig":

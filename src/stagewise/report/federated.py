@@ -1,6 +1,7 @@
 """The report's federated part: per federated arm how it trained (the strategy with its
 parameters, rounds and local epochs per stage, what each round shared) and its training loss
-per round, per site and as the weighted mean, in a table and a figure.
+per round, per site and as the weighted mean, in a table and a figure; for an arm with
+`sites.privacy`, the epsilon each site spent beside the AUROC.
 
 The settings are the recipe's (recipe.yaml, as the round loop read them); the rounds, bytes
 and losses are values of metrics.json (`sites_training.rounds` and `round_loss`, summarised
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 from stagewise.recipe import RecipeError, parse_stage, strategy_text
 from stagewise.report.figures import round_loss_figure
-from stagewise.report.formatting import DASH, fmt_num, fmt_setting
+from stagewise.report.formatting import DASH, fmt_mean_sd, fmt_num, fmt_setting
 
 
 def is_federated(unit: dict) -> bool:
@@ -98,6 +99,7 @@ def federated_sections(arms: dict, order: list[str], r_arms: dict, colors: dict)
             "personalised": personalised_text(unit["sites_training"].get("personalised")),
             "sites": sites, "rows": rows, "folds": max((r.get("folds", 0) for r in losses), default=0),
             "figure": round_loss_figure(name, losses, sites, colors[name]),
+            "privacy": privacy_panel(unit),
         })
     return panels
 
@@ -118,6 +120,25 @@ def personalised_text(personalised: dict | None) -> str:
             "that site's training rows" + (f"; {', '.join(held_out)} took no part in training in some fold(s) and "
                                            "has no personalised model there: the global federated model scored its "
                                            "patients" if held_out else "") + ".")
+
+
+def privacy_panel(unit: dict) -> dict | None:
+    """A DP-SGD arm's budget beside its AUROC: per site the epsilon its DP-SGD spent (the
+    largest over the folds, as metrics.json's `sites_training.privacy` holds it), stated
+    plainly where it is no meaningful guarantee, the noise and steps, and the site's AUROC."""
+    p = unit["sites_training"].get("privacy")
+    if not p:
+        return None
+    rows = [{"site": site, "epsilon": fmt_num(s["epsilon_max"], 2) if s["epsilon_max"] is not None else "∞",
+             "statement": s["statement"], "meaningful": s["meaningful"],
+             "noise": ", ".join(fmt_num(n) for n in s["noise_multiplier"]),
+             "steps": ", ".join(str(n) for n in sorted(set(s["steps_per_fold"]))),
+             "auroc": fmt_mean_sd(((unit.get("sites") or {}).get(site) or {}).get("auroc"))} for site, s in p["sites"].items()]
+    target = f"; target epsilon {fmt_num(p['target_epsilon'])} per site" if p.get("target_epsilon") else ""
+    return {"rows": rows, "auroc": fmt_mean_sd((unit.get("summary") or {}).get("auroc")),
+            "settings": (f"DP-SGD per image (Opacus): gradients clipped to L2 norm {fmt_num(p['clip'])}, Gaussian noise, "
+                         f"delta {p['delta']:g} per site, {p['accountant'].upper()} accountant{target}"),
+            "note": p["note"]}
 
 
 def nav_with_federated(nav: list[tuple[str, str]], panels: list[dict]) -> list[tuple[str, str]]:

@@ -23,6 +23,7 @@ from stagewise.models.registry import get_source
 from stagewise.recipe import ArmConfig, CohortConfig, ProtocolConfig, Recipe
 from stagewise.recipe.strategies import strategy_site_problem
 from stagewise.training.stages import stage_kind
+from stagewise.training.dp_sgd import stage_batchnorm_problems
 from stagewise.training.engine import StageError, plan_stage
 from stagewise.study.units import study_units
 from stagewise.errors import StagewiseError
@@ -108,6 +109,10 @@ def arm_problems(arm: ArmConfig) -> list[str]:
         if stage.augment_on == "features" and backbone.spatial_dims == 3:
             problems.append(f"arm {arm.name!r}, stage {i} ({stage.kind}): augment_on: features is for 2D feature maps "
                             f"and {spec.name} takes volumes; use augment_on: images")
+    if arm.sites.privacy is not None:  # DP-SGD needs a gradient per image: no BatchNorm that trains
+        for i, stage in enumerate(arm.stages):
+            problems += [f"arm {arm.name!r}, stage {i} ({stage.kind}) under sites.privacy: {p}"
+                         for p in ([] if stage.external else stage_batchnorm_problems(stage, backbone))]
     return problems
 
 

@@ -29,6 +29,7 @@ from stagewise.training.cache import ImageSet, PrefixCache
 from stagewise.training.compute import Compute
 from stagewise.training.engine import fit_stage, predict, prepare_network
 from stagewise.text import counted
+from stagewise.training.privacy_budget import privacy_summary
 
 
 @dataclass
@@ -158,6 +159,8 @@ def fit_federated(arm: ArmConfig, start: Network, images: ImageSet, targets: tor
         "full_model_bytes": int(result.full_model_bytes),
         **personalisation(arm, sorted(by_site), held_out),
     }
+    if arm.sites.privacy is not None:  # the budget each site spent, by Opacus' accountant
+        info["privacy"] = privacy_summary(arm.sites.privacy, result.rounds)
     one_model = arm.sites.bn_stats == "average" and not arm.sites.local_groups and not has_site_local(arm)
     return SiteFit(prob, info, server if one_model else None)
 

@@ -9,6 +9,7 @@ import numpy as np
 from stagewise.evaluation.metrics import summarize
 from stagewise.recipe import shareable_backbone
 from stagewise.study.units import Unit
+from stagewise.training.privacy_budget import privacy_over_folds
 
 
 def _task_summaries(fold_results: list[dict]) -> dict:
@@ -49,6 +50,8 @@ def _sites_training(fold_results: list[dict]) -> dict:
         out["round_loss"] = round_losses([(m["repeat"], m["fold"], m["sites_training"]["rounds"])
                                           for m in fold_results if "sites_training" in m])
         out["rounds_with_missing_sites"] = sum(1 for i in infos for r in i["rounds"] if r["sites_replied"] < r["sites"])
+        if any("privacy" in i for i in infos):
+            out["privacy"] = privacy_over_folds([i["privacy"] for i in infos if "privacy" in i])
     else:
         pairs = {(a, b) for i in infos for a, row in i["cross_site_auroc"].items() for b in row}
         out["cross_site_auroc"] = {}

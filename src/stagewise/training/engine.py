@@ -23,6 +23,7 @@ from stagewise.training.adabn import adapt_batchnorm
 from stagewise.training.augment import augment_batch, augment_features, mix_batch
 from stagewise.training.cache import ImageSet, PrefixCache, resumable_depths
 from stagewise.training.compute import Compute
+from stagewise.training.dp_sgd import DpSgd, PrivateTraining
 from stagewise.training.hooks import hooks_for
 from stagewise.training.memory import SavedActivations, peak_memory, reset_peak
 from stagewise.training.objectives import BINARY, Objective
@@ -118,6 +119,8 @@ class StageLog:
     """Peak RSS (and CUDA peak) over the stage, and the peak bytes saved for backward in a step."""
     adapted_batchnorm: int = 0
     """BatchNorm layers whose statistics `bn: adapt_once` re-estimated at the stage's start."""
+    privacy: dict | None = None
+    """DP-SGD stages: noise multiplier, sampling rate, steps taken and clip (`PrivateTraining.record`)."""
 
     @property
     def seconds(self) -> float:
@@ -137,13 +140,16 @@ def fit_stage(
     objective: Objective = BINARY,
     extra: torch.Tensor | None = None,
     penalty: Callable[[], torch.Tensor] | None = None,
+    privacy: DpSgd | None = None,
 ) -> StageLog:
     """Train `net` in place for one stage on images[train_idx]; return a per-epoch log.
 
     `targets` holds one row per cohort image (NaN = missing label), `extra` the clinical
     values a fusion head joins to the image features, `penalty` a term added to every
-    step's loss (FedProx's proximal term). The same seed gives the same batches,
-    augmentations and dropout masks.
+    step's loss (FedProx's proximal term), `privacy` DP-SGD settings (Poisson batches,
+    per-image clipping and noise, `training.dp_sgd`; the log's `privacy` holds what the
+    accountant needs). The same seed gives the same batches, augmentations, dropout masks
+    and noise.
     """
     plan = plan_stage(stage, net.group_names)
     groups = net.group_parameters()
@@ -153,6 +159,11 @@ def fit_stage(
         return StageLog(stage.kind)
     optimizer, scheduler = _optimizer_and_schedule(stage, plan, groups, len(train_idx), compute)
     scaler = compute.grad_scaler()
+    private = None
+    if privacy is not None:  # Opacus' DPOptimizer around the AdamW, Poisson batches (training/dp_sgd.py)
+        steps = len(batches(np.arange(len(train_idx)), stage.batch_size))
+        private = PrivateTraining(net, optimizer, privacy, len(train_idx), steps, seed, scaler, penalty)
+        optimizer = private.optimizer
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     y_train = targets[train_idx, 0].nan_to_num(-1).numpy()
@@ -166,7 +177,7 @@ def fit_stage(
         log.adapted_batchnorm = adapt_batchnorm(net, frozen_prefix(net, plan.trainable(0)), images, train_idx, compute)
 
     loop = _StageLoop(net, stage, images, train_idx, y_train, targets, extra, compute, cache, objective, penalty,
-                      plan, groups, optimizer, scheduler, scaler, g, hooks, meter)
+                      plan, groups, optimizer, scheduler, scaler, g, hooks, meter, private)
     with hooks.context():
         for epoch in range(stage.epochs):
             entry = loop.run_epoch(epoch)
@@ -178,6 +189,9 @@ def fit_stage(
             if on_epoch is not None:
                 on_epoch(epoch, entry)
     net.backbone.checkpoint_groups = False
+    if private is not None:
+        private.close()
+        log.privacy = private.record()
     log.memory = peak_memory(compute.device) | meter.summary()
     for p in net.parameters():
         p.requires_grad_(False)
@@ -242,6 +256,7 @@ class _StageLoop:
     g: torch.Generator
     hooks: object
     meter: SavedActivations
+    private: PrivateTraining | None = None
 
     def run_epoch(self, epoch: int) -> dict:
         """Train one epoch; return its log entry (loss, groups, LRs and weight decay at its start)."""
@@ -251,7 +266,10 @@ class _StageLoop:
         lrs_at_start = {pg["name"]: pg["lr"] for pg in optimizer.param_groups}
         decay = {pg["name"]: pg["weight_decay"] for pg in optimizer.param_groups}
         losses = []
-        for batch in batches(epoch_order(self.train_idx, self.y_train, stage.balanced_sampling, self.g), stage.batch_size):
+        for batch in self._epoch_batches():
+            if len(batch) == 0:  # a Poisson draw without images: DP-SGD's noisy step all the same
+                self.private.step_without_records(self.scheduler)
+                continue
             xb, yb, eb, step_start = self._batch(batch, inp)
             loss = self._step(xb, yb, eb, step_start)
             losses.append(float(loss.detach()))
@@ -268,6 +286,13 @@ class _StageLoop:
         entry |= self.hooks.epoch_entry()
         return entry
 
+    def _epoch_batches(self) -> list[np.ndarray]:
+        """A shuffle (or balanced draw) cut into batches; under DP-SGD Poisson draws."""
+        if self.private is not None:
+            return self.private.batches(self.train_idx, self.g)
+        order = epoch_order(self.train_idx, self.y_train, self.stage.balanced_sampling, self.g)
+        return batches(order, self.stage.batch_size)
+
     def _epoch_input(self, epoch: int) -> _EpochInput:
         """Thaw this epoch's groups, set the BatchNorm policy, and choose where batches start:
         the cached output of the frozen prefix when it is a fixed function of the image."""
@@ -277,6 +302,8 @@ class _StageLoop:
             for p in self.groups[name]:
                 p.requires_grad_(name in trainable)
         hooks.before_epoch()
+        if self.private is not None:
+            self.private.track()
         frozen = [n for n in net.backbone.group_names if n not in trainable]
         set_bn_policy(net, frozen, stage.bn)
         k = frozen_prefix(net, trainable)
@@ -328,6 +355,8 @@ class _StageLoop:
             scaler.update()
         else:
             optimizer.step()
+        if self.private is not None:
+            self.private.steps += 1
         hooks.after_step()
         if self.scheduler is not None:
             self.scheduler.step()
