@@ -83,7 +83,7 @@ def test_groups_kept_at_the_sites_need_a_federated_arm_and_group_kfold(tmp_path)
     base = {"name": "r", "cohort": {"manifest": "m.csv", "site": "hospital"}}
     recipe = recipe_from_dict(base | {"arms": [fed]})
     assert recipe.arms[0].sites.local_groups == ["head"] and arm_problems(recipe.arms[0]) == []
-    with pytest.raises(RecipeError, match="arms.0.sites: local_groups: only a federated arm"):
+    with pytest.raises(RecipeError, match=r"arms.0.sites \(arm 'f'\): local_groups: only a federated arm"):
         recipe_from_dict(base | {"arms": [{**fed, "sites": {"mode": "local", "local_groups": ["head"]}, "stages": [{"kind": "probe"}]}]})
     with pytest.raises(RecipeError, match="sites.local_groups.*held-out site has no model"):
         recipe_from_dict(base | {"arms": [fed], "protocol": {"kind": "leave_one_site_out"}})

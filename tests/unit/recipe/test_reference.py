@@ -26,7 +26,9 @@ def test_a_row_gives_path_type_bounds_default_and_the_docstring():
     text = recipe_reference()
     assert ("| `protocol.folds` | integer ≥ 2 | `5` | Folds per repeat (test parts of the cohort); each patient "
             "is tested once per repeat. |") in text
-    assert "| `protocol.threshold` | one of `youden`, `prevalence` or number | `youden` |" in text
+    assert "| `protocol.threshold` | section [`protocol.threshold`](#protocol-threshold) | its fields' defaults |" in text
+    assert ("| `protocol.threshold.rule` | one of `youden`, `sensitivity`, `specificity`, `net_benefit`, `prevalence`, "
+            "`fixed` | `youden` |") in text
     assert "| `arms[].stages[].kind` | one of `probe`, `thaw`, `finetune`, `dynamic`, `dual`, `pretrain`, `ssl` |" in text
     # a kind that redefines a shared field shows its own version under its own heading
     probe = text.split("## `arms[].stages[]`, kind `probe`")[1].split("## ")[0]
