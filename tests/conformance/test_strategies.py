@@ -144,7 +144,7 @@ def test_a_parameter_a_strategy_does_not_take_is_refused_naming_it(strategy):
     data = {"name": "r", "cohort": {"manifest": "m.csv", "site": "hospital"},
             "arms": [arm(strategy).model_dump(mode="json")]}
     data["arms"][0]["sites"]["strategy_params"] = {"no_such_option": 1.0}
-    with pytest.raises(RecipeError, match=rf"arms\.0\.sites: strategy_params\.no_such_option: {strategy} has no"):
+    with pytest.raises(RecipeError, match=rf"arms\.0\.sites \(arm .*\): strategy_params\.no_such_option: {strategy} has no"):
         recipe_from_dict(data)
     bad = SitesConfig.model_construct(strategy=strategy, strategy_params={"no_such_option": 1.0}, min_sites=None)
     with pytest.raises(FederatedError, match="no_such_option"):  # built without the recipe's check: still refused

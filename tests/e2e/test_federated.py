@@ -265,7 +265,7 @@ def test_bad_strategy_parameters_are_caught_before_training(sites_manifest):
     arms = [{"name": "fed", "backbone": "scratch:tinycnn",
              "sites": {"mode": "federated", "strategy": "fedprox", "strategy_params": {"proximal_nu": 0.1}},
              "stages": [{"kind": "probe", "rounds": 1}]}]
-    with pytest.raises(RecipeError, match="arms.0.sites: strategy_params.proximal_nu: fedprox has no parameter"):
+    with pytest.raises(RecipeError, match=r"arms.0.sites \(arm .*\): strategy_params.proximal_nu: fedprox has no parameter"):
         small_recipe(sites_manifest, arms, cohort={"manifest": str(sites_manifest), "site": "hospital"})
 
 
@@ -333,7 +333,7 @@ def test_groups_kept_at_each_site_never_travel_and_each_site_scores_with_its_own
             for down, up in zip(_messages(seen, "down", "train", node[k]), _messages(seen, "up", "train", node[k]),
                                 strict=True):
                 c = down.content["config"]
-                sent, state, _, _ = trainer.train_round(down.content["arrays"].to_torch_state_dict(), state,
+                sent, state, *_ = trainer.train_round(down.content["arrays"].to_torch_state_dict(), state,
                                                         int(c["stage"]), int(c["round"]), str(c["trainable"]).split(","))
                 got = up.content["arrays"].to_torch_state_dict()
                 assert set(got) == set(sent) and all(torch.equal(got[key], sent[key]) for key in got)

@@ -8,14 +8,14 @@ import pytest
 
 from conftest import small_recipe
 from test_deployment import _recipe, hospitals  # noqa: F401 - two hospitals, each with its own manifest
-from test_federated import QUIET, sites_manifest  # noqa: F401 - the three-hospital digits cohort
+from test_federated import QUIET
 from stagewise.study import run_study
 from stagewise.training.privacy_budget import epsilon_spent
 
 pytestmark = pytest.mark.flower  # its Flower simulation shares the worker's Ray instance (conftest)
 
 
-def test_a_dp_arm_reports_each_sites_epsilon_beside_its_auroc(sites_manifest, tmp_path):  # noqa: F811
+def test_a_dp_arm_reports_each_sites_epsilon_beside_its_auroc(sites_manifest, tmp_path):
     probe = {"kind": "probe", "epochs": 1, "batch_size": 16, "lr": 3e-3, "rounds": 2}
     arms = [{"name": "dp", "backbone": "scratch:tinycnn", "stages": [probe],
              "sites": {"mode": "federated", "privacy": {"noise_multiplier": 0.8, "clip": 1.0, "delta": 1e-5}}}]

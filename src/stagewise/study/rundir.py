@@ -91,6 +91,24 @@ def recipe_differences(old: dict, new: dict, keys: tuple[str, ...] = (), limit: 
     return diffs[:limit] + ([f"and {len(diffs) - limit} more"] if len(diffs) > limit else []), newer
 
 
+NEWER_DEFAULTS = {"sites": {"local_groups": [], "privacy": None}, "stage": {"site_local": False}}
+"""Arm fields added after runs were made, left out of a fingerprint while at their default:
+a run made before them resumes, one that sets them makes new folds."""
+
+
+def arm_dump(arm: ArmConfig) -> dict:
+    """The arm as a fingerprint sees it (without `NEWER_DEFAULTS` at their default)."""
+    d = arm.model_dump(mode="json")
+    for k, v in NEWER_DEFAULTS["sites"].items():
+        if d["sites"].get(k, v) == v:
+            d["sites"].pop(k, None)
+    for stage in d["stages"]:
+        for k, v in NEWER_DEFAULTS["stage"].items():
+            if stage.get(k, v) == v:
+                stage.pop(k, None)
+    return d
+
+
 def unit_fingerprint(recipe: Recipe, kind: str, arm: ArmConfig | None, fraction: float, column: str | None,
                      cohort: str = "") -> str:
     """Hash of what decides a unit's fold results: cohort settings and content (`cohort`, a
@@ -113,7 +131,7 @@ def unit_fingerprint(recipe: Recipe, kind: str, arm: ArmConfig | None, fraction:
         relevant |= {
             "data": recipe.data.model_dump(mode="json"),
             "precision": [recipe.compute.device, recipe.compute.precision, recipe.compute.channels_last],
-            "arm": arm.model_dump(mode="json"),
+            "arm": arm_dump(arm),
             "fraction": fraction,
         }
         if recipe.evaluation.recalibrate != "none":  # fitted on training predictions, which folds do not keep

@@ -99,6 +99,8 @@ def test_every_command_that_reads_images_takes_the_pixel_limit(command, tmp_path
             "evaluate": [str(tmp_path / "no-bundle"), str(tmp_path / "m.csv")]}[command]
     refused = CliRunner().invoke(app, [command, *args, "--max-image-pixels", "0"])
     assert refused.exit_code == 2 and "--max-image-pixels must be a positive number" in refused.output
-    CliRunner().invoke(app, [command, *args, "--max-image-pixels", "4096"])  # fails later: no bundle there
-    assert os.environ[MAX_PIXELS_ENV] == "4096"
-    monkeypatch.delenv(MAX_PIXELS_ENV)
+    try:  # the command sets the variable for this process: it must not outlive the test
+        CliRunner().invoke(app, [command, *args, "--max-image-pixels", "4096"])  # fails later: no bundle there
+        assert os.environ[MAX_PIXELS_ENV] == "4096"
+    finally:
+        os.environ.pop(MAX_PIXELS_ENV, None)
