@@ -64,7 +64,7 @@ def pytest_collection_modifyitems(config, items):
 
 class _SharedRay:
     """One Ray instance for the Flower simulations of consecutive `flower`-marked tests on an
-    xdist worker (`federated.simulation.one_ray_instance`, which a study's local executor
+    xdist worker (`federated.simulation_session.one_ray_instance`, which a study's local executor
     uses for its folds): Flower would start and stop Ray for every simulation (several seconds
     each). It is stopped before a `ray_of_its_own` test (one that starts a Ray cluster of its
     own, or checks that none is left running) and at the end of the session."""
@@ -74,7 +74,7 @@ class _SharedRay:
     @classmethod
     def open(cls):
         if cls.block is None:
-            from stagewise.federated.simulation import one_ray_instance
+            from stagewise.federated.simulation_session import one_ray_instance
 
             cls.block = one_ray_instance()
             cls.block.__enter__()

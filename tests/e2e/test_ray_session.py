@@ -1,4 +1,8 @@
-"""A study's federated folds share one private Ray instance, which ends with the run."""
+"""A study's federated folds share one private Ray instance and one set of site workers,
+which end with the run."""
+
+import time
+from pathlib import Path
 
 import pytest
 
@@ -10,18 +14,34 @@ pytestmark = pytest.mark.ray_of_its_own  # starts Ray itself: the tests' shared 
 QUIET = {"saliency": 0, "bootstrap": 50, "report": False}
 
 
-def test_a_studys_federated_folds_share_one_ray_instance_that_ends_with_the_run(sites_manifest, tmp_path):
-    """Flower's engine would start and stop Ray for every fold's simulation; the study keeps
-    one private instance for all of them and stops it when the run ends."""
+def _site_workers() -> set[int]:
+    """The process ids of Flower's site workers (Ray names their processes after the actor class)."""
+    out = set()
+    for f in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if f.read_bytes().startswith(b"ray::ClientAppActor"):
+                out.add(int(f.parent.name))
+        except OSError:
+            continue
+    return out
+
+
+def test_a_studys_federated_folds_share_one_ray_instance_and_its_site_workers_until_the_run_ends(sites_manifest,
+                                                                                                   tmp_path):
+    """Flower's engine would start and stop Ray and new worker processes for every fold's
+    simulation; the study keeps one private instance and its workers for all of them and
+    stops them when the run ends."""
     import ray
 
     from stagewise.study import SilentReporter
 
     class Watch(SilentReporter):
         nodes: list = []
+        workers: list = []
 
         def fold_done(self, arm, split, metrics, resumed):
             self.nodes.append(ray.get_runtime_context().get_node_id() if ray.is_initialized() else None)
+            self.workers.append(_site_workers())
 
     arms = [{"name": "fed", "backbone": "scratch:tinycnn", "sites": {"mode": "federated"},
              "stages": [{"kind": "probe", "rounds": 1, "epochs": 1, "batch_size": 16}]}]
@@ -30,4 +50,9 @@ def test_a_studys_federated_folds_share_one_ray_instance_that_ends_with_the_run(
     watch = Watch()
     run_study(recipe, tmp_path / "run", watch)
     assert len(watch.nodes) == 2 and watch.nodes[0] is not None and watch.nodes[0] == watch.nodes[1]
+    assert watch.workers[0] and watch.workers[0] == watch.workers[1]  # the second fold's sites ran in the same processes
     assert not ray.is_initialized()
+    deadline = time.monotonic() + 20  # the workers are stopped with Ray; their processes exit soon after
+    while _site_workers() & watch.workers[0] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _site_workers() & watch.workers[0]

@@ -12,10 +12,8 @@ model each round would cost.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import sys
 
 import numpy as np
 import torch
@@ -28,7 +26,7 @@ from stagewise.models import Network
 from stagewise.recipe import ArmConfig
 from stagewise.training.compute import Compute, usable_cpus
 
-__all__ = ["FederatedError", "FederatedResult", "one_ray_instance", "run_federated", "simulation_backend"]
+__all__ = ["FederatedError", "FederatedResult", "run_federated", "simulation_backend"]
 
 
 def run_federated(arm: ArmConfig, start: Network, partitions: list[SitePartition], compute: Compute,
@@ -117,48 +115,6 @@ def simulation_backend(n_sites: int, threads_per_site: int = 1) -> dict:
     return {"client_resources": {"num_cpus": threads_per_site, "num_gpus": 0.0},
             "init_args": {"address": "local", "num_cpus": max(1, min(n_sites * threads_per_site, usable_cpus())),
                           "include_dashboard": False, "log_to_driver": False}}
-
-
-class _RayWithoutShutdown:
-    """The `ray` module as Flower's Ray backend sees it inside `one_ray_instance`: everything
-    but `shutdown`, which the session does once at its end."""
-
-    def __init__(self, ray):
-        self._ray = ray
-
-    def __getattr__(self, name):
-        return getattr(self._ray, name)
-
-    def shutdown(self, *args, **kwargs) -> None:
-        pass
-
-
-@contextlib.contextmanager
-def one_ray_instance(threads_per_site: int = 1):
-    """Run every Flower simulation inside the block on one private Ray instance.
-
-    Flower's simulation engine starts Ray when none runs and shuts it down after every run
-    (`RayBackend.terminate`), so each federated fold of a study would pay Ray's start and stop
-    (measured 6.6 s per fold on an idle 2-core machine, more under load). Inside this block
-    the instance `simulation_backend` describes is started once (when none runs yet) and
-    stopped at the end; the sites' actors are still made afresh for each simulation, so no
-    site state crosses folds. Used by a study's local executor around its fits (flwr is pinned:
-    the backend's module-level `ray` is what is wrapped)."""
-    import ray
-    from flwr.server.superlink.fleet.vce.backend import raybackend
-
-    started = not ray.is_initialized()
-    if started:
-        init = simulation_backend(usable_cpus(), threads_per_site)["init_args"]
-        pythonpath = os.pathsep.join(sys.path)  # as Flower's own start passes the driver's path on
-        ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, **init)
-    real, raybackend.ray = raybackend.ray, _RayWithoutShutdown(ray)
-    try:
-        yield
-    finally:
-        raybackend.ray = real
-        if started:
-            ray.shutdown()
 
 
 def _collect_scores(grid, out: FederatedResult, n: int, timeout: float) -> None:

@@ -15,7 +15,7 @@ class LocalExecutor:
     def __enter__(self) -> "LocalExecutor":
         if any(arm.sites.mode == "federated" for arm in self.study.recipe.arms):
             # every federated fold's Flower simulation on one Ray instance, started once
-            from stagewise.federated.simulation import one_ray_instance
+            from stagewise.federated.simulation_session import one_ray_instance
 
             self.session.enter_context(one_ray_instance())
         return self
