@@ -144,3 +144,27 @@ def test_an_arm_that_keeps_groups_at_its_sites_has_no_global_model_to_show(monke
 def test_without_the_flag_a_fold_records_no_cross_site_matrix(monkeypatch):
     fit, _, _ = _fold(_arm(stages=PERSONALISED), monkeypatch)
     assert "cross_site" not in fit.info and fit.global_prob is None
+
+
+def test_the_global_models_per_site_figures_come_from_its_own_scores():
+    """evidence: `prob_global` (the global model beside a personalised arm's own scores) gives
+    that arm's `sites_global_model` figures; an arm without it has none."""
+    import pandas as pd
+    from sklearn.metrics import roc_auc_score
+
+    from stagewise.evaluation.evidence import global_model_sites, site_evidence
+
+    rng = np.random.default_rng(0)
+    y, site = np.arange(40) % 2, np.repeat(["A", "B"], 20)
+    own, glob = y + rng.normal(0, 0.3, 40), y + rng.normal(0, 1.0, 40)
+    preds = pd.concat([pd.DataFrame({"arm": "f", "repeat": 0, "fold": 0, "patient": np.arange(40), "y": y, "prob": own,
+                                     "prob_global": glob, "site": site}),
+                       pd.DataFrame({"arm": "g", "repeat": 0, "fold": 0, "patient": np.arange(40), "y": y, "prob": own,
+                                     "prob_global": np.nan, "site": site})], ignore_index=True)
+    units = {n: {"folds": [{"repeat": 0, "fold": 0, "threshold": 0.5}]} for n in "fg"}
+    table = global_model_sites(preds, units, "f", "mean")
+    figures = site_evidence(table, preds.groupby("patient")["site"].first(), 50, 0)
+    for s in "AB":
+        assert figures[s]["auroc_bootstrap_ci"]["point"] == pytest.approx(roc_auc_score(y[site == s], glob[site == s]))
+    assert global_model_sites(preds, units, "g", "mean") is None
+    assert global_model_sites(preds.drop(columns="prob_global"), units, "f", "mean") is None
