@@ -65,8 +65,9 @@ def cross_site_panel(name: str, arms: dict, order: list[str], evidence: dict) ->
         "left": ("For this evaluation each site's own model left its site (sites.cross_site_evaluation): the tensors "
                  "in which it differs from the global model, "
                  + (f"{_size_range(sizes)} per site, " if sizes else "")
-                 + "went to the coordinator, which forwarded them to every other site; each site scored its own test "
-                 f"patients with every model it received and returned the scores. Matrix: mean AUROC over "
+                 + "went to the coordinator, which forwarded them to every other site; each site scored its own rows "
+                 "with every model it received and returned the scores (the matrix uses each site's test patients). "
+                 f"Matrix: mean AUROC over "
                  f"{cross.get('folds', DASH)} fold(s)."),
         "global_note": ("Global: the final global federated model before personalisation." if has_global else
                         "Global: none, as this arm keeps groups or BatchNorm at each site (sites.local_groups, FedBN), "
