@@ -98,7 +98,8 @@ def test_each_site_trains_on_its_own_rows_only(sites_manifest, monkeypatch):
     train, test = np.arange(0, 20), np.arange(20, 30)
     with pytest.raises(RuntimeError, match="captured"):
         stagewise.study.site_arms.fit_federated(arm, _net("scratch:tinycnn"), images, targets, sites, train,
-                                      np.concatenate([train, test]), FP32, 0)
+                                                np.concatenate([train, test]), FP32, 0, targets[:, 0].numpy(),
+                                                np.arange(30), test, "mean")
     assert sorted(seen) == sorted(set(sites[train]))
     for site, p in seen.items():
         own_train = train[sites[train] == site]
@@ -156,6 +157,9 @@ def test_federated_and_local_arms_on_the_same_folds_with_sites_and_bytes(three_m
     assert set(result.metrics["evidence"]["units"]["fed"]["sites"]) == {"A", "B", "C"}
     report = (run_dir / "report.html").read_text()
     assert 'id="fig-sites"' in report and 'id="site-training-table"' in report and "MB per fold" in report
+    # the local arm's cross-site AUROC as a matrix: a row per site model, its own site's cell marked
+    assert report.count('class="cross-site-matrix" data-unit="local" data-kind="local"') == 1
+    assert report.count('data-own="1"') == 3 and 'data-kind="federated"' not in report  # fed has no cross-site flag
 
 
 def _fold_rounds(run_dir):
@@ -322,6 +326,8 @@ def test_groups_kept_at_each_site_never_travel_and_each_site_scores_with_its_own
     assert all(set(m.content["arrays"]) <= layer4 for _, m in seen if "arrays" in m.content.keys())
     assert [r["tensor_bytes_per_site"] for r in result.rounds][0] == 0  # the probe round shares nothing
     assert len(result.rounds) == 3  # the site_local stage is no round
+    assert {m.metadata.message_type for _, m in seen} == {"train", "evaluate"}  # no cross-site evaluation asked
+    assert not any("site_model" in m.content.keys() for _, m in seen)  # so no site model ever leaves its site
     final_up = [m for d, m in seen if d == "up" and m.metadata.message_type == "evaluate"]
     assert len(final_up) == 2 and all(set(m.content.keys()) == {"scores", "metrics"} for m in final_up)
     node = {int(m.content["metrics"]["partition"]): m.metadata.src_node_id for d, m in seen if d == "up"}
@@ -384,3 +390,69 @@ def test_only_trainable_tensors_and_scalars_cross_the_wire(sites_manifest, monke
                 assert set(record) <= layer4  # never a frozen group's tensor
     up_scores = [m for d, m in seen if d == "up" and "scores" in m.content.keys()]
     assert len(up_scores) == 2  # the final evaluation: one array of probabilities per site, no ids
+
+
+def test_cross_site_evaluation_sends_each_site_model_to_every_other_site_in_named_messages(sites_manifest, monkeypatch):
+    """`sites.cross_site_evaluation`: after the final step each site's personalised model (the
+    tensors that differ from the global model: the groups its site_local stage trained) goes up
+    in a `query.site_model` reply and down to every other site, and only there, in
+    `evaluate.cross_site` messages. The fold's matrix has one row per site model and one
+    column per site; its diagonal is the arm's own per-site figure, and each other entry is
+    exactly that site model scored here in-process on that site's test patients."""
+    from stagewise.study import site_arms
+    from stagewise.study.cross_site import patient_auroc
+
+    table = pd.read_csv(sites_manifest)
+    images, targets = _digits(sites_manifest, n=len(table))
+    sites, patients, y = table["hospital"].astype(str).to_numpy(), table["patient"].to_numpy(), table["outcome"].to_numpy()
+    tested = table["patient"].isin(table["patient"].unique()[1::2]).to_numpy()
+    train, test = np.flatnonzero(~tested), np.flatnonzero(tested)
+    personalise = {**PERSONALISE, "unfreeze": {"block3": 0.0}}
+    arm = ArmConfig.model_validate({"name": "f", "backbone": "scratch:tinycnn",
+                                    "sites": {"mode": "federated", "cross_site_evaluation": True},
+                                    "stages": [{"kind": "probe", "rounds": 1, "epochs": 1, "batch_size": 8}, personalise]})
+    seen, real = [], site_arms.run_federated
+    monkeypatch.setattr(site_arms, "run_federated",
+                        lambda *a, **k: real(*a, **k, on_message=lambda d, m: seen.append((d, m))))
+    start = _net("scratch:tinycnn")
+    fit = site_arms.fit_federated(arm, start, images, targets, sites, train, np.concatenate([train, test]), FP32, 0,
+                                  y, patients, test, "mean")
+    cross = fit.info["cross_site"]
+    matrix = cross["auroc"]
+    assert set(matrix) == {"A", "B", "C"} and all(set(row) == {"A", "B", "C"} for row in matrix.values())
+    assert cross["site_models_left_sites"] is True
+
+    personalised = set(shared_keys(start, ["block3", "head"], "average"))
+    kinds = {m.metadata.message_type for _, m in seen}
+    assert kinds == {"train", "evaluate", "query.site_model", "evaluate.cross_site"}
+    carrying = [(d, m.metadata.message_type) for d, m in seen if "site_model" in m.content.keys()]
+    assert sorted(carrying) == sorted([("up", "query.site_model")] * 3 + [("down", "evaluate.cross_site")] * 6)
+    node = {int(m.content["metrics"]["partition"]): m.metadata.src_node_id for d, m in seen if d == "up"}
+    models = {k: _messages(seen, "up", "query.site_model", node[k])[0].content["site_model"].to_torch_state_dict()
+              for k in node}
+    assert all(set(t) and set(t) <= personalised for t in models.values())  # only what the site_local stage trained
+    parts, order = site_arms.site_partitions(images, targets, sites, train, np.concatenate([train, test]))
+    from flwr.app import ArrayRecord
+
+    assert cross["site_model_bytes"] == {p.site: ArrayRecord(torch_state_dict=models[k]).count_bytes()
+                                         for k, p in enumerate(parts)}
+    prob_test = fit.prob[len(train):]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each simulated site scores
+    try:
+        for b, part in enumerate(parts):
+            b_test = np.isin(order[b], test)
+            own = prob_test[np.isin(test, order[b][b_test])]
+            assert matrix[part.site][part.site] == patient_auroc(own[:, 0], order[b][b_test], y, patients, "mean")
+            trainer = SiteTrainer(part, arm, start, FP32, seed=0)
+            for down in _messages(seen, "down", "evaluate.cross_site", node[b]):
+                a = int(down.content["config"]["model-partition"])
+                assert a != b and set(down.content["site_model"]) == set(models[a])
+                here = trainer.cross_scores(down.content["arrays"].to_torch_state_dict(), models[a])
+                assert np.abs(here[b_test] - own).max() > 1e-4  # another model than the site's own
+                expected = patient_auroc(here[b_test, 0], order[b][b_test], y, patients, "mean")
+                assert matrix[parts[a].site][part.site] == pytest.approx(expected, abs=1e-6)
+    finally:
+        torch.set_num_threads(threads)
+    assert fit.global_prob.shape == (len(test), 1) and set(cross["global_auroc"]) == {"A", "B", "C"}
+    assert np.abs(fit.global_prob - prob_test).max() > 1e-4  # the global model, before personalisation

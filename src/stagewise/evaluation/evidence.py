@@ -168,6 +168,18 @@ def site_evidence(table: pd.DataFrame, site_of: pd.Series, n_boot: int, seed: in
     return out
 
 
+def global_model_sites(predictions: pd.DataFrame, units: dict, name: str, how: str) -> pd.DataFrame | None:
+    """The patient table of a federated unit's global model (`prob_global`: its final global
+    model before personalisation, recorded under `sites.cross_site_evaluation`), for its
+    per-site figures beside the personalised ones; None for a unit without it."""
+    if "prob_global" not in predictions:
+        return None
+    rows = predictions[predictions["arm"] == name].dropna(subset=["prob_global"])
+    if rows.empty:
+        return None
+    return patient_table(rows.assign(prob=rows["prob_global"]), {name: units[name]}, how)
+
+
 def auroc_cis(y: np.ndarray, s: np.ndarray, patients: np.ndarray, n_boot: int, seed: int) -> dict:
     """Counts, and the AUROC with its DeLong and patient-bootstrap 95 % CIs (when both classes
     are present; the bootstrap only with n_boot > 0)."""
@@ -278,6 +290,8 @@ def compute_evidence(recipe: Recipe, metrics: dict, predictions: pd.DataFrame, g
         site_of = predictions.groupby("patient", sort=False)["site"].first()
         for name in units:
             per_unit[name]["sites"] = site_evidence(table[table["arm"] == name], site_of, n_boot, recipe.seed)
+            if (glob := global_model_sites(predictions, units, name, recipe.protocol.patient_aggregate)) is not None:
+                per_unit[name]["sites_global_model"] = site_evidence(glob, site_of, n_boot, recipe.seed)
     for e in per_unit.values():
         e["flags"] = unit_flags(e)
     pairs = list(recipe.evaluation.compare if recipe.evaluation.compare is not None else default_comparisons(units))

@@ -22,6 +22,13 @@ class SiteBackend(Protocol):
     def evaluate(self, config, received: dict[str, torch.Tensor]) -> tuple[list | None, dict]:
         """The final model at the site: (arrays to send back or None, scalar metrics)."""
 
+    def site_model(self, config) -> tuple[dict[str, torch.Tensor], dict]:
+        """Cross-site evaluation (opt-in): the site's own model tensors, and scalar metrics."""
+
+    def cross_score(self, config, received: dict[str, torch.Tensor],
+                    site_model: dict[str, torch.Tensor]) -> tuple[list | None, dict]:
+        """Cross-site evaluation: another site's model scored here, as `evaluate` returns it."""
+
 
 def make_client_app(site_for: Callable[[object, object], SiteBackend]):
     """A ClientApp whose every message is handled by `site_for(context, config)`."""
@@ -46,6 +53,22 @@ def make_client_app(site_for: Callable[[object, object], SiteBackend]):
     def evaluate(msg, context):
         config = msg.content["config"]
         arrays, metrics = site_for(context, config).evaluate(config, msg.content["arrays"].to_torch_state_dict())
+        content = {"metrics": MetricRecord(metrics)} if arrays is None else {"scores": ArrayRecord(arrays),
+                                                                              "metrics": MetricRecord(metrics)}
+        return Message(RecordDict(content), reply_to=msg)
+
+    @app.query("site_model")  # cross-site evaluation only (sites.cross_site_evaluation)
+    def site_model(msg, context):
+        config = msg.content["config"]
+        sent, metrics = site_for(context, config).site_model(config)
+        return Message(RecordDict({"site_model": ArrayRecord(torch_state_dict=sent), "metrics": MetricRecord(metrics)}),
+                       reply_to=msg)
+
+    @app.evaluate("cross_site")  # cross-site evaluation only: another site's model, scored here
+    def cross_site(msg, context):
+        config = msg.content["config"]
+        arrays, metrics = site_for(context, config).cross_score(
+            config, msg.content["arrays"].to_torch_state_dict(), msg.content["site_model"].to_torch_state_dict())
         content = {"metrics": MetricRecord(metrics)} if arrays is None else {"scores": ArrayRecord(arrays),
                                                                               "metrics": MetricRecord(metrics)}
         return Message(RecordDict(content), reply_to=msg)

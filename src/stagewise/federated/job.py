@@ -56,6 +56,9 @@ def job_problems(recipe: Recipe, arm: ArmConfig) -> list[str]:
                         "site's own patients (group_kfold)")
     if recipe.protocol.label_fractions:
         problems.append("protocol.label_fractions are not run in a deployment")
+    if arm.sites.cross_site_evaluation:
+        problems.append(f"arm '{arm.name}' sets sites.cross_site_evaluation, which a deployment does not run yet (a "
+                        "study's simulation does); remove it for the deployed job, so no site model leaves its site")
     if any(s.external for s in arm.stages):
         problems.append(f"arm '{arm.name}' pretrains on a source manifest; run that once, save the backbone and name "
                         "it as `file:` in the recipe every site holds")

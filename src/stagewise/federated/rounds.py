@@ -83,6 +83,10 @@ class FederatedResult:
     full_model_bytes: int = 0
     shared: list[str] = field(default_factory=list)
     """Every state-dict key that was aggregated in some round, in state-dict order."""
+    cross_scores: dict[tuple[int, int], object] = field(default_factory=dict)
+    """Cross-site evaluation only: (model's site, scoring site) -> the scoring site's probabilities."""
+    cross_site: dict = field(default_factory=dict)
+    """Cross-site evaluation only: the bytes and tensor counts of the site models that travelled."""
 
     @classmethod
     def starting_from(cls, start: Network) -> "FederatedResult":

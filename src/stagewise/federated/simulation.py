@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from stagewise.federated.client_app import make_client_app
+from stagewise.federated.cross_site import exchange_site_models
 from stagewise.federated.rounds import (AuditedGrid, FederatedError, FederatedResult, round_plan, serve_rounds,
                                         subset_of, wait_for_sites)
 from stagewise.federated.site import SitePartition, SiteTrainer
@@ -60,6 +61,8 @@ def run_federated(arm: ArmConfig, start: Network, partitions: list[SitePartition
             serve_rounds(wire, cfg, plan, start, out, n, order=partition,
                          site_of=lambda m: partitions[partition(m)].site)
             _collect_scores(wire, out, n, cfg.round_timeout)
+            if cfg.cross_site_evaluation:  # opt-in: the site models leave their sites
+                exchange_site_models(wire, out, cfg.round_timeout, partition)
         except BaseException as err:  # surfaced in the driver after the simulation ends
             errors.append(err)
 
@@ -98,9 +101,28 @@ class InMemorySite:
         return sent, {"num-examples": n_examples, "loss": loss, "partition": self.partition, **accounting}
 
     def evaluate(self, config, received):
+        from flwr.app import ArrayRecord
+
         torch.set_num_threads(self.threads)
-        prob = self.trainer.scores(received, self.state())
-        return [prob.astype(np.float32)], {"num-examples": len(self.trainer.partition.score), "partition": self.partition}
+        net = self.trainer.final_network(received, self.state())
+        if self.trainer.arm.sites.cross_site_evaluation:  # kept here until the cross-site query asks for it
+            self.context.state["site_model"] = ArrayRecord(torch_state_dict=self.trainer.site_model(net, received))
+        return self.scored(self.trainer.score_with(net))
+
+    def scored(self, prob: np.ndarray, **metrics) -> tuple[list, dict]:
+        return [prob.astype(np.float32)], {"num-examples": len(self.trainer.partition.score),
+                                           "partition": self.partition, **metrics}
+
+    def site_model(self, config):
+        """The site's own model tensors (kept by `evaluate`), for cross-site evaluation."""
+        if self.context.state.get("site_model") is None:
+            raise FederatedError("a site model was asked for, but this arm has no sites.cross_site_evaluation")
+        return self.context.state["site_model"].to_torch_state_dict(), {"partition": self.partition}
+
+    def cross_score(self, config, received, site_model):
+        torch.set_num_threads(self.threads)
+        model = int(config["model-partition"])
+        return self.scored(self.trainer.cross_scores(received, site_model), **{"model-partition": model})
 
 
 def simulation_backend(n_sites: int, threads_per_site: int = 1) -> dict:

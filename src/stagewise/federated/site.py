@@ -120,14 +120,44 @@ class SiteTrainer:
         return (sent, state, len(self.partition.train), float(np.mean([e["loss"] for e in log.epochs])),
                 privacy_metrics(log.privacy))
 
-    def scores(self, received: dict[str, torch.Tensor], local_state: dict | None) -> np.ndarray:
-        """Probabilities (rows to score x outputs) of the site's final model: the aggregated
-        tensors over the site's own state, then personalised by the arm's `site_local` stages,
-        trained here on the site's own training rows (nothing of them leaves the site)."""
+    def final_network(self, received: dict[str, torch.Tensor], local_state: dict | None) -> Network:
+        """The site's final model: the aggregated tensors over the site's own state, then
+        personalised by the arm's `site_local` stages, trained here on the site's own training
+        rows (nothing of them leaves the site)."""
         net = self.network(local_state)
         net.load_state_dict(received, strict=False)
         p = self.partition
         for i, stage in enumerate(self.stages):
             if stage.site_local:
                 fit_stage(net, stage, p.images, p.train, p.targets, self.compute, None, round_seed(self.seed, i, 0))
-        return predict(net, p.images, p.score, self.compute, None)
+        return net
+
+    def scores(self, received: dict[str, torch.Tensor], local_state: dict | None) -> np.ndarray:
+        """Probabilities (rows to score x outputs) of the site's final model (`final_network`)."""
+        return self.score_with(self.final_network(received, local_state))
+
+    def score_with(self, net: Network) -> np.ndarray:
+        """Probabilities (rows to score x outputs) of `net` on this site's rows to score."""
+        return predict(net, self.partition.images, self.partition.score, self.compute, None)
+
+    def site_model(self, net: Network, received: dict[str, torch.Tensor]) -> "OrderedDict[str, torch.Tensor]":
+        """What makes `net`, the site's final model, differ from the global model (the arm's
+        starting network with the aggregated tensors `received`): the tensors of its own groups
+        (`sites.local_groups`, personalised groups, FedBN statistics) that are not the global
+        model's. Only these leave the site, and only under `sites.cross_site_evaluation`.
+        BatchNorm's `num_batches_tracked` counters stay, as in every round (`sharing.group_keys`):
+        scoring never reads them."""
+        reference = copy.deepcopy(self.start).cpu()
+        reference.load_state_dict(received, strict=False)
+        base = reference.state_dict()
+        return OrderedDict((k, v.detach().cpu().clone()) for k, v in net.state_dict().items()
+                           if not k.endswith("num_batches_tracked") and not torch.equal(v.detach().cpu(), base[k]))
+
+    def cross_scores(self, received: dict[str, torch.Tensor], site_model: dict[str, torch.Tensor]) -> np.ndarray:
+        """Probabilities on this site's rows to score of another site's model: the global model
+        (the arm's starting network with the aggregated tensors `received`) with that site's own
+        tensors `site_model` in place; nothing of this site's own state enters it."""
+        net = self.network(None)
+        net.load_state_dict(received, strict=False)
+        net.load_state_dict(site_model, strict=False)
+        return self.score_with(net)

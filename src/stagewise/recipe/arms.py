@@ -59,6 +59,9 @@ class SitesConfig(StrictModel):
     """Seconds the server waits for the sites' replies in a round."""
     privacy: PrivacyConfig | None = None
     """Record-level differential privacy at each site (DP-SGD with an accounted budget); none by default."""
+    cross_site_evaluation: bool = False
+    """Score every site's own model (site_local stages, local_groups) on every other site's test
+    patients: the site models then leave their sites (federated only; off by default)."""
 
     @model_validator(mode="after")
     def _strategy_params_valid(self) -> "SitesConfig":
@@ -156,6 +159,21 @@ class ArmConfig(StrictModel):
                 raise ValueError(f"tune.grid path {path!r} does not name a field of arm {self.name!r}") from None
             node[last] = value
         return ArmConfig.model_validate(data)
+
+    @model_validator(mode="after")
+    def _cross_site_needs_site_models(self) -> "ArmConfig":
+        """Cross-site evaluation scores the models each site ends with; an arm whose sites all
+        end with the global model has none to send (and a local arm has its figures anyway)."""
+        if not self.sites.cross_site_evaluation:
+            return self
+        if self.sites.mode != "federated":
+            raise ValueError("sites.cross_site_evaluation is for a federated arm (sites.mode: federated); a local "
+                             "arm's cross-site figures are computed without it")
+        if not self.sites.local_groups and not any(s.site_local for s in self.stages):
+            raise ValueError("sites.cross_site_evaluation: every site of this arm ends with the global model, so there "
+                             "are no site models to score on the other sites; add a site_local stage or "
+                             "sites.local_groups, or remove sites.cross_site_evaluation")
+        return self
 
     @model_validator(mode="after")
     def _privacy_fits(self) -> "ArmConfig":

@@ -256,6 +256,12 @@ class Recipe(StrictModel):
         if kept and self.protocol.kind == "leave_one_site_out":
             raise ValueError(f"arms {kept}: groups kept at each site (sites.local_groups) have no global version, so "
                              "the held-out site has no model; use protocol group_kfold or remove sites.local_groups")
+        crossed = [a.name for a in self.arms if a.sites.cross_site_evaluation]
+        if crossed and self.protocol.kind == "leave_one_site_out":
+            raise ValueError(f"arms {crossed}: sites.cross_site_evaluation scores each site's model on the other sites' "
+                             "test patients, but under leave_one_site_out only the held-out site has test patients and "
+                             "it has no site model (the global model scores it); use protocol group_kfold or remove "
+                             "sites.cross_site_evaluation")
         published = [a.name for a in self.arms if a.head.pretrained]
         if published and self.cohort.extra_outcomes:
             raise ValueError(f"arms {published} start from a published one-outcome head (head.pretrained), but "

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from stagewise.report.thresholds import threshold_notes
 from stagewise.report.checklist import checklist
+from stagewise.report.cross_site import cross_site_panel, local_matrices
 from stagewise.report.federated import federated_sections, nav_with_federated
 from stagewise.report.figures import palette, saliency_colorbar
 from stagewise.report.formatting import DASH
@@ -105,7 +106,9 @@ def build_context(run_dir: str | Path) -> dict:
         "sampling_notes": sampling_notes(sampling, order),
         "label_rows": label_rows,
         "site_training": site_training_rows(arms, order),
-        "federated": federated_sections(arms, order, recipe_arms(recipe), colors),
+        "local_matrices": local_matrices(arms, order),
+        "federated": federated_sections(arms, order, recipe_arms(recipe), colors,
+                                        {n: cross_site_panel(n, arms, order, ev) for n in order}),
         "tuning": tuning,
         "saliency": saliency,
         "saliency_colorbar": saliency_colorbar() if saliency else None,

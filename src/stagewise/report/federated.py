@@ -67,9 +67,11 @@ def fmt_bytes(n) -> str:
     return f"{fmt_num(n / 1e6, 2)} MB" if n >= 1e6 else f"{fmt_num(n / 1e3, 1)} kB"
 
 
-def federated_sections(arms: dict, order: list[str], r_arms: dict, colors: dict) -> list[dict]:
+def federated_sections(arms: dict, order: list[str], r_arms: dict, colors: dict,
+                       cross_site: dict | None = None) -> list[dict]:
     """One panel per federated unit: its strategy, stages, and per round what was shared and the
-    training loss per site and weighted mean (the mean over the folds that recorded the round)."""
+    training loss per site and weighted mean (the mean over the folds that recorded the round);
+    `cross_site`, unit -> its cross-site panel (report.cross_site), where it has one."""
     panels = []
     for name in order:
         unit = arms[name]
@@ -100,6 +102,7 @@ def federated_sections(arms: dict, order: list[str], r_arms: dict, colors: dict)
             "sites": sites, "rows": rows, "folds": max((r.get("folds", 0) for r in losses), default=0),
             "figure": round_loss_figure(name, losses, sites, colors[name]),
             "privacy": privacy_panel(unit),
+            "cross_site": (cross_site or {}).get(name),
         })
     return panels
 

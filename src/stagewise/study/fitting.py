@@ -250,13 +250,13 @@ class Study:
         rows = np.concatenate([train, split.test])
         compute = self.compute_for(unit.arm)
         t0 = time.perf_counter()
-        if arm.sites.mode == "local":
-            fit = fit_local(arm, start, self.images, self.targets, sites, train, rows, compute, self.cache, seed,
-                            self.y, self.patients, split.test, self.recipe.protocol.patient_aggregate)
-        else:
-            fit = fit_federated(arm, start, self.images, self.targets, sites, train, rows, compute, seed)
+        scoring = (self.y, self.patients, split.test, self.recipe.protocol.patient_aggregate)
+        fit = (fit_local(arm, start, self.images, self.targets, sites, train, rows, compute, self.cache, seed, *scoring)
+               if arm.sites.mode == "local" else
+               fit_federated(arm, start, self.images, self.targets, sites, train, rows, compute, seed, *scoring))
         metrics, preds = score_fold(self.recipe, self.cohort, split, train, fit.prob[: len(train)], fit.prob[len(train):],
                                     recalibrate=True)
+        preds = fit.with_global_scores(preds)
         extra["sites_training"] = fit.info
         if self.recipe.evaluation.saliency and split.repeat == 0 and unit.fraction == 1.0 and fit.server is not None:
             extra["saliency"] = self._site_saliency(fit.server, split, self.run.folds_dir / unit.folder / "saliency",

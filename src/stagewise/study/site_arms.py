@@ -20,10 +20,10 @@ import numpy as np
 import torch
 
 from stagewise.errors import RunError
-from stagewise.evaluation.metrics import binary_metrics, patient_scores
 from stagewise.federated.simulation import run_federated
 from stagewise.federated.site import SitePartition, round_seed, site_seed
 from stagewise.models import Network
+from stagewise.study.cross_site import federated_matrix, patient_auroc
 from stagewise.recipe import STRATEGY_NAMES, ArmConfig
 from stagewise.training.cache import ImageSet, PrefixCache
 from stagewise.training.compute import Compute
@@ -42,6 +42,15 @@ class SiteFit:
     server: Network | None = None
     """A federated fold's final global model (None for local arms, and for FedBN arms and arms
     with `sites.local_groups`, whose global model lacks what each site kept)."""
+    global_prob: np.ndarray | None = None
+    """Cross-site evaluation of an arm whose personalisation starts from a complete global model
+    (BatchNorm averaged, no `sites.local_groups`): that global model's probabilities on the
+    fold's test rows (the study's machine holds every site's rows in its simulation)."""
+
+    def with_global_scores(self, preds):
+        """The fold's test predictions with the global model's probability beside each row's
+        own (`prob_global`, for the per-site figures of global against personalised models)."""
+        return preds if self.global_prob is None else preds.assign(prob_global=self.global_prob[:, 0].astype(float))
 
 
 def rows_by_site(sites: np.ndarray, rows: np.ndarray) -> dict[str, np.ndarray]:
@@ -79,8 +88,7 @@ def fit_local(arm: ArmConfig, start: Network, images: ImageSet, targets: torch.T
         cross[model_site] = {}
         for test_site, site_test in rows_by_site(sites, test).items():
             idx = [position[int(r)] for r in site_test]
-            s_, y_ = patient_scores(p[idx, 0], y[site_test], patients[site_test], how)
-            cross[model_site][test_site] = binary_metrics(y_.astype(int), s_, 0.5)["auroc"]
+            cross[model_site][test_site] = patient_auroc(p[idx, 0], site_test, y, patients, how)
     info = {"mode": "local", "sites_trained": {s: int(len(r)) for s, r in rows_by_site(sites, train).items()},
             "cross_site_auroc": cross}
     if unscored:
@@ -127,8 +135,10 @@ def personalisation(arm: ArmConfig, sites_trained: list[str], held_out: list[str
 
 
 def fit_federated(arm: ArmConfig, start: Network, images: ImageSet, targets: torch.Tensor, sites: np.ndarray,
-                  train: np.ndarray, rows: np.ndarray, compute: Compute, seed: int) -> SiteFit:
-    """Sites with training rows are Flower clients holding only their own rows."""
+                  train: np.ndarray, rows: np.ndarray, compute: Compute, seed: int,
+                  y: np.ndarray, patients: np.ndarray, test: np.ndarray, how: str) -> SiteFit:
+    """Sites with training rows are Flower clients holding only their own rows; under
+    `sites.cross_site_evaluation` the fold records the cross-site matrix of their models."""
     by_site = rows_by_site(sites, train)
     partitions, order = site_partitions(images, targets, sites, train, rows)
     result = run_federated(arm, start, partitions, compute, seed)
@@ -161,8 +171,21 @@ def fit_federated(arm: ArmConfig, start: Network, images: ImageSet, targets: tor
     }
     if arm.sites.privacy is not None:  # the budget each site spent, by Opacus' accountant
         info["privacy"] = privacy_summary(arm.sites.privacy, result.rounds)
-    one_model = arm.sites.bn_stats == "average" and not arm.sites.local_groups and not has_site_local(arm)
-    return SiteFit(prob, info, server if one_model else None)
+    complete = arm.sites.bn_stats == "average" and not arm.sites.local_groups
+    fit = SiteFit(prob, info, server if complete and not has_site_local(arm) else None)
+    if arm.sites.cross_site_evaluation:
+        names = [p.site for p in partitions]
+        info["cross_site"] = {
+            "auroc": federated_matrix(names, order, result.scores, result.cross_scores, test, y, patients, how),
+            "site_models_left_sites": True,
+            "site_model_bytes": {names[k]: int(v) for k, v in result.cross_site["site_model_bytes"].items()},
+            "bytes_down_total": int(result.cross_site["bytes_down_total"])}
+        if complete:  # the global model before personalisation, on the same test patients
+            fit.global_prob = predict(server, images, test, compute, None)
+            info["cross_site"]["global_auroc"] = {
+                site: patient_auroc(fit.global_prob[np.isin(test, site_test), 0], site_test, y, patients, how)
+                for site, site_test in rows_by_site(sites, test).items()}
+    return fit
 
 
 def export_refusal(arm: ArmConfig, refit: bool) -> str | None:

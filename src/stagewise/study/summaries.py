@@ -8,6 +8,7 @@ import numpy as np
 
 from stagewise.evaluation.metrics import summarize
 from stagewise.recipe import shareable_backbone
+from stagewise.study.cross_site import mean_matrix
 from stagewise.study.units import Unit
 from stagewise.training.privacy_budget import privacy_over_folds
 
@@ -52,13 +53,24 @@ def _sites_training(fold_results: list[dict]) -> dict:
         out["rounds_with_missing_sites"] = sum(1 for i in infos for r in i["rounds"] if r["sites_replied"] < r["sites"])
         if any("privacy" in i for i in infos):
             out["privacy"] = privacy_over_folds([i["privacy"] for i in infos if "privacy" in i])
+        if any("cross_site" in i for i in infos):
+            out["cross_site"] = _federated_cross_site([i["cross_site"] for i in infos if "cross_site" in i])
     else:
-        pairs = {(a, b) for i in infos for a, row in i["cross_site_auroc"].items() for b in row}
-        out["cross_site_auroc"] = {}
-        for a, b in sorted(pairs):
-            vals = [i["cross_site_auroc"][a][b] for i in infos if b in i["cross_site_auroc"].get(a, {})]
-            vals = [v for v in vals if v is not None and np.isfinite(v)]
-            out["cross_site_auroc"].setdefault(a, {})[b] = float(np.mean(vals)) if vals else None
+        out["cross_site_auroc"] = mean_matrix([i["cross_site_auroc"] for i in infos])
+    return out
+
+
+def _federated_cross_site(folds: list[dict]) -> dict:
+    """A federated arm's cross-site evaluation over folds: the matrix (mean AUROC over folds),
+    the global model's AUROC per site where the arm has one, and what the site models cost on
+    the wire; `site_models_left_sites` says the site models left their sites to be scored."""
+    out = {"auroc": mean_matrix([f["auroc"] for f in folds]), "site_models_left_sites": True, "folds": len(folds),
+           "site_model_bytes": {s: max(f["site_model_bytes"].get(s, 0) for f in folds)
+                                for s in dict.fromkeys(s for f in folds for s in f["site_model_bytes"])},
+           "bytes_down_per_fold": float(np.mean([f["bytes_down_total"] for f in folds]))}
+    if any("global_auroc" in f for f in folds):
+        out["global_auroc"] = mean_matrix([{"global model": f["global_auroc"]} for f in folds if "global_auroc" in f])[
+            "global model"]
     return out
 
 

@@ -108,3 +108,36 @@ def test_a_personalisation_stage_follows_the_federated_stages_of_a_federated_arm
     with pytest.raises(RecipeError, match="site_local .* is for federated arms"):
         recipe_from_dict(base | {"arms": [{**fed, "sites": {"mode": "local"},
                                            "stages": [{"kind": "probe"}, fed["stages"][1]]}]})
+
+
+def test_cross_site_evaluation_needs_site_models_and_group_kfold():
+    """`sites.cross_site_evaluation` is refused, naming it, where there is no site model to send
+    (every site ends with the global model; a local arm) and under leave-one-site-out (only the
+    held-out site has test patients, and the global model scores them)."""
+    personalise = {"kind": "probe", "site_local": True, "epochs": 1}
+    fed = {"name": "f", "backbone": "scratch:tinycnn", "stages": [{"kind": "probe", "rounds": 1}, personalise],
+           "sites": {"mode": "federated", "cross_site_evaluation": True}}
+    base = {"name": "r", "cohort": {"manifest": "m.csv", "site": "hospital"}}
+    assert recipe_from_dict(base | {"arms": [fed]}).arms[0].sites.cross_site_evaluation
+    kept = {**fed, "stages": [{"kind": "probe", "rounds": 1}],
+            "sites": {"mode": "federated", "local_groups": ["head"], "cross_site_evaluation": True}}
+    assert recipe_from_dict(base | {"arms": [kept]}).arms[0].sites.local_groups == ["head"]
+    assert not recipe_from_dict(base | {"arms": [{**fed, "sites": {"mode": "federated"}}]}).arms[0].sites.cross_site_evaluation
+    with pytest.raises(RecipeError, match=r"sites.cross_site_evaluation: every site of this arm ends with the global"):
+        recipe_from_dict(base | {"arms": [{**fed, "stages": [{"kind": "probe", "rounds": 1}]}]})
+    with pytest.raises(RecipeError, match=r"sites.cross_site_evaluation is for a federated arm"):
+        recipe_from_dict(base | {"arms": [{**fed, "stages": [{"kind": "probe"}],
+                                           "sites": {"mode": "local", "cross_site_evaluation": True}}]})
+    with pytest.raises(RecipeError, match=r"sites.cross_site_evaluation.*leave_one_site_out.*global model scores it"):
+        recipe_from_dict(base | {"arms": [fed], "protocol": {"kind": "leave_one_site_out"}})
+
+
+def test_a_deployed_job_refuses_cross_site_evaluation_naming_the_field():
+    from stagewise.federated.job import job_problems
+
+    fed = {"name": "f", "backbone": "scratch:tinycnn",
+           "stages": [{"kind": "probe", "rounds": 1}, {"kind": "probe", "site_local": True, "epochs": 1}],
+           "sites": {"mode": "federated", "cross_site_evaluation": True}}
+    recipe = recipe_from_dict({"name": "r", "cohort": {"manifest": "m.csv"}, "arms": [fed]})
+    (problem,) = job_problems(recipe, recipe.arms[0])
+    assert "sites.cross_site_evaluation" in problem and "does not run yet" in problem

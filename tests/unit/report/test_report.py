@@ -2,6 +2,7 @@
 
 import base64
 import importlib.resources
+import html
 import json
 import re
 import shutil
@@ -392,3 +393,38 @@ def test_missing_data_item_is_filled_from_the_run(run, digits_manifest):
     assert (f"age: missing in {missing['age']['rows']} of {missing['age']['of_rows']} rows "
             f"({missing['age']['patients']} patients); median-imputed inside each fold") in text
     assert "grade: missing in 0 of" in text and "Missing data: why" in text
+
+
+def test_cross_site_evaluation_in_the_federated_section(tmp_path):
+    """A federated arm run with `sites.cross_site_evaluation`: its matrix (a row per site model,
+    bold own-site cells), the study's local arm's matrix in the same shape, per site the global,
+    personalised and local AUROCs with their bootstrap CIs, and the sentence that the site
+    models left their sites; all values of metrics.json."""
+    d = _fixed_run(tmp_path / "run")
+    metrics = json.loads((d / "metrics.json").read_text())
+    base = metrics["arms"]["probe"]
+    site_ci = {s: {"auroc_bootstrap_ci": {"point": p, "low": p - 0.1, "high": min(1.0, p + 0.1)}}
+               for s, p in (("A", 0.81), ("B", 0.72))}
+    metrics["arms"]["fed"] = {**base, "base_arm": "fed", "training": "federated", "sites_training": {
+        "mode": "federated", "strategy": "fedavg", "bn_stats": "average", "rounds": [], "round_loss": [],
+        "cross_site": {"auroc": {"A": {"A": 0.811, "B": 0.642}, "B": {"A": 0.553, "B": 0.724}},
+                       "global_auroc": {"A": 0.7, "B": 0.6}, "site_models_left_sites": True, "folds": 3,
+                       "site_model_bytes": {"A": 2052, "B": 2052}, "bytes_down_per_fold": 4104.0}}}
+    metrics["arms"]["local"] = {**base, "base_arm": "local", "training": "local", "sites_training": {
+        "mode": "local", "cross_site_auroc": {"A": {"A": 0.9, "B": 0.5}, "B": {"A": 0.4, "B": 0.8}}}}
+    units = metrics["evidence"]["units"]
+    units["fed"] = {**units["probe"], "sites": site_ci,
+                    "sites_global_model": {s: {"auroc_bootstrap_ci": {"point": 0.61, "low": 0.5, "high": 0.7}}
+                                           for s in "AB"}}
+    units["local"] = {**units["probe"], "sites": {s: {"auroc_bootstrap_ci": {"point": 0.66, "low": 0.55, "high": 0.77}}
+                                                  for s in "AB"}}
+    (d / "metrics.json").write_text(json.dumps(metrics))
+    page = write_report(d).read_text(encoding="utf-8")
+    fed = page[page.index('<div class="cross-site" data-unit="fed">'):]
+    fed = html.unescape(fed[:fed.index("</div>")])
+    assert "each site's own model left its site (sites.cross_site_evaluation)" in fed and "2.1 kB per site" in fed
+    assert 'data-unit="fed" data-kind="federated"' in fed and 'data-unit="local" data-kind="local"' in fed
+    assert "<b>0.811</b>" in fed and "<b>0.724</b>" in fed and ">0.642<" in fed and ">0.553<" in fed
+    assert "<b>0.900</b>" in fed and ">0.400<" in fed  # the local arm's matrix, same shape
+    assert "0.810 [0.710, 0.910]" in fed and "0.610 [0.500, 0.700]" in fed and "0.660 [0.550, 0.770]" in fed
+    assert page.count('data-unit="local" data-kind="local"') == 2  # also under Sites, as every local arm's
