@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import free_port, small_recipe
+from conftest import small_recipe
 from stagewise.federated.sharing import group_keys, shared_keys, tensor_bytes
 from stagewise.federated.simulation import FederatedError, run_federated
 from stagewise.federated.site import SitePartition, SiteTrainer
@@ -355,12 +355,8 @@ def test_groups_kept_at_each_site_never_travel_and_each_site_scores_with_its_own
     assert all(torch.equal(result.global_state[key], start.state_dict()[key]) for key in head)  # the server has none
 
 
-@pytest.mark.ray_of_its_own
-def test_only_trainable_tensors_and_scalars_cross_the_wire(sites_manifest, monkeypatch):
-    """Every Flower message of a federated fold, as the server sends and receives it. The
-    simulation starts a Ray instance of its own even where RAY_ADDRESS names another cluster
-    (here one that does not exist: joining it would fail)."""
-    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{free_port()}")
+def test_only_trainable_tensors_and_scalars_cross_the_wire(sites_manifest):
+    """Every Flower message of a federated fold, as the server sends and receives it."""
     images, targets = _digits(sites_manifest)
     table = pd.read_csv(sites_manifest).head(24)
     private = {*map(str, table["patient"]), *(p.rsplit("/", 1)[-1] for p in table["path"]), str(sites_manifest.parent)}

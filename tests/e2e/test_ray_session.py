@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import small_recipe
+from conftest import free_port, small_recipe
 from stagewise.study import run_study
 
 pytestmark = pytest.mark.ray_of_its_own  # starts Ray itself: the tests' shared instance is stopped first (conftest)
@@ -27,11 +27,14 @@ def _site_workers() -> set[int]:
 
 
 def test_a_studys_federated_folds_share_one_ray_instance_and_its_site_workers_until_the_run_ends(sites_manifest,
-                                                                                                   tmp_path):
+                                                                                                   tmp_path, monkeypatch):
     """Flower's engine would start and stop Ray and new worker processes for every fold's
     simulation; the study keeps one private instance and its workers for all of them and
-    stops them when the run ends."""
+    stops them when the run ends. The instance is its own even where RAY_ADDRESS names another
+    cluster (here one that does not exist: joining it would fail)."""
     import ray
+
+    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{free_port()}")
 
     from stagewise.study import SilentReporter
 

@@ -46,6 +46,8 @@ def _kept_pool_class(base, kept: dict):
     workers' resources to the idle workers the last simulation with those resources left."""
 
     class KeptActorPool(base):
+        keeps_workers = True
+
         def __init__(self, actor_type, client_resources, actor_kwargs):
             super().__init__(actor_type, client_resources, actor_kwargs)
             self.key = (actor_type, tuple(sorted(client_resources.items())), tuple(sorted(actor_kwargs.items())))
@@ -78,11 +80,15 @@ def _kill(workers: list) -> None:
 def one_ray_instance(threads_per_site: int = 1):
     """Run every Flower simulation inside the block on one private Ray instance and one set of
     site workers (see the module's docstring). Ray is started when none runs yet and stopped
-    at the end; the kept workers are terminated at the end in any case. Used by a study's
+    at the end; the kept workers are terminated at the end in any case. A block inside
+    another changes nothing: the outer one's Ray and workers serve it. Used by a study's
     local executor around its fits."""
     import ray
     from flwr.server.superlink.fleet.vce.backend import raybackend
 
+    if getattr(raybackend.BasicActorPool, "keeps_workers", False):  # inside another block: its Ray and workers serve
+        yield
+        return
     started = not ray.is_initialized()
     if started:
         init = simulation_backend(usable_cpus(), threads_per_site)["init_args"]
