@@ -1,6 +1,7 @@
 """A study's federated folds share one private Ray instance and one set of site workers,
 which end with the run."""
 
+import os
 import time
 from pathlib import Path
 
@@ -15,15 +16,25 @@ QUIET = {"saliency": 0, "bootstrap": 50, "report": False}
 
 
 def _site_workers() -> set[int]:
-    """The process ids of Flower's site workers (Ray names their processes after the actor class)."""
-    out = set()
-    for f in Path("/proc").glob("[0-9]*/cmdline"):
+    """The process ids of Flower's site workers under this process's Ray (Ray names their
+    processes after the actor class; another test process may run a Ray of its own)."""
+    parents, workers = {}, set()
+    for d in Path("/proc").glob("[0-9]*"):
         try:
-            if f.read_bytes().startswith(b"ray::ClientAppActor"):
-                out.add(int(f.parent.name))
-        except OSError:
+            parents[int(d.name)] = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            if (d / "cmdline").read_bytes().startswith(b"ray::ClientAppActor"):
+                workers.add(int(d.name))
+        except (OSError, IndexError, ValueError):
             continue
-    return out
+
+    def mine(pid: int) -> bool:
+        while pid > 1:
+            if pid == os.getpid():
+                return True
+            pid = parents.get(pid, 0)
+        return False
+
+    return {w for w in workers if mine(w)}
 
 
 def test_a_studys_federated_folds_share_one_ray_instance_and_its_site_workers_until_the_run_ends(sites_manifest,
