@@ -11,6 +11,8 @@ from typing import Callable, Protocol
 
 import torch
 
+from stagewise.federated.secure_aggregation import secure_aggregation_mod
+
 
 class SiteBackend(Protocol):
     def greet(self, config) -> dict:
@@ -35,7 +37,7 @@ def make_client_app(site_for: Callable[[object, object], SiteBackend]):
         config = msg.content["config"]
         return Message(RecordDict({"config": ConfigRecord(site_for(context, config).greet(config))}), reply_to=msg)
 
-    @app.train()
+    @app.train(mods=[secure_aggregation_mod])  # a SecAgg+ round's messages through Flower's secaggplus_mod
     def train(msg, context):
         config = msg.content["config"]
         sent, metrics = site_for(context, config).train(config, msg.content["arrays"].to_torch_state_dict())

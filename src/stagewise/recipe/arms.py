@@ -9,6 +9,7 @@ from pydantic import Field, field_validator, model_validator
 from stagewise.recipe.base import StrictModel
 from stagewise.recipe.network import BackboneConfig, HeadConfig
 from stagewise.recipe.privacy import PrivacyConfig, privacy_problems
+from stagewise.recipe.secure_aggregation import SecureAggregationConfig, secure_aggregation_problems
 from stagewise.recipe.stages import STAGE_CLASSES, SslStage, StageConfig
 from stagewise.recipe.strategies import STRATEGIES, STRATEGY_NAMES, strategy_param_problems
 
@@ -59,10 +60,18 @@ class SitesConfig(StrictModel):
     """Seconds the server waits for the sites' replies in a round."""
     privacy: PrivacyConfig | None = None
     """Record-level differential privacy at each site (DP-SGD with an accounted budget); none by default."""
+    secure_aggregation: SecureAggregationConfig | None = None
+    """Flower's SecAgg+ in every round (`true` for its defaults): the coordinator sees only the sites' sum; none by default."""
+
+    @field_validator("secure_aggregation", mode="before")
+    @classmethod
+    def _secure_aggregation_flag(cls, v):
+        """`secure_aggregation: true` is SecAgg+ with its defaults, `false` none."""
+        return ({} if v else None) if isinstance(v, bool) else v
 
     @model_validator(mode="after")
     def _strategy_params_valid(self) -> "SitesConfig":
-        problems = strategy_param_problems(self.strategy, self.strategy_params)
+        problems = strategy_param_problems(self.strategy, self.strategy_params) + secure_aggregation_problems(self)
         if self.local_groups and self.mode != "federated":
             problems.append("local_groups: only a federated arm (mode: federated) keeps groups at its sites")
         if problems:
