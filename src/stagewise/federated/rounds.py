@@ -26,7 +26,7 @@ from typing import Callable
 
 import torch
 
-from stagewise.federated.secure_aggregation import SecureResult, SiteReply, secure_round
+from stagewise.federated.secure_aggregation import SecureResult, SiteReply, mean_as_reply, secure_round
 from stagewise.federated.sharing import shared_keys, tensor_bytes
 from stagewise.models import Network
 from stagewise.recipe import ArmConfig, SitesConfig
@@ -226,12 +226,7 @@ def _aggregate(strategy, t: int, replies: list, keys: list[str], name: str,
     if not keys:
         return {}, mean_loss
     if secure is not None:
-        from flwr.app import ArrayRecord, Message, MessageType, MetricRecord, RecordDict
-
-        summary = {"num-examples": sum(n), **(mean_loss or {})}
-        replies = [Message(RecordDict({"arrays": ArrayRecord(torch_state_dict=secure.mean),
-                                       "metrics": MetricRecord(summary)}),
-                           dst_node_id=0, message_type=MessageType.TRAIN)]
+        replies = [mean_as_reply(secure.mean, {"num-examples": sum(n), **(mean_loss or {})})]
     arrays, metrics = strategy.aggregate_train(t, replies)
     if arrays is None:  # e.g. Bulyan with fewer than 4f + 3 replies
         raise FederatedError(f"round {t}: {name} aggregated nothing from {len(replies)} replies "

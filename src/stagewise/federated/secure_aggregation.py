@@ -157,6 +157,17 @@ def secure_round(grid, cfg: SecureAggregationConfig, t: int, nodes: list[int],
     return out
 
 
+def mean_as_reply(mean: "OrderedDict[str, torch.Tensor]", metrics: dict):
+    """The sites' unmasked mean as one reply carrying all their examples (`metrics`: the
+    round's `num-examples` in all and its weighted loss), for a Flower strategy to aggregate:
+    FedAvg's aggregate of one reply is that reply, and a server-side optimizer (FedAdam, ...)
+    steps from it exactly as from the mean it computes of the sites' own replies."""
+    from flwr.app import ArrayRecord, Message, MessageType, MetricRecord, RecordDict
+
+    return Message(RecordDict({"arrays": ArrayRecord(torch_state_dict=mean), "metrics": MetricRecord(metrics)}),
+                   dst_node_id=0, message_type=MessageType.TRAIN)
+
+
 def _site_reply(message) -> SiteReply:
     from flwr.app import ArrayRecord, MetricRecord
     from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
