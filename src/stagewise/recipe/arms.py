@@ -9,7 +9,8 @@ from pydantic import Field, field_validator, model_validator
 from stagewise.recipe.base import StrictModel
 from stagewise.recipe.network import BackboneConfig, HeadConfig
 from stagewise.recipe.privacy import PrivacyConfig, privacy_problems
-from stagewise.recipe.secure_aggregation import SecureAggregationConfig, secure_aggregation_problems
+from stagewise.recipe.secure_aggregation import (SecureAggregationConfig, secure_aggregation_problems,
+                                                 secure_aggregation_text)
 from stagewise.recipe.stages import STAGE_CLASSES, SslStage, StageConfig
 from stagewise.recipe.strategies import STRATEGIES, STRATEGY_NAMES, strategy_param_problems
 
@@ -82,7 +83,8 @@ class SitesConfig(StrictModel):
 def strategy_text(sites: dict) -> str:
     """A federated arm's aggregation in words, from its `sites` settings as recipe.yaml holds
     them (`SitesConfig.model_dump()`): the strategy with its parameters, and where BatchNorm
-    stays, e.g. 'FedProx (proximal_mu 0.01); BatchNorm averaged with the weights'."""
+    stays, e.g. 'FedProx (proximal_mu 0.01); BatchNorm averaged with the weights', and whether
+    the sites' updates were securely aggregated."""
     strategy = sites.get("strategy") or "fedavg"
     params = sites.get("strategy_params") or {}
     name = STRATEGY_NAMES.get(strategy, strategy)
@@ -91,7 +93,8 @@ def strategy_text(sites: dict) -> str:
     bn = ("FedBN: BatchNorm weights and statistics stay at each site" if sites.get("bn_stats") == "local"
           else "BatchNorm of the groups that train averaged with their weights")
     kept = sites.get("local_groups") or []
-    return f"{text}; {bn}" + (f"; {', '.join(kept)} kept at each site, never aggregated (FedPer)" if kept else "")
+    return (f"{text}; {bn}" + (f"; {', '.join(kept)} kept at each site, never aggregated (FedPer)" if kept else "")
+            + secure_aggregation_text(sites.get("secure_aggregation")))
 
 
 class ArmConfig(StrictModel):

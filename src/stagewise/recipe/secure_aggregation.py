@@ -83,3 +83,18 @@ def secure_aggregation_problems(sites, n_sites: int | None = None) -> list[str]:
                 problems.append(f"sites.secure_aggregation.{name} is {value} and a round may have only {n_sites} "
                                 "sites to share among; lower it")
     return problems
+
+
+def secure_aggregation_text(settings: dict | bool | None) -> str:
+    """The arm's secure aggregation in words, from `sites.secure_aggregation` as recipe.yaml
+    holds it (empty without): the protocol, its settings, and what the coordinator saw."""
+    if settings is None or settings is False:
+        return ""
+    cfg = SecureAggregationConfig.model_validate({} if settings is True else settings)
+    shares = f"{cfg.num_shares} shares" if cfg.num_shares else "shares among every site of a round"
+    threshold = (f"{cfg.reconstruction_threshold} rebuild a secret" if cfg.reconstruction_threshold
+                 else "a majority rebuild a secret")
+    return (f"; secure aggregation (Flower's SecAgg+: {shares}, {threshold}; each site's change, times its "
+            f"training images / max_weight {cfg.max_weight:g}, clipped to +-{cfg.clipping_range:g} and quantized to "
+            f"{cfg.quantization_range} levels): the coordinator received no site's model update, only their masked "
+            "sum (each site's training loss and number of images still per site)")

@@ -23,6 +23,7 @@ from stagewise.errors import RunError
 from stagewise.evaluation.metrics import binary_metrics, patient_scores
 from stagewise.federated.simulation import run_federated
 from stagewise.federated.site import SitePartition, round_seed, site_seed
+from stagewise.federated.secure_aggregation import secure_summary
 from stagewise.models import Network
 from stagewise.recipe import STRATEGY_NAMES, ArmConfig
 from stagewise.training.cache import ImageSet, PrefixCache
@@ -161,6 +162,8 @@ def fit_federated(arm: ArmConfig, start: Network, images: ImageSet, targets: tor
     }
     if arm.sites.privacy is not None:  # the budget each site spent, by Opacus' accountant
         info["privacy"] = privacy_summary(arm.sites.privacy, result.rounds)
+    if arm.sites.secure_aggregation is not None:  # Flower's SecAgg+: its settings and error bound
+        info["secure_aggregation"] = secure_summary(arm.sites.secure_aggregation, result.rounds)
     one_model = arm.sites.bn_stats == "average" and not arm.sites.local_groups and not has_site_local(arm)
     return SiteFit(prob, info, server if one_model else None)
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from stagewise.federated.secure_aggregation import mean_as_reply
+from stagewise.federated.secure_aggregation import mean_as_reply, secure_summary, wire_value
 from stagewise.recipe import ArmConfig
 from stagewise.recipe.secure_aggregation import NEEDS_EACH_UPDATE, SecureAggregationConfig
 
@@ -96,3 +96,17 @@ def test_the_strategy_steps_from_the_unmasked_mean_as_from_the_sites_replies(nam
 class _Grid:
     def get_node_ids(self):
         return [0, 1, 2]
+
+
+def test_the_fits_record_says_how_many_rounds_were_aggregated_securely_and_the_largest_bound():
+    cfg = SecureAggregationConfig(clipping_range=0.5)
+    rounds = [{"round": 1}, {"round": 2, "secure_aggregation": {"error_bound": 2e-7}},
+              {"round": 3, "secure_aggregation": {"error_bound": 5e-7}}]  # round 1 shared nothing (local groups)
+    assert secure_summary(cfg, rounds) == {"protocol": "SecAgg+ (Flower)", **cfg.model_dump(),
+                                           "rounds_aggregated_securely": 2, "largest_error_bound": 5e-7}
+
+
+def test_the_wire_log_writes_secaggs_bytes_as_their_length_only():
+    assert wire_value(b"\x01" * 97) == {"bytes": 97}
+    assert wire_value([b"ab", b"cde"]) == {"bytes": 5, "items": 2}
+    assert [wire_value(v) for v in (3, "setup", [1, 2], [])] == [3, "setup", [1, 2], []]
