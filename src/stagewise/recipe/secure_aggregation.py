@@ -32,7 +32,7 @@ class SecureAggregationConfig(StrictModel):
     """Shares that rebuild a site's secret: fewer colluding sites learn nothing; default a majority of the shares, at least 2."""
     clipping_range: float = Field(8.0, gt=0)
     """Each masked value (a site's change to a tensor, times its examples / max_weight) is clipped to +-this (Flower's default)."""
-    quantization_range: int = Field(2**22, ge=2, le=2**31)
+    quantization_range: int = Field(2**22, ge=2)
     """Integer levels the clipping range is quantized into before masking (Flower's default 2^22)."""
     max_weight: float = Field(1000.0, gt=0)
     """Training examples that give a site the full quantization range; more still aggregate, clipped sooner (Flower's default)."""
@@ -77,6 +77,10 @@ def secure_aggregation_problems(sites, n_sites: int | None = None) -> list[str]:
         if n_sites < 2:
             problems.append(f"sites.secure_aggregation: a round may aggregate {n_sites} site, and the sum of one "
                             "site's update is that update; it needs at least 2 sites per round (sites.min_sites)")
+        if n_sites * cfg.quantization_range >= 2**32:
+            problems.append(f"sites.secure_aggregation.quantization_range ({cfg.quantization_range}) times the "
+                            f"{n_sites} sites of a round must stay below 2^32, the modulus the masks are added in "
+                            "(the sum would wrap around); lower it")
         for name in ("num_shares", "reconstruction_threshold"):
             value = getattr(cfg, name)
             if value is not None and value > n_sites:

@@ -110,3 +110,12 @@ def test_the_wire_log_writes_secaggs_bytes_as_their_length_only():
     assert wire_value(b"\x01" * 97) == {"bytes": 97}
     assert wire_value([b"ab", b"cde"]) == {"bytes": 5, "items": 2}
     assert [wire_value(v) for v in (3, "setup", [1, 2], [])] == [3, "setup", [1, 2], []]
+
+
+def test_the_sites_quantized_sum_must_fit_the_masks_modulus():
+    from stagewise.recipe.secure_aggregation import secure_aggregation_problems
+
+    sites = _arm({"quantization_range": 2**30}).sites
+    assert secure_aggregation_problems(sites, 3) == []
+    (problem,) = secure_aggregation_problems(sites, 4)
+    assert "quantization_range (1073741824) times the 4 sites" in problem and "below 2^32" in problem
