@@ -63,7 +63,9 @@ def test_the_coordinator_sees_masked_vectors_only_and_unmasks_fedavgs_mean(sites
             assert vector.shape == update.shape and np.mean(np.abs(vector - quantized) <= 1) < 0.01
 
     # the unmasked mean is FedAvg's within the recorded bound, and the round says how it was aggregated
-    record = secure.rounds[0]["secure_aggregation"]
+    record = dict(secure.rounds[0]["secure_aggregation"])
+    # every stage's bytes both ways: the tensors down, the masked vectors up, and the keys and shares
+    assert record.pop("bytes_all_stages") > 3 * secure.rounds[0]["bytes_down_per_site"] + sum(secure.rounds[0]["bytes_up"])
     bound = SecureAggregationConfig(**SECURE).error_bound(3, 36)
     assert record == {"protocol": "SecAgg+", "num_shares": 3, "reconstruction_threshold": 2, "clipping_range": 0.01,
                       "quantization_range": 2**16, "max_weight": 12.0, "error_bound": pytest.approx(bound)}

@@ -5,7 +5,7 @@ ClientApp.
 Flower 1.41 runs SecAgg+ only through its legacy API: the workflow asks a legacy `Strategy`
 for the round's instructions (`configure_fit`) and hands it the unmasked mean
 (`aggregate_fit`), and the mod masks a reply in the legacy `FitRes` layout. This module is
-the thin adapter: `SecureRound` drives the workflow's four stages (keys, key shares, masked
+the thin adapter: `secure_round` runs the workflow's four stages (keys, key shares, masked
 vectors, unmasking) over the round's Grid with a legacy strategy that only carries the
 round's tensors in and the mean out; `secure_aggregation_mod` (a ClientApp mod) turns the
 site's reply into what the mod masks. No cryptography is stagewise's own.
@@ -21,7 +21,6 @@ seeded at the site from its own change, so a job repeats exactly (masks cancel e
 from __future__ import annotations
 
 import hashlib
-import logging
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -29,8 +28,6 @@ import numpy as np
 import torch
 
 from stagewise.recipe.secure_aggregation import SecureAggregationConfig
-
-log = logging.getLogger("stagewise")
 
 KEYS = "shared-keys"
 """Config entry with the round's tensor names, in order (the legacy layout carries no names)."""
@@ -92,20 +89,32 @@ def _legacy_strategy(fitins_of, on_aggregate):
 
 
 class _ReplyRecorder:
-    """The round's Grid, keeping the masked-vector replies (stage 2 of SecAgg+) by node."""
+    """The round's Grid, keeping the masked-vector replies (stage 2 of SecAgg+) by node and
+    counting the bytes of every stage's messages both ways (tensors, keys, shares, masked vectors)."""
 
     def __init__(self, grid):
-        self.grid, self.masked = grid, {}
+        self.grid, self.masked, self.bytes = grid, {}, 0
 
     def get_node_ids(self):
         return self.grid.get_node_ids()
 
     def send_and_receive(self, messages, timeout):
+        messages = list(messages)
         replies = list(self.grid.send_and_receive(messages, timeout=timeout))
+        self.bytes += sum(_payload_bytes(m) for m in messages + replies if not m.has_error())
         for m in replies:
             if not m.has_error() and "fitres.metrics" in m.content.config_records:
                 self.masked[int(m.metadata.src_node_id)] = m
         return replies
+
+
+def _payload_bytes(message) -> int:
+    """Bytes of a message's tensors and of the bytes values of its config records."""
+    total = sum(int(r.count_bytes()) for r in message.content.array_records.values())
+    for record in message.content.config_records.values():
+        for v in record.values():
+            total += sum(len(b) for b in (v if isinstance(v, list) else [v]) if isinstance(b, bytes))
+    return total
 
 
 def secure_round(grid, cfg: SecureAggregationConfig, t: int, nodes: list[int],
@@ -152,7 +161,7 @@ def secure_round(grid, cfg: SecureAggregationConfig, t: int, nodes: list[int],
     examples = sum(float(r.content["metrics"]["num-examples"]) for r in out.replies)
     out.settings = {"protocol": "SecAgg+", "num_shares": shares, "reconstruction_threshold": threshold,
                     "clipping_range": cfg.clipping_range, "quantization_range": cfg.quantization_range,
-                    "max_weight": cfg.max_weight,
+                    "max_weight": cfg.max_weight, "bytes_all_stages": recorder.bytes,
                     "error_bound": cfg.error_bound(len(out.replies), examples) if examples else None}
     return out
 
