@@ -52,6 +52,10 @@ def _sites_training(fold_results: list[dict]) -> dict:
         out["rounds_with_missing_sites"] = sum(1 for i in infos for r in i["rounds"] if r["sites_replied"] < r["sites"])
         if any("privacy" in i for i in infos):
             out["privacy"] = privacy_over_folds([i["privacy"] for i in infos if "privacy" in i])
+        if secure := [i["secure_aggregation"] for i in infos if "secure_aggregation" in i]:  # over the folds
+            bounds = [b for x in secure if (b := x["largest_error_bound"]) is not None]
+            out["secure_aggregation"] = secure[0] | {"rounds_aggregated_securely": sum(
+                x["rounds_aggregated_securely"] for x in secure), "largest_error_bound": max(bounds, default=None)}
     else:
         pairs = {(a, b) for i in infos for a, row in i["cross_site_auroc"].items() for b in row}
         out["cross_site_auroc"] = {}

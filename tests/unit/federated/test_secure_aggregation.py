@@ -55,6 +55,7 @@ def test_the_error_bound_is_one_quantization_level_per_site_over_the_summed_weig
     cfg = SecureAggregationConfig(clipping_range=1.0, quantization_range=2**10, max_weight=100)
     assert cfg.error_bound(3, 60) == pytest.approx(3 * (2 / 2**10) * 100 / 60)
     assert SecureAggregationConfig().error_bound(2, 1000) == pytest.approx(2 * 16 / 2**22)
+    assert SecureAggregationConfig().error_bound(2, 40) == pytest.approx(1.9e-4, rel=0.01)  # the docs' example
 
 
 @pytest.fixture
