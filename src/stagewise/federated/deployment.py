@@ -332,7 +332,7 @@ class DiskSite:
     its recipe does not make is refused."""
 
     def __init__(self, work: SiteWork):
-        self.work = work
+        self.work, self.arm = work, work.job.arm
 
     def greet(self, config) -> dict:
         """Who this site is; a coordinator that runs another job is refused, in words on the

@@ -27,10 +27,28 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from stagewise.errors import StagewiseError
 from stagewise.recipe.secure_aggregation import SecureAggregationConfig
 
 KEYS = "shared-keys"
 """Config entry with the round's tensor names, in order (the legacy layout carries no names)."""
+SECURED = "secure-aggregation"
+"""Config entry the site's own mod gives its training handler for a round that came through
+SecAgg+ (and strips from any other message, so a coordinator cannot set it)."""
+
+
+class UnsecuredRound(StagewiseError, RuntimeError):
+    """A plain training message to a site whose recipe asks for secure aggregation."""
+
+
+def check_secured(arm, config) -> None:
+    """Refuse a training message that did not come through SecAgg+ when the site's arm asks
+    for secure aggregation: the site's update would reach the coordinator unmasked."""
+    if arm.sites.secure_aggregation is not None and not config.get(SECURED):
+        raise UnsecuredRound(f"this site's recipe trains arm {arm.name!r} under secure aggregation "
+                             "(sites.secure_aggregation) and the coordinator sent a plain training message: refused, "
+                             "the site's update would reach the coordinator unmasked. The coordinator must run the "
+                             "same recipe; ask its operator")
 
 
 @dataclass
@@ -190,12 +208,15 @@ def _site_reply(message) -> SiteReply:
 def secure_aggregation_mod(msg, context, call_next):
     """A ClientApp mod: a training message of a SecAgg+ round goes through Flower's
     `secaggplus_mod`, which masks the site's change to the tensors it received; any other
-    message passes untouched. The global NumPy random state is restored afterwards."""
+    message passes untouched but for a `SECURED` entry, which only this mod sets. The global
+    NumPy random state is restored afterwards."""
     from flwr.app import MessageType
     from flwr.client.mod import secaggplus_mod
     from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
     if msg.metadata.message_type != MessageType.TRAIN or RECORD_KEY_CONFIGS not in msg.content.config_records:
+        if msg.metadata.message_type == MessageType.TRAIN and "config" in msg.content.config_records:
+            msg.content.config_records["config"].pop(SECURED, None)  # only this mod says a round was secured
         return call_next(msg, context)
     random_state = np.random.get_state()
     try:
@@ -214,7 +235,7 @@ def _train_as_fitres(msg, context, call_next):
     fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
     keys = str(fitins.config[KEYS]).split(",") if fitins.config.get(KEYS) else []
     received = OrderedDict(zip(keys, parameters_to_ndarrays(fitins.parameters)))
-    config = {k: v for k, v in fitins.config.items() if k != KEYS}
+    config = {**{k: v for k, v in fitins.config.items() if k != KEYS}, SECURED: True}
     tensors = OrderedDict((k, torch.from_numpy(v)) for k, v in received.items())
     msg.content = RecordDict({"arrays": ArrayRecord(torch_state_dict=tensors), "config": ConfigRecord(config)})
     reply = call_next(msg, context)  # the handler sees the round as it does without secure aggregation

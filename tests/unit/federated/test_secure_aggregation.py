@@ -120,3 +120,22 @@ def test_the_sites_quantized_sum_must_fit_the_masks_modulus():
     assert secure_aggregation_problems(sites, 3) == []
     (problem,) = secure_aggregation_problems(sites, 4)
     assert "quantization_range (1073741824) times the 4 sites" in problem and "below 2^32" in problem
+
+
+def test_a_site_under_secure_aggregation_refuses_a_plain_training_message():
+    from stagewise.federated.secure_aggregation import SECURED, UnsecuredRound, check_secured
+
+    with pytest.raises(UnsecuredRound, match="arm 'f' under secure aggregation.*reach the coordinator unmasked"):
+        check_secured(_arm(True), {"stage": 0})
+    check_secured(_arm(True), {"stage": 0, SECURED: True})  # what the site's own mod marks
+    check_secured(_arm(None), {"stage": 0})
+
+
+def test_a_coordinator_cannot_mark_a_plain_message_as_secured(in_a_server_app):
+    from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+    from stagewise.federated.secure_aggregation import SECURED, secure_aggregation_mod
+
+    forged = Message(RecordDict({"config": ConfigRecord({"stage": 0, SECURED: True})}), dst_node_id=1,
+                     message_type=MessageType.TRAIN)
+    seen = secure_aggregation_mod(forged, None, lambda m, c: m)
+    assert dict(seen.content["config"]) == {"stage": 0}
