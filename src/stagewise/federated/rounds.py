@@ -14,6 +14,10 @@ Replies are aggregated in a fixed site order, not arrival order, so float sums r
 run. A round with fewer replies than `sites.min_sites` fails; fewer than all but enough
 completes and is recorded. `on_round` sees the state after every finished round (the
 deployment checkpoints it), and `resume` continues after the last finished one.
+
+Under `sites.secure_aggregation` a round's messages go through Flower's SecAgg+
+(`secure_aggregation.secure_round`): the coordinator gets the sites' unmasked mean, never a
+site's tensors, and the strategy aggregates that mean as one reply.
 """
 
 from __future__ import annotations
@@ -196,7 +200,7 @@ def serve_rounds(grid, cfg: SitesConfig, plan, start: Network, out: FederatedRes
             "round": t, "stage": stage_index, "round_in_stage": r, "trainable": trainable,
             "bytes_down_per_site": down.count_bytes(), "bytes_up": [_bytes_up(m) for m in ok],
             "tensor_bytes_per_site": tensor_bytes(subset_of(out.global_state, keys)),
-            "sites_replied": len(ok), "sites": n, "failures": failed + ["no reply"] * max(0, n - len(replies)),
+            "sites_replied": len(ok), "sites": n, "failures": failed + ["no reply"] * max(0, n - len(ok) - len(failed)),
             "loss": float(metrics["loss"]) if metrics is not None and "loss" in metrics else None,
             **_site_losses(ok, site_of or (lambda m: str(order(m)))),
             **_site_privacy(ok, site_of or (lambda m: str(order(m)))),
