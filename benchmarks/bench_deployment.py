@@ -83,7 +83,8 @@ def secure_comparison(out: Path, recipe: dict, manifests: dict, plain_wall: floa
     fits = [json.loads(JobDir(out / "deployed-secagg").fit_file(f).read_text()) for f in secure["fits_finished"]]
     secagg_bytes = sum(r["secure_aggregation"]["bytes_all_stages"] if "secure_aggregation" in r else
                        r["bytes_down_per_site"] * r["sites"] + sum(r["bytes_up"]) for f in fits for r in f["rounds"])
-    diff = max(abs(secure["sites"][s]["auroc"]["mean"] - plain["sites"][s]["auroc"]["mean"]) for s in SITES)
+    means = [(secure["sites"][s]["auroc"]["mean"], plain["sites"][s]["auroc"]["mean"]) for s in SITES]
+    diff = max((abs(a - b) for a, b in means if None not in (a, b)), default=float("nan"))
     print(f"secure aggregation (SecAgg+, Flower's defaults): wall {wall:.0f} s vs {plain_wall:.0f} s without; "
           f"bytes on the wire {secagg_bytes / 1e6:.1f} MB (every stage: keys, shares, masked vectors) vs "
           f"{plain['bytes_total'] / 1e6:.1f} MB; largest |AUROC difference| of a site's mean: {diff:.2e}; "
@@ -144,7 +145,7 @@ def main() -> None:
     for f in sim.job().fits():
         a = json.loads(JobDir(out / "deployed").fit_file(f).read_text())["sites"]
         b = json.loads(sim.fit_file(f).read_text())["sites"]
-        diff = max([diff, *(abs(a[s][k] - b[s][k]) for s in b for k in b[s])])
+        diff = max([diff, *(abs(a[s][k] - b[s][k]) for s in b for k in b[s] if None not in (a[s][k], b[s][k]))])
     print(f"{cpu_model()}; load average before {load_before}, after {loadavg()}")
     rounds = [st["rounds"] for st in recipe["arms"][0]["stages"]]
     print(f"covid-multisite federated arm, {args.size} px, rounds {rounds}, {args.folds} folds per site, 3 hospitals on 127.0.0.1 "
