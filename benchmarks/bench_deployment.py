@@ -2,13 +2,14 @@
 against the same job in Flower's simulation engine.
 
     python examples/prepare_covid_outcome.py --per-site
-    python benchmarks/bench_deployment.py [--size 64] [--folds 3] [--out runs/bench-deployment]
+    python benchmarks/bench_deployment.py [--size 64] [--folds 3] [--out runs/bench-deployment] [--secure-aggregation]
 
 Each "hospital" (hannover, southern-europe, elsewhere: see examples/covid-multisite.yaml) runs
 `stagewise federation site` with its own manifest, key and work folder; the coordinator runs
 `stagewise federation coordinate` (TLS, node authentication) on 127.0.0.1. Prints per-site
 AUROC (mean ± sd over each site's own folds), the largest difference from the simulated job,
-bytes on the wire against full-model FedAvg, and the wall time of both.
+bytes on the wire against full-model FedAvg, and the wall time of both; with
+`--secure-aggregation`, the deployed job again under SecAgg+, its wall time and bytes beside.
 """
 
 from __future__ import annotations
@@ -42,6 +43,54 @@ def stagewise(*args: str, **kw) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "stagewise", *args], **kw)
 
 
+def deploy(out: Path, recipe_path: Path, manifests: dict, tag: str) -> float:
+    """Run the job over 127.0.0.1 through the CLI (coordinator and three sites, site work
+    folders and the run directory named with `tag`); its wall time in seconds."""
+    port = free_port()
+    t0 = time.perf_counter()
+    coord = stagewise("federation", "coordinate", str(recipe_path), "--arm", "federated", "--certs", str(out / "certs"),
+                      *[x for s in SITES for x in ("--site-key", str(out / "keys" / f"{s}.pub"))],
+                      "--host", "127.0.0.1", "--port", str(port), "--no-final", "-o", str(out / f"deployed{tag}"),
+                      stdout=(out / f"coordinator{tag}.log").open("wb"), stderr=subprocess.STDOUT)
+    sites = [stagewise("federation", "site", str(recipe_path), "--manifest", str(manifests[s]), "--site", s,
+                       "--server", f"127.0.0.1:{port}", "--ca", str(out / "certs" / "ca.pem"),
+                       "--key", str(out / "keys" / f"{s}.key"), "--workdir", str(out / f"site-{s}{tag}"),
+                       "--threads", "1", "--port", str(free_port()),
+                       stdout=(out / f"site-{s}{tag}.log").open("wb"), stderr=subprocess.STDOUT) for s in SITES]
+    try:
+        code = coord.wait(6 * 3600)
+    finally:
+        for p in sites:
+            p.terminate()
+        for p in sites:
+            p.wait(60)
+    if code != 0:
+        sys.exit(f"coordinator exit {code}; see {out / f'coordinator{tag}.log'}")
+    return time.perf_counter() - t0
+
+
+def secure_comparison(out: Path, recipe: dict, manifests: dict, plain_wall: float) -> None:
+    """The same job again under secure aggregation (Flower's SecAgg+ with its defaults):
+    its wall time and bytes on the wire (every SecAgg+ stage's messages) beside the plain run's."""
+    from stagewise.federated.deployment import JobDir
+
+    recipe = json.loads(json.dumps(recipe))
+    recipe["arms"][0]["sites"]["secure_aggregation"] = True
+    path = out / "recipe-secagg.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    wall = deploy(out, path, manifests, "-secagg")
+    plain, secure = (json.loads((out / d / "results.json").read_text()) for d in ("deployed", "deployed-secagg"))
+    fits = [json.loads(JobDir(out / "deployed-secagg").fit_file(f).read_text()) for f in secure["fits_finished"]]
+    secagg_bytes = sum(r["secure_aggregation"]["bytes_all_stages"] if "secure_aggregation" in r else
+                       r["bytes_down_per_site"] * r["sites"] + sum(r["bytes_up"]) for f in fits for r in f["rounds"])
+    means = [(secure["sites"][s]["auroc"]["mean"], plain["sites"][s]["auroc"]["mean"]) for s in SITES]
+    diff = max((abs(a - b) for a, b in means if None not in (a, b)), default=float("nan"))
+    print(f"secure aggregation (SecAgg+, Flower's defaults): wall {wall:.0f} s vs {plain_wall:.0f} s without; "
+          f"bytes on the wire {secagg_bytes / 1e6:.1f} MB (every stage: keys, shares, masked vectors) vs "
+          f"{plain['bytes_total'] / 1e6:.1f} MB; largest |AUROC difference| of a site's mean: {diff:.2e}; "
+          f"largest error bound of an unmasked mean: {secure['secure_aggregation']['largest_error_bound']:.1e}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--size", type=int, default=64)
@@ -49,6 +98,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, nargs=2, default=None, metavar=("PROBE", "THAW"),
                     help="rounds of the probe and thaw stages (default: the example's 3 and 4)")
     ap.add_argument("--out", type=Path, default=REPO / "runs" / "bench-deployment")
+    ap.add_argument("--secure-aggregation", action="store_true",
+                    help="also deploy the job under secure aggregation (SecAgg+) and print its wall time and bytes")
     args = ap.parse_args()
     os.environ["FLWR_TELEMETRY_ENABLED"] = "0"
     cohorts = REPO / "runs" / "cohorts"
@@ -77,28 +128,8 @@ def main() -> None:
     run("federation", "certs", str(out / "certs"), "--host", "127.0.0.1")
     for s in SITES:
         run("federation", "key", str(out / "keys"), "--site", s)
-    port = free_port()
     load_before = loadavg()
-    t0 = time.perf_counter()
-    coord = stagewise("federation", "coordinate", str(recipe_path), "--arm", "federated", "--certs", str(out / "certs"),
-                      *[x for s in SITES for x in ("--site-key", str(out / "keys" / f"{s}.pub"))],
-                      "--host", "127.0.0.1", "--port", str(port), "--no-final", "-o", str(out / "deployed"),
-                      stdout=(out / "coordinator.log").open("wb"), stderr=subprocess.STDOUT)
-    sites = [stagewise("federation", "site", str(recipe_path), "--manifest", str(manifests[s]), "--site", s,
-                       "--server", f"127.0.0.1:{port}", "--ca", str(out / "certs" / "ca.pem"),
-                       "--key", str(out / "keys" / f"{s}.key"), "--workdir", str(out / f"site-{s}"),
-                       "--threads", "1", "--port", str(free_port()),
-                       stdout=(out / f"site-{s}.log").open("wb"), stderr=subprocess.STDOUT) for s in SITES]
-    try:
-        code = coord.wait(6 * 3600)
-    finally:
-        for p in sites:
-            p.terminate()
-        for p in sites:
-            p.wait(60)
-    deployed_wall = time.perf_counter() - t0
-    if code != 0:
-        sys.exit(f"coordinator exit {code}; see {out / 'coordinator.log'}")
+    deployed_wall = deploy(out, recipe_path, manifests, "")
 
     from stagewise.federated.deployment import JobDir, simulate_job
 
@@ -114,7 +145,7 @@ def main() -> None:
     for f in sim.job().fits():
         a = json.loads(JobDir(out / "deployed").fit_file(f).read_text())["sites"]
         b = json.loads(sim.fit_file(f).read_text())["sites"]
-        diff = max([diff, *(abs(a[s][k] - b[s][k]) for s in b for k in b[s])])
+        diff = max([diff, *(abs(a[s][k] - b[s][k]) for s in b for k in b[s] if None not in (a[s][k], b[s][k]))])
     print(f"{cpu_model()}; load average before {load_before}, after {loadavg()}")
     rounds = [st["rounds"] for st in recipe["arms"][0]["stages"]]
     print(f"covid-multisite federated arm, {args.size} px, rounds {rounds}, {args.folds} folds per site, 3 hospitals on 127.0.0.1 "
@@ -131,6 +162,8 @@ def main() -> None:
           f"{dep['bytes_full_model_fedavg'] / 1e6:.1f} MB ({dep['bytes_full_model_fedavg'] / dep['bytes_total']:.1f}x)")
     print(f"wall: deployed {deployed_wall:.0f} s (CLI, SuperLink + 3 SuperNodes, a ClientApp process per message), "
           f"simulated {sim_wall:.0f} s")
+    if args.secure_aggregation:
+        secure_comparison(out, recipe, manifests, deployed_wall)
 
 
 if __name__ == "__main__":

@@ -164,7 +164,8 @@ def test_a_value_out_of_range_is_refused_naming_the_field(strategy, params, says
 
 
 def test_validate_refuses_a_robust_aggregator_with_too_few_sites_naming_the_field(digits_manifest, tmp_path):
-    """Three hospitals: Krum with num_malicious_nodes 1 needs 5; MultiKrum with f = 0 works."""
+    """Three hospitals: Krum with num_malicious_nodes 1 needs 5; MultiKrum with f = 0 works;
+    secure aggregation needs 2 sites per round and no more shares than sites."""
     from stagewise.cli import app
 
     table = pd.read_csv(digits_manifest)
@@ -187,4 +188,11 @@ def test_validate_refuses_a_robust_aggregator_with_too_few_sites_naming_the_fiel
     code, said = validate({"strategy": "bulyan", "strategy_params": {"num_malicious_nodes": 0}, "min_sites": 2})
     assert code == 2 and "at least 3 sites" in said and "aggregate 2" in said, said  # a round may close with 2
     code, said = validate({"strategy": "multikrum", "strategy_params": {"num_nodes_to_select": 2}})
+    assert code == 0 and "valid" in said, said
+    # secure aggregation: a sum of one site's update is that update; no more shares than sites
+    code, said = validate({"secure_aggregation": True, "min_sites": 1})
+    assert code == 2 and "sites.secure_aggregation" in said and "at least 2 sites per round" in said, said
+    code, said = validate({"secure_aggregation": {"num_shares": 5}})
+    assert code == 2 and "secure_aggregation.num_shares is 5" in said and "only 3 sites" in said, said
+    code, said = validate({"secure_aggregation": True, "strategy": "fedadam"})
     assert code == 0 and "valid" in said, said

@@ -1,7 +1,8 @@
 """A federated job deployed over the network: Flower's own SuperLink and SuperNodes as separate
 OS processes on 127.0.0.1, with TLS certificates and site keys made by the test.
 
-- the deployment gives the same numbers as the same job in Flower's simulation engine;
+- the deployment gives the same numbers as the same job in Flower's simulation engine, both
+  under secure aggregation (Flower's SecAgg+: the coordinator receives masked vectors only);
 - a node whose key the coordinator did not admit is refused;
 - only the trainable groups' tensors and scalars cross the wire (the wire log of every message);
 - a site killed mid-round is survived when sites.min_sites allows, and said so;
@@ -118,12 +119,14 @@ def _site_check_proves_tls_key_and_manifest(recipe, manifest, site, certs, port,
 
 
 def test_a_deployment_over_tls_equals_the_simulation_and_admits_only_known_sites(hospitals, tmp_path):
-    """The same job (a federated round, then each site's personalisation) gives the same
-    figures in a loopback deployment over TLS and in Flower's simulation engine."""
+    """The same job (a federated round under secure aggregation, then each site's
+    personalisation) gives the same figures in a loopback deployment over TLS and in Flower's
+    simulation engine; the coordinator receives masked vectors, never a site's tensors."""
     root, manifests, table = hospitals
-    # one federated round, then personalisation at each site (site_local: never on the wire)
+    # one federated round (Flower's SecAgg+), then personalisation at each site (site_local: never on the wire)
     recipe = _recipe(tmp_path, [{"kind": "probe", "rounds": 1, "epochs": 1, "batch_size": 16, "lr": 1e-3},
-                                {"kind": "probe", "site_local": True, "epochs": 1, "batch_size": 16, "lr": 1e-2}])
+                                {"kind": "probe", "site_local": True, "epochs": 1, "batch_size": 16, "lr": 1e-2}],
+                     secure_aggregation=True)
     # C makes a key the coordinator never admits; the deployed hospitals share a linkage key, the rehearsal's do not
     sites = _sites(tmp_path, recipe, manifests, "ABC", linkage_key=write_linkage_key(tmp_path / "linkage.key"))
     certs = make_certificates(tmp_path / "certs", ["127.0.0.1", "localhost"])
@@ -186,17 +189,31 @@ def test_a_deployment_over_tls_equals_the_simulation_and_admits_only_known_sites
     unlinked = json.loads((simulated.path / "results.json").read_text())["patient_linkage"]
     assert unlinked["checked"] is False and unlinked["sites_without_linkage_key"] == ["A", "B"]
 
-    # What crossed the wire: a probe round sends the head only, replies scalars only.
+    # What crossed the wire: a probe round sends the head only, replies scalars and masked vectors only.
     net = Network.build(build_arch("scratch:resnet18"), 1)
     head = {k for k in net.state_dict() if k.startswith("head.")}
     wire = [json.loads(line) for line in (deployed.fed / "wire.jsonl").read_text().splitlines()]
     assert {m["type"] for m in wire} == {"query", "train", "evaluate"}
-    arrays = [m["arrays"] for m in wire if "arrays" in m]
-    assert arrays and all(set(a["tensors"]) == head for a in arrays)
+    arrays = [(name, r) for m in wire for name, r in m.items() if isinstance(r, dict) and "tensors" in r]
+    legacy = {str(i) for i in range(len(head))}  # SecAgg+'s FitIns layout: the head's tensors by position
+    expected = {"arrays": head, "fitins.parameters": legacy, "fitres.parameters": set()}
+    assert arrays and all(set(a["tensors"]) == expected[name] for name, a in arrays), arrays
+    assert all(set(m["fitins.config"]["shared-keys"].split(",")) == head for m in wire if "fitins.config" in m)
+    arrays = [a for _, a in arrays]
     assert all(a["bytes"] < 3000 for a in arrays)  # 513 float32 values, a few bytes of framing
+    up = [m for m in wire if m["direction"] == "up" and m["type"] == "train"]
+    assert len(up) == 2 * 2 * 4  # two folds, two sites, SecAgg+'s four stages
+    assert all(r["bytes"] == 0 for m in up for r in m.values() if isinstance(r, dict) and "tensors" in r)
+    masked = [m["secaggplus_configs"]["masked_params"] for m in up if "masked_params" in m.get("secaggplus_configs", {})]
+    assert len(masked) == 4 and all(v["bytes"] > 513 * 4 for v in masked)  # 513 values as 64-bit masked integers
+    assert summary["secure_aggregation"]["rounds_aggregated_securely"] == 2
+    assert all(r["secure_aggregation"]["num_shares"] == 2 for f in deployed.fed.glob("fits/*.json")
+               for r in json.loads(f.read_text())["rounds"])
     for m in wire:
-        for record in ("config", "metrics"):
-            assert all(isinstance(v, (int, float, str)) for v in m.get(record, {}).values())
+        for name, record in m.items():
+            if name.endswith(("config", "metrics", "configs")):  # scalars, node ids, and bytes by their size
+                assert all(isinstance(v, (int, float, str, list)) or set(v) <= {"bytes", "items"}
+                           for v in record.values()), (name, record)
     shared = (deployed.fed / "wire.jsonl").read_text() + (deployed.path / "results.json").read_text() + "".join(
         p.read_text() for p in (deployed.fed / "fits").glob("*.json"))
     for secret in [str(tmp_path), str(root), *table["patient"].astype(str).unique()[:20],

@@ -127,14 +127,15 @@ def test_fedavg_with_one_site_equals_local_training(sites_manifest, tmp_path):
 
 @pytest.fixture(scope="module")
 def three_modes(sites_manifest, tmp_path_factory):
-    """One study of a pooled, a local and a federated (FedProx) arm on the same folds, with its
-    report and Grad-CAM maps: the run directory and the study's result."""
+    """One study of a pooled, a local and a federated (FedProx, under secure aggregation) arm on
+    the same folds, with its report and Grad-CAM maps: the run directory and the study's result."""
     probe = {"kind": "probe", "epochs": 1, "batch_size": 16, "lr": 3e-3}
     thaw = {"kind": "thaw", "epochs": 1, "batch_size": 16, "lr": 1e-3, "unfreeze": {"block3": 0.5}}
     arms = [{"name": "pooled", "backbone": "scratch:tinycnn", "stages": [probe, thaw]},
             {"name": "local", "backbone": "scratch:tinycnn", "sites": {"mode": "local"}, "stages": [probe, thaw]},
             {"name": "fed", "backbone": "scratch:tinycnn", "sites": {"mode": "federated", "strategy": "fedprox",
-                                                                    "strategy_params": {"proximal_mu": 0.01}},
+                                                                    "strategy_params": {"proximal_mu": 0.01},
+                                                                    "secure_aggregation": True},
              "stages": [{**probe, "rounds": 2}, {**thaw, "rounds": 2}]}]
     recipe = small_recipe(sites_manifest, arms, protocol={"folds": 2},
                           evaluation={**QUIET, "report": True, "saliency": 4},
@@ -154,6 +155,9 @@ def test_federated_and_local_arms_on_the_same_folds_with_sites_and_bytes(three_m
     assert rounds[0]["bytes_down_per_site"] < rounds[3]["bytes_down_per_site"]
     assert m["fed"]["sites_training"]["bytes_per_fold"] < m["fed"]["sites_training"]["bytes_full_model_fedavg_per_fold"]
     assert set(m["local"]["sites_training"]["cross_site_auroc"]) == {"A", "B", "C"}
+    secure = m["fed"]["sites_training"]["secure_aggregation"]  # Flower's SecAgg+ in every round of both folds
+    assert secure["protocol"] == "SecAgg+ (Flower)" and secure["rounds_aggregated_securely"] == 2 * 4
+    assert secure["clipping_range"] == 8.0 and 0 < secure["largest_error_bound"] < 1e-3
     assert set(result.metrics["evidence"]["units"]["fed"]["sites"]) == {"A", "B", "C"}
     report = (run_dir / "report.html").read_text()
     assert 'id="fig-sites"' in report and 'id="site-training-table"' in report and "MB per fold" in report
@@ -189,6 +193,7 @@ def test_the_reports_federated_part_states_the_recipes_strategy_and_rounds_and_t
     (panel,) = ctx["federated"]
     assert panel["unit"] == "fed" and panel["sites"] == ["A", "B", "C"]
     assert panel["strategy"].startswith("FedProx (proximal_mu 0.01); BatchNorm of the groups that train averaged")
+    assert "; secure aggregation (Flower's SecAgg+: shares among every site of a round" in panel["strategy"]
     assert [s["schedule"] for s in panel["stages"]] == ["2 rounds × 1 local epoch per round at each site"] * 2
     assert panel["stages"][1]["unfreeze"] == "block3 from round 2 of 2 (unfreeze fractions 0.5 of the stage's rounds)"
     # the table: one row per recorded round, its groups, and each loss the mean over the folds' round files
@@ -207,6 +212,7 @@ def test_the_reports_federated_part_states_the_recipes_strategy_and_rounds_and_t
     items = {c["topic"]: c["lines"] for c in ctx["checklist_auto"]}
     (fed,) = items["Federated training"]
     assert fed.startswith("fed: FedProx (proximal_mu 0.01); BatchNorm") and "4 rounds over 3 sites (A, B, C)" in fed
+    assert "the coordinator received no site's model update, only their masked sum" in fed
     assert "stage 1 (probe) 2 rounds × 1 local epoch per round at each site" in fed
     training = items["Training and stopping rule"]
     assert any(line.startswith("fed, stage 2 (thaw): 2 rounds × 1 local epoch per round at each site, batch 16")

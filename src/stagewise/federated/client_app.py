@@ -11,8 +11,13 @@ from typing import Callable, Protocol
 
 import torch
 
+from stagewise.federated.secure_aggregation import check_secured, secure_aggregation_mod
+
 
 class SiteBackend(Protocol):
+    arm: object
+    """The site's own arm (its recipe's): what it agreed to, e.g. secure aggregation."""
+
     def greet(self, config) -> dict:
         """Who the site is and which job its recipe makes (a deployment's first message)."""
 
@@ -42,10 +47,12 @@ def make_client_app(site_for: Callable[[object, object], SiteBackend]):
         config = msg.content["config"]
         return Message(RecordDict({"config": ConfigRecord(site_for(context, config).greet(config))}), reply_to=msg)
 
-    @app.train()
+    @app.train(mods=[secure_aggregation_mod])  # a SecAgg+ round's messages through Flower's secaggplus_mod
     def train(msg, context):
         config = msg.content["config"]
-        sent, metrics = site_for(context, config).train(config, msg.content["arrays"].to_torch_state_dict())
+        site = site_for(context, config)
+        check_secured(site.arm, config)  # under secure aggregation, a plain round is refused
+        sent, metrics = site.train(config, msg.content["arrays"].to_torch_state_dict())
         return Message(RecordDict({"arrays": ArrayRecord(torch_state_dict=sent), "metrics": MetricRecord(metrics)}),
                        reply_to=msg)
 

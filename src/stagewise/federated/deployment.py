@@ -33,6 +33,7 @@ from stagewise.models import save_network
 from stagewise.recipe import load_recipe
 from stagewise.federated.client_app import make_client_app as client_app_over
 from stagewise.federated.round_store import RoundStore
+from stagewise.federated.secure_aggregation import secure_summary, wire_value
 from stagewise.io import atomic_write, strict_json
 from stagewise.training.privacy_budget import job_privacy
 
@@ -130,11 +131,10 @@ class WireLog:
         if message.has_error():
             entry["error"] = str(message.error.reason)[:200]
         else:
-            for name, record in message.content.items():
-                if hasattr(record, "count_bytes") and hasattr(record, "to_torch_state_dict"):
-                    entry[name] = {"tensors": list(record.keys()), "bytes": int(record.count_bytes())}
-                else:
-                    entry[name] = dict(record.items())
+            for name, record in message.content.items():  # tensors and bytes (SecAgg+'s) by their size only
+                tensors = hasattr(record, "count_bytes") and hasattr(record, "to_torch_state_dict")
+                entry[name] = ({"tensors": list(record.keys()), "bytes": int(record.count_bytes())} if tensors
+                               else {k: wire_value(v) for k, v in record.items()})
         with self.path.open("a") as f:
             f.write(json.dumps(entry, default=str) + "\n")
 
@@ -272,6 +272,7 @@ def summarize_job(job_dir: JobDir) -> dict:
         "patient_linkage": json.loads(linkage.read_text()) if (linkage := job_dir.fed / "linkage.json").is_file() else None,
         **({"privacy": job_privacy(job.arm.sites.privacy, [r["rounds"] for r in folds],
                                    fits[FINAL]["rounds"] if FINAL in fits else None)} if job.arm.sites.privacy else {}),
+        **({"secure_aggregation": secure_summary(secure, rounds)} if (secure := job.arm.sites.secure_aggregation) else {}),
     }
 
 
@@ -331,7 +332,7 @@ class DiskSite:
     its recipe does not make is refused."""
 
     def __init__(self, work: SiteWork):
-        self.work = work
+        self.work, self.arm = work, work.job.arm
 
     def greet(self, config) -> dict:
         """Who this site is; a coordinator that runs another job is refused, in words on the
@@ -376,7 +377,6 @@ def _check_job(work: SiteWork, digest: str) -> None:
 
 server_app = make_server_app()
 client_app = make_client_app()
-
 
 # -- the same job on one machine -----------------------------------------------------------
 

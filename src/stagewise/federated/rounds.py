@@ -14,6 +14,10 @@ Replies are aggregated in a fixed site order, not arrival order, so float sums r
 run. A round with fewer replies than `sites.min_sites` fails; fewer than all but enough
 completes and is recorded. `on_round` sees the state after every finished round (the
 deployment checkpoints it), and `resume` continues after the last finished one.
+
+Under `sites.secure_aggregation` a round's messages go through Flower's SecAgg+
+(`secure_aggregation.secure_round`): the coordinator gets the sites' unmasked mean, never a
+site's tensors, and the strategy aggregates that mean as one reply.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from typing import Callable
 
 import torch
 
+from stagewise.federated.secure_aggregation import SecureResult, SiteReply, mean_as_reply, secure_round
 from stagewise.federated.sharing import shared_keys, tensor_bytes
 from stagewise.models import Network
 from stagewise.recipe import ArmConfig, SitesConfig
@@ -173,29 +178,38 @@ def serve_rounds(grid, cfg: SitesConfig, plan, start: Network, out: FederatedRes
             strategy, keys_before = make_strategy(cfg, n), keys
         if t <= resume:
             continue
-        down = ArrayRecord(torch_state_dict=subset_of(out.global_state, keys))
-        config = ConfigRecord({"stage": stage_index, "round": r, "trainable": ",".join(trainable), "step": t,
-                               **(extra_config or {})})
-        replies = list(grid.send_and_receive(strategy.configure_train(t, down, config, grid), timeout=cfg.round_timeout))
+        down_state = subset_of(out.global_state, keys)
+        down = ArrayRecord(torch_state_dict=down_state)
+        config = {"stage": stage_index, "round": r, "trainable": ",".join(trainable), "step": t, **(extra_config or {})}
+        secure = None
+        if cfg.secure_aggregation is not None and keys:  # Flower's SecAgg+: only the sites' mean is seen
+            secure = secure_round(grid, cfg.secure_aggregation, t, list(grid.get_node_ids()), down_state, config,
+                                  cfg.round_timeout)
+            replies = secure.replies
+        else:
+            replies = list(grid.send_and_receive(strategy.configure_train(t, down, ConfigRecord(config), grid),
+                                                 timeout=cfg.round_timeout))
         dropped = grid.take_dropped() if isinstance(grid, AdmittedGrid) else []
         ok = sorted((m for m in replies if not m.has_error()), key=order)
-        failed = [str(m.error.reason)[:200] for m in replies if m.has_error()]
-        if len(ok) < need:
+        failed = [str(m.error.reason)[:200] for m in replies if m.has_error()] + (secure.failures if secure else [])
+        if len(ok) < need or (secure is not None and secure.halted):
             raise FederatedError(f"round {t}: {len(ok)} of {n} sites replied (sites.min_sites is {need})"
+                                 + (f"; {secure.halted}" if secure is not None and secure.halted else "")
                                  + (f"; errors: {failed}" if failed else ""))
-        arrays, metrics = _aggregate(strategy, t, ok, keys, cfg.strategy)
+        arrays, metrics = _aggregate(strategy, t, ok, keys, cfg.strategy, secure)
         for k, v in arrays.items():
             out.global_state[k] = v.to(out.global_state[k].dtype)
         out.shared = [k for k in out.global_state if k in set(out.shared) | set(keys)]
         out.rounds.append({
             "round": t, "stage": stage_index, "round_in_stage": r, "trainable": trainable,
-            "bytes_down_per_site": down.count_bytes(), "bytes_up": [m.content["arrays"].count_bytes() for m in ok],
+            "bytes_down_per_site": down.count_bytes(), "bytes_up": [_bytes_up(m) for m in ok],
             "tensor_bytes_per_site": tensor_bytes(subset_of(out.global_state, keys)),
-            "sites_replied": len(ok), "sites": n, "failures": failed + ["no reply"] * max(0, n - len(replies)),
+            "sites_replied": len(ok), "sites": n, "failures": failed + ["no reply"] * max(0, n - len(ok) - len(failed)),
             "loss": float(metrics["loss"]) if metrics is not None and "loss" in metrics else None,
             **_site_losses(ok, site_of or (lambda m: str(order(m)))),
             **_site_privacy(ok, site_of or (lambda m: str(order(m)))),
             **({"dropped_replies_from_nodes": dropped} if dropped else {}),
+            **({"secure_aggregation": secure.settings} if secure is not None else {}),
         })
         if dropped:
             log.warning("federated round %d: replies from nodes %s dropped (not sites of this job)", t, dropped)
@@ -206,19 +220,31 @@ def serve_rounds(grid, cfg: SitesConfig, plan, start: Network, out: FederatedRes
             on_round(t, out)
 
 
-def _aggregate(strategy, t: int, replies: list, keys: list[str], name: str) -> tuple[dict, dict | None]:
+def _aggregate(strategy, t: int, replies: list, keys: list[str], name: str,
+               secure: SecureResult | None = None) -> tuple[dict, dict | None]:
     """The strategy's aggregate of the round's replies (tensors by key, metrics). A round in
     which only `sites.local_groups` train shares nothing: there is nothing to aggregate, and
-    the loss is the replies' mean weighted by training examples, as the strategies weigh it."""
+    the loss is the replies' mean weighted by training examples, as the strategies weigh it.
+    Under secure aggregation the strategy aggregates one reply, the sites' unmasked mean with
+    all their examples: FedAvg's aggregate of it is the mean itself, and a server-side
+    optimizer (FedAdam, ...) steps from it as it would from its own mean."""
+    n = [float(m.content["metrics"]["num-examples"]) for m in replies]
+    losses = [float(m.content["metrics"].get("loss", float("nan"))) for m in replies]
+    mean_loss = {"loss": sum(a * b for a, b in zip(n, losses)) / sum(n)} if sum(n) else None
     if not keys:
-        n = [float(m.content["metrics"]["num-examples"]) for m in replies]
-        losses = [float(m.content["metrics"].get("loss", float("nan"))) for m in replies]
-        return {}, {"loss": sum(a * b for a, b in zip(n, losses)) / sum(n)} if sum(n) else None
+        return {}, mean_loss
+    if secure is not None:
+        replies = [mean_as_reply(secure.mean, {"num-examples": sum(n), **(mean_loss or {})})]
     arrays, metrics = strategy.aggregate_train(t, replies)
     if arrays is None:  # e.g. Bulyan with fewer than 4f + 3 replies
         raise FederatedError(f"round {t}: {name} aggregated nothing from {len(replies)} replies "
                              "(too few sites for its strategy_params); see `stagewise validate`")
     return arrays.to_torch_state_dict(), metrics
+
+
+def _bytes_up(reply) -> int:
+    """Bytes of a site's tensors in its reply; under secure aggregation, of its masked vector."""
+    return reply.masked_bytes if isinstance(reply, SiteReply) else reply.content["arrays"].count_bytes()
 
 
 def _site_losses(replies: list, site_of: Callable) -> dict:

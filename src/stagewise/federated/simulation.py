@@ -82,6 +82,7 @@ class InMemorySite:
     def __init__(self, trainers: list[SiteTrainer], context, threads: int):
         self.partition = int(context.node_config["partition-id"])
         self.trainer, self.context, self.threads = trainers[self.partition], context, threads
+        self.arm = self.trainer.arm
 
     def state(self) -> dict | None:
         record = self.context.state.get("site")

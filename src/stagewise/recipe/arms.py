@@ -9,6 +9,8 @@ from pydantic import Field, field_validator, model_validator
 from stagewise.recipe.base import StrictModel
 from stagewise.recipe.network import BackboneConfig, HeadConfig
 from stagewise.recipe.privacy import PrivacyConfig, privacy_problems
+from stagewise.recipe.secure_aggregation import (SecureAggregationConfig, secure_aggregation_problems,
+                                                 secure_aggregation_text)
 from stagewise.recipe.stages import STAGE_CLASSES, SslStage, StageConfig
 from stagewise.recipe.strategies import STRATEGIES, STRATEGY_NAMES, strategy_param_problems
 
@@ -62,10 +64,18 @@ class SitesConfig(StrictModel):
     cross_site_evaluation: bool = False
     """Score every site's own model (site_local stages, local_groups) on every other site's test
     patients: the site models then leave their sites (federated only; off by default)."""
+    secure_aggregation: SecureAggregationConfig | None = None
+    """Flower's SecAgg+ in every round (`true` for its defaults): the coordinator sees only the sites' sum; none by default."""
+
+    @field_validator("secure_aggregation", mode="before")
+    @classmethod
+    def _secure_aggregation_flag(cls, v):
+        """`secure_aggregation: true` is SecAgg+ with its defaults, `false` none."""
+        return ({} if v else None) if isinstance(v, bool) else v
 
     @model_validator(mode="after")
     def _strategy_params_valid(self) -> "SitesConfig":
-        problems = strategy_param_problems(self.strategy, self.strategy_params)
+        problems = strategy_param_problems(self.strategy, self.strategy_params) + secure_aggregation_problems(self)
         if self.local_groups and self.mode != "federated":
             problems.append("local_groups: only a federated arm (mode: federated) keeps groups at its sites")
         if problems:
@@ -76,7 +86,8 @@ class SitesConfig(StrictModel):
 def strategy_text(sites: dict) -> str:
     """A federated arm's aggregation in words, from its `sites` settings as recipe.yaml holds
     them (`SitesConfig.model_dump()`): the strategy with its parameters, and where BatchNorm
-    stays, e.g. 'FedProx (proximal_mu 0.01); BatchNorm averaged with the weights'."""
+    stays, e.g. 'FedProx (proximal_mu 0.01); BatchNorm averaged with the weights', and whether
+    the sites' updates were securely aggregated."""
     strategy = sites.get("strategy") or "fedavg"
     params = sites.get("strategy_params") or {}
     name = STRATEGY_NAMES.get(strategy, strategy)
@@ -85,7 +96,8 @@ def strategy_text(sites: dict) -> str:
     bn = ("FedBN: BatchNorm weights and statistics stay at each site" if sites.get("bn_stats") == "local"
           else "BatchNorm of the groups that train averaged with their weights")
     kept = sites.get("local_groups") or []
-    return f"{text}; {bn}" + (f"; {', '.join(kept)} kept at each site, never aggregated (FedPer)" if kept else "")
+    return (f"{text}; {bn}" + (f"; {', '.join(kept)} kept at each site, never aggregated (FedPer)" if kept else "")
+            + secure_aggregation_text(sites.get("secure_aggregation")))
 
 
 class ArmConfig(StrictModel):

@@ -21,6 +21,7 @@ from stagewise.evaluation.splits import SplitError, make_splits
 from stagewise.models import BackboneError, WeightsUnavailable, build_arch, create_backbone
 from stagewise.models.registry import get_source
 from stagewise.recipe import ArmConfig, CohortConfig, ProtocolConfig, Recipe
+from stagewise.recipe.secure_aggregation import secure_aggregation_problems
 from stagewise.recipe.strategies import strategy_site_problem
 from stagewise.training.stages import stage_kind
 from stagewise.training.dp_sgd import stage_batchnorm_problems
@@ -118,8 +119,9 @@ def arm_problems(arm: ArmConfig) -> list[str]:
 
 def strategy_site_problems(recipe: Recipe, cohort: Cohort) -> list[str]:
     """Robust aggregators (Krum, Bulyan) need enough sites per round for their
-    `num_malicious_nodes`: the fewest sites that train in a fold (all sites, one fewer under
-    leave-one-site-out), or `sites.min_sites` if a round may complete with fewer."""
+    `num_malicious_nodes`, secure aggregation at least 2 (and no more shares than sites): the
+    fewest sites that train in a fold (all sites, one fewer under leave-one-site-out), or
+    `sites.min_sites` if a round may complete with fewer."""
     federated = [a for a in recipe.arms if a.sites.mode == "federated"]
     if not federated or "site" not in cohort.table:
         return []
@@ -130,6 +132,7 @@ def strategy_site_problems(recipe: Recipe, cohort: Cohort) -> list[str]:
         problem = strategy_site_problem(arm.sites.strategy, arm.sites.strategy_params, need)
         if problem:
             problems.append(f"arm {arm.name!r}: {problem}")
+        problems += [f"arm {arm.name!r}: {p}" for p in secure_aggregation_problems(arm.sites, need)]
     return problems
 
 

@@ -22,6 +22,7 @@ import torch
 from stagewise.errors import RunError
 from stagewise.federated.simulation import run_federated
 from stagewise.federated.site import SitePartition, round_seed, site_seed
+from stagewise.federated.secure_aggregation import secure_summary
 from stagewise.models import Network
 from stagewise.study.cross_site import federated_matrix, patient_auroc
 from stagewise.recipe import STRATEGY_NAMES, ArmConfig
@@ -171,6 +172,8 @@ def fit_federated(arm: ArmConfig, start: Network, images: ImageSet, targets: tor
     }
     if arm.sites.privacy is not None:  # the budget each site spent, by Opacus' accountant
         info["privacy"] = privacy_summary(arm.sites.privacy, result.rounds)
+    if arm.sites.secure_aggregation is not None:  # Flower's SecAgg+: its settings and error bound
+        info["secure_aggregation"] = secure_summary(arm.sites.secure_aggregation, result.rounds)
     complete = arm.sites.bn_stats == "average" and not arm.sites.local_groups
     fit = SiteFit(prob, info, server if complete and not has_site_local(arm) else None)
     if arm.sites.cross_site_evaluation:

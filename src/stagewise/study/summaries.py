@@ -55,6 +55,10 @@ def _sites_training(fold_results: list[dict]) -> dict:
             out["privacy"] = privacy_over_folds([i["privacy"] for i in infos if "privacy" in i])
         if any("cross_site" in i for i in infos):
             out["cross_site"] = _federated_cross_site([i["cross_site"] for i in infos if "cross_site" in i])
+        if secure := [i["secure_aggregation"] for i in infos if "secure_aggregation" in i]:  # over the folds
+            bounds = [b for x in secure if (b := x["largest_error_bound"]) is not None]
+            out["secure_aggregation"] = secure[0] | {"rounds_aggregated_securely": sum(
+                x["rounds_aggregated_securely"] for x in secure), "largest_error_bound": max(bounds, default=None)}
     else:
         out["cross_site_auroc"] = mean_matrix([i["cross_site_auroc"] for i in infos])
     return out

@@ -39,6 +39,12 @@ def test_a_federated_thaw_is_stated_in_rounds_where_the_round_plan_starts_each_g
      "FedProx (proximal_mu 0.01); BatchNorm of the groups that train averaged with their weights"),
     ({"strategy": "fedavg", "strategy_params": {}, "bn_stats": "local"},
      "FedAvg (Flower's default parameters); FedBN: BatchNorm weights and statistics stay at each site"),
+    ({"strategy": "fedadam", "bn_stats": "local", "secure_aggregation": {"num_shares": 5, "reconstruction_threshold": 3,
+                                                                          "clipping_range": 0.5}},
+     "FedAdam (Flower's default parameters); FedBN: BatchNorm weights and statistics stay at each site; secure "
+     "aggregation (Flower's SecAgg+: 5 shares, 3 rebuild a secret; each site's change, times its training images / "
+     "max_weight 1000, clipped to +-0.5 and quantized to 4194304 levels): the coordinator received no site's model "
+     "update, only their masked sum (each site's training loss and number of images still per site)"),
 ])
 def test_the_strategy_in_words(sites, words):
     assert strategy_text(sites) == words
