@@ -37,9 +37,10 @@ def pytest_xdist_auto_num_workers(config):
     return usable_cpus()
 
 
-SLOWEST_FIRST = ("test_deployment.py", "test_federated.py", "test_refit_bundles.py", "test_executor_ray.py",
-                 "test_same_behaviour.py", "test_executors.py", "test_evidence_units.py",
-                 "test_study.py", "test_pretrain.py", "test_executor.py", "test_serve.py")
+SLOWEST_FIRST = ("test_deployment.py", "test_executor_ray.py", "test_federated.py", "test_same_behaviour.py",
+                 "test_study.py", "test_federated_evaluation_deployment.py", "test_refit_bundles.py",
+                 "test_pretrain.py", "test_ray_session.py", "test_strategies.py", "test_executors.py",
+                 "test_secure_aggregation.py", "test_evidence_units.py", "test_executor.py", "test_serve.py")
 """Modules of minutes, handed to the xdist workers first so that no long one starts last."""
 
 
