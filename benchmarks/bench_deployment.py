@@ -160,7 +160,7 @@ def main() -> None:
     print(f"largest |deployed - simulated| over every site metric of every fold: {diff:.2e}")
     print(f"bytes on the wire {dep['bytes_total'] / 1e6:.1f} MB vs full-model FedAvg "
           f"{dep['bytes_full_model_fedavg'] / 1e6:.1f} MB ({dep['bytes_full_model_fedavg'] / dep['bytes_total']:.1f}x)")
-    print(f"wall: deployed {deployed_wall:.0f} s (CLI, SuperLink + 3 SuperNodes, a ClientApp process per message), "
+    print(f"wall: deployed {deployed_wall:.0f} s (CLI, SuperLink + 3 SuperNodes, one long-lived process per site), "
           f"simulated {sim_wall:.0f} s")
     if args.secure_aggregation:
         secure_comparison(out, recipe, manifests, deployed_wall)
