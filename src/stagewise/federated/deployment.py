@@ -312,8 +312,8 @@ _WORK: dict[tuple[str, str], SiteWork] = {}
 
 
 def _site_work(site_file: str, arm: str) -> SiteWork:
-    """The site's work for `arm`, loaded once per process (a SuperNode may start a fresh
-    ClientApp process per message; the simulation engine keeps one)."""
+    """The site's work for `arm`, loaded once per process: a stagewise site's one long-lived
+    process (`site_process`) answers every message of the job with it."""
     key = (site_file, arm)
     if key not in _WORK:
         _WORK[key] = SiteWork(SiteConfig.load(site_file), arm)
