@@ -402,7 +402,7 @@ def test_cross_site_evaluation_sends_each_site_model_to_every_other_site_in_name
     column per site; its diagonal is the arm's own per-site figure, and each other entry is
     exactly that site model scored here in-process on that site's test patients."""
     from stagewise.study import site_arms
-    from stagewise.study.cross_site import patient_auroc
+    from stagewise.evaluation.metrics import patient_auroc
 
     table = pd.read_csv(sites_manifest)
     images, targets = _digits(sites_manifest, n=len(table))

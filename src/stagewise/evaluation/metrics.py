@@ -85,3 +85,10 @@ def summarize(fold_metrics: list[dict[str, float]]) -> dict[str, dict[str, float
             "n": int(len(v)),
         }
     return out
+
+
+def patient_auroc(prob: np.ndarray, rows: np.ndarray, y: np.ndarray, patients: np.ndarray, how: str) -> float:
+    """AUROC of `prob` (one per row of `rows`) over those rows' patients, each patient's image
+    scores aggregated as the protocol says (`how`); NaN with one class only."""
+    s, y_ = patient_scores(prob, y[rows], patients[rows], how)
+    return binary_metrics(y_.astype(int), s, 0.5)["auroc"]

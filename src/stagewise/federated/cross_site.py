@@ -43,9 +43,9 @@ def exchange_site_models(grid, out: FederatedResult, timeout: float, partition: 
     for reply in _replies(grid, asks, timeout, "request for its site model"):
         models[partition(reply)] = (reply.metadata.src_node_id, reply.content["site_model"].to_torch_state_dict())
     down = ArrayRecord(torch_state_dict=subset_of(out.global_state, out.shared))
+    records = {a: ArrayRecord(torch_state_dict=tensors) for a, (_, tensors) in sorted(models.items())}
     forwards, bytes_down = [], 0
-    for a, (_, tensors) in sorted(models.items()):
-        record = ArrayRecord(torch_state_dict=tensors)
+    for a, record in records.items():
         for b, (node, _) in sorted(models.items()):
             if a != b:
                 forwards.append(Message(RecordDict({"arrays": down, "site_model": record,
@@ -55,7 +55,6 @@ def exchange_site_models(grid, out: FederatedResult, timeout: float, partition: 
     for reply in _replies(grid, forwards, timeout, "cross-site scoring"):
         model = int(reply.content["metrics"]["model-partition"])
         out.cross_scores[(model, partition(reply))] = reply.content["scores"].to_numpy_ndarrays()[0]
-    out.cross_site = {"site_model_bytes": {a: ArrayRecord(torch_state_dict=t).count_bytes()
-                                           for a, (_, t) in sorted(models.items())},
+    out.cross_site = {"site_model_bytes": {a: record.count_bytes() for a, record in records.items()},
                       "site_model_keys": {a: len(t) for a, (_, t) in sorted(models.items())},
                       "bytes_down_total": int(bytes_down)}

@@ -11,14 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from stagewise.evaluation.metrics import binary_metrics, patient_scores
-
-
-def patient_auroc(prob: np.ndarray, rows: np.ndarray, y: np.ndarray, patients: np.ndarray, how: str) -> float:
-    """AUROC of `prob` (one per row of `rows`) over those rows' patients, each patient's image
-    scores aggregated as the protocol says (`how`); NaN with one class only."""
-    s, y_ = patient_scores(prob, y[rows], patients[rows], how)
-    return binary_metrics(y_.astype(int), s, 0.5)["auroc"]
+from stagewise.evaluation.metrics import patient_auroc
 
 
 def federated_matrix(site_names: list[str], order: list[np.ndarray], scores: dict, cross_scores: dict,

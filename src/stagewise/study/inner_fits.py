@@ -15,7 +15,7 @@ from typing import Callable
 
 import numpy as np
 
-from stagewise.evaluation.metrics import binary_metrics, patient_scores
+from stagewise.evaluation.metrics import patient_auroc
 from stagewise.evaluation.splits import SplitError, make_splits
 from stagewise.evaluation.thresholds import inner_oof_scores
 from stagewise.recipe import ArmConfig, ProtocolConfig, ThresholdRule
@@ -59,8 +59,7 @@ def inner_fits(arm: ArmConfig, train: np.ndarray, y: np.ndarray, patients: np.nd
             rows = train[inner_test]
             p = np.asarray(fit_predict(candidate, train[inner_train], rows), dtype=float).reshape(len(rows), -1)
             scored.append(p)
-            s, yy = patient_scores(p[:, 0], y[rows], patients[rows], aggregate)
-            return binary_metrics(yy, s, 0.5)["auroc"]
+            return patient_auroc(p[:, 0], rows, y, patients, aggregate)
 
         point, table = choose_by_inner_cv(arm, inner, score)
         out.arm, out.tuning = arm.with_values(point), {"chosen": point, "grid": table}

@@ -24,7 +24,8 @@ from stagewise.federated.simulation import run_federated
 from stagewise.federated.site import SitePartition, round_seed, site_seed
 from stagewise.federated.secure_aggregation import secure_summary
 from stagewise.models import Network
-from stagewise.study.cross_site import federated_matrix, patient_auroc
+from stagewise.evaluation.metrics import patient_auroc
+from stagewise.study.cross_site import federated_matrix
 from stagewise.recipe import STRATEGY_NAMES, ArmConfig
 from stagewise.training.cache import ImageSet, PrefixCache
 from stagewise.training.compute import Compute
