@@ -26,6 +26,7 @@ from pathlib import Path
 from stagewise.external.federated_results import EvaluationDir, pool_sites, write_results
 from stagewise.external.site_summary import EvaluationSite, summarize_site
 from stagewise.federated.deployment import RUN_DIR_ENV, SITE_KEY, JobDir, WireLog
+from stagewise.federated.polling import PromptGrid
 from stagewise.federated.rounds import AdmittedGrid, AuditedGrid, FederatedError, wait_for_sites
 
 log = logging.getLogger("stagewise")
@@ -44,7 +45,7 @@ def run_evaluation(grid, folder: EvaluationDir, on_message=None) -> dict:
     from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
     spec = folder.spec()
-    wire = AuditedGrid(grid, _tee(WireLog(folder.fed / "wire.jsonl"), on_message))
+    wire = AuditedGrid(PromptGrid(grid), _tee(WireLog(folder.fed / "wire.jsonl"), on_message))
     admitted = {site["node"] for site in JobDir(folder.path).admitted().values()}
     asked = AdmittedGrid(wire, admitted) if admitted else wire
     n = int(spec["sites"])

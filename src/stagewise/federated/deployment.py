@@ -26,6 +26,7 @@ import numpy as np
 
 from stagewise.federated.job import FINAL, FederatedJob, SiteConfig, SiteWork
 from stagewise.federated.linkage import greeting_links, linkage_warning, shared_patients
+from stagewise.federated.polling import PromptGrid
 from stagewise.federated.rounds import (AdmittedGrid, AuditedGrid, FederatedError, FederatedResult, round_plan, serve_rounds,
                                         subset_of, wait_for_sites)
 from stagewise.federated.simulation import simulation_backend
@@ -183,11 +184,10 @@ def run_job(grid, job_dir: JobDir, run_id: str = "") -> dict:
     """Every fit of the job in `job_dir` that has not finished, then the summary."""
     job, spec = job_dir.job(), job_dir.spec()
     cfg, digest, n = job.arm.sites, spec["digest"], int(spec["sites"])
-    wire = AuditedGrid(grid, WireLog(job_dir.fed / "wire.jsonl"))
+    wire = AuditedGrid(PromptGrid(grid), WireLog(job_dir.fed / "wire.jsonl"))
     job_dir.status(state="running", run=run_id, digest=digest)
-    # The greeting is each site's first message: its answer waits for the site's app to start
-    # (a Ray actor in the simulation, a fresh ClientApp process in a deployment), which on a
-    # busy machine takes longer than a round may; it gets the connection timeout as well.
+    # The greeting is each site's first message: its answer waits for the site's app to start,
+    # which on a busy machine takes longer than a round may; it gets the connection timeout too.
     connect = float(spec.get("connect_timeout", cfg.round_timeout))
     admitted = {site["node"] for site in job_dir.admitted().values()}
     names, linkage = _greet(AdmittedGrid(wire, admitted) if admitted else wire, n, min(cfg.min_sites or n, n),

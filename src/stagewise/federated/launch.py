@@ -31,6 +31,7 @@ from stagewise.federated.credentials import check_server_certificates, key_finge
 from stagewise.federated.deployment import RUN_DIR_ENV, SITE_KEY, JobDir
 from stagewise.federated.job import SITE_NAME, FederatedJob, SiteConfig
 from stagewise.federated.linkage import read_linkage_key
+from stagewise.federated.polling import SITE_POLL
 from stagewise.federated.rounds import FederatedError
 from stagewise.federated.site_process import ISOLATION, REFUSED_EXIT
 from stagewise.federated.superlink_process import READY
@@ -274,7 +275,8 @@ def start_site(site_file: Path, superlink: str, ca: Path | None, key: Path | Non
     home = Path(site_file).resolve().parent / "flower"
     home.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "stagewise.federated.site_process", str(port), client_app, "--",
-           _program("flower-supernode"), *ISOLATION, "--superlink", superlink, "--port", str(port),
+           sys.executable, "-m", "stagewise.federated.polling", str(SITE_POLL), "--",  # Flower's SuperNode, prompt
+           *ISOLATION, "--superlink", superlink, "--port", str(port),
            "--node-config", f'{SITE_KEY}="{Path(site_file).resolve()}"']
     cmd += ["--root-certificates", str(ca)] if ca else ["--insecure"]
     if key:

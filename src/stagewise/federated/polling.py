@@ -1,0 +1,79 @@
+"""Prompt polling in a deployed job: the coordinator and each hospital ask for the next
+message every fraction of a second, where Flower's deployed components wait 3 s.
+
+Why: Flower 1.41's deployed Grid (`HttpGrid.send_and_receive`) asks the SuperLink for replies
+every 3 s, and its SuperNode sleeps 3 s whenever the SuperLink holds no message for it
+(`flwr/supernode/start_client_internal.py`). A federated round is one message each way, so a
+deployment paid up to 6 s of waiting per round on top of the work, and a SecAgg+ round (four
+exchanges) up to 24 s; the simulation's Grid asks every 0.1 s.
+
+- Coordinator: `PromptGrid` wraps the ServerApp's Grid; its `send_and_receive` is Flower's
+  (push the messages, pull replies until all arrived or the timeout passed) with a pull every
+  `COORDINATOR_POLL` s. It asks the SuperLink's Runtime API on the coordinator's own machine.
+- Hospital: `python -m stagewise.federated.polling SECONDS -- FLOWER_SUPERNODE_ARGS...` runs
+  Flower's own `flower-supernode` (its parsing, connection, authentication and message
+  handling) with its waits capped at SECONDS (`SITE_POLL`): one small HTTPS request to the
+  coordinator that often while the site is idle, as Flower's own ServerApp-side agents do
+  (0.25 s). Only that module's waits change; flwr is pinned (pyproject), and
+  `tests/unit/federated/test_polling.py` checks that the loop it shortens is still there.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+import types
+from collections.abc import Iterable
+
+COORDINATOR_POLL = 0.2
+"""Seconds between the coordinator's asks for replies (its own machine's SuperLink)."""
+SITE_POLL = 0.5
+"""Seconds between a hospital's asks for a message while it has none (over the network)."""
+
+
+class PromptGrid:
+    """A Flower Grid whose `send_and_receive` asks for replies every `poll` seconds; every other
+    attribute is the wrapped Grid's."""
+
+    def __init__(self, grid, poll: float = COORDINATOR_POLL):
+        self.grid, self.poll = grid, poll
+
+    def __getattr__(self, name):
+        return getattr(self.grid, name)
+
+    def send_and_receive(self, messages: Iterable, *, timeout: float | None = None) -> list:
+        """Flower's contract: push `messages`, return the replies that arrived within `timeout`
+        seconds (None: wait for all), in the order they arrived."""
+        waiting = set(self.grid.push_messages(messages))
+        end = None if timeout is None else time.monotonic() + timeout
+        replies: list = []
+        while waiting:
+            got = list(self.grid.pull_messages(waiting))
+            replies.extend(got)
+            waiting.difference_update(m.metadata.reply_to_message_id for m in got)
+            if not waiting or (end is not None and time.monotonic() >= end):
+                break
+            time.sleep(self.poll if end is None else max(0.0, min(self.poll, end - time.monotonic())))
+        return replies
+
+
+def capped_time(cap: float) -> types.SimpleNamespace:
+    """The `time` module with `sleep` capped at `cap` seconds (what the SuperNode's loop sees)."""
+    capped = types.SimpleNamespace(**{k: getattr(time, k) for k in dir(time) if not k.startswith("__")})
+    capped.sleep = lambda seconds: time.sleep(min(float(seconds), cap))
+    return capped
+
+
+def main(argv: list[str]) -> None:
+    """Flower's `flower-supernode` with its message loop's waits capped at argv[0] seconds."""
+    cap = float(argv[0])
+    import flwr.supernode.start_client_internal as loop
+    from flwr.supernode.cli.flower_supernode import flower_supernode
+
+    loop.time = capped_time(cap)
+    sys.argv = ["flower-supernode", *argv[argv.index("--") + 1:]]
+    flower_supernode()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
