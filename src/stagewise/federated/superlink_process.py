@@ -131,18 +131,38 @@ async def _serve(app, public: tuple[str, int], config) -> None:
     await asyncio.gather(*tasks, return_exceptions=True)
 
 
+def objects_in_memory(database: str, federation_manager):
+    """Flower's SuperLink stores: its link state (admitted nodes, runs, messages) in `database`
+    on disk, so that a restarted coordinator knows the hospitals it admitted; the objects
+    (the messages' tensors in flight) in memory.
+
+    Why: with both in one SQLite file every 5 MB chunk of every update was written to disk,
+    read back and deleted under the SuperLink's one Python thread; a deployed thaw round
+    (42 MB to and from each of three sites) waited 30-40 s on it while the sites' own work
+    took 2-7 s. An object lives only until its message is delivered, and a restarted
+    coordinator starts its rounds again from the last finished round, never from a message
+    in flight."""
+    from flwr.server.superlink.linkstate import LinkStateFactory
+    from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME
+    from flwr.supercore.object_store import ObjectStoreFactory
+
+    objects = ObjectStoreFactory(FLWR_IN_MEMORY_DB_NAME)
+    return objects, LinkStateFactory(database, federation_manager, objects)
+
+
 def main(argv: list[str]) -> int:
     public = (argv[0], int(argv[1]))
     sys.argv = ["flower-superlink", *argv[argv.index("--") + 1:]]
     # Flower's own parsing of flower-superlink's arguments and its own application (1.41)
     import importlib
 
-    from flwr.superlink.main import create_app
+    from flwr.superlink import main as superlink_main
 
     flower_superlink = importlib.import_module("flwr.superlink.cli.flower_superlink")  # the module, not its function
 
     config = flower_superlink._parse_superlink_lifespan_config()  # noqa: SLF001 - Flower's own settings
-    app = create_app(config, flower_superlink.SuperLinkLifespan)
+    superlink_main.get_objectstore_linkstate_factories = objects_in_memory  # what `create_app` builds its stores with
+    app = superlink_main.create_app(config, flower_superlink.SuperLinkLifespan)
     address = f"{config.host}:{config.port}"
     ca = Path(config.ssl_ca_certfile) if config.ssl_ca_certfile else None
     stop = threading.Event()

@@ -128,3 +128,18 @@ def test_a_round_drops_and_records_a_reply_from_a_node_outside_the_job(monkeypat
     assert inner.sent == [1, 2] and record["sites_replied"] == 2
     assert record["dropped_replies_from_nodes"] == [99]
     assert all(torch.equal(out.global_state[k], torch.ones_like(v)) for k, v in head.items())  # 99 not averaged
+
+
+def test_the_superlink_keeps_admitted_nodes_on_disk_and_tensors_in_flight_in_memory(tmp_path):
+    """A restarted coordinator must know the hospitals it admitted (link state in the run
+    directory's database); the messages' tensors never touch that file."""
+    from flwr.supercore.object_store.in_memory_object_store import InMemoryObjectStore
+    from flwr.superlink.federation import NoOpFederationManager
+
+    from stagewise.federated.superlink_process import objects_in_memory
+
+    db = tmp_path / "superlink.db"
+    objects, links = objects_in_memory(str(db), NoOpFederationManager())
+    state = links.state()
+    assert isinstance(objects.store(), InMemoryObjectStore) and state.object_store is objects.store()
+    assert db.is_file() and type(state).__name__.startswith("Sql")
