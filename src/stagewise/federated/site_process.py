@@ -100,7 +100,10 @@ def run_task(address: str, token: str, app) -> bool:
         print(f"{time.strftime('%H:%M:%S')} stagewise site: answering the coordinator's "
               f"{message.metadata.message_type} message", flush=True)
         with _ONE_AT_A_TIME:
+            started = time.perf_counter()
             reply = app(message=message, context=context)
+        print(f"{time.strftime('%H:%M:%S')} stagewise site: answered in {time.perf_counter() - started:.1f} s",
+              flush=True)
         status, details = SubStatus.COMPLETED, ""
     except Exception as ex:  # noqa: BLE001 - answered as Flower answers it: an error reply
         if getattr(ex, "ends_site", False):  # this site refuses the job: said on its screen, then it leaves
