@@ -80,6 +80,27 @@ def test_frozen_groups_stay_bit_identical_at_every_site(sites_manifest):
         assert not all(torch.equal(state[k], before[k]) for k in sent)  # the shared groups did train
 
 
+def test_a_round_runs_its_part_of_the_stages_schedule_when_the_schedule_spans_the_rounds(sites_manifest, monkeypatch):
+    """`sites.lr_schedule: across_rounds`: round r of a stage's n rounds trains with part r of n
+    of the stage's LR schedule; by default each round runs the whole schedule."""
+    import stagewise.federated.site as site_module
+
+    images, targets = _digits(sites_manifest)
+    parts, fit = [], site_module.fit_stage
+    monkeypatch.setattr(site_module, "fit_stage", lambda *a, **k: parts.append(k["schedule_part"]) or fit(*a, **k))
+    start, sent = _net(), {}
+    received = {k: v.clone() for k, v in start.state_dict().items() if k.startswith("head.")}
+    for schedule in ("each_round", "across_rounds"):
+        arm = ArmConfig.model_validate({"name": "f", "backbone": "scratch:resnet18",
+                                        "sites": {"mode": "federated", "lr_schedule": schedule},
+                                        "stages": [{"kind": "probe", "rounds": 3, "epochs": 1, "batch_size": 8,
+                                                    "schedule": "onecycle"}]})
+        trainer = SiteTrainer(_partition(images, targets, np.arange(12), "A"), arm, start, FP32, seed=0)
+        sent[schedule] = trainer.train_round(received, None, 0, 1, ["head"])[0]
+    assert parts == [(0, 1), (1, 3)]
+    assert not torch.equal(sent["each_round"]["head.layers.1.weight"], sent["across_rounds"]["head.layers.1.weight"])
+
+
 def test_each_site_trains_on_its_own_rows_only(sites_manifest, monkeypatch):
     import stagewise.study.site_arms
 

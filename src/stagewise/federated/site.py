@@ -111,10 +111,12 @@ class SiteTrainer:
         the round's DP-SGD accounting as reply metrics: empty without `sites.privacy`)."""
         net = self.network(local_state)
         net.load_state_dict(received, strict=False)
-        stage = round_stage(self.stages[stage_index], trainable)
+        whole = self.stages[stage_index]
+        stage = round_stage(whole, trainable)
+        part = (round_in_stage, whole.rounds) if self.arm.sites.lr_schedule == "across_rounds" else (0, 1)
         log = fit_stage(net, stage, self.partition.images, self.partition.train, self.partition.targets,
                         self.compute, None, round_seed(self.seed, stage_index, round_in_stage),
-                        penalty=proximal_term(net, received, mu), privacy=self.privacy())
+                        penalty=proximal_term(net, received, mu), privacy=self.privacy(), schedule_part=part)
         state = OrderedDict((k, v.detach().cpu().clone()) for k, v in net.state_dict().items())
         sent = OrderedDict((k, state[k]) for k in received)
         return (sent, state, len(self.partition.train), float(np.mean([e["loss"] for e in log.epochs])),

@@ -55,6 +55,11 @@ class SitesConfig(StrictModel):
     local_groups: list[str] = []
     """Layer groups that stay at each site, never sent nor aggregated (FedPer/FedRep, e.g.
     [head]): each site trains its own and scores its patients with them (federated only)."""
+    lr_schedule: Literal["each_round", "across_rounds"] = "each_round"
+    """A federated stage's LR schedule (onecycle, cosine): whole in each round's local epochs,
+    restarting every round (Flower's usual local training), or once across all of the stage's
+    rounds, each round continuing where the last ended, as pooled training runs it over the
+    stage's epochs (federated only)."""
     min_sites: int | None = Field(None, ge=1)
     """Fewest sites a round may complete with (default: all); fewer replies fail the fold."""
     round_timeout: float = Field(3600.0, gt=0)
@@ -78,6 +83,8 @@ class SitesConfig(StrictModel):
         problems = strategy_param_problems(self.strategy, self.strategy_params) + secure_aggregation_problems(self)
         if self.local_groups and self.mode != "federated":
             problems.append("local_groups: only a federated arm (mode: federated) keeps groups at its sites")
+        if self.lr_schedule != "each_round" and self.mode != "federated":
+            problems.append("lr_schedule: only a federated arm (mode: federated) trains in rounds")
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -96,8 +103,9 @@ def strategy_text(sites: dict) -> str:
     bn = ("FedBN: BatchNorm weights and statistics stay at each site" if sites.get("bn_stats") == "local"
           else "BatchNorm of the groups that train averaged with their weights")
     kept = sites.get("local_groups") or []
+    spans = "; each stage's LR schedule spans its rounds" if sites.get("lr_schedule") == "across_rounds" else ""
     return (f"{text}; {bn}" + (f"; {', '.join(kept)} kept at each site, never aggregated (FedPer)" if kept else "")
-            + secure_aggregation_text(sites.get("secure_aggregation")))
+            + spans + secure_aggregation_text(sites.get("secure_aggregation")))
 
 
 class ArmConfig(StrictModel):

@@ -91,7 +91,8 @@ def recipe_differences(old: dict, new: dict, keys: tuple[str, ...] = (), limit: 
     return diffs[:limit] + ([f"and {len(diffs) - limit} more"] if len(diffs) > limit else []), newer
 
 
-NEWER_DEFAULTS = {"sites": {"local_groups": [], "privacy": None, "cross_site_evaluation": False, "secure_aggregation": None},
+NEWER_DEFAULTS = {"sites": {"local_groups": [], "privacy": None, "cross_site_evaluation": False, "secure_aggregation": None,
+                            "lr_schedule": "each_round"},
                   "stage": {"site_local": False}}
 """Arm fields added after runs were made, left out of a fingerprint while at their default:
 a run made before them resumes, one that sets them makes new folds."""

@@ -27,6 +27,7 @@ from stagewise.training.dp_sgd import DpSgd, PrivateTraining
 from stagewise.training.hooks import hooks_for
 from stagewise.training.memory import SavedActivations, peak_memory, reset_peak
 from stagewise.training.objectives import BINARY, Objective
+from stagewise.training.schedule import stage_optimizer
 from stagewise.errors import StagewiseError
 
 
@@ -141,6 +142,7 @@ def fit_stage(
     extra: torch.Tensor | None = None,
     penalty: Callable[[], torch.Tensor] | None = None,
     privacy: DpSgd | None = None,
+    schedule_part: tuple[int, int] = (0, 1),
 ) -> StageLog:
     """Train `net` in place for one stage on images[train_idx]; return a per-epoch log.
 
@@ -148,8 +150,10 @@ def fit_stage(
     values a fusion head joins to the image features, `penalty` a term added to every
     step's loss (FedProx's proximal term), `privacy` DP-SGD settings (Poisson batches,
     per-image clipping and noise, `training.dp_sgd`; the log's `privacy` holds what the
-    accountant needs). The same seed gives the same batches, augmentations, dropout masks
-    and noise.
+    accountant needs). `schedule_part` (i, n): this call runs part i of n equal parts of the
+    stage's LR schedule (a federated round of a stage whose schedule spans its rounds,
+    `sites.lr_schedule: across_rounds`); (0, 1), the whole schedule, otherwise. The same seed
+    gives the same batches, augmentations, dropout masks and noise.
     """
     plan = plan_stage(stage, net.group_names)
     groups = net.group_parameters()
@@ -157,7 +161,9 @@ def fit_stage(
         p.requires_grad_(False)
     if stage.epochs == 0:  # a probe of 0 epochs: the network is scored as it starts
         return StageLog(stage.kind)
-    optimizer, scheduler = _optimizer_and_schedule(stage, plan, groups, len(train_idx), compute)
+    steps_per_epoch = len(batches(np.arange(len(train_idx)), stage.batch_size))
+    optimizer, scheduler = stage_optimizer(stage, plan.lrs, plan.weight_decay, groups, steps_per_epoch, compute,
+                                           schedule_part)
     scaler = compute.grad_scaler()
     private = None
     if privacy is not None:  # Opacus' DPOptimizer around the AdamW, Poisson batches (training/dp_sgd.py)
@@ -196,26 +202,6 @@ def fit_stage(
     for p in net.parameters():
         p.requires_grad_(False)
     return log
-
-
-def _optimizer_and_schedule(stage: Stage, plan: StagePlan, groups: dict, n_train: int, compute: Compute):
-    """AdamW over every group that will ever train in the stage (registered from the first
-    step, so no parameter-group surgery when a group thaws), and the stage's LR schedule
-    (None when constant) over all of the stage's steps."""
-    optimizer = torch.optim.AdamW(
-        [{"params": groups[g], "lr": lr, "weight_decay": plan.weight_decay[g], "name": g} for g, lr in plan.lrs.items()],
-        **compute.optimizer_options,
-    )
-    steps_per_epoch = len(batches(np.arange(n_train), stage.batch_size))
-    total = steps_per_epoch * stage.epochs
-    scheduler = None
-    if stage.schedule == "onecycle":
-        scheduler = torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=list(plan.lrs.values()), total_steps=total, pct_start=stage.pct_start, anneal_strategy="cos"
-        )
-    elif stage.schedule == "cosine":
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
-    return optimizer, scheduler
 
 
 @dataclass

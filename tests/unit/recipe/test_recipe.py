@@ -92,6 +92,22 @@ def test_groups_kept_at_the_sites_need_a_federated_arm_and_group_kfold(tmp_path)
     assert "sites.local_groups names ['layer9']" in problem and "head" in problem
 
 
+def test_a_schedule_across_rounds_is_federated_only_and_said_in_the_strategy_text():
+    from stagewise.recipe.arms import strategy_text
+
+    fed = {"name": "f", "backbone": "scratch:tinycnn", "stages": [{"kind": "probe", "rounds": 2}],
+           "sites": {"mode": "federated", "lr_schedule": "across_rounds"}}
+    base = {"name": "r", "cohort": {"manifest": "m.csv", "site": "hospital"}}
+    recipe = recipe_from_dict(base | {"arms": [fed]})
+    assert "each stage's LR schedule spans its rounds" in strategy_text(recipe.arms[0].sites.model_dump())
+    assert "spans its rounds" not in strategy_text({"strategy": "fedavg"})
+    with pytest.raises(RecipeError, match=r"arms.0.sites \(arm 'f'\): lr_schedule: only a federated arm"):
+        recipe_from_dict(base | {"arms": [{**fed, "sites": {"mode": "local", "lr_schedule": "across_rounds"},
+                                           "stages": [{"kind": "probe"}]}]})
+    with pytest.raises(RecipeError, match="lr_schedule"):
+        recipe_from_dict(base | {"arms": [{**fed, "sites": {"mode": "federated", "lr_schedule": "per_epoch"}}]})
+
+
 def test_a_personalisation_stage_follows_the_federated_stages_of_a_federated_arm():
     fed = {"name": "f", "backbone": "scratch:tinycnn", "sites": {"mode": "federated"},
            "stages": [{"kind": "probe", "rounds": 2}, {"kind": "finetune", "site_local": True, "epochs": 1}]}

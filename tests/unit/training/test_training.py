@@ -86,6 +86,30 @@ def test_onecycle_peaks_at_each_groups_recipe_lr():
         assert seen[0] == pytest.approx(peak / 25)  # OneCycle starts at max_lr / div_factor
 
 
+@pytest.mark.parametrize("schedule", ["onecycle", "cosine"])
+def test_a_schedule_in_parts_runs_the_whole_schedule_one_part_after_another(schedule):
+    """`sites.lr_schedule: across_rounds`: round i of a stage's n rounds starts where round i-1's
+    learning rates ended, so n rounds of 2 epochs follow the LRs of one 2n-epoch schedule;
+    without it each round runs (and restarts) the whole schedule."""
+    images, y = _data(n=20)
+
+    def epoch_lrs(epochs, part):
+        stage = ThawStage(epochs=epochs, batch_size=8, lr={"head": 1e-3, "layer4": 5e-4}, unfreeze={"layer4": 0.0},
+                          schedule=schedule)
+        log = fit_stage(_net(), stage, images, np.arange(20), y, FP32, None, seed=0, schedule_part=part)
+        return [e["lr"] for e in log.epochs]
+
+    whole = epoch_lrs(6, (0, 1))
+    in_parts = [lrs for i in range(3) for lrs in epoch_lrs(2, (i, 3))]
+    assert len(in_parts) == len(whole) == 6
+    for got, want in zip(in_parts, whole):
+        assert got == pytest.approx(want, rel=1e-9)
+    restarted = epoch_lrs(2, (0, 1)) * 3
+    assert restarted[2]["head"] != pytest.approx(whole[2]["head"], rel=1e-3)
+    with pytest.raises(ValueError, match="part 3 of 3"):
+        epoch_lrs(2, (3, 3))
+
+
 def test_lr_decay_gives_discriminative_rates_down_from_the_head():
     stage = FinetuneStage(lr=1e-3, lr_decay=0.5)
     plan = plan_stage(stage, ["stem", "layer1", "layer2", "head"])
