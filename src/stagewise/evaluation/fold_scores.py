@@ -57,18 +57,27 @@ def _task_metrics(recipe: Recipe, y: np.ndarray, patients: np.ndarray, train: np
 
 def score_fold(recipe: Recipe, cohort: Cohort, split: Split, train: np.ndarray,
                p_train: np.ndarray, p_test: np.ndarray, recalibrate: bool = False,
-               p_inner: np.ndarray | None = None) -> tuple[dict, pd.DataFrame]:
+               p_inner: np.ndarray | None = None, model: str | None = None) -> tuple[dict, pd.DataFrame]:
     """Metrics of the primary outcome (top level) and of each extra outcome (`tasks`), and
     the test predictions. `p_train`/`p_test` have one column per outcome the unit predicts;
     `p_inner`, the same columns, the training rows' inner out-of-fold scores (`on: inner_cv`).
     `recalibrate` (model units, whose scores are probabilities): with `evaluation.recalibrate`
     set, `recalibration` holds the primary outcome's logistic recalibration fitted on the
-    training rows' patient scores (evaluation/recalibration.py); the test predictions stay raw."""
+    training rows' patient scores (evaluation/recalibration.py); the test predictions stay raw.
+    `model`, a model unit's name: its scores are never missing, so one that is not finite means
+    training diverged, and the fold stops saying so (else the rows would be dropped as missing
+    and the fold scored on nothing)."""
     t = cohort.table
     patients, test = t["patient"].to_numpy(), split.test
     labels = cohort.targets()
     p_train, p_test = p_train.reshape(len(train), -1), p_test.reshape(len(test), -1)
     p_inner = None if p_inner is None else p_inner.reshape(len(train), -1)
+    if model is not None and not (np.isfinite(p_train).all() and np.isfinite(p_test).all()):
+        bad = int((~np.isfinite(p_train)).sum() + (~np.isfinite(p_test)).sum())
+        raise FloatingPointError(
+            f"{model} {split.name}: {bad} of {p_train.size + p_test.size} scores are not finite (NaN or infinite): "
+            "training diverged. Lower the stages' lr, or for a federated arm the server's step "
+            "(sites.strategy_params: server_learning_rate, server_momentum, eta)")
     metrics = _task_metrics(recipe, labels[:, 0], patients, train, test, p_train[:, 0], p_test[:, 0],
                             None if p_inner is None else p_inner[:, 0])
     threshold = metrics["threshold"]

@@ -232,7 +232,7 @@ class Study:
         p_train = predict(net, self.images, train, compute, self.cache, extra=clinical)
         p_test = predict(net, self.images, split.test, compute, self.cache, extra=clinical)
         metrics, preds = score_fold(self.recipe, self.cohort, split, train, p_train, p_test, recalibrate=True,
-                                    p_inner=inner.p_inner)
+                                    p_inner=inner.p_inner, model=unit.name)
         extra["compute"], extra["threads"] = compute.label, torch.get_num_threads()  # what this fold ran with
         extra["stages"] = stage_logs
         extra["n_train_images"] = int(len(train))
@@ -255,7 +255,7 @@ class Study:
                if arm.sites.mode == "local" else
                fit_federated(arm, start, self.images, self.targets, sites, train, rows, compute, seed, *scoring))
         metrics, preds = score_fold(self.recipe, self.cohort, split, train, fit.prob[: len(train)], fit.prob[len(train):],
-                                    recalibrate=True)
+                                    recalibrate=True, model=unit.name)
         preds = fit.with_global_scores(preds)
         extra["sites_training"] = fit.info
         if self.recipe.evaluation.saliency and split.repeat == 0 and unit.fraction == 1.0 and fit.server is not None:
