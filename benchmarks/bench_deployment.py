@@ -97,6 +97,8 @@ def main() -> None:
     ap.add_argument("--folds", type=int, default=3)
     ap.add_argument("--rounds", type=int, nargs=2, default=None, metavar=("PROBE", "THAW"),
                     help="rounds of the probe and thaw stages (default: the example's 3 and 4)")
+    ap.add_argument("--epochs", type=int, default=2,
+                    help="local epochs per round of both stages (2: the job of the figures in RESULTS.md)")
     ap.add_argument("--out", type=Path, default=REPO / "runs" / "bench-deployment")
     ap.add_argument("--secure-aggregation", action="store_true",
                     help="also deploy the job under secure aggregation (SecAgg+) and print its wall time and bytes")
@@ -115,6 +117,8 @@ def main() -> None:
     recipe["data"]["image_size"] = args.size
     recipe["protocol"]["folds"] = args.folds
     recipe["arms"] = [a for a in recipe["arms"] if a["name"] == "federated"]
+    for stage in recipe["arms"][0]["stages"]:
+        stage["epochs"] = args.epochs
     if args.rounds:
         for stage, rounds in zip(recipe["arms"][0]["stages"], args.rounds, strict=True):
             stage["rounds"] = rounds
@@ -148,8 +152,9 @@ def main() -> None:
         diff = max([diff, *(abs(a[s][k] - b[s][k]) for s in b for k in b[s] if None not in (a[s][k], b[s][k]))])
     print(f"{cpu_model()}; load average before {load_before}, after {loadavg()}")
     rounds = [st["rounds"] for st in recipe["arms"][0]["stages"]]
-    print(f"covid-multisite federated arm, {args.size} px, rounds {rounds}, {args.folds} folds per site, 3 hospitals on 127.0.0.1 "
-          f"(TLS + node authentication), {len(dep['fits_finished'])} fits")
+    print(f"covid-multisite federated arm, {args.size} px, rounds {rounds} of {args.epochs} local epochs, "
+          f"{args.folds} folds per site, 3 hospitals on 127.0.0.1 (TLS + node authentication), "
+          f"{len(dep['fits_finished'])} fits")
     print(f"{'site':16s} {'deployed AUROC':>18s} {'simulated AUROC':>18s} test patients")
     for s in SITES:
         d, m = dep["sites"][s]["auroc"], simres["sites"][s]["auroc"]

@@ -4,12 +4,17 @@ same folds; optionally a sweep of Flower strategies for the global federated arm
     python examples/prepare_covid_outcome.py
     python benchmarks/bench_personalised.py [--size 128] [--folds 5] [--out runs/bench-personalised]
     python benchmarks/bench_personalised.py --strategies fedavg,fedavgm,fedadam,fedyogi,fedmedian --size 64
+    python benchmarks/bench_personalised.py --schedules 6x1+8x1,3x6+4x6 --personal-base 3x6+4x6
     python benchmarks/bench_personalised.py --size 32 --folds 2 --tiny      # a smoke run: 1 round, 1 epoch
 
 The arms are examples/covid-multisite.yaml's (pooled, local, federated) plus `personalised`:
 the federated arm followed by a `site_local` thaw stage at each site (the paper's site-level
 fine-tuning), and with `--fedper` one more whose head stays at each site (sites.local_groups).
-`--strategies` adds one federated arm per strategy name (`fed-<name>`, Flower's default
+`--schedules 6x1+8x1,...` adds one federated arm per round schedule (`fed-6x1+8x1`: the probe stage
+in 6 rounds of 1 local epoch, the thaw stage in 8 rounds of 1), and `--personal-base` names the
+schedule the personalised arm(s) build on (the example's own by default); a schedule with the
+suffix `-across` (`fed-3x6+4x6-across`) runs each stage's LR schedule across its rounds.
+`--strategies` adds one federated arm per strategy name (on the personalised arm's schedule) (`fed-<name>`, Flower's default
 parameters unless `--params name:key=value,...`). Prints per site the pooled patient-level
 AUROC over folds with its patient-bootstrap 95 % CI for every arm side by side, the mean and
 sd over folds per arm, DeLong p of each federated arm against pooled, and bytes per site per
@@ -42,6 +47,21 @@ def parse_params(text: str) -> dict[str, dict[str, float]]:
     return out
 
 
+def with_schedule(fed: dict, spec: str) -> dict:
+    """The federated arm `fed` with its probe and thaw stages run as `spec` says: `PxE+TxE`, P
+    probe rounds of E local epochs each, then T thaw rounds of E local epochs each; with the
+    suffix `-across`, each stage's LR schedule spans its rounds (`sites.lr_schedule`)."""
+    rounds_spec, _, mode = spec.partition("-")
+    (probe_rounds, probe_epochs), (thaw_rounds, thaw_epochs) = (map(int, p.split("x")) for p in rounds_spec.split("+"))
+    arm = copy.deepcopy(fed)
+    if mode == "across":
+        arm["sites"] = {**arm["sites"], "lr_schedule": "across_rounds"}
+    for stage in arm["stages"]:
+        rounds, epochs = (probe_rounds, probe_epochs) if stage["kind"] == "probe" else (thaw_rounds, thaw_epochs)
+        stage.update(rounds=rounds, epochs=epochs)
+    return {**arm, "name": f"fed-{spec}"}
+
+
 def study_data(args) -> dict:
     """The example's recipe with the personalised arm(s) and the strategy sweep added."""
     from stagewise.recipe import read_recipe_data
@@ -52,30 +72,33 @@ def study_data(args) -> dict:
         data["cohort"]["manifest"] = str(args.manifest.resolve())
     arms = {a["name"]: a for a in data["arms"]}
     fed = arms["federated"]
+    schedules = {spec: with_schedule(fed, spec) for spec in filter(None, args.schedules.split(","))}
+    base = schedules[args.personal_base] if args.personal_base else fed
+    thaw = next(s for s in base["stages"] if s["kind"] == "thaw")
+    personal_stage = {**{k: v for k, v in thaw.items() if k != "rounds"}, "site_local": True,
+                      "epochs": 1 if args.tiny else args.personal_epochs,
+                      "lr": {g: v * args.personal_lr_factor for g, v in thaw["lr"].items()}}
+    extra = [*schedules.values(),
+             {**copy.deepcopy(base), "name": "personalised", "stages": [*copy.deepcopy(base["stages"]), personal_stage]}]
+    if args.fedper:
+        extra.append({**copy.deepcopy(extra[len(schedules)]), "name": "fedper",
+                      "sites": {**base["sites"], "local_groups": ["head"]}})
+    params = parse_params(args.params)
+    for name in filter(None, args.strategies.split(",")):
+        if name == fed["sites"]["strategy"] and name not in params:
+            continue  # the example's own federated arm
+        extra.append({**copy.deepcopy(base), "name": f"fed-{name}",
+                      "sites": {**base["sites"], "strategy": name, "strategy_params": params.get(name, {})}})
+    data["arms"] = [*data["arms"], *extra]
     if args.tiny:  # one round of one epoch per stage: checks the script, measures nothing
         for arm in data["arms"]:
             for stage in arm["stages"]:
                 stage["epochs"] = 1
                 if "rounds" in stage:
                     stage["rounds"] = 1
-    thaw = next(s for s in fed["stages"] if s["kind"] == "thaw")
-    personal_stage = {**{k: v for k, v in thaw.items() if k != "rounds"}, "site_local": True,
-                      "epochs": 1 if args.tiny else args.personal_epochs,
-                      "lr": {g: v * args.personal_lr_factor for g, v in thaw["lr"].items()}}
-    extra = [{**copy.deepcopy(fed), "name": "personalised", "stages": [*copy.deepcopy(fed["stages"]), personal_stage]}]
-    if args.fedper:
-        extra.append({**copy.deepcopy(extra[0]), "name": "fedper",
-                      "sites": {**fed["sites"], "local_groups": ["head"]}})
-    params = parse_params(args.params)
-    for name in filter(None, args.strategies.split(",")):
-        if name == fed["sites"]["strategy"] and name not in params:
-            continue  # the example's own federated arm
-        extra.append({**copy.deepcopy(fed), "name": f"fed-{name}",
-                      "sites": {**fed["sites"], "strategy": name, "strategy_params": params.get(name, {})}})
-    data["arms"] = [*data["arms"], *extra]
     feds = [a["name"] for a in data["arms"] if (a.get("sites") or {}).get("mode") == "federated"]
     data.setdefault("evaluation", {})["compare"] = [[f, "pooled"] for f in feds] + [["personalised", "local"],
-                                                                                   ["personalised", "federated"]]
+                                                                                   ["personalised", base["name"]]]
     return data
 
 
@@ -86,6 +109,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=REPO / "runs" / "bench-personalised")
     ap.add_argument("--strategies", default="", help="comma-separated sites.strategy names to sweep")
     ap.add_argument("--params", default="", help="strategy:key=value,... for the swept strategies")
+    ap.add_argument("--schedules", default="", help="comma-separated PxE+TxE round schedules to sweep")
+    ap.add_argument("--personal-base", default="", help="the PxE+TxE schedule (one of --schedules) personalisation follows")
     ap.add_argument("--fedper", action="store_true", help="add an arm whose head stays at each site")
     ap.add_argument("--personal-epochs", type=int, default=4)
     ap.add_argument("--personal-lr-factor", type=float, default=0.3, help="x the federated thaw stage's LRs")

@@ -33,10 +33,10 @@ def fmt_ci(ci: dict | None) -> str:
     return "n/a" if not ci else f"{ci['point']:.3f} [{ci['low']:.3f}, {ci['high']:.3f}]"
 
 
-def arms(data: dict, rounds: int, full: bool) -> list[dict]:
+def arms(data: dict, rounds: int, epochs: int, full: bool) -> list[dict]:
     """The recipe's federated arm (without DP), its probe alone, and the probe under DP-SGD."""
     fed = next(a for a in data["arms"] if a["name"] == "federated")
-    probe = {**copy.deepcopy(fed["stages"][0]), "rounds": rounds, "balanced_sampling": False}
+    probe = {**copy.deepcopy(fed["stages"][0]), "rounds": rounds, "epochs": epochs, "balanced_sampling": False}
     base = {"backbone": fed["backbone"], "sites": {"mode": "federated", "strategy": "fedavg"}, "stages": [probe]}
     out = [fed] if full else []
     out.append({**copy.deepcopy(base), "name": "probe-no-dp"})
@@ -52,7 +52,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--folds", type=int, default=3)
-    ap.add_argument("--rounds", type=int, default=5, help="rounds of the probe (2 local epochs each)")
+    ap.add_argument("--rounds", type=int, default=5, help="rounds of the probe")
+    ap.add_argument("--epochs", type=int, default=2, help="local epochs of each probe round")
     ap.add_argument("--no-full", action="store_true", help="leave out the recipe's probe + thaw arm")
     ap.add_argument("--out", type=Path, default=REPO / "runs" / "bench-privacy")
     args = ap.parse_args()
@@ -64,7 +65,7 @@ def main() -> None:
     path = REPO / "examples" / "covid-multisite.yaml"
     data = read_recipe_data(path, [f"data.image_size={args.size}", f"protocol.folds={args.folds}",
                                    "evaluation.report=false", "evaluation.saliency=0"])
-    data["arms"] = arms(data, args.rounds, not args.no_full)
+    data["arms"] = arms(data, args.rounds, args.epochs, not args.no_full)
     data["evaluation"]["compare"] = [[f"probe-dp-eps{e:g}", "probe-no-dp"] for e in EPSILONS]
     recipe = recipe_from_dict(data, source=str(path), base_dir=path.parent.resolve())
     print(f"load average before: {loadavg()}", flush=True)
@@ -72,7 +73,7 @@ def main() -> None:
     result = run_study(recipe, args.out)
     wall = time.perf_counter() - t0
     m, ev = result.metrics, result.metrics["evidence"]
-    print(f"covid-multisite, {args.size} px, {m['n_splits']} folds; probe {args.rounds} rounds x 2 local epochs; "
+    print(f"covid-multisite, {args.size} px, {m['n_splits']} folds; probe {args.rounds} rounds x {args.epochs} local epochs; "
           f"study wall {wall:.0f} s; load average after: {loadavg()}")
     print("\narm               AUROC mean ± sd   pooled AUROC [95% CI]      max site epsilon (delta 1e-5)  train s")
     for name, u in m["arms"].items():
