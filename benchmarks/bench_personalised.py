@@ -14,8 +14,8 @@ fine-tuning), and with `--fedper` one more whose head stays at each site (sites.
 in 6 rounds of 1 local epoch, the thaw stage in 8 rounds of 1), and `--personal-base` names the
 schedule the personalised arm(s) build on (the example's own by default); a schedule with the
 suffix `-across` (`fed-3x6+4x6-across`) runs each stage's LR schedule across its rounds.
-`--strategies` adds one federated arm per strategy name (on the personalised arm's schedule) (`fed-<name>`, Flower's default
-parameters unless `--params name:key=value,...`). Prints per site the pooled patient-level
+`--strategies` adds one federated arm per strategy name on the personalised arm's schedule
+(`fed-<name>`, Flower's default parameters unless `--params name:key=value,...`). Prints per site the pooled patient-level
 AUROC over folds with its patient-bootstrap 95 % CI for every arm side by side, the mean and
 sd over folds per arm, DeLong p of each federated arm against pooled, and bytes per site per
 round of each federated arm against full-model FedAvg.
@@ -78,11 +78,10 @@ def study_data(args) -> dict:
     personal_stage = {**{k: v for k, v in thaw.items() if k != "rounds"}, "site_local": True,
                       "epochs": 1 if args.tiny else args.personal_epochs,
                       "lr": {g: v * args.personal_lr_factor for g, v in thaw["lr"].items()}}
-    extra = [*schedules.values(),
-             {**copy.deepcopy(base), "name": "personalised", "stages": [*copy.deepcopy(base["stages"]), personal_stage]}]
+    personalised = {**copy.deepcopy(base), "name": "personalised", "stages": [*copy.deepcopy(base["stages"]), personal_stage]}
+    extra = [*schedules.values(), personalised]
     if args.fedper:
-        extra.append({**copy.deepcopy(extra[len(schedules)]), "name": "fedper",
-                      "sites": {**base["sites"], "local_groups": ["head"]}})
+        extra.append({**copy.deepcopy(personalised), "name": "fedper", "sites": {**base["sites"], "local_groups": ["head"]}})
     params = parse_params(args.params)
     for name in filter(None, args.strategies.split(",")):
         if name == fed["sites"]["strategy"] and name not in params:

@@ -26,8 +26,6 @@ import numpy as np
 import pandas as pd
 import pytest
 
-pytestmark = pytest.mark.flower  # its Flower simulations share one Ray instance (conftest)
-
 SNAPSHOT = Path(__file__).with_name("behaviour_snapshot.json")
 PINNED = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 """The kernels the snapshot is computed with: AVX2 on every x86-64 CPU. AVX-512 kernels round

@@ -167,8 +167,7 @@ def fit_stage(
     scaler = compute.grad_scaler()
     private = None
     if privacy is not None:  # Opacus' DPOptimizer around the AdamW, Poisson batches (training/dp_sgd.py)
-        steps = len(batches(np.arange(len(train_idx)), stage.batch_size))
-        private = PrivateTraining(net, optimizer, privacy, len(train_idx), steps, seed, scaler, penalty)
+        private = PrivateTraining(net, optimizer, privacy, len(train_idx), steps_per_epoch, seed, scaler, penalty)
         optimizer = private.optimizer
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
