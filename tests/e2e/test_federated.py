@@ -11,6 +11,7 @@ from conftest import small_recipe
 from stagewise.federated.sharing import group_keys, shared_keys, tensor_bytes
 from stagewise.federated.simulation import FederatedError, run_federated
 from stagewise.federated.site import SitePartition, SiteTrainer
+from stagewise.federated.wire import LAYOUT, unpacked
 from stagewise.models import Network, build_arch
 from stagewise.recipe import ArmConfig
 from stagewise.study import run_study
@@ -349,14 +350,14 @@ def test_groups_kept_at_each_site_never_travel_and_each_site_scores_with_its_own
     layer4 = set(shared_keys(start, ["layer4"], "local"))
     assert layer4 and not any("bn" in k or "downsample.1" in k for k in layer4)
     train_down = [m for d, m in seen if d == "down" and m.metadata.message_type == "train"]
-    assert [set(m.content["arrays"]) for m in train_down] == [set(), set(), layer4, layer4, layer4, layer4]
-    assert all(set(m.content["arrays"]) <= layer4 for _, m in seen if "arrays" in m.content.keys())
+    assert [set(unpacked(m)["arrays"]) for m in train_down] == [set(), set(), layer4, layer4, layer4, layer4]
+    assert all(set(unpacked(m)["arrays"]) <= layer4 for _, m in seen if "arrays" in m.content.keys())
     assert [r["tensor_bytes_per_site"] for r in result.rounds][0] == 0  # the probe round shares nothing
     assert len(result.rounds) == 3  # the site_local stage is no round
     assert {m.metadata.message_type for _, m in seen} == {"train", "evaluate"}  # no cross-site evaluation asked
     assert not any("site_model" in m.content.keys() for _, m in seen)  # so no site model ever leaves its site
     final_up = [m for d, m in seen if d == "up" and m.metadata.message_type == "evaluate"]
-    assert len(final_up) == 2 and all(set(m.content.keys()) == {"scores", "metrics"} for m in final_up)
+    assert len(final_up) == 2 and all(set(unpacked(m).keys()) == {"scores", "metrics"} for m in final_up)
     node = {int(m.content["metrics"]["partition"]): m.metadata.src_node_id for d, m in seen if d == "up"}
     heads, threads = {}, torch.get_num_threads()
     torch.set_num_threads(1)  # as each simulated site trains
@@ -366,13 +367,13 @@ def test_groups_kept_at_each_site_never_travel_and_each_site_scores_with_its_own
             for down, up in zip(_messages(seen, "down", "train", node[k]), _messages(seen, "up", "train", node[k]),
                                 strict=True):
                 c = down.content["config"]
-                sent, state, *_ = trainer.train_round(down.content["arrays"].to_torch_state_dict(), state,
+                sent, state, *_ = trainer.train_round(unpacked(down)["arrays"].to_torch_state_dict(), state,
                                                         int(c["stage"]), int(c["round"]), str(c["trainable"]).split(","))
-                got = up.content["arrays"].to_torch_state_dict()
+                got = unpacked(up)["arrays"].to_torch_state_dict()
                 assert set(got) == set(sent) and all(torch.equal(got[key], sent[key]) for key in got)
             heads[part.site] = {key: state[key] for key in head}
             (final,) = _messages(seen, "down", "evaluate", node[k])
-            final = final.content["arrays"].to_torch_state_dict()
+            final = unpacked(final)["arrays"].to_torch_state_dict()
             np.testing.assert_allclose(result.scores[k], trainer.scores(final, state), rtol=0, atol=1e-6)
             plain = SiteTrainer(part, unpersonalised, start, FP32, seed=0).scores(final, state)
             assert np.abs(result.scores[k] - plain).max() > 1e-4  # personalised at the site
@@ -398,10 +399,10 @@ def test_only_trainable_tensors_and_scalars_cross_the_wire(sites_manifest):
     head = set(shared_keys(start, ["head"], "average"))
     layer4 = set(shared_keys(start, ["layer4", "head"], "average"))
     train_down = [m for d, m in seen if d == "down" and m.metadata.message_type == "train"]
-    assert [set(m.content["arrays"]) for m in train_down] == [head, head, layer4, layer4]
+    assert [set(unpacked(m)["arrays"]) for m in train_down] == [head, head, layer4, layer4]
     for direction, m in seen:
-        content = m.content
-        assert set(content.keys()) <= {"arrays", "config", "metrics", "scores"}
+        content = m.content  # as it crossed: tensors packed, their layout beside them
+        assert set(content.keys()) <= {"arrays", "config", "metrics", "scores", LAYOUT}
         for key in content.keys():
             record = content[key]
             if key in ("config", "metrics"):  # scalars only: counts, losses, round numbers, group names
@@ -409,8 +410,12 @@ def test_only_trainable_tensors_and_scalars_cross_the_wire(sites_manifest):
                 texts = [v for v in record.values() if isinstance(v, str)]
                 assert not any(t in v for v in texts for t in private)
                 assert all(set(v.split(",")) <= set(start.group_names) for v in texts)
+            elif key == LAYOUT:  # the packed records' tensor names, dtypes and shapes, nothing else
+                assert set(record) <= {f"{r}.{part}" for r in ("arrays", "scores") for part in ("names", "dtypes", "shapes")}
+                assert set(record.get("arrays.names", [])) <= layer4 and not any(
+                    t in str(v) for v in record.values() for t in private)
             elif key == "arrays":
-                assert set(record) <= layer4  # never a frozen group's tensor
+                assert set(record) <= {"float32"} and set(unpacked(m)["arrays"]) <= layer4  # never a frozen group's
     up_scores = [m for d, m in seen if d == "up" and "scores" in m.content.keys()]
     assert len(up_scores) == 2  # the final evaluation: one array of probabilities per site, no ids
 
@@ -451,7 +456,7 @@ def test_cross_site_evaluation_sends_each_site_model_to_every_other_site_in_name
     carrying = [(d, m.metadata.message_type) for d, m in seen if "site_model" in m.content.keys()]
     assert sorted(carrying) == sorted([("up", "query.site_model")] * 3 + [("down", "evaluate.cross_site")] * 6)
     node = {int(m.content["metrics"]["partition"]): m.metadata.src_node_id for d, m in seen if d == "up"}
-    models = {k: _messages(seen, "up", "query.site_model", node[k])[0].content["site_model"].to_torch_state_dict()
+    models = {k: unpacked(_messages(seen, "up", "query.site_model", node[k])[0])["site_model"].to_torch_state_dict()
               for k in node}
     assert all(set(t) and set(t) <= personalised for t in models.values())  # only what the site_local stage trained
     parts, order = site_arms.site_partitions(images, targets, sites, train, np.concatenate([train, test]))
@@ -470,8 +475,8 @@ def test_cross_site_evaluation_sends_each_site_model_to_every_other_site_in_name
             trainer = SiteTrainer(part, arm, start, FP32, seed=0)
             for down in _messages(seen, "down", "evaluate.cross_site", node[b]):
                 a = int(down.content["config"]["model-partition"])
-                assert a != b and set(down.content["site_model"]) == set(models[a])
-                here = trainer.cross_scores(down.content["arrays"].to_torch_state_dict(), models[a])
+                assert a != b and set(unpacked(down)["site_model"]) == set(models[a])
+                here = trainer.cross_scores(unpacked(down)["arrays"].to_torch_state_dict(), models[a])
                 assert np.abs(here[b_test] - own).max() > 1e-4  # another model than the site's own
                 expected = patient_auroc(here[b_test, 0], order[b][b_test], y, patients, "mean")
                 assert matrix[parts[a].site][part.site] == pytest.approx(expected, abs=1e-6)

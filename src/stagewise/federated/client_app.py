@@ -12,6 +12,7 @@ from typing import Callable, Protocol
 import torch
 
 from stagewise.federated.secure_aggregation import check_secured, secure_aggregation_mod
+from stagewise.federated.wire import packing_mod
 
 
 class SiteBackend(Protocol):
@@ -40,7 +41,7 @@ def make_client_app(site_for: Callable[[object, object], SiteBackend]):
     from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
     from flwr.clientapp import ClientApp
 
-    app = ClientApp()
+    app = ClientApp(mods=[packing_mod])  # tensors travel packed (wire.py); handlers see them as sent
 
     @app.query()
     def greet(msg, context):

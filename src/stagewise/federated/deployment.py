@@ -34,7 +34,8 @@ from stagewise.models import save_network
 from stagewise.recipe import load_recipe
 from stagewise.federated.client_app import make_client_app as client_app_over
 from stagewise.federated.round_store import RoundStore
-from stagewise.federated.secure_aggregation import secure_summary, wire_value
+from stagewise.federated.secure_aggregation import secure_summary
+from stagewise.federated.wire import PackingGrid, WireLog
 from stagewise.io import atomic_write, strict_json
 from stagewise.training.privacy_budget import job_privacy
 
@@ -119,27 +120,6 @@ class JobDir:
         atomic_write(self.fed / "status.json", strict_json(fields | {"time": time.strftime("%Y-%m-%dT%H:%M:%S")}))
 
 
-class WireLog:
-    """Summaries of every message that crosses the wire, one JSON line each."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-
-    def __call__(self, direction: str, message) -> None:
-        entry = {"time": round(time.time(), 3), "direction": direction, "type": message.metadata.message_type, "node": int(
-            message.metadata.dst_node_id if direction == "down" else message.metadata.src_node_id)}
-        if message.has_error():
-            entry["error"] = str(message.error.reason)[:200]
-        else:
-            for name, record in message.content.items():  # tensors and bytes (SecAgg+'s) by their size only
-                tensors = hasattr(record, "count_bytes") and hasattr(record, "to_torch_state_dict")
-                entry[name] = ({"tensors": list(record.keys()), "bytes": int(record.count_bytes())} if tensors
-                               else {k: wire_value(v) for k, v in record.items()})
-        with self.path.open("a") as f:
-            f.write(json.dumps(entry, default=str) + "\n")
-
-
 # -- the server side -----------------------------------------------------------------------
 
 
@@ -184,7 +164,7 @@ def run_job(grid, job_dir: JobDir, run_id: str = "") -> dict:
     """Every fit of the job in `job_dir` that has not finished, then the summary."""
     job, spec = job_dir.job(), job_dir.spec()
     cfg, digest, n = job.arm.sites, spec["digest"], int(spec["sites"])
-    wire = AuditedGrid(PromptGrid(grid), WireLog(job_dir.fed / "wire.jsonl"))
+    wire = PackingGrid(AuditedGrid(PromptGrid(grid), WireLog(job_dir.fed / "wire.jsonl")))  # audited as sent
     job_dir.status(state="running", run=run_id, digest=digest)
     # The greeting is each site's first message: its answer waits for the site's app to start,
     # which on a busy machine takes longer than a round may; it gets the connection timeout too.

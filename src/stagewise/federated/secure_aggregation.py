@@ -266,13 +266,3 @@ def secure_summary(cfg: SecureAggregationConfig, rounds: list[dict]) -> dict:
     bounds = [r["secure_aggregation"]["error_bound"] for r in rounds if "secure_aggregation" in r]
     return {"protocol": "SecAgg+ (Flower)", **cfg.model_dump(), "rounds_aggregated_securely": len(bounds),
             "largest_error_bound": max((b for b in bounds if b is not None), default=None)}
-
-
-def wire_value(value):
-    """A message's config value as a log of the wire writes it: bytes (SecAgg+'s public keys,
-    encrypted key shares, masked vectors), alone or in a list, as their length only."""
-    if isinstance(value, bytes):
-        return {"bytes": len(value)}
-    if isinstance(value, list) and value and all(isinstance(v, bytes) for v in value):
-        return {"bytes": sum(len(v) for v in value), "items": len(value)}
-    return value

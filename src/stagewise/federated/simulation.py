@@ -23,6 +23,7 @@ from stagewise.federated.cross_site import exchange_site_models
 from stagewise.federated.rounds import (AuditedGrid, FederatedError, FederatedResult, round_plan, serve_rounds,
                                         subset_of, wait_for_sites)
 from stagewise.federated.site import SitePartition, SiteTrainer
+from stagewise.federated.wire import PackingGrid
 from stagewise.models import Network
 from stagewise.recipe import ArmConfig
 from stagewise.training.compute import Compute, usable_cpus
@@ -55,7 +56,7 @@ def run_federated(arm: ArmConfig, start: Network, partitions: list[SitePartition
     @server.main()
     def main(grid: Grid, context: Context) -> None:
         try:
-            wire = AuditedGrid(grid, on_message) if on_message else grid
+            wire = PackingGrid(AuditedGrid(grid, on_message) if on_message else grid)
             wait_for_sites(wire, n, cfg.round_timeout)
             partition = lambda m: int(m.content["metrics"]["partition"])  # noqa: E731
             serve_rounds(wire, cfg, plan, start, out, n, order=partition,

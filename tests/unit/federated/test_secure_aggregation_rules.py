@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from stagewise.federated.secure_aggregation import mean_as_reply, secure_summary, wire_value
+from stagewise.federated.secure_aggregation import mean_as_reply, secure_summary
+from stagewise.federated.wire import wire_value
 from stagewise.recipe import ArmConfig
 from stagewise.recipe.secure_aggregation import NEEDS_EACH_UPDATE, SecureAggregationConfig
 
