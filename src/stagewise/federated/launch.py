@@ -21,6 +21,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -181,7 +182,8 @@ class Coordinator:
                                         env=_flower_env(self.home, {RUN_DIR_ENV: str(self.run_dir)}))
         self._wait_ready(timeout)
         if self.site_keys:  # the job's list: the ServerApp answers these nodes only
-            nodes = {self._register(key): key.stem for key in self.site_keys}
+            with ThreadPoolExecutor(len(self.site_keys)) as pool:  # one `flwr` process per key, all at once
+                nodes = dict(zip(pool.map(self._register, self.site_keys), (key.stem for key in self.site_keys)))
             JobDir(self.run_dir).admit(nodes, {key.stem: key_fingerprint(key) for key in self.site_keys})
 
     def _flwr(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess:

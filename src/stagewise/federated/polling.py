@@ -14,7 +14,7 @@ exchanges) up to 24 s; the simulation's Grid asks every 0.1 s.
   Flower's own `flower-supernode` (its parsing, connection, authentication and message
   handling) with its waits capped at SECONDS (`SITE_POLL`): one small HTTPS request to the
   coordinator that often while the site is idle, as Flower's own ServerApp-side agents do
-  (0.25 s). Only that module's waits change; flwr is pinned (pyproject), and
+  (0.25 s); its 0.5 s waits for its own ClientApp's reply check its own store every 0.05 s. Only that module's waits change; flwr is pinned (pyproject), and
   `tests/unit/federated/test_polling.py` checks that the loop it shortens is still there.
 """
 
@@ -57,10 +57,16 @@ class PromptGrid:
         return replies
 
 
-def capped_time(cap: float) -> types.SimpleNamespace:
-    """The `time` module with `sleep` capped at `cap` seconds (what the SuperNode's loop sees)."""
+LOCAL_POLL = 0.05
+"""Seconds between a SuperNode's checks of its own store (its ClientApp's reply, an object)."""
+
+
+def capped_time(cap: float, local: float = LOCAL_POLL) -> types.SimpleNamespace:
+    """The `time` module as the SuperNode's loop sees it: its 3 s wait before asking the
+    coordinator again capped at `cap` seconds, its 0.5 s waits on its own store (its
+    ClientApp's reply, an object still being written) at `local` seconds."""
     capped = types.SimpleNamespace(**{k: getattr(time, k) for k in dir(time) if not k.startswith("__")})
-    capped.sleep = lambda seconds: time.sleep(min(float(seconds), cap))
+    capped.sleep = lambda seconds: time.sleep(min(float(seconds), cap if float(seconds) > 1.0 else local))
     return capped
 
 

@@ -20,8 +20,6 @@ from functools import lru_cache
 
 import numpy as np
 
-from opacus.accountants import RDPAccountant
-
 from stagewise.recipe import MEANINGLESS_EPSILON, PrivacyConfig, Stage
 from stagewise.training.engine import batches
 
@@ -73,6 +71,8 @@ def _root(excess, low: float, high: float, too_small: str) -> float:
 
 @lru_cache(maxsize=256)
 def _search(target: float, delta: float, shape: tuple[tuple[float, int], ...], accountant: str) -> float:
+    from opacus.accountants import RDPAccountant  # imported here: opacus costs every process ~1 s at its start
+
     def excess(alphas):
         return lambda log_noise: math.log(epsilon_spent([(math.exp(log_noise), q, s) for q, s in shape], delta,
                                                         accountant, alphas) / target)

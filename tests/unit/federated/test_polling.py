@@ -56,10 +56,14 @@ def test_the_supernode_loop_it_shortens_is_still_flowers():
     import flwr.supernode.start_client_internal as loop
 
     assert "time.sleep(3)" in inspect.getsource(loop.start_client_internal)
-    capped = capped_time(0.05)
+    assert "time.sleep(0.5)" in inspect.getsource(loop._push_messages)  # its wait for its ClientApp's reply
+    capped = capped_time(0.3, local=0.01)
     t0 = time.monotonic()
     capped.sleep(3)
-    assert time.monotonic() - t0 < 1.0
+    assert 0.3 <= time.monotonic() - t0 < 1.0
+    t0 = time.monotonic()
+    capped.sleep(0.5)
+    assert time.monotonic() - t0 < 0.2
     assert capped.monotonic is time.monotonic and capped.time is time.time
 
 
