@@ -26,7 +26,7 @@ import numpy as np
 
 from stagewise.federated.job import FINAL, FederatedJob, SiteConfig, SiteWork
 from stagewise.federated.linkage import greeting_links, linkage_warning, shared_patients
-from stagewise.federated.polling import PromptGrid
+from stagewise.federated.polling import PromptGrid, prompt_object_pulls
 from stagewise.federated.rounds import (AdmittedGrid, AuditedGrid, FederatedError, FederatedResult, round_plan, serve_rounds,
                                         subset_of, wait_for_sites)
 from stagewise.federated.simulation import simulation_backend
@@ -272,6 +272,7 @@ def make_server_app(job_dir: str | Path | None = None):
     def main(grid, context) -> None:
         folder = JobDir(job_dir or os.environ[RUN_DIR_ENV])
         logging.getLogger("flwr").setLevel(logging.ERROR)
+        prompt_object_pulls()  # the sites' replies are pulled as soon as their objects are in
         run_id = str(context.run_id)
         try:
             run_job(grid, folder, run_id)

@@ -35,7 +35,7 @@ from stagewise.federated.linkage import read_linkage_key
 from stagewise.federated.polling import SITE_POLL
 from stagewise.federated.rounds import FederatedError
 from stagewise.federated.site_process import ISOLATION, REFUSED_EXIT
-from stagewise.federated.superlink_process import READY
+from stagewise.federated.superlink_process import CONTROL_READY, READY, SITES_GATE
 from stagewise.recipe import load_recipe, recipe_to_dict
 
 APP_TOML = """[build-system]
@@ -178,26 +178,30 @@ class Coordinator:
         self.log = self.home / "superlink.log"
         self._log_start = self.log.stat().st_size if self.log.is_file() else 0  # the log of earlier starts is kept
         out = self.log.open("ab")
+        gate = self.home / SITES_GATE
+        gate.unlink(missing_ok=True)  # an earlier start's: the hospitals' listener waits for this start's admission
         self.process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
                                         env=_flower_env(self.home, {RUN_DIR_ENV: str(self.run_dir)}))
-        self._wait_ready(timeout)
+        self._wait_ready(CONTROL_READY, timeout)
         if self.site_keys:  # the job's list: the ServerApp answers these nodes only
             with ThreadPoolExecutor(len(self.site_keys)) as pool:  # one `flwr` process per key, all at once
                 nodes = dict(zip(pool.map(self._register, self.site_keys), (key.stem for key in self.site_keys)))
             JobDir(self.run_dir).admit(nodes, {key.stem: key_fingerprint(key) for key in self.site_keys})
+        gate.touch()  # now the hospitals' listener opens: no site is refused for a key not yet admitted
+        self._wait_ready(READY, timeout)
 
     def _flwr(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess:
         return subprocess.run([_program("flwr"), *args], capture_output=True, text=True, timeout=timeout,
                               env=_flower_env(self.home), cwd=self.home)
 
-    def _wait_ready(self, timeout: float) -> None:
+    def _wait_ready(self, line: str, timeout: float) -> None:
         t0 = time.monotonic()
         while time.monotonic() - t0 < timeout:
             if self.process.poll() is not None:
                 raise FederatedError(f"the SuperLink stopped at start (exit {self.process.returncode}); see {self.log}")
-            if READY.encode() in self.log.read_bytes()[self._log_start:]:
+            if line.encode() in self.log.read_bytes()[self._log_start:]:
                 return
-            time.sleep(0.3)
+            time.sleep(0.1)
         raise FederatedError(f"the SuperLink did not start within {timeout:.0f} s; see {self.log}")
 
     def _register(self, key: Path) -> int:

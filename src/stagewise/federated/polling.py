@@ -70,13 +70,40 @@ def capped_time(cap: float, local: float = LOCAL_POLL) -> types.SimpleNamespace:
     return capped
 
 
+PULL_BACKOFF = (0.05, 0.5)
+"""A pull of an object still being uploaded is retried after 0.05 s, then twice as long, at
+most 0.5 s apart (Flower: 1 s, at most 10 s)."""
+
+
+def prompt_object_pulls() -> None:
+    """Flower's pulls of a message's objects in this process retry promptly. A reply's message
+    reaches the SuperLink before its objects have all been uploaded; whoever pulls it then
+    (the ServerApp, a SuperNode, a site's process) waited 1 s, then 2 s, 4 s ... for the rest:
+    1-5 s per 42 MB message, a fifth of a deployed fold. The pulls still give up after
+    Flower's 2 hours, not after a number of tries."""
+    from flwr.supercore.inflatable import inflatable_utils
+
+    for pull in (inflatable_utils.pull_objects, inflatable_utils.pull_and_inflate_object_from_tree):
+        pull.__kwdefaults__.update(initial_backoff=PULL_BACKOFF[0], backoff_cap=PULL_BACKOFF[1],
+                                   max_tries_per_object=None)
+
+
+CONNECT_RETRY = 1.0
+"""Seconds at most between a hospital's attempts to reach a coordinator that is not up yet
+(Flower backs off to 20 s: a site started first joined up to 20 s after the coordinator opened)."""
+
+
 def main(argv: list[str]) -> None:
-    """Flower's `flower-supernode` with its message loop's waits capped at argv[0] seconds."""
+    """Flower's `flower-supernode` with its message loop's waits capped at argv[0] seconds and
+    its connection retries at `CONNECT_RETRY` seconds."""
     cap = float(argv[0])
+    import flwr.supercore.retry.http_retry as retry
     import flwr.supernode.start_client_internal as loop
     from flwr.supernode.cli.flower_supernode import flower_supernode
 
     loop.time = capped_time(cap)
+    retry.MAX_RETRY_DELAY = CONNECT_RETRY  # read by its retry policy's wait generator at each connection
+    prompt_object_pulls()
     sys.argv = ["flower-supernode", *argv[argv.index("--") + 1:]]
     flower_supernode()
 

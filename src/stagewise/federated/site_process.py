@@ -30,6 +30,8 @@ import sys
 import threading
 import time
 
+from stagewise.federated.polling import prompt_object_pulls
+
 ISOLATION = ["--isolation", "process"]
 DEFAULT_APP = "stagewise.federated.deployment:client_app"
 REFUSED_LINE = "stagewise site: refused: "
@@ -170,7 +172,7 @@ def main(argv: list[str]) -> int:
     if not module.startswith("stagewise."):
         raise SystemExit(f"{component}: a site runs a stagewise ClientApp only")
     client_app = getattr(importlib.import_module(module), name)
-
+    prompt_object_pulls()  # a message's objects are pulled from the SuperNode as soon as they are in
     supernode = subprocess.Popen(command)  # inherits this process's stdout/stderr (the site's log)
     try:
         serve_tasks(f"127.0.0.1:{port}", client_app, alive=lambda: supernode.poll() is None and not LEAVING.is_set())

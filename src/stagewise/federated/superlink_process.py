@@ -37,8 +37,14 @@ PUBLIC_PATHS = ("/v1/fleet/",)
 """What the hospitals' listener serves: the SuperNodes' Fleet API, nothing else."""
 NOT_SERVED = "not served on this address"
 """The hospitals' listener's answer to any other path (`federation site --check` looks for it)."""
+CONTROL_READY = "stagewise superlink: control API ready"
+"""The line the coordinator waits for before it admits the sites' keys."""
 READY = "stagewise superlink: ready"
 """The line the coordinator waits for: both listeners accept connections."""
+SITES_GATE = "sites-admitted"
+"""The file (in the Flower home) the coordinator writes once it admitted the sites' keys: only
+then does the hospitals' listener open. A site that connected before its key was admitted
+was refused as unknown, and its SuperNode left, to come back a retry later (15 s)."""
 
 
 def fleet_only(app):
@@ -106,7 +112,9 @@ class _Server:
         self.server = Quiet(uvicorn.Config(app, **config))
 
 
-async def _serve(app, public: tuple[str, int], config) -> None:
+async def serve_listeners(app, public: tuple[str, int], config, gate: Path) -> None:
+    """Serve `app` on the control address (every API) and, once `gate` exists, the Fleet API
+    alone on `public`; both stop when either does."""
     from flwr.supercore.http_logging import get_uvicorn_log_config
     from flwr.supercore.logger import console_handler
 
@@ -119,6 +127,9 @@ async def _serve(app, public: tuple[str, int], config) -> None:
         loop.add_signal_handler(sig, lambda: setattr(inner, "should_exit", True) or setattr(outer, "should_exit", True))
     tasks = [asyncio.create_task(inner.serve())]
     while not inner.started and not tasks[0].done():
+        await asyncio.sleep(0.05)
+    print(CONTROL_READY, flush=True)
+    while not gate.is_file() and not tasks[0].done():  # the sites' keys are admitted first
         await asyncio.sleep(0.05)
     tasks.append(asyncio.create_task(outer.serve()))
     while not outer.started and not tasks[1].done():
@@ -172,7 +183,7 @@ def main(argv: list[str]) -> int:
     threading.Thread(target=start_server_apps, args=(address, ca, folder, lambda: not stop.is_set()),
                      daemon=True).start()
     try:
-        asyncio.run(_serve(app, public, config))
+        asyncio.run(serve_listeners(app, public, config, folder / SITES_GATE))
     finally:
         stop.set()
     return 0

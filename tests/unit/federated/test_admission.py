@@ -86,6 +86,60 @@ def test_the_hospitals_listener_passes_the_fleet_api_only():
 
 
 
+def test_the_hospitals_listener_opens_only_once_the_sites_are_admitted(tmp_path):
+    """The SuperLink process's two listeners, in a process of their own: before the gate
+    file the control listener answers and the hospitals' refuses connections (a SuperNode
+    tries again); once the coordinator has written it, both answer."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from stagewise.federated.superlink_process import CONTROL_READY, READY, SITES_GATE
+
+    ports = []
+    for _ in range(2):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            ports.append(s.getsockname()[1])
+    program = f"""
+import asyncio, pathlib, types
+from stagewise.federated.superlink_process import serve_listeners
+async def app(scope, receive, send):
+    if scope["type"] == "http":
+        await send({{"type": "http.response.start", "status": 200, "headers": []}})
+        await send({{"type": "http.response.body", "body": b"ok"}})
+config = types.SimpleNamespace(host="127.0.0.1", port={ports[0]}, ssl_keyfile=None, ssl_certfile=None)
+asyncio.run(serve_listeners(app, ("127.0.0.1", {ports[1]}), config, pathlib.Path({str(tmp_path / SITES_GATE)!r})))
+"""
+    log = tmp_path / "listeners.log"
+    process = subprocess.Popen([sys.executable, "-c", program], stdout=log.open("wb"), stderr=subprocess.STDOUT)
+
+    def accepts(port: int) -> bool:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return True
+        except OSError:
+            return False
+
+    def wait_for(line: str) -> None:
+        deadline = time.monotonic() + 60
+        while line not in log.read_text() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert line in log.read_text(), log.read_text()[-2000:]
+
+    try:
+        wait_for(CONTROL_READY)
+        time.sleep(0.3)
+        assert accepts(ports[0]) and not accepts(ports[1])  # the sites' keys are not admitted yet
+        (tmp_path / SITES_GATE).touch()
+        wait_for(READY)
+        assert accepts(ports[1])
+    finally:
+        process.terminate()
+        process.wait(20)
+
+
 def test_a_round_drops_and_records_a_reply_from_a_node_outside_the_job(monkeypatch):
     """The round loop over a grid where node 99 (a key the coordinator never listed) pushes an
     update too: it is never sent the model, its update is not averaged, the round says so."""

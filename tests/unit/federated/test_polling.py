@@ -57,6 +57,9 @@ def test_the_supernode_loop_it_shortens_is_still_flowers():
 
     assert "time.sleep(3)" in inspect.getsource(loop.start_client_internal)
     assert "time.sleep(0.5)" in inspect.getsource(loop._push_messages)  # its wait for its ClientApp's reply
+    import flwr.supercore.retry.http_retry as retry  # its connection retries' longest wait, read at each retry
+
+    assert "exponential(max_delay=MAX_RETRY_DELAY)" in inspect.getsource(retry) and retry.MAX_RETRY_DELAY == 20
     capped = capped_time(0.3, local=0.01)
     t0 = time.monotonic()
     capped.sleep(3)
@@ -73,3 +76,34 @@ def test_the_site_program_is_flowers_supernode():
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "--superlink" in out.stdout and "--isolation" in out.stdout
+
+
+def test_an_object_still_uploading_is_pulled_again_promptly():
+    """A reply's objects may still be on their way when it is pulled: Flower asks again after
+    1 s, 2 s, 4 s ...; a deployment's processes ask again after 0.05 s, 0.1 s ... at most 0.5 s."""
+    from flwr.supercore.inflatable import inflatable_utils as utils
+
+    from stagewise.federated.polling import prompt_object_pulls
+
+    def arrives_on_fourth_ask():
+        asked = []
+
+        def pull(object_id):
+            asked.append(object_id)
+            if len(asked) < 4:
+                raise utils.ObjectUnavailableError(object_id)
+            return b"content"
+
+        return pull
+
+    saved = {f: dict(f.__kwdefaults__) for f in (utils.pull_objects, utils.pull_and_inflate_object_from_tree)}
+    try:
+        prompt_object_pulls()
+        t0 = time.monotonic()
+        assert utils.pull_objects(["a"], arrives_on_fourth_ask()) == {"a": b"content"}
+        assert time.monotonic() - t0 < 0.6  # Flower's defaults: at least 0.8 + 1.6 + 3.2 s
+        assert utils.pull_and_inflate_object_from_tree.__kwdefaults__["initial_backoff"] == 0.05
+    finally:
+        for f, defaults in saved.items():
+            f.__kwdefaults__.clear()
+            f.__kwdefaults__.update(defaults)
