@@ -109,10 +109,13 @@ def _layout_of(layout, name: str) -> list[tuple[str, str, tuple[int, ...]]]:
         raise WireError(f"packed record {name!r}: a layout of {len(names)} names, {len(dtypes)} dtypes and "
                         f"{len(shapes)} shapes, or a name twice")
     try:
-        return [(k, str(np.dtype(d).name), tuple(int(s) for s in str(shape).split(",") if s != ""))
-                for k, d, shape in zip(names, dtypes, shapes)]
+        out = [(k, str(np.dtype(d).name), tuple(int(s) for s in str(shape).split(",") if s != ""))
+               for k, d, shape in zip(names, dtypes, shapes)]
     except (TypeError, ValueError) as err:
         raise WireError(f"packed record {name!r}: unreadable layout ({err})") from None
+    if any(size < 0 for _, _, shape in out for size in shape):
+        raise WireError(f"packed record {name!r}: unreadable layout (a negative size)")
+    return out
 
 
 def unpacked(message):
@@ -121,8 +124,8 @@ def unpacked(message):
 
 
 class PackingGrid:
-    """A Flower Grid whose messages travel packed: it packs what it sends (each distinct
-    content once: a round sends the same tensors to every site) and unpacks the replies."""
+    """A Flower Grid whose messages travel packed: it packs what it sends (a record that
+    several messages share, as a round's tensors to every site, once) and unpacks the replies."""
 
     def __init__(self, grid):
         self.grid = grid
@@ -139,11 +142,20 @@ class PackingGrid:
 
 
 def _unpacked_copy(message):
-    """A reply as its site wrote it, in a copy: the packed one stays as an audit recorded it."""
+    """A reply as its site wrote it, in a copy: the packed one stays as an audit recorded it.
+    A reply that cannot be unpacked is that site's error reply, not the coordinator's crash."""
+    from flwr.app import Message
+    from flwr.app.error import Error
+    from flwr.common.constant import ErrorCode
+
     if message.has_error() or not message.has_content() or LAYOUT not in message.content:
         return message
+    try:
+        content = unpack_content(message.content)
+    except WireError as err:
+        return Message(metadata=message.metadata, error=Error(code=ErrorCode.UNKNOWN, reason=f"unreadable reply: {err}"))
     message = copy.copy(message)
-    message.content = unpack_content(message.content)
+    message.content = content
     return message
 
 

@@ -72,6 +72,7 @@ def test_content_without_tensors_and_unpacked_content_pass_as_they_are():
     (lambda layout: layout.__setitem__("arrays.names", list(layout["arrays.names"])[:-1]), "a layout of"),
     (lambda layout: layout.__setitem__("arrays.dtypes", ["float16"] * len(layout["arrays.dtypes"])), "no float16"),
     (lambda layout: layout.__setitem__("arrays.shapes", ["x"] * len(layout["arrays.shapes"])), "unreadable"),
+    (lambda layout: layout.__setitem__("arrays.shapes", ["-1"] + list(layout["arrays.shapes"])[1:]), "negative"),
 ])
 def test_a_layout_that_does_not_match_its_arrays_is_a_clear_error(damage, says):
     packed = pack_content(_content(_state()))
@@ -125,3 +126,20 @@ def test_the_wire_log_names_the_tensors_of_a_packed_record(tmp_path):
     assert entry["arrays"]["tensors"] == list(state) and entry["arrays"]["packed"] is True
     assert entry["arrays"]["bytes"] > sum(t.numel() * t.element_size() for t in state.values()) * 0.99
     assert LAYOUT not in entry and entry["config"] == {"stage": 1}
+
+
+def test_a_reply_that_cannot_be_unpacked_is_that_sites_error_not_the_coordinators_crash():
+    state = _state()
+
+    class Garbled:
+        def get_node_ids(self):
+            return [7]
+
+        def send_and_receive(self, messages, timeout):
+            reply = pack_content(_content(state))
+            reply[LAYOUT]["arrays.shapes"] = ["1"] * len(state)
+            return [_message(reply)]
+
+    (reply,) = PackingGrid(Garbled()).send_and_receive([_message(_content(state))], timeout=1)
+    assert reply.has_error() and "unreadable reply" in reply.error.reason and "'arrays'" in reply.error.reason
+    assert reply.metadata.src_node_id == 7  # the round records which site it was
