@@ -293,7 +293,8 @@ def test_a_site_lost_mid_round_is_survived_and_a_stopped_coordinator_resumes(hos
 
 
 def test_a_job_that_cannot_be_deployed_and_bad_site_input_get_clear_errors(hospitals, tmp_path):
-    from stagewise.federated.job import FederatedJob, SiteConfig, SiteWork
+    from stagewise.federated.job import FederatedJob, SiteConfig
+    from stagewise.federated.site_work import SiteWork
     from stagewise.federated.rounds import FederatedError
     from stagewise.recipe import RecipeError, load_recipe
 

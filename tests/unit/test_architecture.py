@@ -93,7 +93,7 @@ def test_the_walker_sees_function_level_cycles(tmp_path):
 
 LAYERS = [
     ("stagewise.errors", "stagewise.version"),
-    ("stagewise.io", "stagewise.quiet", "stagewise.text"),
+    ("stagewise.io", "stagewise.quiet", "stagewise.text", "stagewise.hosts"),
     ("stagewise.recipe", "stagewise.models"),
     ("stagewise.data",),
     ("stagewise.evaluation",),

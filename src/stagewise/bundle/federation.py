@@ -21,7 +21,7 @@ from pathlib import Path
 from stagewise.bundle.export import INTENSITY, build_bundle, bundle_header, write_info, write_model_files
 from stagewise.bundle.model_card import INTENDED_USE
 from stagewise.errors import RunError
-from stagewise.federated.deployment import JOB_FILE, JobDir
+from stagewise.federated.job_dir import JOB_FILE, JobDir
 from stagewise.federated.job import FINAL
 from stagewise.models import load_network
 from stagewise.recipe import Recipe, strategy_text

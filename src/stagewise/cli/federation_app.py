@@ -117,9 +117,9 @@ def federation_coordinate(
 
     Example: stagewise federation coordinate fed.yaml --arm fedavg --certs certs --site-key a.pub --site-key b.pub --host 0.0.0.0
     """
-    from stagewise.federated.deployment import JobDir
+    from stagewise.federated.job_dir import JobDir
     from stagewise.federated.launch import Coordinator
-    from stagewise.serve.server import is_loopback
+    from stagewise.hosts import is_loopback
 
     def go():
         from stagewise.recipe import load_recipe
@@ -184,7 +184,7 @@ def federation_export(
     Example: stagewise federation export runs/fed-fedavg --threshold 0.4 -o fedavg-bundle
     """
     from stagewise.bundle.federation import export_federation_bundle
-    from stagewise.federated.deployment import JobDir
+    from stagewise.federated.job_dir import JobDir
 
     def go():
         target = out_dir

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from stagewise.external.federated_results import EvaluationDir, pool_sites, write_results
 from stagewise.external.site_summary import EvaluationSite, summarize_site
-from stagewise.federated.deployment import RUN_DIR_ENV, SITE_KEY, JobDir
+from stagewise.federated.job_dir import RUN_DIR_ENV, SITE_KEY, JobDir
 from stagewise.federated.wire import WireLog
 from stagewise.federated.polling import PromptGrid
 from stagewise.federated.rounds import AdmittedGrid, AuditedGrid, FederatedError, wait_for_sites

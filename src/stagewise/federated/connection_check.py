@@ -19,7 +19,7 @@ import ssl
 from pathlib import Path
 
 from stagewise.federated.credentials import private_key_fingerprint
-from stagewise.federated.rounds import FederatedError
+from stagewise.federated.job import FederatedError
 from stagewise.federated.superlink_process import NOT_SERVED
 
 TIMEOUT = 15.0

@@ -29,11 +29,10 @@ import yaml
 
 from stagewise.data import load_cohort
 from stagewise.federated.credentials import check_server_certificates, key_fingerprint
-from stagewise.federated.deployment import RUN_DIR_ENV, SITE_KEY, JobDir
-from stagewise.federated.job import SITE_NAME, FederatedJob, SiteConfig
+from stagewise.federated.job_dir import RUN_DIR_ENV, SITE_KEY, JobDir
+from stagewise.federated.job import SITE_NAME, FederatedError, FederatedJob, SiteConfig
 from stagewise.federated.linkage import read_linkage_key
 from stagewise.federated.polling import SITE_POLL
-from stagewise.federated.rounds import FederatedError
 from stagewise.federated.site_process import ISOLATION, REFUSED_EXIT
 from stagewise.federated.superlink_process import CONTROL_READY, READY, SITES_GATE
 from stagewise.recipe import load_recipe, recipe_to_dict

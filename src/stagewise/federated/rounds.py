@@ -36,14 +36,10 @@ from stagewise.models import Network
 from stagewise.recipe import ArmConfig, SitesConfig
 from stagewise.recipe.strategies import STRATEGIES, strategy_param_problems
 from stagewise.training.engine import plan_stage
-from stagewise.errors import StagewiseError
+from stagewise.federated.job import FederatedError
 from stagewise.quiet import flower_noise_to_log
 
 log = logging.getLogger("stagewise")
-
-
-class FederatedError(StagewiseError, RuntimeError):
-    """A federated fit that could not complete (too few sites replied, a bad strategy)."""
 
 
 def make_strategy(cfg: SitesConfig, n_sites: int):

@@ -2,25 +2,16 @@
 
 from __future__ import annotations
 
-import ipaddress
 import sys
 from pathlib import Path
 
 from stagewise.bundle import Bundle
 from stagewise.errors import RunError
+from stagewise.hosts import is_loopback
 from stagewise.serve.connection import header_deadline_protocol
 from stagewise.serve.upload import UPLOAD_TIMEOUT_S
 
 LOOPBACK_NAMES = ["127.0.0.1", "localhost", "::1"]
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def check_port(port: int) -> int:
