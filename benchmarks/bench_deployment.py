@@ -3,12 +3,14 @@ against the same job in Flower's simulation engine.
 
     python examples/prepare_covid_outcome.py --per-site
     python benchmarks/bench_deployment.py [--size 64] [--folds 3] [--out runs/bench-deployment] [--secure-aggregation]
+    python benchmarks/bench_deployment.py --timeline runs/bench-deployment/deployed
 
 Each "hospital" (hannover, southern-europe, elsewhere: see examples/covid-multisite.yaml) runs
 `stagewise federation site` with its own manifest, key and work folder; the coordinator runs
 `stagewise federation coordinate` (TLS, node authentication) on 127.0.0.1. Prints per-site
 AUROC (mean ± sd over each site's own folds), the largest difference from the simulated job,
-bytes on the wire against full-model FedAvg, and the wall time of both; with
+bytes on the wire against full-model FedAvg, the wall time of both and where the deployed
+job's went (job file, admission, first and last message, each fit and round); with
 `--secure-aggregation`, the deployed job again under SecAgg+, its wall time and bytes beside.
 """
 
@@ -45,8 +47,10 @@ def stagewise(*args: str, **kw) -> subprocess.Popen:
 
 def deploy(out: Path, recipe_path: Path, manifests: dict, tag: str) -> float:
     """Run the job over 127.0.0.1 through the CLI (coordinator and three sites, site work
-    folders and the run directory named with `tag`); its wall time in seconds."""
+    folders and the run directory named with `tag`); its wall time in seconds. Prints where
+    that time went (`timeline`)."""
     port = free_port()
+    started = time.time()
     t0 = time.perf_counter()
     coord = stagewise("federation", "coordinate", str(recipe_path), "--arm", "federated", "--certs", str(out / "certs"),
                       *[x for s in SITES for x in ("--site-key", str(out / "keys" / f"{s}.pub"))],
@@ -66,7 +70,38 @@ def deploy(out: Path, recipe_path: Path, manifests: dict, tag: str) -> float:
             p.wait(60)
     if code != 0:
         sys.exit(f"coordinator exit {code}; see {out / f'coordinator{tag}.log'}")
-    return time.perf_counter() - t0
+    wall = time.perf_counter() - t0
+    print(timeline(out / f"deployed{tag}", started, started + wall))
+    return wall
+
+
+def timeline(run: Path, started: float, ended: float | None = None) -> str:
+    """Where a deployed job's time went, from its run directory: when the coordinator wrote
+    its job file and its list of admitted sites, the first and last message on the wire
+    (`federation/wire.jsonl`), each fold's span and its rounds' (sent to the last reply)."""
+    wire = [json.loads(line) for line in (run / "federation" / "wire.jsonl").read_text().splitlines()]
+    since = lambda t: t - started  # noqa: E731
+    admitted = run / "federation" / "admitted.json"
+    lines = [f"  timeline of {run.name}: job file {since((run / 'job.json').stat().st_mtime):.1f} s, "
+             + (f"sites admitted {since(admitted.stat().st_mtime):.1f} s, " if admitted.is_file() else "")
+             + f"first message {since(wire[0]['time']):.1f} s, last reply {since(wire[-1]['time']):.1f} s"
+             + (f", end {since(ended):.1f} s" if ended else "")]
+    exchanges = []  # (message type, first sent, last reply): a round, a scoring, a greeting
+    for e in wire:
+        if e["direction"] == "down" and (not exchanges or exchanges[-1][2] is not None):
+            exchanges.append([e["type"], e["time"], None])
+        elif e["direction"] == "up" and exchanges:
+            exchanges[-1][2] = e["time"]
+    rounds, fold_start = [], None
+    for kind, sent, replied in exchanges:
+        if kind == "train":
+            fold_start = fold_start or sent
+            rounds.append(f"{replied - sent:.1f}")
+        elif kind == "evaluate" and fold_start is not None:
+            lines.append(f"  fit {len(lines)}: {replied - fold_start:.1f} s; rounds {' '.join(rounds)} s; "
+                         f"scoring {replied - sent:.1f} s")
+            rounds, fold_start = [], None
+    return "\n".join(lines)
 
 
 def secure_comparison(out: Path, recipe: dict, manifests: dict, plain_wall: float) -> None:
@@ -102,7 +137,13 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=REPO / "runs" / "bench-deployment")
     ap.add_argument("--secure-aggregation", action="store_true",
                     help="also deploy the job under secure aggregation (SecAgg+) and print its wall time and bytes")
+    ap.add_argument("--timeline", type=Path, metavar="RUN",
+                    help="print where an earlier run's deployed job (its --out folder's `deployed`) spent its time, "
+                         "from the end of its key making on, and exit")
     args = ap.parse_args()
+    if args.timeline:
+        print(timeline(args.timeline, (args.timeline.parent / "cli.log").stat().st_mtime))
+        return
     os.environ["FLWR_TELEMETRY_ENABLED"] = "0"
     cohorts = REPO / "runs" / "cohorts"
     manifests = {s: cohorts / f"covid-outcome-{s}.csv" for s in SITES}

@@ -5,7 +5,6 @@ from stagewise.data.cohort import Cohort, CohortError, load_cohort
 from stagewise.data.readers import ImageReadError, read_image
 
 
-
 def __getattr__(name: str):
     """`load_images` and `to_square` import torch: only when asked for, so that checking a
     manifest (a hospital's `federation site`, the coordinator) does not start torch."""

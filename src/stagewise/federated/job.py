@@ -25,7 +25,6 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -36,6 +35,7 @@ from stagewise.recipe import ArmConfig, Recipe, RecipeError, recipe_to_dict, sha
 
 if TYPE_CHECKING:
     from stagewise.models import Network
+
 
 class FederatedError(StagewiseError, RuntimeError):
     """A federated fit that could not complete (too few sites replied, a bad strategy)."""

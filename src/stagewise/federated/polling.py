@@ -14,7 +14,8 @@ exchanges) up to 24 s; the simulation's Grid asks every 0.1 s.
   Flower's own `flower-supernode` (its parsing, connection, authentication and message
   handling) with its waits capped at SECONDS (`SITE_POLL`): one small HTTPS request to the
   coordinator that often while the site is idle, as Flower's own ServerApp-side agents do
-  (0.25 s); its 0.5 s waits for its own ClientApp's reply check its own store every 0.05 s. Only that module's waits change; flwr is pinned (pyproject), and
+  (0.25 s); its 0.5 s waits for its own ClientApp's reply check its own store every 0.05 s.
+  Only that module's waits change; flwr is pinned (pyproject), and
   `tests/unit/federated/test_polling.py` checks that the loop it shortens is still there.
 """
 
@@ -78,9 +79,9 @@ most 0.5 s apart (Flower: 1 s, at most 10 s)."""
 def prompt_object_pulls() -> None:
     """Flower's pulls of a message's objects in this process retry promptly. A reply's message
     reaches the SuperLink before its objects have all been uploaded; whoever pulls it then
-    (the ServerApp, a SuperNode, a site's process) waited 1 s, then 2 s, 4 s ... for the rest:
-    1-5 s per 42 MB message, a fifth of a deployed fold. The pulls still give up after
-    Flower's 2 hours, not after a number of tries."""
+    (the ServerApp, a SuperNode, a site's process) waited 1 s, then 2 s, 4 s ... for the rest
+    (the benchmark job's three folds: 61 s with prompt pulls, 69-92 s without; RESULTS.md).
+    The pulls still give up after Flower's 2 hours, not after a number of tries."""
     from flwr.supercore.inflatable import inflatable_utils
 
     for pull in (inflatable_utils.pull_objects, inflatable_utils.pull_and_inflate_object_from_tree):
