@@ -142,6 +142,17 @@ async def serve_listeners(app, public: tuple[str, int], config, gate: Path) -> N
     await asyncio.gather(*tasks, return_exceptions=True)
 
 
+def run_listeners(app, public: tuple[str, int], config, gate: Path) -> None:
+    """`serve_listeners` on the event loop `flower-superlink` itself runs on: uvicorn's choice,
+    uvloop where it is installed (stagewise installs it). Why: both listeners share one loop
+    of this process's making, and on a plain asyncio loop TLS runs in Python
+    (`asyncio.sslproto`) for every chunk of every update (the SuperLink's CPU in RESULTS.md)."""
+    import uvicorn
+
+    with asyncio.Runner(loop_factory=uvicorn.Config(app=None, loop="auto").get_loop_factory()) as runner:
+        runner.run(serve_listeners(app, public, config, gate))
+
+
 def objects_in_memory(database: str, federation_manager):
     """Flower's SuperLink stores: its link state (admitted nodes, runs, messages) in `database`
     on disk, so that a restarted coordinator knows the hospitals it admitted; the objects
@@ -183,7 +194,7 @@ def main(argv: list[str]) -> int:
     threading.Thread(target=start_server_apps, args=(address, ca, folder, lambda: not stop.is_set()),
                      daemon=True).start()
     try:
-        asyncio.run(serve_listeners(app, public, config, folder / SITES_GATE))
+        run_listeners(app, public, config, folder / SITES_GATE)
     finally:
         stop.set()
     return 0
