@@ -15,6 +15,7 @@ import ipaddress
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
@@ -117,6 +118,18 @@ def key_fingerprint(pub: str | Path) -> str:
     except ValueError:
         raise ValueError(f"{pub}: not an OpenSSH public key (`stagewise federation key` makes <site>.pub)") from None
     return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
+
+
+def public_key_pem(pub: str | Path) -> bytes:
+    """A site's OpenSSH public key as the SuperLink's Control API takes it (PEM), as
+    `flwr supernode register` sends it; a clear error for any other file."""
+    try:
+        key = serialization.load_ssh_public_key(Path(pub).read_bytes())
+    except (ValueError, UnsupportedAlgorithm):
+        key = None
+    if not isinstance(key, ec.EllipticCurvePublicKey):
+        raise ValueError(f"{pub}: not a site's public key (`stagewise federation key` makes <site>.pub)")
+    return key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
 def private_key_fingerprint(key: str | Path) -> str:

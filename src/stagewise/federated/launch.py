@@ -21,14 +21,13 @@ import signal
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
 from stagewise.data import load_cohort
-from stagewise.federated.credentials import check_server_certificates, key_fingerprint
+from stagewise.federated.credentials import check_server_certificates, key_fingerprint, public_key_pem
 from stagewise.federated.job_dir import RUN_DIR_ENV, SITE_KEY, JobDir
 from stagewise.federated.job import SITE_NAME, FederatedError, FederatedJob, SiteConfig
 from stagewise.federated.linkage import read_linkage_key
@@ -183,8 +182,7 @@ class Coordinator:
                                         env=_flower_env(self.home, {RUN_DIR_ENV: str(self.run_dir)}))
         self._wait_ready(CONTROL_READY, timeout)
         if self.site_keys:  # the job's list: the ServerApp answers these nodes only
-            with ThreadPoolExecutor(len(self.site_keys)) as pool:  # one `flwr` process per key, all at once
-                nodes = dict(zip(pool.map(self._register, self.site_keys), (key.stem for key in self.site_keys)))
+            nodes = {self._register(key): key.stem for key in self.site_keys}
             JobDir(self.run_dir).admit(nodes, {key.stem: key_fingerprint(key) for key in self.site_keys})
         gate.touch()  # now the hospitals' listener opens: no site is refused for a key not yet admitted
         self._wait_ready(READY, timeout)
@@ -205,23 +203,47 @@ class Coordinator:
 
     def _register(self, key: Path) -> int:
         """Admit a site's public key; its node id. On a restart the SuperLink's database has
-        it already, and the node id recorded at the first start is the one."""
+        it already, and the node id recorded at the first start is the one.
+
+        The Control API's RegisterNode, called as `flwr supernode register` calls it (Flower's
+        own client and interceptors), from this process: a `flwr` process per key cost each
+        about a second of CPU on a machine busy starting the hospitals' processes, and kept
+        the sites waiting for admission up to 7 s (RESULTS.md)."""
+        from flwr.proto.control_pb2 import RegisterNodeRequest
+
+        try:
+            request = RegisterNodeRequest(public_key=public_key_pem(key), name=key.stem)
+        except ValueError as err:
+            raise FederatedError(str(err)) from None
+        text = ""
         for _ in range(5):  # the HTTP API may come up a moment after the server says it runs
-            res = self._flwr("supernode", "register", str(key), "coordinator", "--name", key.stem, "--format", "json")
-            if res.returncode == 0 or "unavailable" not in (res.stdout + res.stderr).lower():
+            client = self._control_client()
+            try:
+                return int(client.RegisterNode(request=request).node_id)
+            except Exception as err:  # noqa: BLE001 - Flower's client errors carry the server's message
+                response = getattr(err, "response", None)  # an HTTP error: the server's reason is in its body
+                text = f"{type(err).__name__}: {err} {response.text if response is not None else ''}"
+            finally:
+                client.close()
+            if "unavailable" not in text.lower() and "connect" not in text.lower():
                 break
             time.sleep(1.0)
-        text = res.stdout + res.stderr
-        if res.returncode == 0 and "{" in res.stdout:
-            try:
-                return int(json.loads(res.stdout[res.stdout.index("{"):])["node-id"])
-            except (ValueError, KeyError):
-                pass
         if "already" in text.lower():
             known = JobDir(self.run_dir).admitted().get(key.stem, {})
             if known.get("key") == key_fingerprint(key):
                 return int(known["node"])
         raise FederatedError(f"could not admit site key {key.name}: {text.strip()[-400:]}")
+
+    def _control_client(self):
+        """A client of the SuperLink's Control API on 127.0.0.1, as the `flwr` CLI makes it."""
+        from flwr.cli.cli_client_interceptor import CliClientHttpInterceptor
+        from flwr.supercore.control import ControlHttpClient
+        from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
+
+        ca = (self.certs / "ca.pem").read_bytes() if self.certs else None
+        return ControlHttpClient.from_server_address(
+            server_address=f"127.0.0.1:{self.control_port}", insecure=ca is None, root_certificates=ca,
+            interceptors=[CliClientHttpInterceptor(), RuntimeVersionHttpInterceptor(component_name="flwr CLI")])
 
     def submit(self) -> str:
         """Submit the job (a Flower app with no code: stagewise's own components)."""

@@ -3,6 +3,8 @@ and a site that refuses the coordinator's job says so where its operator looks."
 
 from types import SimpleNamespace
 
+import pytest
+
 from typer.testing import CliRunner
 
 from stagewise.cli import app
@@ -89,11 +91,13 @@ def test_the_hospitals_listener_passes_the_fleet_api_only():
 def test_the_hospitals_listener_opens_only_once_the_sites_are_admitted(tmp_path):
     """The SuperLink process's two listeners, in a process of their own: before the gate
     file the control listener answers and the hospitals' refuses connections (a SuperNode
-    tries again); once the coordinator has written it, both answer."""
+    tries again); once the coordinator has written it, both answer, on uvloop's event loop
+    (uvicorn's own choice, whose TLS is not Python's)."""
     import socket
     import subprocess
     import sys
     import time
+    import urllib.request
 
     from stagewise.federated.superlink_process import CONTROL_READY, READY, SITES_GATE
 
@@ -104,13 +108,14 @@ def test_the_hospitals_listener_opens_only_once_the_sites_are_admitted(tmp_path)
             ports.append(s.getsockname()[1])
     program = f"""
 import asyncio, pathlib, types
-from stagewise.federated.superlink_process import serve_listeners
+from stagewise.federated.superlink_process import run_listeners
 async def app(scope, receive, send):
     if scope["type"] == "http":
+        loop = type(asyncio.get_running_loop())
         await send({{"type": "http.response.start", "status": 200, "headers": []}})
-        await send({{"type": "http.response.body", "body": b"ok"}})
+        await send({{"type": "http.response.body", "body": f"{{loop.__module__}}.{{loop.__name__}}".encode()}})
 config = types.SimpleNamespace(host="127.0.0.1", port={ports[0]}, ssl_keyfile=None, ssl_certfile=None)
-asyncio.run(serve_listeners(app, ("127.0.0.1", {ports[1]}), config, pathlib.Path({str(tmp_path / SITES_GATE)!r})))
+run_listeners(app, ("127.0.0.1", {ports[1]}), config, pathlib.Path({str(tmp_path / SITES_GATE)!r}))
 """
     log = tmp_path / "listeners.log"
     process = subprocess.Popen([sys.executable, "-c", program], stdout=log.open("wb"), stderr=subprocess.STDOUT)
@@ -135,6 +140,8 @@ asyncio.run(serve_listeners(app, ("127.0.0.1", {ports[1]}), config, pathlib.Path
         (tmp_path / SITES_GATE).touch()
         wait_for(READY)
         assert accepts(ports[1])
+        with urllib.request.urlopen(f"http://127.0.0.1:{ports[0]}/v1/fleet/x", timeout=10) as answer:
+            assert answer.read().decode() == "uvloop.Loop"
     finally:
         process.terminate()
         process.wait(20)
@@ -197,3 +204,22 @@ def test_the_superlink_keeps_admitted_nodes_on_disk_and_tensors_in_flight_in_mem
     state = links.state()
     assert isinstance(objects.store(), InMemoryObjectStore) and state.object_store is objects.store()
     assert db.is_file() and type(state).__name__.startswith("Sql")
+
+
+def test_a_site_key_is_admitted_as_the_flower_cli_would_send_it_and_a_wrong_file_is_named(tmp_path):
+    """The coordinator admits keys through the Control API itself: a site's OpenSSH public key
+    becomes the PEM that Flower's SuperLink reads back to the same key; a file that is not a
+    site's public key is refused with its name, before any request."""
+    from cryptography.hazmat.primitives import serialization
+    from flwr.supercore.primitives.asymmetric import bytes_to_public_key
+
+    from stagewise.federated.credentials import make_site_key, public_key_pem
+
+    paths = make_site_key(tmp_path, "hannover")
+    ssh = serialization.load_ssh_public_key(paths["pub"].read_bytes())
+    assert bytes_to_public_key(public_key_pem(paths["pub"])).public_numbers() == ssh.public_numbers()
+    for wrong in (paths["key"], tmp_path / "notes.txt"):  # the private key sent by mistake; any other file
+        if not wrong.exists():
+            wrong.write_text("not a key\n")
+        with pytest.raises(ValueError, match=f"{wrong.name}: not a site's public key"):
+            public_key_pem(wrong)
