@@ -109,6 +109,17 @@ def prepare_site(recipe: str | Path, manifest: str | Path, site: str, workdir: s
     return SiteConfig(workdir / "recipe.yaml", site, workdir, threads, linkage_key).save(workdir / "site.json")
 
 
+def _reason(err: Exception) -> str:
+    """What the SuperLink answered a refused request with: its JSON `detail`, else the error."""
+    response = getattr(err, "response", None)
+    if response is None:
+        return f"{type(err).__name__}: {err}"
+    try:
+        return f"{response.json()['detail']} (HTTP {response.status_code})"
+    except (ValueError, KeyError, TypeError):
+        return f"HTTP {response.status_code}: {response.text[:300]}"
+
+
 def _write_connection(home: Path, address: str, ca: Path | None) -> None:
     home.mkdir(parents=True, exist_ok=True)
     lines = ["[superlink]", 'default = "coordinator"', "", "[superlink.coordinator]", f'address = "{address}"']
@@ -158,6 +169,10 @@ class Coordinator:
         if missing := [str(k) for k in self.site_keys if not k.is_file()]:
             raise FederatedError(f"{', '.join(missing)}: no such site key (each hospital makes one with "
                                  "`stagewise federation key` and sends its .pub file)")
+        try:
+            keys = {key: public_key_pem(key) for key in self.site_keys}  # every key read before anything starts
+        except ValueError as err:
+            raise FederatedError(str(err)) from None
         self.home.mkdir(parents=True, exist_ok=True)
         self.control_port = _free_local_port()
         cmd = [sys.executable, "-m", "stagewise.federated.superlink_process", self.host, str(self.port), "--",
@@ -180,12 +195,16 @@ class Coordinator:
         gate.unlink(missing_ok=True)  # an earlier start's: the hospitals' listener waits for this start's admission
         self.process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
                                         env=_flower_env(self.home, {RUN_DIR_ENV: str(self.run_dir)}))
-        self._wait_ready(CONTROL_READY, timeout)
-        if self.site_keys:  # the job's list: the ServerApp answers these nodes only
-            nodes = {self._register(key): key.stem for key in self.site_keys}
-            JobDir(self.run_dir).admit(nodes, {key.stem: key_fingerprint(key) for key in self.site_keys})
-        gate.touch()  # now the hospitals' listener opens: no site is refused for a key not yet admitted
-        self._wait_ready(READY, timeout)
+        try:
+            self._wait_ready(CONTROL_READY, timeout)
+            if self.site_keys:  # the job's list: the ServerApp answers these nodes only
+                nodes = {self._register(key, pem): key.stem for key, pem in keys.items()}
+                JobDir(self.run_dir).admit(nodes, {key.stem: key_fingerprint(key) for key in self.site_keys})
+            gate.touch()  # now the hospitals' listener opens: no site is refused for a key not yet admitted
+            self._wait_ready(READY, timeout)
+        except BaseException:  # a start that fails leaves no SuperLink behind holding the port and the database
+            self.stop()
+            raise
 
     def _flwr(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess:
         return subprocess.run([_program("flwr"), *args], capture_output=True, text=True, timeout=timeout,
@@ -201,7 +220,7 @@ class Coordinator:
             time.sleep(0.1)
         raise FederatedError(f"the SuperLink did not start within {timeout:.0f} s; see {self.log}")
 
-    def _register(self, key: Path) -> int:
+    def _register(self, key: Path, pem: bytes) -> int:
         """Admit a site's public key; its node id. On a restart the SuperLink's database has
         it already, and the node id recorded at the first start is the one.
 
@@ -211,18 +230,14 @@ class Coordinator:
         the sites waiting for admission up to 7 s (RESULTS.md)."""
         from flwr.proto.control_pb2 import RegisterNodeRequest
 
-        try:
-            request = RegisterNodeRequest(public_key=public_key_pem(key), name=key.stem)
-        except ValueError as err:
-            raise FederatedError(str(err)) from None
+        request = RegisterNodeRequest(public_key=pem, name=key.stem)
         text = ""
         for _ in range(5):  # the HTTP API may come up a moment after the server says it runs
             client = self._control_client()
             try:
                 return int(client.RegisterNode(request=request).node_id)
             except Exception as err:  # noqa: BLE001 - Flower's client errors carry the server's message
-                response = getattr(err, "response", None)  # an HTTP error: the server's reason is in its body
-                text = f"{type(err).__name__}: {err} {response.text if response is not None else ''}"
+                text = _reason(err)
             finally:
                 client.close()
             if "unavailable" not in text.lower() and "connect" not in text.lower():

@@ -80,3 +80,28 @@ def test_the_coordinator_listens_on_this_computer_only_unless_told():
     host = next(p for p in command.params if p.name == "host")
     assert host.default == "127.0.0.1" and "this computer only" in host.help
     assert Coordinator(Path("x"), None).host == "127.0.0.1"
+
+
+def test_a_coordinator_that_cannot_admit_its_sites_leaves_nothing_running(tmp_path):
+    """A file that is not a site's public key is named before anything starts; a key the
+    SuperLink refuses (one hospital's key sent under two names) fails the start, and the
+    SuperLink it had started is stopped with it (not left holding the port and the database)."""
+    import socket
+
+    certs = make_certificates(tmp_path / "certs", ["127.0.0.1"])["ca"].parent
+    keys = make_site_key(tmp_path / "keys", "a")
+    wrong = Coordinator(tmp_path / "run", certs, site_keys=[keys["key"]])  # the private key, sent by mistake
+    with pytest.raises(FederatedError, match=r"a\.key: not a site's public key"):
+        wrong.start()
+    assert wrong.process is None
+    twin = tmp_path / "keys" / "b.pub"
+    shutil.copy(keys["pub"], twin)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    coordinator = Coordinator(tmp_path / "run", certs, port=port, site_keys=[keys["pub"], twin])
+    with pytest.raises(FederatedError, match=r"could not admit site key b\.pub: .*already in use"):
+        coordinator.start()
+    assert coordinator.process.poll() is not None
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))  # the hospitals' port is free again
