@@ -10,7 +10,9 @@ Each "hospital" (hannover, southern-europe, elsewhere: see examples/covid-multis
 `stagewise federation coordinate` (TLS, node authentication) on 127.0.0.1. Prints per-site
 AUROC (mean ± sd over each site's own folds), the largest difference from the simulated job,
 bytes on the wire against full-model FedAvg, the wall time of both and where the deployed
-job's went (job file, admission, first and last message, each fit and round); with
+job's went (job file, admission, first and last message, each fit and round), and the CPU
+seconds of each kind of process of both (SuperLink, ServerApp, SuperNodes, site processes;
+Ray's); with
 `--secure-aggregation`, the deployed job again under SecAgg+, its wall time and bytes beside.
 """
 
@@ -22,7 +24,9 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import yaml
@@ -45,6 +49,70 @@ def stagewise(*args: str, **kw) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "stagewise", *args], **kw)
 
 
+ROLES = [(("superlink_process",), "SuperLink"), (("flwr-serverapp",), "ServerApp"),
+         (("stagewise.federated.polling",), "SuperNodes"), (("stagewise.federated.site_process",), "site processes"),
+         (("/ray/", "raylet", "gcs_server"), "Ray"), (("",), "command lines")]
+"""A process's role by its command line (the first match), for `CpuMeter`; the rest are the
+coordinator's and sites' `stagewise federation` commands and `flwr run`."""
+
+
+class CpuMeter:
+    """CPU seconds (user + system) of every process below this one, by role (`ROLES`), read
+    from /proc every 0.2 s while it runs (Linux); a process's last 0.2 s may be missed."""
+
+    def __init__(self):
+        self.seen: dict[int, tuple[str, float]] = {}
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._poll, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+
+    def _poll(self) -> None:
+        tick, me = os.sysconf("SC_CLK_TCK"), os.getpid()
+        while not self.stop.wait(0.2):
+            parents, cpu = {}, {}
+            for stat in Path("/proc").glob("[0-9]*/stat"):
+                try:
+                    f = stat.read_text().rsplit(")", 1)[1].split()
+                except (OSError, IndexError):
+                    continue
+                pid = int(stat.parent.name)
+                parents[pid], cpu[pid] = int(f[1]), (int(f[11]) + int(f[12])) / tick
+            for pid in cpu:
+                p = pid
+                while p in parents and p != me:
+                    p = parents[p]
+                if p != me or pid == me:
+                    continue
+                if pid not in self.seen:
+                    try:
+                        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                    except OSError:
+                        continue
+                    program = cmd.split(" -- ")[0]  # a site process's command line holds its SuperNode's after --
+                    role = next(name for keys, name in ROLES if any(k in program for k in keys))
+                    self.seen[pid] = (role, 0.0)
+                self.seen[pid] = (self.seen[pid][0], cpu[pid])
+
+    def by_role(self) -> dict[str, float]:
+        total: dict[str, float] = defaultdict(float)
+        for role, seconds in self.seen.values():
+            total[role] += seconds
+        return dict(total)
+
+
+def cpu_line(what: str, meter: CpuMeter) -> str:
+    roles = meter.by_role()
+    return (f"  CPU of {what}: {sum(roles.values()):.0f} s (" +
+            ", ".join(f"{name} {roles[name]:.1f} s" for _, name in ROLES if name in roles) + ")")
+
+
 def deploy(out: Path, recipe_path: Path, manifests: dict, tag: str) -> float:
     """Run the job over 127.0.0.1 through the CLI (coordinator and three sites, site work
     folders and the run directory named with `tag`); its wall time in seconds. Prints where
@@ -52,6 +120,18 @@ def deploy(out: Path, recipe_path: Path, manifests: dict, tag: str) -> float:
     port = free_port()
     started = time.time()
     t0 = time.perf_counter()
+    with CpuMeter() as meter:
+        code = _run_deployment(out, recipe_path, manifests, tag, port)
+    if code != 0:
+        sys.exit(f"coordinator exit {code}; see {out / f'coordinator{tag}.log'}")
+    wall = time.perf_counter() - t0
+    print(timeline(out / f"deployed{tag}", started, started + wall))
+    print(cpu_line(f"deployed{tag}", meter))
+    return wall
+
+
+def _run_deployment(out: Path, recipe_path: Path, manifests: dict, tag: str, port: int) -> int:
+    """The coordinator and the three sites as processes of their own; the coordinator's exit code."""
     coord = stagewise("federation", "coordinate", str(recipe_path), "--arm", "federated", "--certs", str(out / "certs"),
                       *[x for s in SITES for x in ("--site-key", str(out / "keys" / f"{s}.pub"))],
                       "--host", "127.0.0.1", "--port", str(port), "--no-final", "-o", str(out / f"deployed{tag}"),
@@ -68,11 +148,7 @@ def deploy(out: Path, recipe_path: Path, manifests: dict, tag: str) -> float:
             p.terminate()
         for p in sites:
             p.wait(60)
-    if code != 0:
-        sys.exit(f"coordinator exit {code}; see {out / f'coordinator{tag}.log'}")
-    wall = time.perf_counter() - t0
-    print(timeline(out / f"deployed{tag}", started, started + wall))
-    return wall
+    return code
 
 
 def timeline(run: Path, started: float, ended: float | None = None) -> str:
@@ -181,8 +257,12 @@ def main() -> None:
     sim = JobDir(out / "simulated")
     sim.write_job(recipe_path, "federated", sites=3, cv=True, final=False)
     t1 = time.perf_counter()
-    simulate_job(sim.path, [str(out / f"site-{s}" / "site.json") for s in SITES])
+    own = time.process_time()
+    with CpuMeter() as sim_meter:
+        simulate_job(sim.path, [str(out / f"site-{s}" / "site.json") for s in SITES])
     sim_wall = time.perf_counter() - t1
+    print(cpu_line("simulated", sim_meter) + f"; and this process, the simulation's driver: "
+          f"{time.process_time() - own:.1f} s")
 
     dep = json.loads((out / "deployed" / "results.json").read_text())
     simres = json.loads((sim.path / "results.json").read_text())
