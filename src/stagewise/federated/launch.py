@@ -225,9 +225,9 @@ class Coordinator:
         it already, and the node id recorded at the first start is the one.
 
         The Control API's RegisterNode, called as `flwr supernode register` calls it (Flower's
-        own client and interceptors), from this process: a `flwr` process per key cost each
-        about a second of CPU on a machine busy starting the hospitals' processes, and kept
-        the sites waiting for admission up to 7 s (RESULTS.md)."""
+        own client and interceptors), from this process: with a `flwr` process per key (about a
+        second of CPU each, while the hospitals' processes start on the same cores) the
+        benchmark's sites were admitted 17 s after the start, now 8 s (RESULTS.md)."""
         from flwr.proto.control_pb2 import RegisterNodeRequest
 
         request = RegisterNodeRequest(public_key=pem, name=key.stem)
