@@ -145,8 +145,8 @@ async def serve_listeners(app, public: tuple[str, int], config, gate: Path) -> N
 def run_listeners(app, public: tuple[str, int], config, gate: Path) -> None:
     """`serve_listeners` on the event loop `flower-superlink` itself runs on: uvicorn's choice,
     uvloop where it is installed (stagewise installs it). Why: both listeners share one loop
-    of this process's making, and on a plain asyncio loop TLS runs in Python
-    (`asyncio.sslproto`) for every chunk of every update (the SuperLink's CPU in RESULTS.md)."""
+    of this process's making, and `flower-superlink`, which this process replaces, runs on
+    uvloop; on a plain asyncio loop TLS runs in Python (`asyncio.sslproto`)."""
     import uvicorn
 
     with asyncio.Runner(loop_factory=uvicorn.Config(app=None, loop="auto").get_loop_factory()) as runner:
