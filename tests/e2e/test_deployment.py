@@ -33,7 +33,8 @@ from stagewise.data import load_images
 from stagewise.errors import RunError
 from stagewise.federated.credentials import make_certificates, make_site_key
 from stagewise.federated.deployment import DiskSite, JobDir, JobRefused, simulate_job
-from stagewise.federated.launch import Coordinator, prepare_site, start_site, stop_process
+from stagewise.federated.launch import Coordinator, prepare_site, start_site
+from stagewise.federated.process_tree import stop_process
 from stagewise.federated.linkage import linkage_line, shared_patients, write_linkage_key
 from stagewise.models import Network, build_arch, load_network
 

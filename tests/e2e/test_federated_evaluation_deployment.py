@@ -12,7 +12,8 @@ from stagewise.external.federated_evaluation import APPS, coordinate_evaluation,
 from stagewise.external.federated_results import pool_sites
 from stagewise.external.site_summary import EvaluationSite, prepare_site, summarize_site
 from stagewise.federated.credentials import make_certificates, make_site_key
-from stagewise.federated.launch import start_site, stop_process
+from stagewise.federated.launch import start_site
+from stagewise.federated.process_tree import stop_process
 from stagewise.study import run_study
 
 pytestmark = [pytest.mark.slow, pytest.mark.flower]

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -32,6 +31,7 @@ from stagewise.federated.job_dir import RUN_DIR_ENV, SITE_KEY, JobDir
 from stagewise.federated.job import SITE_NAME, FederatedError, FederatedJob, SiteConfig
 from stagewise.federated.linkage import read_linkage_key
 from stagewise.federated.polling import SITE_POLL
+from stagewise.federated.process_tree import stop_process
 from stagewise.federated.site_process import ISOLATION, REFUSED_EXIT
 from stagewise.federated.superlink_process import CONTROL_READY, READY, SITES_GATE
 from stagewise.recipe import load_recipe, recipe_to_dict
@@ -351,51 +351,4 @@ def run_site(site_file: Path, superlink: str, ca: Path | None, key: Path | None,
         time.sleep(retry_every)
 
 
-def _descendants(pid: int) -> list[int]:
-    """Every process below `pid` (Linux /proc): Flower's SuperLink and SuperNode start their
-    apps in sessions of their own, which a signal to the process group would miss."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
-
-
-def stop_process(process: subprocess.Popen | None, timeout: float = 10.0) -> None:
-    """Stop a Flower process and every process it started."""
-    if process is None:
-        return
-    tree = _descendants(process.pid)
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in [process.pid, *tree]:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        try:
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            continue
-        deadline = time.monotonic() + timeout
-        while any(Path(f"/proc/{p}").exists() and not _zombie(p) for p in tree) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        if not any(Path(f"/proc/{p}").exists() and not _zombie(p) for p in tree):
-            return
-
-
-def _zombie(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except (OSError, IndexError):
-        return True
-
-
-__all__ = ["TRAINING_APPS", "Coordinator", "prepare_site", "run_site", "site_credentials", "start_site", "stop_process"]
+__all__ = ["TRAINING_APPS", "Coordinator", "prepare_site", "run_site", "site_credentials", "start_site"]
