@@ -12,8 +12,8 @@ AUROC (mean ± sd over each site's own folds), the largest difference from the s
 bytes on the wire against full-model FedAvg, the wall time of both and where the deployed
 job's went (job file, admission, first and last message, each fit and round), and the CPU
 seconds of each kind of process of both (SuperLink, ServerApp, SuperNodes, site processes;
-Ray's); with
-`--secure-aggregation`, the deployed job again under SecAgg+, its wall time and bytes beside.
+Ray's). With `--secure-aggregation`, the deployed job again under SecAgg+, its wall time and
+bytes beside.
 """
 
 from __future__ import annotations
