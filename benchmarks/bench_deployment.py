@@ -121,17 +121,18 @@ def deploy(out: Path, recipe_path: Path, manifests: dict, tag: str) -> float:
     started = time.time()
     t0 = time.perf_counter()
     with CpuMeter() as meter:
-        code = _run_deployment(out, recipe_path, manifests, tag, port)
+        code, returned = _run_deployment(out, recipe_path, manifests, tag, port)
     if code != 0:
         sys.exit(f"coordinator exit {code}; see {out / f'coordinator{tag}.log'}")
     wall = time.perf_counter() - t0
-    print(timeline(out / f"deployed{tag}", started, started + wall))
+    print(timeline(out / f"deployed{tag}", started, started + wall, returned))
     print(cpu_line(f"deployed{tag}", meter))
     return wall
 
 
-def _run_deployment(out: Path, recipe_path: Path, manifests: dict, tag: str, port: int) -> int:
-    """The coordinator and the three sites as processes of their own; the coordinator's exit code."""
+def _run_deployment(out: Path, recipe_path: Path, manifests: dict, tag: str, port: int) -> tuple[int, float]:
+    """The coordinator and the three sites as processes of their own; the coordinator's exit
+    code and when it exited (the sites are stopped after it, within the measured time)."""
     coord = stagewise("federation", "coordinate", str(recipe_path), "--arm", "federated", "--certs", str(out / "certs"),
                       *[x for s in SITES for x in ("--site-key", str(out / "keys" / f"{s}.pub"))],
                       "--host", "127.0.0.1", "--port", str(port), "--no-final", "-o", str(out / f"deployed{tag}"),
@@ -143,24 +144,27 @@ def _run_deployment(out: Path, recipe_path: Path, manifests: dict, tag: str, por
                        stdout=(out / f"site-{s}{tag}.log").open("wb"), stderr=subprocess.STDOUT) for s in SITES]
     try:
         code = coord.wait(6 * 3600)
+        returned = time.time()
     finally:
         for p in sites:
             p.terminate()
         for p in sites:
             p.wait(60)
-    return code
+    return code, returned
 
 
-def timeline(run: Path, started: float, ended: float | None = None) -> str:
+def timeline(run: Path, started: float, ended: float | None = None, returned: float | None = None) -> str:
     """Where a deployed job's time went, from its run directory: when the coordinator wrote
     its job file and its list of admitted sites, the first and last message on the wire
-    (`federation/wire.jsonl`), each fold's span and its rounds' (sent to the last reply)."""
+    (`federation/wire.jsonl`), when the coordinator's command returned (`returned`) and the
+    sites' had stopped (`ended`), each fold's span and its rounds' (sent to the last reply)."""
     wire = [json.loads(line) for line in (run / "federation" / "wire.jsonl").read_text().splitlines()]
     since = lambda t: t - started  # noqa: E731
     admitted = run / "federation" / "admitted.json"
     lines = [f"  timeline of {run.name}: job file {since((run / 'job.json').stat().st_mtime):.1f} s, "
              + (f"sites admitted {since(admitted.stat().st_mtime):.1f} s, " if admitted.is_file() else "")
              + f"first message {since(wire[0]['time']):.1f} s, last reply {since(wire[-1]['time']):.1f} s"
+             + (f", coordinator returned {since(returned):.1f} s" if returned else "")
              + (f", end {since(ended):.1f} s" if ended else "")]
     exchanges = []  # (message type, first sent, last reply): a round, a scoring, a greeting
     for e in wire:
@@ -284,8 +288,11 @@ def main() -> None:
     a = dep["auroc_across_sites"]
     print(f"across sites (weighted by test patients): {a['mean']:.3f} ± {a['sd']:.3f}")
     print(f"largest |deployed - simulated| over every site metric of every fold: {diff:.2e}")
-    print(f"bytes on the wire {dep['bytes_total'] / 1e6:.1f} MB vs full-model FedAvg "
-          f"{dep['bytes_full_model_fedavg'] / 1e6:.1f} MB ({dep['bytes_full_model_fedavg'] / dep['bytes_total']:.1f}x)")
+    held = sum(r.get("bytes_held_per_site", 0) * r["sites"] for f in dep["fits_finished"]
+               for r in json.loads(JobDir(out / "deployed").fit_file(f).read_text())["rounds"])
+    print(f"bytes on the wire in the training rounds {dep['bytes_total'] / 1e6:.1f} MB vs full-model FedAvg "
+          f"{dep['bytes_full_model_fedavg'] / 1e6:.1f} MB ({dep['bytes_full_model_fedavg'] / dep['bytes_total']:.1f}x); "
+          f"starting weights named, not sent (each site took its own): {held / 1e6:.1f} MB")
     print(f"wall: deployed {deployed_wall:.0f} s (CLI, SuperLink + 3 SuperNodes, one long-lived process per site), "
           f"simulated {sim_wall:.0f} s")
     if args.secure_aggregation:

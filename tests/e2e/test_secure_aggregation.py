@@ -25,10 +25,16 @@ def _arm(secure):
                                      "sites": {"mode": "federated", "secure_aggregation": secure}})
 
 
-def _updates(seen) -> dict[int, np.ndarray]:
-    """Each site's update of the plain round, by partition: what it sent minus what it received."""
+def _updates(seen, start) -> dict[int, np.ndarray]:
+    """Each site's update of the plain round, by partition: what it sent minus what it received.
+    The plain round's head is still the starting weights: named in the message, not sent, and
+    taken by each site from its own copy of `start`."""
+    from stagewise.federated.sharing import from_start_of
+
     (down,) = {id(m.content["arrays"]): m for d, m in seen if d == "down" and m.metadata.message_type == "train"}.values()
-    received = np.concatenate([a.ravel() for a in down.content["arrays"].to_numpy_ndarrays()]).astype(np.float64)
+    head = [k for k in start.state_dict() if k.startswith("head.")]
+    assert len(down.content["arrays"]) == 0 and from_start_of(down.content["config"])[0] == head
+    received = np.concatenate([start.state_dict()[k].numpy().ravel() for k in head]).astype(np.float64)
     return {int(m.content["metrics"]["partition"]):
             np.concatenate([a.ravel() for a in m.content["arrays"].to_numpy_ndarrays()]) - received
             for d, m in seen if d == "up" and m.metadata.message_type == "train"}
@@ -42,7 +48,7 @@ def test_the_coordinator_sees_masked_vectors_only_and_unmasks_fedavgs_mean(sites
                           on_message=lambda d, m: plain_seen.append((d, m)))
     secure = run_federated(_arm(SECURE), _net("scratch:tinycnn"), parts, FP32, 0,
                            on_message=lambda d, m: secure_seen.append((d, m)))
-    updates = _updates(plain_seen)
+    updates = _updates(plain_seen, _net("scratch:tinycnn"))
     assert len(updates) == 3 and max(np.abs(u).max() for u in updates.values()) < SECURE["clipping_range"]
     spread = min(np.abs(updates[a] - updates[b]).max() for a in updates for b in updates if a < b)
 

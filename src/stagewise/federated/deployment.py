@@ -25,6 +25,7 @@ import numpy as np
 
 from stagewise.federated.job import FINAL, SiteConfig
 from stagewise.federated.job_dir import RUN_DIR_ENV, SITE_KEY, JobDir
+from stagewise.federated.sharing import from_start_of
 from stagewise.federated.site_work import SiteWork
 from stagewise.federated.linkage import greeting_links, linkage_warning, shared_patients
 from stagewise.federated.polling import PromptGrid, prompt_object_pulls
@@ -251,7 +252,7 @@ class DiskSite:
         sent, n, loss, accounting = self.work.train_round(str(config["job"]), str(config["fit"]), int(config["step"]),
                                               int(config["stage"]), int(config["round"]),
                                               str(config["trainable"]).split(","), received,
-                                              float(config.get("proximal-mu", 0.0)))
+                                              float(config.get("proximal-mu", 0.0)), from_start_of(config))
         return sent, {"num-examples": int(n), "loss": float(loss), **accounting}
 
     def evaluate(self, config, received):

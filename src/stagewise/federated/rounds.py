@@ -31,7 +31,7 @@ from typing import Callable
 import torch
 
 from stagewise.federated.secure_aggregation import SecureResult, SiteReply, mean_as_reply, secure_round
-from stagewise.federated.sharing import shared_keys, tensor_bytes
+from stagewise.federated.sharing import FROM_START, FROM_START_SHA256, shared_keys, state_digest, tensor_bytes
 from stagewise.models import Network
 from stagewise.recipe import ArmConfig, SitesConfig
 from stagewise.recipe.strategies import STRATEGIES, strategy_param_problems
@@ -174,17 +174,27 @@ def serve_rounds(grid, cfg: SitesConfig, plan, start: Network, out: FederatedRes
             strategy, keys_before = make_strategy(cfg, n), keys
         if t <= resume:
             continue
-        down_state = subset_of(out.global_state, keys)
-        down = ArrayRecord(torch_state_dict=down_state)
         config = {"stage": stage_index, "round": r, "trainable": ",".join(trainable), "step": t, **(extra_config or {})}
+        # tensors no round has aggregated yet are the starting weights every site holds: their
+        # names and digest travel instead (sharing.py); SecAgg+ masks the change to all it sends
+        held = [] if cfg.secure_aggregation is not None else [k for k in keys if k not in set(out.shared)]
+        if held:
+            config |= {FROM_START: ",".join(held), FROM_START_SHA256: state_digest(subset_of(out.global_state, held))}
+        down_state = subset_of(out.global_state, [k for k in keys if k not in set(held)])
+        down = ArrayRecord(torch_state_dict=down_state)
         secure = None
         if cfg.secure_aggregation is not None and keys:  # Flower's SecAgg+: only the sites' mean is seen
             secure = secure_round(grid, cfg.secure_aggregation, t, list(grid.get_node_ids()), down_state, config,
                                   cfg.round_timeout)
             replies = secure.replies
         else:
-            replies = list(grid.send_and_receive(strategy.configure_train(t, down, ConfigRecord(config), grid),
-                                                 timeout=cfg.round_timeout))
+            # the strategy sees every shared tensor (a server optimizer steps from them all); the
+            # messages carry only those the sites do not hold
+            messages = list(strategy.configure_train(t, ArrayRecord(torch_state_dict=subset_of(out.global_state, keys)),
+                                                     ConfigRecord(config), grid))
+            for m in messages:
+                m.content["arrays"] = down
+            replies = list(grid.send_and_receive(messages, timeout=cfg.round_timeout))
         dropped = grid.take_dropped() if isinstance(grid, AdmittedGrid) else []
         ok = sorted((m for m in replies if not m.has_error()), key=order)
         failed = [str(m.error.reason)[:200] for m in replies if m.has_error()] + (secure.failures if secure else [])
@@ -199,6 +209,7 @@ def serve_rounds(grid, cfg: SitesConfig, plan, start: Network, out: FederatedRes
         out.rounds.append({
             "round": t, "stage": stage_index, "round_in_stage": r, "trainable": trainable,
             "bytes_down_per_site": down.count_bytes(), "bytes_up": [_bytes_up(m) for m in ok],
+            "bytes_held_per_site": tensor_bytes(subset_of(out.global_state, held)),
             "tensor_bytes_per_site": tensor_bytes(subset_of(out.global_state, keys)),
             "sites_replied": len(ok), "sites": n, "failures": failed + ["no reply"] * max(0, n - len(ok) - len(failed)),
             "loss": float(metrics["loss"]) if metrics is not None and "loss" in metrics else None,

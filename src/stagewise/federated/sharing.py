@@ -7,16 +7,29 @@ makes federated fine-tuning cheap: a probe round sends the head only. BatchNorm:
 weights; with `bn_stats: local` (FedBN) no BatchNorm tensor ever leaves a site. Groups named
 in `sites.local_groups` (FedPer/FedRep: e.g. the head) never leave a site either: each site
 trains its own, and the other groups are aggregated.
+
+A trainable group's tensors that no round has aggregated yet are the starting weights the
+site holds itself (the layers a thaw stage unfreezes, in its first round): they travel as
+their names and a digest (`FROM_START`), not as bytes, and the site takes its own copies
+after checking the digest, so a site whose starting weights differ from the coordinator's
+is refused instead of training from other weights.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections import OrderedDict
 
 import torch
 from torch import nn
 
 from stagewise.models import Network
+
+FROM_START = "from-start"
+"""Config entry of a round: the shared tensors (comma-separated names) the site takes from its
+own starting weights instead of the message."""
+FROM_START_SHA256 = "from-start-sha256"
+"""Config entry of a round: the digest (`state_digest`) of those tensors at the coordinator."""
 
 BN_TYPES = (nn.modules.batchnorm._BatchNorm,)  # noqa: SLF001 - the common base of BatchNorm1d/2d/3d
 
@@ -52,3 +65,21 @@ def shared_keys(net: Network, trainable: list[str], bn_stats: str, local_groups=
 
 def tensor_bytes(state: dict[str, torch.Tensor]) -> int:
     return int(sum(t.numel() * t.element_size() for t in state.values()))
+
+
+def state_digest(state: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of tensors (names, dtypes, shapes and values, in order): equal exactly when the
+    two ends hold bit-identical tensors, whatever their memory layout or device."""
+    h = hashlib.sha256()
+    for k, t in state.items():
+        t = t.detach().cpu().contiguous()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def from_start_of(config) -> tuple[list[str], str] | None:
+    """(names, digest) of the round's tensors the site takes from its own starting weights,
+    or None when the message carries them all."""
+    names = str(config.get(FROM_START, "") or "")
+    return (names.split(","), str(config[FROM_START_SHA256])) if names else None

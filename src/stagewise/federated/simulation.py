@@ -22,6 +22,7 @@ from stagewise.federated.client_app import make_client_app
 from stagewise.federated.cross_site import exchange_site_models
 from stagewise.federated.rounds import (AuditedGrid, FederatedError, FederatedResult, round_plan, serve_rounds,
                                         subset_of, wait_for_sites)
+from stagewise.federated.sharing import from_start_of
 from stagewise.federated.site import SitePartition, SiteTrainer
 from stagewise.federated.wire import PackingGrid
 from stagewise.models import Network
@@ -98,7 +99,7 @@ class InMemorySite:
         torch.set_num_threads(self.threads)
         sent, state, n_examples, loss, accounting = self.trainer.train_round(
             received, self.state(), int(config["stage"]), int(config["round"]), str(config["trainable"]).split(","),
-            float(config.get("proximal-mu", 0.0)))
+            float(config.get("proximal-mu", 0.0)), from_start_of(config))
         self.context.state["site"] = ArrayRecord(torch_state_dict=state)
         return sent, {"num-examples": n_examples, "loss": loss, "partition": self.partition, **accounting}
 

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from stagewise.federated.job import FederatedError
+from stagewise.federated.sharing import state_digest
 from stagewise.models import Network
 from stagewise.recipe import ArmConfig, Stage
 from stagewise.training.cache import ImageSet
@@ -106,9 +108,14 @@ class SiteTrainer:
         return DpSgd(site_noise(cfg, self.stages, len(self.partition.train)), cfg.clip)
 
     def train_round(self, received: dict[str, torch.Tensor], local_state: dict | None, stage_index: int,
-                    round_in_stage: int, trainable: list[str], mu: float = 0.0):
+                    round_in_stage: int, trainable: list[str], mu: float = 0.0,
+                    from_start: tuple[list[str], str] | None = None):
         """Train one round; returns (tensors to send, the site's new state, examples, mean loss,
-        the round's DP-SGD accounting as reply metrics: empty without `sites.privacy`)."""
+        the round's DP-SGD accounting as reply metrics: empty without `sites.privacy`).
+        `from_start` (`sharing.from_start_of` of the round's config): shared tensors the
+        coordinator did not send because they are still the starting weights; they are taken
+        from this site's own (`with_start`) and sent back trained like the others."""
+        received = self.with_start(received, from_start)
         net = self.network(local_state)
         net.load_state_dict(received, strict=False)
         whole = self.stages[stage_index]
@@ -121,6 +128,25 @@ class SiteTrainer:
         sent = OrderedDict((k, state[k]) for k in received)
         return (sent, state, len(self.partition.train), float(np.mean([e["loss"] for e in log.epochs])),
                 privacy_metrics(log.privacy))
+
+    def with_start(self, received: dict[str, torch.Tensor],
+                   from_start: tuple[list[str], str] | None) -> "OrderedDict[str, torch.Tensor]":
+        """`received` with the tensors `from_start` names taken from this site's starting weights,
+        in the network's order (the coordinator's), once their digest matches the coordinator's."""
+        if not from_start:
+            return received
+        names, digest = from_start
+        own = self.start.state_dict()
+        unknown = [k for k in names if k not in own]
+        if unknown or state_digest(OrderedDict((k, own[k]) for k in names)) != digest:
+            raise FederatedError(
+                f"site {self.partition.site}: its starting weights differ from the coordinator's "
+                f"({len(names)} tensors, e.g. {(unknown or names)[0]}), so its training would start elsewhere. The "
+                "two ends build the starting network differently: use the same pretrained weights file and the same "
+                "stagewise and torch versions at every site and the coordinator")
+        wanted = set(names) | set(received)
+        return OrderedDict((k, received[k] if k in received else own[k].detach().cpu().clone())
+                           for k in own if k in wanted)
 
     def final_network(self, received: dict[str, torch.Tensor], local_state: dict | None) -> Network:
         """The site's final model: the aggregated tensors over the site's own state, then

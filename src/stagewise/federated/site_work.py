@@ -95,11 +95,12 @@ class SiteWork:
     # -- what the site does for a message -------------------------------------------------
 
     def train_round(self, digest: str, fit: str, step: int, stage: int, round_in_stage: int, trainable: list[str],
-                    received: dict, mu: float = 0.0):
+                    received: dict, mu: float = 0.0, from_start: tuple[list[str], str] | None = None):
         torch.set_num_threads(self.config.threads)
         trainer = self.trainer(fit)
         state = self.load_state(digest, fit, before=step)
-        sent, new_state, n, loss, accounting = trainer.train_round(received, state, stage, round_in_stage, trainable, mu)
+        sent, new_state, n, loss, accounting = trainer.train_round(received, state, stage, round_in_stage, trainable, mu,
+                                                                   from_start)
         self.save_state(digest, fit, step, new_state)
         return sent, n, loss, accounting
 

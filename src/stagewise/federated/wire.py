@@ -39,10 +39,12 @@ class WireError(StagewiseError, ValueError):
 
 def pack_content(content, cache: dict | None = None):
     """`content` (a RecordDict) with every non-empty ArrayRecord packed, and their layout.
-    `cache` (by the record's id) packs a record that several messages share once."""
+    `cache` (by the record's id) packs a record that several messages share once. Content
+    whose ArrayRecords are all empty (a round whose tensors the sites hold) gets an empty
+    layout all the same: it tells the site that its reply travels packed."""
     from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
-    if LAYOUT in content or not any(len(r) for r in content.array_records.values()):
+    if LAYOUT in content or not content.array_records:
         return content
     cache = {} if cache is None else cache
     records, layout = {}, {}

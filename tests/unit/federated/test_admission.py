@@ -12,7 +12,7 @@ from stagewise.federated.rounds import AdmittedGrid
 
 
 def _message(src=None, dst=None):
-    return SimpleNamespace(metadata=SimpleNamespace(src_node_id=src, dst_node_id=dst))
+    return SimpleNamespace(metadata=SimpleNamespace(src_node_id=src, dst_node_id=dst), content={})
 
 
 class _Grid:

@@ -61,8 +61,11 @@ def test_a_packed_message_is_a_tenth_of_the_flower_objects():
 def test_content_without_tensors_and_unpacked_content_pass_as_they_are():
     from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
-    plain = RecordDict({"config": ConfigRecord({"arm": "f"}), "arrays": ArrayRecord()})
+    plain = RecordDict({"config": ConfigRecord({"arm": "f"})})
     assert pack_content(plain) is plain
+    empty = pack_content(RecordDict({"config": ConfigRecord({"arm": "f"}), "arrays": ArrayRecord()}))
+    assert dict(empty[LAYOUT]) == {} and len(empty["arrays"]) == 0  # marked: the reply travels packed
+    assert len(unpack_content(empty)["arrays"]) == 0
     content = _content(_state())
     assert unpack_content(content) is content
 
