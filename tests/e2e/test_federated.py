@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import small_recipe
-from stagewise.federated.sharing import FROM_START, FROM_START_SHA256, from_start_of, group_keys, shared_keys, tensor_bytes
+from stagewise.federated.sharing import FROM_START, START_SHA256, from_start_of, group_keys, shared_keys, state_digest, tensor_bytes
 from stagewise.federated.simulation import FederatedError, run_federated
 from stagewise.federated.site import SitePartition, SiteTrainer
 from stagewise.federated.wire import LAYOUT, unpacked
@@ -352,7 +352,7 @@ def test_groups_kept_at_each_site_never_travel_and_each_site_scores_with_its_own
     train_down = [m for d, m in seen if d == "down" and m.metadata.message_type == "train"]
     # the first thaw round's layer4 is still the starting weights each site holds: named, not sent
     assert [set(unpacked(m)["arrays"]) for m in train_down] == [set(), set(), set(), set(), layer4, layer4]
-    assert [from_start_of(m.content["config"]) is not None for m in train_down] == [False, False, True, True, False, False]
+    assert [bool(from_start_of(m.content["config"])[0]) for m in train_down] == [False, False, True, True, False, False]
     assert all(set(from_start_of(m.content["config"])[0]) == layer4 for m in train_down[2:4])
     assert all(set(unpacked(m)["arrays"]) <= layer4 for _, m in seen if "arrays" in m.content.keys())
     assert [r["tensor_bytes_per_site"] for r in result.rounds][0] == 0  # the probe round shares nothing
@@ -406,6 +406,8 @@ def test_only_trainable_tensors_and_scalars_cross_the_wire(sites_manifest):
     # tensors still at the starting weights (the probe's head, then the thaw's layer4) are named, not sent
     assert [set(unpacked(m)["arrays"]) for m in train_down] == [set(), set(), head, head]
     assert [set(from_start_of(m.content["config"])[0]) for m in train_down] == [head, head, layer4 - head, layer4 - head]
+    digest = state_digest(start.state_dict())
+    assert all(from_start_of(m.content["config"])[1] == digest for m in train_down)
     for direction, m in seen:
         content = m.content  # as it crossed: tensors packed, their layout beside them
         assert set(content.keys()) <= {"arrays", "config", "metrics", "scores", LAYOUT}
@@ -416,7 +418,7 @@ def test_only_trainable_tensors_and_scalars_cross_the_wire(sites_manifest):
                 texts = {k: v for k, v in record.items() if isinstance(v, str)}
                 assert not any(t in v for v in texts.values() for t in private)
                 assert set(texts.pop(FROM_START, "").split(",")) - {""} <= layer4  # tensor names
-                assert len(texts.pop(FROM_START_SHA256, "0" * 64)) == 64  # their digest
+                assert texts.pop(START_SHA256, None) in (None, digest)  # the starting network's digest
                 assert all(set(v.split(",")) <= set(start.group_names) for v in texts.values())
             elif key == LAYOUT:  # the packed records' tensor names, dtypes and shapes, nothing else
                 assert set(record) <= {f"{r}.{part}" for r in ("arrays", "scores") for part in ("names", "dtypes", "shapes")}

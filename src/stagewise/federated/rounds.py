@@ -31,7 +31,7 @@ from typing import Callable
 import torch
 
 from stagewise.federated.secure_aggregation import SecureResult, SiteReply, mean_as_reply, secure_round
-from stagewise.federated.sharing import FROM_START, FROM_START_SHA256, shared_keys, state_digest, tensor_bytes
+from stagewise.federated.sharing import FROM_START, START_SHA256, shared_keys, state_digest, tensor_bytes
 from stagewise.models import Network
 from stagewise.recipe import ArmConfig, SitesConfig
 from stagewise.recipe.strategies import STRATEGIES, strategy_param_problems
@@ -168,18 +168,20 @@ def serve_rounds(grid, cfg: SitesConfig, plan, start: Network, out: FederatedRes
 
     need = min(cfg.min_sites or n, n)
     strategy, keys_before = None, None
+    start_digest = state_digest(start.state_dict())  # each site checks its own against it (sharing.py)
     for t, (stage_index, r, trainable) in enumerate(plan, start=1):
         keys = shared_keys(start, trainable, cfg.bn_stats, cfg.local_groups)
         if keys != keys_before:  # a fresh server optimizer (FedAdam) whenever the shared set changes
             strategy, keys_before = make_strategy(cfg, n), keys
         if t <= resume:
             continue
-        config = {"stage": stage_index, "round": r, "trainable": ",".join(trainable), "step": t, **(extra_config or {})}
-        # tensors no round has aggregated yet are the starting weights every site holds: their
-        # names and digest travel instead (sharing.py); SecAgg+ masks the change to all it sends
+        config = {"stage": stage_index, "round": r, "trainable": ",".join(trainable), "step": t,
+                  START_SHA256: start_digest, **(extra_config or {})}
+        # tensors no round has aggregated yet are the starting weights every site holds and has
+        # checked: their names travel instead (sharing.py); SecAgg+ masks the change to all it sends
         held = [] if cfg.secure_aggregation is not None else [k for k in keys if k not in set(out.shared)]
         if held:
-            config |= {FROM_START: ",".join(held), FROM_START_SHA256: state_digest(subset_of(out.global_state, held))}
+            config[FROM_START] = ",".join(held)
         down_state = subset_of(out.global_state, [k for k in keys if k not in set(held)])
         down = ArrayRecord(torch_state_dict=down_state)
         secure = None

@@ -8,11 +8,13 @@ weights; with `bn_stats: local` (FedBN) no BatchNorm tensor ever leaves a site. 
 in `sites.local_groups` (FedPer/FedRep: e.g. the head) never leave a site either: each site
 trains its own, and the other groups are aggregated.
 
-A trainable group's tensors that no round has aggregated yet are the starting weights the
-site holds itself (the layers a thaw stage unfreezes, in its first round): they travel as
-their names and a digest (`FROM_START`), not as bytes, and the site takes its own copies
-after checking the digest, so a site whose starting weights differ from the coordinator's
-is refused instead of training from other weights.
+Every round names the digest of the coordinator's starting network (`START_SHA256`), and a
+site checks its own against it before it trains: a site whose starting weights differ (another
+pretrained weights file, other library versions) is refused, where it would otherwise have
+trained the shared groups on top of frozen layers the coordinator does not have. So a
+trainable group's tensors that no round has aggregated yet, still the starting weights (the
+layers a thaw stage unfreezes, in its first round), travel as their names (`FROM_START`), not
+as bytes: the site takes its own copies.
 """
 
 from __future__ import annotations
@@ -25,11 +27,11 @@ from torch import nn
 
 from stagewise.models import Network
 
+START_SHA256 = "start-sha256"
+"""Config entry of a round: the digest (`state_digest`) of the coordinator's starting network."""
 FROM_START = "from-start"
 """Config entry of a round: the shared tensors (comma-separated names) the site takes from its
 own starting weights instead of the message."""
-FROM_START_SHA256 = "from-start-sha256"
-"""Config entry of a round: the digest (`state_digest`) of those tensors at the coordinator."""
 
 BN_TYPES = (nn.modules.batchnorm._BatchNorm,)  # noqa: SLF001 - the common base of BatchNorm1d/2d/3d
 
@@ -79,7 +81,9 @@ def state_digest(state: dict[str, torch.Tensor]) -> str:
 
 
 def from_start_of(config) -> tuple[list[str], str] | None:
-    """(names, digest) of the round's tensors the site takes from its own starting weights,
-    or None when the message carries them all."""
+    """(the round's tensors the site takes from its own starting weights, the digest of the
+    coordinator's starting network), or None for a round that names no starting network."""
+    if START_SHA256 not in config:
+        return None
     names = str(config.get(FROM_START, "") or "")
-    return (names.split(","), str(config[FROM_START_SHA256])) if names else None
+    return (names.split(",") if names else [], str(config[START_SHA256]))

@@ -92,6 +92,7 @@ class SiteTrainer:
         self.start = start  # the arm's starting network (named weights + the fold's head init)
         self.seed = site_seed(seed, partition.site)
         self.stages = [s for s in arm.stages if not s.external]
+        self._start_matches: str | None = None  # the coordinator's digest this site's start was checked against
 
     def network(self, local_state: dict[str, torch.Tensor] | None) -> Network:
         net = copy.deepcopy(self.start)
@@ -112,9 +113,10 @@ class SiteTrainer:
                     from_start: tuple[list[str], str] | None = None):
         """Train one round; returns (tensors to send, the site's new state, examples, mean loss,
         the round's DP-SGD accounting as reply metrics: empty without `sites.privacy`).
-        `from_start` (`sharing.from_start_of` of the round's config): shared tensors the
-        coordinator did not send because they are still the starting weights; they are taken
-        from this site's own (`with_start`) and sent back trained like the others."""
+        `from_start` (`sharing.from_start_of` of the round's config): the coordinator's starting
+        network's digest, which this site's must match, and the shared tensors the coordinator
+        did not send because they are still the starting weights; they are taken from this
+        site's own (`with_start`) and sent back trained like the others."""
         received = self.with_start(received, from_start)
         net = self.network(local_state)
         net.load_state_dict(received, strict=False)
@@ -132,18 +134,25 @@ class SiteTrainer:
     def with_start(self, received: dict[str, torch.Tensor],
                    from_start: tuple[list[str], str] | None) -> "OrderedDict[str, torch.Tensor]":
         """`received` with the tensors `from_start` names taken from this site's starting weights,
-        in the network's order (the coordinator's), once their digest matches the coordinator's."""
+        in the network's order (the coordinator's), once the digest of this site's whole
+        starting network matches the coordinator's (checked once per digest)."""
         if not from_start:
             return received
         names, digest = from_start
         own = self.start.state_dict()
-        unknown = [k for k in names if k not in own]
-        if unknown or state_digest(OrderedDict((k, own[k]) for k in names)) != digest:
-            raise FederatedError(
-                f"site {self.partition.site}: its starting weights differ from the coordinator's "
-                f"({len(names)} tensors, e.g. {(unknown or names)[0]}), so its training would start elsewhere. The "
-                "two ends build the starting network differently: use the same pretrained weights file and the same "
-                "stagewise and torch versions at every site and the coordinator")
+        if digest != self._start_matches:
+            if state_digest(own) != digest:
+                raise FederatedError(
+                    f"site {self.partition.site}: its starting network differs from the coordinator's (a SHA-256 of "
+                    "every tensor), so it would train on top of other weights. The two ends build it differently: "
+                    "use the same pretrained weights file and the same stagewise and torch versions at every site "
+                    "and the coordinator")
+            self._start_matches = digest
+        if not names:
+            return received
+        if unknown := [k for k in names if k not in own]:
+            raise FederatedError(f"site {self.partition.site}: the coordinator names tensors its starting network "
+                                 f"does not have ({len(unknown)}, e.g. {unknown[0]})")
         wanted = set(names) | set(received)
         return OrderedDict((k, received[k] if k in received else own[k].detach().cpu().clone())
                            for k in own if k in wanted)

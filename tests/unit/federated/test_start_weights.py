@@ -1,5 +1,6 @@
-"""Tensors still at the starting weights travel as names and a digest: the site takes its own
-copies, trains exactly as if they had been sent, and refuses starting weights that differ."""
+"""Every round names the digest of the coordinator's starting network, which a site checks its
+own against; tensors still at the starting weights travel as names only: the site takes its own
+copies and trains exactly as if they had been sent."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import pytest
 import torch
 
 from stagewise.federated.job import FederatedError
-from stagewise.federated.sharing import FROM_START, FROM_START_SHA256, from_start_of, shared_keys, state_digest
+from stagewise.federated.sharing import FROM_START, START_SHA256, from_start_of, shared_keys, state_digest
 from stagewise.federated.site import SitePartition, SiteTrainer
 from stagewise.models import Network, create_backbone
 from stagewise.recipe import ArmConfig
@@ -59,8 +60,9 @@ def test_held_tensors_train_exactly_as_sent_ones():
     state = start.state_dict()
     head = {k: state[k].clone() + 0.01 for k in keys if k not in held}  # the probe's aggregate
     full = {k: (head[k] if k in head else state[k].clone()) for k in keys}
-    config = {FROM_START: ",".join(held), FROM_START_SHA256: state_digest({k: state[k] for k in held})}
-    assert from_start_of(config) == (held, config[FROM_START_SHA256]) and from_start_of({}) is None
+    config = {FROM_START: ",".join(held), START_SHA256: state_digest(state)}
+    assert from_start_of(config) == (held, config[START_SHA256]) and from_start_of({}) is None
+    assert from_start_of({START_SHA256: "x"}) == ([], "x")
     sent_a, state_a, *_ = _trainer(start).train_round(full, None, 1, 0, ["block3", "head"])
     sent_b, state_b, *_ = _trainer(start).train_round(head, None, 1, 0, ["block3", "head"],
                                                       from_start=from_start_of(config))
@@ -70,12 +72,17 @@ def test_held_tensors_train_exactly_as_sent_ones():
     assert not torch.equal(sent_b[held[0]], state[held[0]])  # and trained
 
 
-def test_a_site_whose_starting_weights_differ_is_refused():
-    ours, theirs = _net(0), _net(1)
+def test_a_site_whose_starting_network_differs_is_refused_even_in_a_frozen_layer():
+    ours = _net(0)
+    theirs = _net(0)
+    with torch.no_grad():  # one value of the stem, which never trains nor travels
+        next(iter(theirs.backbone.group_modules("stem")[0].parameters())).view(-1)[0] += 1e-6
     _, held = _thaw_keys(ours)
-    digest = state_digest({k: theirs.state_dict()[k] for k in held})
-    with pytest.raises(FederatedError, match=r"site B: its starting weights differ from the coordinator's .*same "
+    site = _trainer(ours, "B")
+    with pytest.raises(FederatedError, match=r"site B: its starting network differs from the coordinator's .*same "
                                              r"pretrained weights file"):
-        _trainer(ours, "B").with_start({}, (held, digest))
+        site.with_start({}, ([], state_digest(theirs.state_dict())))
+    digest = state_digest(ours.state_dict())
+    assert set(site.with_start({}, (held, digest))) == set(held)
     with pytest.raises(FederatedError, match="no.such"):
-        _trainer(ours, "B").with_start({}, (["no.such"], digest))
+        site.with_start({}, (["no.such"], digest))
