@@ -200,6 +200,11 @@ def serve_rounds(grid, cfg: SitesConfig, plan, start: Network, out: FederatedRes
         dropped = grid.take_dropped() if isinstance(grid, AdmittedGrid) else []
         ok = sorted((m for m in replies if not m.has_error()), key=order)
         failed = [str(m.error.reason)[:200] for m in replies if m.has_error()] + (secure.failures if secure else [])
+        if secure is None:  # a reply must carry exactly the round's tensors, or it would be averaged in part
+            wrong = [m for m in ok if set(m.content["arrays"].keys()) != set(keys)]
+            failed += [f"site {(site_of or order)(m)} sent {len(m.content['arrays'])} tensors, not the round's "
+                       f"{len(keys)}: does it run another stagewise version?" for m in wrong]
+            ok = [m for m in ok if not any(m is w for w in wrong)]
         if len(ok) < need or (secure is not None and secure.halted):
             raise FederatedError(f"round {t}: {len(ok)} of {n} sites replied (sites.min_sites is {need})"
                                  + (f"; {secure.halted}" if secure is not None and secure.halted else "")

@@ -134,7 +134,7 @@ class SiteTrainer:
     def with_start(self, received: dict[str, torch.Tensor],
                    from_start: tuple[list[str], str] | None) -> "OrderedDict[str, torch.Tensor]":
         """`received` with the tensors `from_start` names taken from this site's starting weights,
-        in the network's order (the coordinator's), once the digest of this site's whole
+        in the network's state-dict order, once the digest of this site's whole
         starting network matches the coordinator's (checked once per digest)."""
         if not from_start:
             return received

@@ -223,3 +223,44 @@ def test_a_site_key_is_admitted_as_the_flower_cli_would_send_it_and_a_wrong_file
             wrong.write_text("not a key\n")
         with pytest.raises(ValueError, match=f"{wrong.name}: not a site's public key"):
             public_key_pem(wrong)
+
+
+def test_a_reply_without_every_tensor_of_the_round_is_not_averaged(monkeypatch):
+    """A site that sends back part of the round's tensors (another stagewise version that does
+    not take the starting weights it was not sent) fails the round instead of being half averaged."""
+    import torch
+    from flwr.app import ArrayRecord, MetricRecord
+
+    import stagewise.federated.rounds as rounds
+    from stagewise.federated.job import FederatedError
+    from stagewise.models import Network, create_backbone
+    from stagewise.recipe import ArmConfig
+
+    arm = ArmConfig.model_validate({"name": "fed", "backbone": "scratch:tinycnn", "sites": {"mode": "federated"},
+                                    "stages": [{"kind": "probe", "epochs": 1, "rounds": 1}]})
+    start = Network.build(create_backbone("scratch:tinycnn"), 1)
+    head = {k: v for k, v in start.state_dict().items() if k.startswith("head.")}
+
+    def reply(node, keys):
+        arrays = ArrayRecord(torch_state_dict={k: torch.zeros_like(head[k]) for k in keys})
+        return SimpleNamespace(metadata=SimpleNamespace(src_node_id=node), has_error=lambda: False,
+                               content={"arrays": arrays, "metrics": MetricRecord({"num-examples": 10, "loss": 0.5})})
+
+    class Strategy:
+        def configure_train(self, t, down, config, grid):
+            assert set(down.keys()) == set(head)  # the strategy sees every tensor, held ones included
+            return [_message(dst=n) for n in grid.get_node_ids()]
+
+        def aggregate_train(self, t, replies):
+            raise AssertionError("nothing may be averaged")
+
+    class Grid(_Grid):
+        def send_and_receive(self, messages, timeout):
+            assert all(len(m.content["arrays"]) == 0 for m in messages)  # the head is still the start: named only
+            return [reply(1, head), reply(2, list(head)[:1])]
+
+    monkeypatch.setattr(rounds, "make_strategy", lambda cfg, n: Strategy())
+    out = rounds.FederatedResult.starting_from(start)
+    with pytest.raises(FederatedError, match=r"1 of 2 sites replied.*site 2 sent 1 tensors, not the round's 2"):
+        rounds.serve_rounds(Grid(), arm.sites, rounds.round_plan(arm, start.group_names), start, out, 2,
+                            order=lambda m: m.metadata.src_node_id)
