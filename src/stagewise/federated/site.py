@@ -142,11 +142,9 @@ class SiteTrainer:
         own = self.start.state_dict()
         if digest != self._start_matches:
             if state_digest(own) != digest:
-                raise FederatedError(
-                    f"site {self.partition.site}: its starting network differs from the coordinator's (a SHA-256 of "
-                    "every tensor), so it would train on top of other weights. The two ends build it differently: "
-                    "use the same pretrained weights file and the same stagewise and torch versions at every site "
-                    "and the coordinator")
+                raise FederatedError(  # short: the coordinator's round error keeps 200 characters of it
+                    f"site {self.partition.site}: its starting network differs from the coordinator's; use the same "
+                    "pretrained weights file and stagewise and torch versions everywhere")
             self._start_matches = digest
         if not names:
             return received
