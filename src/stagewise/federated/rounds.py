@@ -179,11 +179,12 @@ def serve_rounds(grid, cfg: SitesConfig, plan, start: Network, out: FederatedRes
                   START_SHA256: start_digest, **(extra_config or {})}
         # tensors no round has aggregated yet are the starting weights every site holds and has
         # checked: their names travel instead (sharing.py); SecAgg+ masks the change to all it sends
-        held = [] if cfg.secure_aggregation is not None else [k for k in keys if k not in set(out.shared)]
+        shared = set(out.shared)
+        held = [] if cfg.secure_aggregation is not None else [k for k in keys if k not in shared]
+        down_state = subset_of(out.global_state, [k for k in keys if k in shared] if held else keys)
+        down = ArrayRecord(torch_state_dict=down_state)
         if held:
             config[FROM_START] = ",".join(held)
-        down_state = subset_of(out.global_state, [k for k in keys if k not in set(held)])
-        down = ArrayRecord(torch_state_dict=down_state)
         secure = None
         if cfg.secure_aggregation is not None and keys:  # Flower's SecAgg+: only the sites' mean is seen
             secure = secure_round(grid, cfg.secure_aggregation, t, list(grid.get_node_ids()), down_state, config,
@@ -192,19 +193,20 @@ def serve_rounds(grid, cfg: SitesConfig, plan, start: Network, out: FederatedRes
         else:
             # the strategy sees every shared tensor (a server optimizer steps from them all); the
             # messages carry only those the sites do not hold
-            messages = list(strategy.configure_train(t, ArrayRecord(torch_state_dict=subset_of(out.global_state, keys)),
-                                                     ConfigRecord(config), grid))
-            for m in messages:
-                m.content["arrays"] = down
+            full = ArrayRecord(torch_state_dict=subset_of(out.global_state, keys)) if held else down
+            messages = list(strategy.configure_train(t, full, ConfigRecord(config), grid))
+            if held:
+                for m in messages:
+                    m.content["arrays"] = down
             replies = list(grid.send_and_receive(messages, timeout=cfg.round_timeout))
         dropped = grid.take_dropped() if isinstance(grid, AdmittedGrid) else []
         ok = sorted((m for m in replies if not m.has_error()), key=order)
         failed = [str(m.error.reason)[:200] for m in replies if m.has_error()] + (secure.failures if secure else [])
         if secure is None:  # a reply must carry exactly the round's tensors, or it would be averaged in part
-            wrong = [m for m in ok if set(m.content["arrays"].keys()) != set(keys)]
+            complete = lambda m: set(m.content["arrays"].keys()) == set(keys)  # noqa: E731
             failed += [f"site {(site_of or order)(m)} sent {len(m.content['arrays'])} tensors, not the round's "
-                       f"{len(keys)}: does it run another stagewise version?" for m in wrong]
-            ok = [m for m in ok if not any(m is w for w in wrong)]
+                       f"{len(keys)}: does it run another stagewise version?" for m in ok if not complete(m)]
+            ok = [m for m in ok if complete(m)]
         if len(ok) < need or (secure is not None and secure.halted):
             raise FederatedError(f"round {t}: {len(ok)} of {n} sites replied (sites.min_sites is {need})"
                                  + (f"; {secure.halted}" if secure is not None and secure.halted else "")
