@@ -1,4 +1,6 @@
+import atexit
 import os
+import shutil
 import socket
 import subprocess
 import tempfile
@@ -11,7 +13,9 @@ import torch
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # compute: auto caches its measured choices; tests keep theirs out of the user's cache directory
-os.environ.setdefault("STAGEWISE_CACHE_DIR", tempfile.mkdtemp(prefix="stagewise-test-cache-"))
+if "STAGEWISE_CACHE_DIR" not in os.environ:
+    os.environ["STAGEWISE_CACHE_DIR"] = tempfile.mkdtemp(prefix="stagewise-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["STAGEWISE_CACHE_DIR"], ignore_errors=True)
 
 from stagewise.training.compute import usable_cpus  # noqa: E402 - after the environment above is set
 
