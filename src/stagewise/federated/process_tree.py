@@ -12,8 +12,7 @@ from pathlib import Path
 
 
 def _descendants(pid: int) -> list[int]:
-    """Every process below `pid` (Linux /proc): Flower's SuperLink and SuperNode start their
-    apps in sessions of their own, which a signal to the process group would miss."""
+    """Every process below `pid`, read from /proc (the module docstring says why not a group)."""
     children: dict[int, list[int]] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
